@@ -1,0 +1,5 @@
+"""`python -m integrity`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,233 @@
+"""Command line: parse, call the core, print, and map errors to exit statuses.
+
+One error boundary (`main`) turns every IntegrityError into a single stderr line and
+its exit status; commands never catch errors themselves.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from functools import update_wrapper
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .errors import EXIT_ERROR, IntegrityError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Env:
+    """What every command shares: options, and the policy and store opened lazily."""
+
+    def __init__(self, db: str | None, policy_path: str | None, verbose: int,
+                 quiet: bool) -> None:
+        self.db_option = db
+        self.policy_path = policy_path
+        self.verbose = verbose
+        self.quiet = quiet
+        self._policy: Any = None
+        self._store: Any = None
+
+    @property
+    def policy(self) -> Any:
+        if self._policy is None:
+            from .policy import default_policy_path, load
+            self._policy = load(self.policy_path or default_policy_path())
+        return self._policy
+
+    def db_url(self) -> str:
+        from .store import default_url
+        return self.db_option or self.policy.database or default_url()
+
+    def store(self, *, must_exist: bool = True, check_schema: bool = True) -> Any:
+        if self._store is None:
+            from .store import Store
+            self._store = Store(self.db_url(), must_exist=must_exist,
+                                check_schema=check_schema)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def pass_env(func: F) -> F:
+    """Hand the command its Env (sqlite-utils / borg style shared state)."""
+    @click.pass_context
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        return ctx.invoke(func, ctx.obj, *args, **kwargs)
+    return update_wrapper(wrapper, func)  # type: ignore[return-value]
+
+
+def actor() -> str:
+    """Who runs us: the login behind sudo as well as the effective user."""
+    user = getpass.getuser()
+    sudo = os.environ.get("SUDO_USER")
+    return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version")
+@click.option("--db", envvar="INTEGRITY_DB", metavar="URL",
+              help="Database URL (env INTEGRITY_DB); overrides the policy's `database`.")
+@click.option("--policy", "policy_path", envvar="INTEGRITY_POLICY", metavar="FILE",
+              help="Policy file (env INTEGRITY_POLICY); default /etc/integrity/policy.toml "
+                   "if it exists, else the shipped default policy.")
+@click.option("-v", "--verbose", count=True, help="Log details (why entries are re-read); "
+              "-vv adds tracebacks to errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: int,
+        quiet: bool) -> None:
+    """integrity: a file integrity monitor for Linux servers.
+
+    Build a baseline of the trees your policy protects, then verify the live system
+    against it.
+
+    Example:
+
+        integrity init && integrity verify
+    """
+    env = Env(db, policy_path, verbose, quiet)
+    ctx.obj = env
+    ctx.call_on_close(env.close)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("integrity")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Replace an existing baseline.")
+@pass_env
+def init(env: Env, force: bool) -> None:
+    """Build the baseline for every rule of the policy.
+
+    The new baseline replaces the old one atomically at the end: an interrupted
+    init leaves the previous baseline in force. Refuses (exit 2) when a baseline
+    exists, unless --force.
+
+    Example:
+
+        integrity --policy /etc/integrity/policy.toml init
+    """
+    from .report import make_progress
+    from .scan import build_baseline
+
+    policy = env.policy
+    store = env.store(must_exist=False)
+    progress, shown = make_progress("baseline", env.quiet)
+    try:
+        result = build_baseline(store, policy, force=force, actor=actor(),
+                                progress=progress)
+    finally:
+        if shown:
+            shown.done()
+    for w in result.warnings:
+        click.echo(f"warning: {w.operation} failed for '{_display(w.path)}': {w.cause} "
+                   f"({w.consequence})", err=True)
+    click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
+               f"{policy.source} into {store._name()}"
+               + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (SPEC format).")
+@click.option("--fast", is_flag=True,
+              help="Rehash only files whose size, mtime, ctime or inode changed.")
+@pass_env
+def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
+    """Compare the live trees (or just PATHS) with the baseline.
+
+    Exit status: 0 no changes, 1 changes or unreadable entries, 2 could not run.
+    Without --fast every regular file is rehashed, because mtime can be forged.
+
+    Example:
+
+        integrity verify /etc/ssh --json
+    """
+    from .report import dump_json, make_progress, verify_json, verify_text
+    from .scan import exit_code, verify as run_verify
+
+    policy = env.policy
+    store = env.store()
+    progress, shown = make_progress("verify", env.quiet or as_json)
+    try:
+        result = run_verify(store, policy, paths, fast=fast, progress=progress)
+    finally:
+        if shown:
+            shown.done()
+    if as_json:
+        dump_json(verify_json(result), sys.stdout)
+    else:
+        verify_text(result, sys.stdout)
+    sys.exit(exit_code(result))
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command()
+@pass_env
+def upgrade(env: Env) -> None:
+    """Apply schema migrations to the database (creating it if needed).
+
+    Example:
+
+        integrity db upgrade
+    """
+    store = env.store(must_exist=False, check_schema=False)
+    before, after = store.upgrade()
+    if before == after:
+        click.echo(f"database {store._name()} is at revision {after}")
+    else:
+        click.echo(f"database {store._name()} upgraded from revision "
+                   f"{before or '(empty)'} to {after}")
+
+
+def _display(path: bytes) -> str:
+    from .paths import display
+    return display(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: the one place errors become a stderr line and an exit status."""
+    verbose = any(a in ("-vv", "-vvv") for a in (argv or sys.argv[1:]))
+    try:
+        cli.main(args=argv, prog_name="integrity", standalone_mode=False)
+    except IntegrityError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"integrity: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("integrity: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        click.echo("integrity: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(EXIT_ERROR)
+    except OSError as exc:
+        if verbose:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"integrity: {where}{exc.strerror or exc}", err=True)
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,58 @@
+"""Pure comparison of a baseline record with a live one under a check set."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .record import Attr, FileRecord
+
+ADDED, REMOVED, MODIFIED = "added", "removed", "modified"
+
+#: (attribute, name, FileRecord field index) for every comparable attribute.
+_FIELDS: tuple[tuple[Attr, str, int], ...] = tuple(
+    (attr, attr.name.lower(), FileRecord._fields.index(attr.name.lower()))  # type: ignore[union-attr]
+    for attr in Attr if attr.name and attr.name.lower() in FileRecord._fields)
+
+_plans: dict[Attr, tuple[tuple[str, int], ...]] = {}
+
+
+def _plan(attrs: Attr) -> tuple[tuple[str, int], ...]:
+    plan = _plans.get(attrs)
+    if plan is None:
+        plan = _plans[attrs] = tuple((name, i) for flag, name, i in _FIELDS if flag in attrs)
+    return plan
+
+
+class Change(NamedTuple):
+    """An added, removed or modified entry, with the attributes that differ."""
+
+    path: bytes
+    kind: str
+    changed: tuple[str, ...]
+    old: FileRecord | None
+    new: FileRecord | None
+
+
+def diff(old: FileRecord, new: FileRecord, attrs: Attr) -> tuple[str, ...]:
+    """Names of the checked attributes that differ (empty when none does).
+
+    A change of type is always reported. `growing` (log files) reports `size` only
+    when the file shrank.
+    """
+    changed = [name for name, i in _plan(attrs) if old[i] != new[i]]
+    if old.type != new.type and "type" not in changed:
+        changed.insert(0, "type")
+    if Attr.GROWING in attrs and new.size < old.size and "size" not in changed:
+        changed.append("size")
+    return tuple(changed)
+
+
+def compare(old: FileRecord | None, new: FileRecord | None, attrs: Attr) -> Change | None:
+    """The change between a baseline entry and the live one, or None."""
+    if old is None:
+        assert new is not None
+        return Change(new.path, ADDED, (), None, new)
+    if new is None:
+        return Change(old.path, REMOVED, (), old, None)
+    changed = diff(old, new, attrs)
+    return Change(new.path, MODIFIED, changed, old, new) if changed else None

@@ -1,0 +1,78 @@
+"""Database schema as SQLAlchemy Core tables (the store writes rows in bulk, not ORM objects).
+
+Types are portable (no SQLite-only types) so the same schema runs on PostgreSQL.
+Times are naive UTC datetimes; mtime/ctime are integer nanoseconds.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Column, DateTime, ForeignKey, Index, Integer,
+                        LargeBinary, MetaData, String, Table, Text)
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+#: One baseline generation. Exactly one is `active`; `init` fills a `building` one and
+#: switches states in a single transaction, so a crash never leaves a half baseline
+#: in force. Leftover `building`/`retired` generations are swept on the next init.
+baseline = Table(
+    "baseline", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("state", String(16), nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("activated", DateTime),
+    Column("policy_source", Text, nullable=False),
+    Column("policy_digest", String(64), nullable=False),
+    Column("entries", Integer, nullable=False, default=0),
+    Column("root", String(64)),
+    Column("actor", String(128)),
+)
+
+#: One recorded path. `key` is the path with '/' stored as NUL (paths.to_key), so
+#: primary-key order is depth-first walk order.
+entry = Table(
+    "entry", metadata,
+    Column("baseline_id", Integer, ForeignKey("baseline.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("key", LargeBinary, primary_key=True),
+    Column("type", String(8), nullable=False),
+    Column("content", LargeBinary),
+    Column("size", BigInteger, nullable=False),
+    Column("mode", Integer, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("gid", BigInteger, nullable=False),
+    Column("inode", BigInteger, nullable=False),
+    Column("nlink", BigInteger, nullable=False),
+    Column("mtime", BigInteger, nullable=False),
+    Column("ctime", BigInteger, nullable=False),
+    Column("link", LargeBinary),
+    Column("xattrs", LargeBinary),
+    Column("dev", BigInteger, nullable=False),
+)
+
+#: Entry columns in FileRecord field order (after baseline_id).
+ENTRY_COLUMNS = ("key", "type", "content", "size", "mode", "uid", "gid", "inode",
+                 "nlink", "mtime", "ctime", "link", "xattrs", "dev")
+
+#: Every init / verify run, so history and status can build on it.
+run = Table(
+    "run", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("command", String(16), nullable=False),
+    Column("started", DateTime, nullable=False),
+    Column("finished", DateTime),
+    Column("baseline_id", Integer),
+    Column("paths", Text),
+    Column("fast", Integer, nullable=False, default=0),
+    Column("scanned", Integer, nullable=False, default=0),
+    Column("added", Integer, nullable=False, default=0),
+    Column("removed", Integer, nullable=False, default=0),
+    Column("modified", Integer, nullable=False, default=0),
+    Column("errors", Integer, nullable=False, default=0),
+    Column("exit_code", Integer),
+    Index("ix_run_started", "started"),
+)

@@ -1,0 +1,159 @@
+"""What the package managers vouch for: is a changed path explained by a package?
+
+`integrity approve --package-updates` asks this module, path by path, whether the
+package manager's own records explain a change. The answer is a `Verdict` that says
+yes or no, why, and on what evidence:
+
+- ``signed-archive``: the owning package's ``.deb`` is still in apt's archive cache and
+  its SHA-256 is listed in apt's package lists (which apt only accepts after checking
+  them against the signed InRelease files). The file is compared with the ``.deb``'s
+  own data, so a root-writable dpkg database cannot be used to launder a change.
+- ``package-db``: dpkg's md5sums / conffile hashes, dpkg-statoverride, dpkg's log, or
+  rpm's header digests. Good enough against accidents, not against someone who is root.
+
+This is a pure query API: no database, no click, nothing printed. File content is
+only ever digested. One `PackageManagers` instance loads each piece of package data
+lazily and at most once, so approving thousands of paths costs a few file parses, not a
+subprocess per path. The data is a snapshot: make a new instance after dpkg runs.
+An instance is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from typing import Protocol
+
+from integrity.packages.common import LiveFile, Verdict, canonicalizer
+from integrity.packages.dpkg import Dpkg
+from integrity.packages.rpm import Rpm
+
+__all__ = ["PackageManagers", "Verdict", "SIGNED_ARCHIVE", "PACKAGE_DB"]
+
+SIGNED_ARCHIVE = "signed-archive"
+PACKAGE_DB = "package-db"
+
+NOT_OWNED = "not owned by any package"
+
+
+class Backend(Protocol):
+    """What each package manager (dpkg, rpm) answers; see `Dpkg` for the semantics."""
+
+    name: str
+
+    def usable(self) -> bool: ...
+    def owners(self, path: bytes) -> list[str]: ...
+    def check_content(self, path: bytes, live: LiveFile) -> Verdict: ...
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict: ...
+    def removals_since(self, since: float) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class _Unavailable:
+    """Why no package manager could be asked (kept for the verdict's reason)."""
+
+    why: str
+
+
+class PackageManagers:
+    """The package managers of this host, asked about one path at a time.
+
+    The defaults are dpkg's and apt's standard locations; tests and operators checking
+    another tree point them elsewhere. ``rpm`` is the rpm command (None disables rpm)
+    and ``rpm_dbpath`` an alternative rpm database.
+    """
+
+    def __init__(self, admindir: str = "/var/lib/dpkg",
+                 apt_archives: str = "/var/cache/apt/archives",
+                 apt_lists: str = "/var/lib/apt/lists",
+                 dpkg_log: str = "/var/log/dpkg.log",
+                 rpm: str | None = "rpm", rpm_dbpath: str | None = None) -> None:
+        canon = canonicalizer()
+        self._backends: list[Backend] = [
+            Dpkg(admindir, apt_archives, apt_lists, dpkg_log, canon)]
+        if rpm is not None:
+            self._backends.append(Rpm(rpm, rpm_dbpath, canon))
+        self._canon = canon
+        self._admindir = admindir
+
+    def available(self) -> list[str]:
+        """Names of the package managers that have a usable database, e.g. ["dpkg"]."""
+        return [backend.name for backend in self._backends if backend.usable()]
+
+    def _usable(self) -> list[Backend] | _Unavailable:
+        usable = [backend for backend in self._backends if backend.usable()]
+        if usable:
+            return usable
+        return _Unavailable(f"no package manager available (dpkg database not found "
+                            f"or unreadable at {self._admindir}, no rpm database)")
+
+    def _owner(self, path: bytes) -> tuple[Backend, list[str]] | _Unavailable | None:
+        """The first package manager that lists path, with the owning packages."""
+        backends = self._usable()
+        if isinstance(backends, _Unavailable):
+            return backends
+        canonical = self._canon(path)
+        for backend in backends:
+            owners = backend.owners(canonical)
+            if owners:
+                return backend, owners
+        return None
+
+    def owners(self, path: bytes) -> list[str]:
+        """Packages ("name" or "name:arch") that install path; empty when none do."""
+        found = self._owner(path)
+        return found[1] if isinstance(found, tuple) else []
+
+    def check_content(self, path: bytes) -> Verdict:
+        """Does the live entry at path (modified or added) match what its package shipped?
+
+        Regular files are compared by digest; a directory is vouched when a package
+        lists it; a symlink only where the package's archive states its target.
+        """
+        found = self._owner(path)
+        if isinstance(found, _Unavailable):
+            return Verdict(False, found.why)
+        if found is None:
+            return Verdict(False, NOT_OWNED)
+        backend, _ = found
+        return backend.check_content(self._canon(path), LiveFile(path))
+
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
+        """Is an attribute-only change (mode bits incl. setuid, owner, group) explained?
+
+        Only where the package states attributes: a verified .deb, a statoverride
+        entry, or rpm's header. dpkg's database alone does not, so it cannot vouch.
+        """
+        found = self._owner(path)
+        if isinstance(found, _Unavailable):
+            return Verdict(False, found.why)
+        if found is None:
+            return Verdict(False, NOT_OWNED)
+        backend, _ = found
+        return backend.check_attributes(self._canon(path), stat.S_IMODE(mode), uid, gid)
+
+    def check_removed(self, path: bytes, since: float) -> Verdict:
+        """Is the disappearance of path (present at unix time `since`) explained?
+
+        Yes when no installed package lists it any more and a package was removed,
+        purged or upgraded after `since`. A path still listed by a package was not
+        removed by that package manager.
+        """
+        backends = self._usable()
+        if isinstance(backends, _Unavailable):
+            return Verdict(False, backends.why)
+        canonical = self._canon(path)
+        for backend in backends:
+            owners = backend.owners(canonical)
+            if owners:
+                return Verdict(False, f"still listed by package {owners[0]}: its removal "
+                               f"is not explained", None, owners[0])
+        events = [event for backend in backends for event in backend.removals_since(since)]
+        if not events:
+            return Verdict(False, f"{NOT_OWNED} and no package was removed or upgraded "
+                           f"since the baseline")
+        shown = ", ".join(events[:3]) + (f" and {len(events) - 3} more"
+                                          if len(events) > 3 else "")
+        return Verdict(True, f"no package lists it now; since the baseline: {shown}",
+                       PACKAGE_DB)
+

@@ -1,0 +1,266 @@
+"""The signed-archive evidence: apt's package lists and the contents of a cached .deb.
+
+apt writes an index file into /var/lib/apt/lists only after checking it against the
+InRelease file whose signature it verified, and every stanza there names the SHA-256 of
+one .deb. A .deb in /var/cache/apt/archives whose SHA-256 is listed is therefore the
+archive's own package, and its data member says what each file held, with its mode and
+owner, independently of dpkg's root-writable database.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import lzma
+import os
+import pwd
+import grp
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+from integrity.packages.common import Canon
+
+_CHUNK = 1 << 20
+_STANZA_FIELD = re.compile(rb"^(Package|Version|Architecture|SHA256):[ \t]*(\S+)", re.M)
+_LIST_NAME = re.compile(r"_Packages(\.(gz|xz|bz2|lz4|zst))?$")
+_DECOMPRESS = {".gz": gzip.decompress, ".xz": lzma.decompress, ".bz2": bz2.decompress}
+
+
+class DebError(Exception):
+    """A .deb could not be read; the message says why."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One entry of a .deb's data archive, as dpkg would install it."""
+
+    kind: str              # "file", "dir", "symlink" or "other"
+    mode: int              # permission bits, setuid/setgid/sticky included
+    uid: int
+    gid: int
+    sha256: str | None     # regular files (and hard links to them)
+    link: bytes | None     # symlink target
+
+
+class AptLists:
+    """SHA-256s of the .debs that apt's (signature-checked) package lists name.
+
+    Loaded on first use, whole: one pass over ~50 MB of Debian's main index takes about
+    a second, which is paid only when a cached .deb is actually there to check.
+    """
+
+    def __init__(self, lists_dir: str) -> None:
+        self._dir = lists_dir
+        self._index: dict[tuple[bytes, bytes, bytes], set[str]] | None = None
+
+    def sha256s(self, name: str, version: str, arch: str) -> set[str]:
+        """SHA-256s (hex) the lists give for one package version; empty when unlisted."""
+        if self._index is None:
+            self._index = {}
+            for path in self._list_files():
+                data = _read_list(path)
+                if data is not None:
+                    _index_stanzas(data, self._index)
+        return self._index.get((name.encode(), version.encode(), arch.encode()), set())
+
+    def _list_files(self) -> list[str]:
+        try:
+            names = sorted(os.listdir(self._dir))
+        except OSError:
+            return []
+        return [os.path.join(self._dir, name) for name in names if _LIST_NAME.search(name)]
+
+
+def _read_list(path: str) -> bytes | None:
+    """The uncompressed text of one index file, or None when it cannot be read.
+
+    gzip, xz and bzip2 are in the standard library; apt's own lz4 and zstd copies are
+    decompressed by apt-helper (which knows every format apt writes) or lz4cat/zstdcat.
+    """
+    ext = os.path.splitext(path)[1]
+    try:
+        if ext not in (".lz4", ".zst"):
+            with open(path, "rb") as handle:
+                raw = handle.read()
+            decompress = _DECOMPRESS.get(ext)
+            return decompress(raw) if decompress else raw
+        helper = "/usr/lib/apt/apt-helper"
+        if os.access(helper, os.X_OK):
+            command = [helper, "cat-file", path]
+        else:
+            tool = shutil.which("lz4cat" if ext == ".lz4" else "zstdcat")
+            if tool is None:
+                return None
+            command = [tool, path]
+        return subprocess.run(command, capture_output=True, check=True).stdout
+    except (OSError, ValueError, EOFError, lzma.LZMAError, subprocess.SubprocessError):
+        return None
+
+
+def _index_stanzas(data: bytes, index: dict[tuple[bytes, bytes, bytes], set[str]]) -> None:
+    """Add every (Package, Version, Architecture) -> SHA256 of an index file."""
+    fields: dict[bytes, bytes] = {}
+
+    def flush() -> None:
+        try:
+            key = (fields[b"Package"], fields[b"Version"], fields[b"Architecture"])
+            index.setdefault(key, set()).add(fields[b"SHA256"].decode("ascii").lower())
+        except (KeyError, UnicodeDecodeError):
+            pass
+
+    for match in _STANZA_FIELD.finditer(data):
+        if match.group(1) == b"Package" and fields:
+            flush()
+            fields = {}
+        fields[match.group(1)] = match.group(2)
+    if fields:
+        flush()
+
+
+def archive_name(name: str, version: str, arch: str) -> str:
+    """The file name apt gives a downloaded .deb (the epoch's colon is escaped)."""
+    return f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+
+
+def sha256_file(handle: IO[bytes]) -> str:
+    """SHA-256 (hex) of an open file from its start."""
+    handle.seek(0)
+    digest = hashlib.sha256()
+    while chunk := handle.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_members(handle: IO[bytes], canon: Canon) -> dict[bytes, Member]:
+    """Every entry of an open .deb's data archive, by canonical absolute path.
+
+    The caller opens the file once, checks its SHA-256 and hands the same open file
+    here, so what is read is what was checked. gzip/xz/bzip2 data is read in-process;
+    anything else (zstd) through `dpkg-deb --fsys-tarfile`, which reads every format dpkg
+    installs from.
+    """
+    offset, size, compression = _data_member(handle)
+    if compression in ("", ".gz", ".xz", ".bz2"):
+        handle.seek(offset)
+        with tarfile.open(fileobj=_Limited(handle, size), mode="r|*",  # type: ignore[call-overload]
+                          encoding="utf-8", errors="surrogateescape") as tar:
+            return _members(tar, canon)
+    handle.seek(0)
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", "/dev/stdin"], stdin=handle,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|",  # type: ignore[call-overload]
+                          encoding="utf-8", errors="surrogateescape") as tar:
+            members = _members(tar, canon)
+        proc.stdout.read()
+    except tarfile.TarError as exc:
+        proc.kill()
+        raise DebError(f"dpkg-deb output is not a tar archive: {exc}") from exc
+    finally:
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise DebError(f"dpkg-deb --fsys-tarfile failed: "
+                       f"{err.decode(errors='replace').strip()}")
+    return members
+
+
+def _data_member(handle: IO[bytes]) -> tuple[int, int, str]:
+    """(offset, size, compression suffix) of the data.tar member of an ar archive."""
+    handle.seek(0)
+    if handle.read(8) != b"!<arch>\n":
+        raise DebError("not a .deb (no ar header)")
+    while True:
+        header = handle.read(60)
+        if len(header) < 60:
+            raise DebError("no data.tar member")
+        name = header[:16].rstrip(b" ").rstrip(b"/").decode("ascii", "replace")
+        try:
+            size = int(header[48:58])
+        except ValueError as exc:
+            raise DebError("corrupt ar header") from exc
+        if name.startswith("data.tar"):
+            return handle.tell(), size, name[len("data.tar"):]
+        handle.seek(size + (size & 1), os.SEEK_CUR)
+
+
+def _members(tar: tarfile.TarFile, canon: Canon) -> dict[bytes, Member]:
+    members: dict[bytes, Member] = {}
+    for info in tar:
+        path = canon(_tar_path(info.name))
+        uid, gid = _owner(info)
+        mode = info.mode & 0o7777
+        if info.isreg():
+            members[path] = Member("file", mode, uid, gid, _sha256_member(tar, info), None)
+        elif info.islnk():
+            # A hard link carries no data: it holds what its target holds.
+            target = members.get(canon(_tar_path(info.linkname)))
+            members[path] = Member("file", mode, uid, gid,
+                                   target.sha256 if target else None, None)
+        elif info.isdir():
+            members[path] = Member("dir", mode, uid, gid, None, None)
+        elif info.issym():
+            members[path] = Member("symlink", mode, uid, gid, None,
+                                   os.fsencode(info.linkname))
+        else:
+            members[path] = Member("other", mode, uid, gid, None, None)
+    return members
+
+
+def _tar_path(name: str) -> bytes:
+    raw = os.fsencode(name)
+    while raw.startswith(b"./"):
+        raw = raw[2:]
+    raw = raw.strip(b"/")
+    return b"/" + raw if raw not in (b"", b".") else b"/"
+
+
+def _owner(info: tarfile.TarInfo) -> tuple[int, int]:
+    """uid and gid as dpkg applies them: names that resolve here win over numbers."""
+    uid, gid = info.uid, info.gid
+    if info.uname:
+        try:
+            uid = pwd.getpwnam(info.uname).pw_uid
+        except KeyError:
+            pass
+    if info.gname:
+        try:
+            gid = grp.getgrnam(info.gname).gr_gid
+        except KeyError:
+            pass
+    return uid, gid
+
+
+def _sha256_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
+    digest = hashlib.sha256()
+    extracted = tar.extractfile(info)
+    assert extracted is not None
+    for chunk in _chunks(extracted):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    while chunk := handle.read(_CHUNK):
+        yield chunk
+
+
+class _Limited:
+    """A read-only view of `size` bytes of a file from its current offset."""
+
+    def __init__(self, handle: IO[bytes], size: int) -> None:
+        self._handle = handle
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0 or n > self._left:
+            n = self._left
+        data = self._handle.read(n)
+        self._left -= len(data)
+        return data

@@ -1,0 +1,304 @@
+"""Load and validate a policy (TOML) into frozen rules; find the rule for a path.
+
+A policy is refused as a whole, with a message naming the file and the key at fault;
+no partial policy is ever applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import PolicyError
+from .record import ATTR_NAMES, NONE, PRESETS, Attr
+
+SEVERITIES = ("low", "medium", "high", "critical")
+ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")
+DEFAULT_FULL_SCAN = "0 3 * * *"
+SYSTEM_POLICY = "/etc/integrity/policy.toml"
+
+_TOP_KEYS = {"database", "rule", "schedule", "alert"}
+_RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem"}
+_SCHEDULE_KEYS = {"full_scan"}
+
+
+@dataclass(frozen=True)
+class Excludes:
+    """Compiled exclude globs: bare names match a name anywhere, absolute ones a path.
+
+    In absolute globs `*` and `?` stay within one path component and `**` crosses
+    them. An excluded directory is not descended into.
+    """
+
+    patterns: tuple[str, ...] = ()
+    names: re.Pattern[bytes] | None = None
+    paths: re.Pattern[bytes] | None = None
+    literal: frozenset[bytes] = frozenset()
+
+    @classmethod
+    def compile(cls, patterns: tuple[str, ...]) -> Excludes:
+        names, paths, literal = [], [], set()
+        for pattern in patterns:
+            raw = os.fsencode(pattern)
+            if b"/" not in raw:
+                names.append(_glob_regex(raw, within_component=True))
+            elif not any(ch in raw for ch in b"*?["):
+                literal.add(raw.rstrip(b"/") or b"/")
+            else:
+                paths.append(_glob_regex(raw.rstrip(b"/"), within_component=True))
+        return cls(
+            patterns,
+            re.compile(b"|".join(names)) if names else None,
+            re.compile(b"|".join(paths)) if paths else None,
+            frozenset(literal))
+
+    def match(self, path: bytes, name: bytes) -> bool:
+        """True when an entry (full path, last component) is excluded."""
+        if path in self.literal:
+            return True
+        if self.names is not None and self.names.fullmatch(name):
+            return True
+        return self.paths is not None and self.paths.fullmatch(path) is not None
+
+
+def _glob_regex(glob: bytes, within_component: bool) -> bytes:
+    """Translate a shell glob to a regex (bytes); `**` crosses '/'."""
+    out, i = [], 0
+    while i < len(glob):
+        ch = glob[i:i + 1]
+        if glob[i:i + 2] == b"**":
+            out.append(b".*")
+            i += 2
+            continue
+        if ch == b"*":
+            out.append(b"[^/]*" if within_component else b".*")
+        elif ch == b"?":
+            out.append(b"[^/]")
+        elif ch == b"[":
+            end = glob.find(b"]", i + 2)
+            if end == -1:
+                out.append(re.escape(ch))
+            else:
+                body = glob[i + 1:end]
+                if body.startswith(b"!"):
+                    body = b"^" + body[1:]
+                out.append(b"[" + body.replace(b"\\", b"\\\\") + b"]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return b"(?:" + b"".join(out) + b")"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One protected tree: what to compare there and how bad a change is."""
+
+    path: bytes
+    check: Attr
+    severity: str = "medium"
+    excludes: Excludes = field(default_factory=Excludes)
+    recursive: bool = True
+    one_filesystem: bool = True
+    # Derived once: the scan asks these for every entry.
+    hashes: bool = field(init=False, compare=False, repr=False)
+    wants_xattrs: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hashes", Attr.CONTENT in self.check)
+        object.__setattr__(self, "wants_xattrs", Attr.XATTRS in self.check)
+
+    @property
+    def name(self) -> str:
+        return os.fsdecode(self.path)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy: rules by path, schedule, alert sinks and database URL."""
+
+    source: str
+    rules: tuple[Rule, ...]
+    database: str | None = None
+    full_scan: str = DEFAULT_FULL_SCAN
+    alerts: tuple[dict[str, Any], ...] = ()
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
+
+    def rule_at(self, path: bytes) -> Rule | None:
+        """The rule rooted exactly at path, if any."""
+        return self._by_path.get(path)  # type: ignore[attr-defined, no-any-return]
+
+    def rule_for(self, path: bytes) -> Rule | None:
+        """The most specific rule covering path (longest matching rule path)."""
+        by_path: dict[bytes, Rule] = self._by_path  # type: ignore[attr-defined]
+        probe = path
+        while True:
+            rule = by_path.get(probe)
+            if rule is not None:
+                return rule
+            if probe == b"/":
+                return None
+            probe = probe.rsplit(b"/", 1)[0] or b"/"
+
+    def covers(self, path: bytes) -> bool:
+        """True when path would be recorded by a scan (within a rule, not excluded)."""
+        rule = self.rule_for(path)
+        if rule is None:
+            return False
+        if path != rule.path:
+            rel_parent = path.rsplit(b"/", 1)[0] or b"/"
+            if not rule.recursive and rel_parent != rule.path:
+                return False
+            probe = path
+            while probe != rule.path:
+                if rule.excludes.match(probe, probe.rsplit(b"/", 1)[1]):
+                    return False
+                probe = probe.rsplit(b"/", 1)[0] or b"/"
+        return True
+
+
+def default_policy_path() -> str:
+    """The system policy if present, else the shipped default."""
+    if os.path.exists(SYSTEM_POLICY):
+        return SYSTEM_POLICY
+    return str(resources.files("integrity.policies").joinpath("default.toml"))
+
+
+def load(path: str | os.PathLike[str]) -> Policy:
+    """Read and validate a policy file; raise PolicyError naming file and key."""
+    name = os.fspath(path)
+    try:
+        raw = Path(name).read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{name}: cannot read policy: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PolicyError(f"{name}: policy is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{name}: invalid TOML: {exc}") from None
+    return parse(data, name, hashlib.sha256(raw).hexdigest())
+
+
+def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> Policy:
+    """Validate a decoded policy mapping."""
+    def fail(key: str, message: str) -> PolicyError:
+        return PolicyError(f"{source}: {key}: {message}")
+
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise fail(key, "unknown key")
+    database = data.get("database")
+    if database is not None and (not isinstance(database, str) or not database):
+        raise fail("database", "must be a non-empty SQLAlchemy URL string")
+    rules_data = data.get("rule")
+    if not isinstance(rules_data, list) or not rules_data:
+        raise fail("rule", "at least one [[rule]] table is required")
+    rules: list[Rule] = []
+    seen: set[bytes] = set()
+    for index, item in enumerate(rules_data):
+        rule = _parse_rule(item, f"rule[{index}]", fail)
+        if rule.path in seen:
+            raise fail(f"rule[{index}].path", f"duplicate rule for {rule.name}")
+        seen.add(rule.path)
+        rules.append(rule)
+    schedule = data.get("schedule", {})
+    if not isinstance(schedule, dict):
+        raise fail("schedule", "must be a table")
+    for key in schedule:
+        if key not in _SCHEDULE_KEYS:
+            raise fail(f"schedule.{key}", "unknown key")
+    full_scan = schedule.get("full_scan", DEFAULT_FULL_SCAN)
+    if not isinstance(full_scan, str) or not _valid_cron(full_scan):
+        raise fail("schedule.full_scan", f"not a 5-field cron expression: {full_scan!r}")
+    alerts_data = data.get("alert", [])
+    if not isinstance(alerts_data, list):
+        raise fail("alert", "must be an array of [[alert]] tables")
+    alerts = []
+    for index, alert in enumerate(alerts_data):
+        key = f"alert[{index}]"
+        if not isinstance(alert, dict):
+            raise fail(key, "must be a table")
+        if alert.get("type") not in ALERT_TYPES:
+            raise fail(f"{key}.type", f"must be one of {', '.join(ALERT_TYPES)}")
+        severity = alert.get("min_severity", "low")
+        if severity not in SEVERITIES:
+            raise fail(f"{key}.min_severity", f"must be one of {', '.join(SEVERITIES)}")
+        alerts.append(dict(alert))
+    return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
+                  full_scan, tuple(alerts), digest)
+
+
+def _parse_rule(item: Any, key: str, fail: Any) -> Rule:
+    if not isinstance(item, dict):
+        raise fail(key, "must be a table")
+    for name in item:
+        if name not in _RULE_KEYS:
+            raise fail(f"{key}.{name}", "unknown key")
+    path = item.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise fail(f"{key}.path", "required, and must be an absolute path")
+    norm = os.path.normpath(path)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    check = parse_check(item.get("check", "config"), f"{key}.check", fail)
+    severity = item.get("severity", "medium")
+    if severity not in SEVERITIES:
+        raise fail(f"{key}.severity", f"must be one of {', '.join(SEVERITIES)}, not {severity!r}")
+    exclude = item.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, str) and e for e in exclude):
+        raise fail(f"{key}.exclude", "must be a list of non-empty glob strings")
+    for pattern in exclude:
+        if "/" in pattern and not pattern.startswith("/"):
+            raise fail(f"{key}.exclude", f"{pattern!r}: a glob with '/' must be absolute")
+    flags = {}
+    for name in ("recursive", "one_filesystem"):
+        value = item.get(name, True)
+        if not isinstance(value, bool):
+            raise fail(f"{key}.{name}", "must be true or false")
+        flags[name] = value
+    return Rule(os.fsencode(norm), check, severity, Excludes.compile(tuple(exclude)),
+                flags["recursive"], flags["one_filesystem"])
+
+
+def parse_check(value: Any, key: str = "check", fail: Any = None) -> Attr:
+    """Parse a check set: a preset, attribute names, and +attr / -attr adjustments."""
+    def error(message: str) -> PolicyError:
+        return fail(key, message) if fail else PolicyError(f"{key}: {message}")
+
+    if isinstance(value, str):
+        tokens = value.split()
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        tokens = list(value)
+    else:
+        raise error("must be a preset name, a list of attributes, or 'preset +attr -attr'")
+    if not tokens:
+        raise error("is empty")
+    result = NONE
+    for token in tokens:
+        sign, name = (token[0], token[1:]) if token[:1] in "+-" else ("+", token)
+        flag = PRESETS.get(name, ATTR_NAMES.get(name))
+        if flag is None:
+            known = ", ".join([*PRESETS, *ATTR_NAMES])
+            raise error(f"unknown preset or attribute {name!r} (known: {known})")
+        result = result | flag if sign == "+" else result & ~flag
+    if Attr.TYPE not in result:
+        result |= Attr.TYPE  # a file replaced by a link is always a change
+    return result
+
+
+_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$|^[a-zA-Z]{3}(-[a-zA-Z]{3})?$")
+
+
+def _valid_cron(expr: str) -> bool:
+    fields = expr.split()
+    return len(fields) == 5 and all(_CRON_FIELD.match(f) for f in fields)

@@ -75,7 +75,30 @@ def actor() -> str:
     return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
 
 
-@click.group(context_settings=CONTEXT)
+class IntegrityGroup(click.Group):
+    """The one error boundary: IntegrityError becomes a stderr line and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IntegrityError as exc:
+            _fail(ctx, str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted", 130)
+        except OSError as exc:
+            where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+            _fail(ctx, f"{where}{exc.strerror or exc}", EXIT_ERROR)
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    env = ctx.obj
+    if isinstance(env, Env) and env.verbose > 1:
+        traceback.print_exc()
+    click.echo(f"integrity: {message}", err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=IntegrityGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version")
 @click.option("--db", envvar="INTEGRITY_DB", metavar="URL",
               help="Database URL (env INTEGRITY_DB); overrides the policy's `database`.")
@@ -205,29 +228,10 @@ def _display(path: bytes) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: the one place errors become a stderr line and an exit status."""
-    verbose = any(a in ("-vv", "-vvv") for a in (argv or sys.argv[1:]))
+    """Console entry point."""
     try:
-        cli.main(args=argv, prog_name="integrity", standalone_mode=False)
-    except IntegrityError as exc:
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"integrity: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("integrity: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(EXIT_ERROR)
-    except KeyboardInterrupt:
-        click.echo("integrity: interrupted", err=True)
-        sys.exit(130)
+        cli.main(args=argv, prog_name="integrity")
     except BrokenPipeError:
-        sys.exit(EXIT_ERROR)
-    except OSError as exc:
-        if verbose:
-            traceback.print_exc()
-        where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"integrity: {where}{exc.strerror or exc}", err=True)
+        # Output closed early (`integrity events | head`): not an error of ours.
+        sys.stderr.close()
         sys.exit(EXIT_ERROR)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from .record import Attr, FileRecord
 
@@ -13,13 +15,16 @@ _FIELDS: tuple[tuple[Attr, str, int], ...] = tuple(
     (attr, attr.name.lower(), FileRecord._fields.index(attr.name.lower()))  # type: ignore[union-attr]
     for attr in Attr if attr.name and attr.name.lower() in FileRecord._fields)
 
-_plans: dict[Attr, tuple[tuple[str, int], ...]] = {}
+_plans: dict[Attr, tuple[Callable[[FileRecord], Any], tuple[tuple[str, int], ...]]] = {}
 
 
-def _plan(attrs: Attr) -> tuple[tuple[str, int], ...]:
+def _plan(attrs: Attr) -> tuple[Callable[[FileRecord], Any], tuple[tuple[str, int], ...]]:
+    """(getter of all checked fields, their names and indexes), cached per check set."""
     plan = _plans.get(attrs)
     if plan is None:
-        plan = _plans[attrs] = tuple((name, i) for flag, name, i in _FIELDS if flag in attrs)
+        fields = tuple((name, i) for flag, name, i in _FIELDS if flag in attrs)
+        getter = itemgetter(*[i for _, i in fields], 1)  # 1: type, always compared
+        plan = _plans[attrs] = (getter, fields)
     return plan
 
 
@@ -39,7 +44,10 @@ def diff(old: FileRecord, new: FileRecord, attrs: Attr) -> tuple[str, ...]:
     A change of type is always reported. `growing` (log files) reports `size` only
     when the file shrank.
     """
-    changed = [name for name, i in _plan(attrs) if old[i] != new[i]]
+    getter, fields = _plan(attrs)
+    if getter(old) == getter(new) and (Attr.GROWING not in attrs or new.size >= old.size):
+        return ()
+    changed = [name for name, i in fields if old[i] != new[i]]
     if old.type != new.type and "type" not in changed:
         changed.insert(0, "type")
     if Attr.GROWING in attrs and new.size < old.size and "size" not in changed:

@@ -205,22 +205,26 @@ class Store:
             new_id = conn.execute(b.insert().values(
                 state="building", created=utcnow(), policy_source=policy_source,
                 policy_digest=policy_digest, entries=0, actor=actor)).inserted_primary_key[0]
-        count = 0
+        writer = _BatchWriter(self, e)
         try:
-            insert_sql, positional = self._bulk_insert_sql(e)
+            positional = writer.positional
+            columns = e.c.keys()
             batch: list[Any] = []
             for rec in records:
                 row = (new_id, to_key(rec[0]), *rec[1:])
-                batch.append(row if positional else dict(zip(e.c.keys(), row)))
+                batch.append(row if positional else dict(zip(columns, row)))
                 if len(batch) >= BATCH:
-                    count += self._flush(insert_sql, batch)
-            count += self._flush(insert_sql, batch)
+                    writer.put(batch)
+                    batch = []
+            writer.put(batch)
+            count = writer.close()
             with self._write() as conn, conn.begin():
                 conn.execute(b.update().where(b.c.state == "active")
                              .values(state="retired"))
                 conn.execute(b.update().where(b.c.id == new_id).values(
                     state="active", activated=utcnow(), entries=count))
         except BaseException:
+            writer.abort()
             self._discard(new_id)
             raise
         with self._write() as conn, conn.begin():
@@ -228,25 +232,6 @@ class Store:
         info = self.active_baseline()
         assert info is not None
         return info
-
-    def _bulk_insert_sql(self, table: sa.Table) -> tuple[str, bool]:
-        """Dialect-compiled INSERT for executemany straight to the driver.
-
-        Core's per-row parameter processing cost ~9 µs a row; our column types need
-        no conversion, so rows go to the DBAPI as tuples (or dicts for named styles).
-        """
-        compiled = table.insert().compile(dialect=self.engine.dialect,
-                                          column_keys=list(table.c.keys()))
-        return str(compiled), bool(self.engine.dialect.positional)
-
-    def _flush(self, insert_sql: str, batch: list[Any]) -> int:
-        if not batch:
-            return 0
-        n = len(batch)
-        with self._write() as conn, conn.begin():
-            conn.exec_driver_sql(insert_sql, batch)
-        batch.clear()
-        return n
 
     def _discard(self, baseline_id: int) -> None:
         """Best-effort removal of an unfinished generation (the sweep catches the rest)."""
@@ -269,8 +254,8 @@ class Store:
 
     def iter_entries(self, baseline_id: int,
                      ranges: Sequence[tuple[bytes, bytes]] | None = None,
-                     ) -> Iterator[FileRecord]:
-        """Stream baseline entries in key order, optionally only within key ranges."""
+                     ) -> Iterator[tuple[bytes, FileRecord]]:
+        """Stream (key, entry) of a baseline in key order, optionally within key ranges."""
         e = models.entry
         cols = [e.c[name] for name in models.ENTRY_COLUMNS]
         with self.engine.connect() as conn:
@@ -281,7 +266,8 @@ class Store:
                 result = conn.execution_options(stream_results=True, yield_per=BATCH) \
                     .execute(query.order_by(e.c.key))
                 for row in result:
-                    yield FileRecord(from_key(row[0]), *row[1:])
+                    key = row[0]
+                    yield key, FileRecord(from_key(key), *row[1:])
 
     # -- runs -------------------------------------------------------------------
 
@@ -314,6 +300,73 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(query.order_by(r.c.id.desc()).limit(1)).mappings().first()
         return dict(row) if row else None
+
+
+class _BatchWriter:
+    """Writes baseline batches on a thread of its own while the scan goes on.
+
+    sqlite3 releases the GIL while SQLite works on a batch, so the B-tree inserts of
+    one batch overlap with hashing the next. Rows go to the DBAPI's executemany as
+    tuples: Core's per-row parameter processing cost ~9 µs a row, and our column
+    types need no conversion. The statement is still compiled by the dialect.
+    """
+
+    def __init__(self, store: Store, table: sa.Table) -> None:
+        import queue
+        import threading
+
+        dialect = store.engine.dialect
+        self.sql = str(table.insert().compile(dialect=dialect,
+                                              column_keys=list(table.c.keys())))
+        self.positional = bool(dialect.positional)
+        self.store = store
+        self.count = 0
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[list[Any] | None] = queue.Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._run, name="baseline-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self.queue.get()
+            if batch is None:
+                return
+            if self.error is not None or not batch:
+                continue
+            try:
+                with self.store._write() as conn, conn.begin():
+                    conn.exec_driver_sql(self.sql, batch)
+                self.count += len(batch)
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                self.error = exc
+
+    def put(self, batch: list[Any]) -> None:
+        """Queue a batch (blocks while two are pending); re-raise a writer failure."""
+        self._raise()
+        self.queue.put(batch)
+
+    def close(self) -> int:
+        """Wait for every batch; return the row count or raise the writer's error."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+        return self.count
+
+    def abort(self) -> None:
+        """Stop after the batch in progress (the caller discards the generation)."""
+        self.error = self.error or RuntimeError("aborted")
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error = self.error
+            if isinstance(error, sa_exc.DBAPIError):
+                raise DatabaseError(f"{self.store._name()}: cannot write baseline: "
+                                    f"{_cause(error)}") from None
+            raise error
 
 
 def _require_existing(url: str) -> None:

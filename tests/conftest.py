@@ -1,0 +1,92 @@
+"""Shared fixtures: isolated state, real trees under tmp_path, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from integrity.cli import cli
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reads the host's policy, database or home (borg's clean_env)."""
+    for key in list(os.environ):
+        if key.startswith("INTEGRITY_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A small protected tree: files, a subdirectory, a symlink."""
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.conf").write_text("alpha\n")
+    (root / "b.bin").write_bytes(os.urandom(3000))
+    (root / "sub" / "c.txt").write_text("gamma\n")
+    (root / "big.dat").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    os.symlink("a.conf", root / "link")
+    return root
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> Callable[..., Path]:
+    """Write a policy file; rules are dicts rendered as [[rule]] tables."""
+    def write(*rules: dict[str, Any], extra: str = "", name: str = "policy.toml") -> Path:
+        lines = []
+        for rule in rules:
+            lines.append("[[rule]]")
+            for key, value in rule.items():
+                lines.append(f"{key} = {json.dumps(value)}")
+            lines.append("")
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + textwrap.dedent(extra))
+        return path
+    return write
+
+
+class Cli:
+    """Runs the real click CLI against one database and policy."""
+
+    def __init__(self, db: Path, policy: Path) -> None:
+        self.db = db
+        self.policy = policy
+
+    def __call__(self, *args: str, policy: Path | None = None) -> Result:
+        runner = CliRunner()
+        return runner.invoke(
+            cli, ["--db", f"sqlite:///{self.db}", "--policy", str(policy or self.policy),
+                  "-q", *args], catch_exceptions=False)
+
+    def json(self, *args: str) -> Any:
+        result = self(*args, "--json")
+        return json.loads(result.stdout)
+
+
+@pytest.fixture
+def run(tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> Cli:
+    """CLI bound to a temp database and a policy protecting `tree` (check=static)."""
+    policy = write_policy({"path": str(tree), "check": "static", "severity": "high"})
+    return Cli(tmp_path / "state" / "integrity.db", policy)
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A directory under /tmp that an unprivileged user can traverse."""
+    import shutil
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="integrity-test-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

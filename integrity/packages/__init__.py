@@ -5,9 +5,10 @@ package manager's own records explain a change. The answer is a `Verdict` that s
 yes or no, why, and on what evidence:
 
 - ``signed-archive``: the owning package's ``.deb`` is still in apt's archive cache and
-  its SHA-256 is listed in apt's package lists (which apt only accepts after checking
+  its SHA-256 is listed in apt's package lists (which apt only stores after checking
   them against the signed InRelease files). The file is compared with the ``.deb``'s
-  own data, so a root-writable dpkg database cannot be used to launder a change.
+  own data, so editing dpkg's root-writable md5sums cannot launder a change. (The lists
+  are not re-verified against InRelease here: see `debfile`.)
 - ``package-db``: dpkg's md5sums / conffile hashes, dpkg-statoverride, dpkg's log, or
   rpm's header digests. Good enough against accidents, not against someone who is root.
 
@@ -24,14 +25,12 @@ import stat
 from dataclasses import dataclass
 from typing import Protocol
 
-from integrity.packages.common import LiveFile, Verdict, canonicalizer
+from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, LiveFile, Verdict,
+                                       canonicalizer)
 from integrity.packages.dpkg import Dpkg
 from integrity.packages.rpm import Rpm
 
 __all__ = ["PackageManagers", "Verdict", "SIGNED_ARCHIVE", "PACKAGE_DB"]
-
-SIGNED_ARCHIVE = "signed-archive"
-PACKAGE_DB = "package-db"
 
 NOT_OWNED = "not owned by any package"
 

@@ -5,6 +5,10 @@ InRelease file whose signature it verified, and every stanza there names the SHA
 one .deb. A .deb in /var/cache/apt/archives whose SHA-256 is listed is therefore the
 archive's own package, and its data member says what each file held, with its mode and
 owner, independently of dpkg's root-writable database.
+
+Limit: the lists are taken as apt left them. They are root-writable too, so an intruder
+who edits both a list and the cache defeats this; re-checking each list's hash against
+its InRelease and that file's signature with gpgv would close the gap.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import gzip
 import hashlib
 import lzma
 import os
-import pwd
 import grp
+import pwd
 import re
 import shutil
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -148,16 +153,19 @@ def read_members(handle: IO[bytes], canon: Canon) -> dict[bytes, Member]:
     offset, size, compression = _data_member(handle)
     if compression in ("", ".gz", ".xz", ".bz2"):
         handle.seek(offset)
-        with tarfile.open(fileobj=_Limited(handle, size), mode="r|*",  # type: ignore[call-overload]
-                          encoding="utf-8", errors="surrogateescape") as tar:
-            return _members(tar, canon)
+        try:
+            with tarfile.open(fileobj=_Limited(handle, size),  # type: ignore[call-overload]
+                              mode="r|*", encoding="utf-8", errors="surrogateescape") as tar:
+                return _members(tar, canon)
+        except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError) as exc:
+            raise DebError(f"corrupt data.tar{compression}: {exc}") from exc
     handle.seek(0)
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", "/dev/stdin"], stdin=handle,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     try:
-        with tarfile.open(fileobj=proc.stdout, mode="r|",  # type: ignore[call-overload]
-                          encoding="utf-8", errors="surrogateescape") as tar:
+        with tarfile.open(fileobj=proc.stdout, mode="r|", encoding="utf-8",
+                          errors="surrogateescape") as tar:
             members = _members(tar, canon)
         proc.stdout.read()
     except tarfile.TarError as exc:

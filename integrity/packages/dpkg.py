@@ -1,0 +1,445 @@
+"""dpkg's view of a path, read straight from its database files.
+
+Everything is parsed from /var/lib/dpkg (no dpkg subprocess per path) and loaded on
+first need: the status file and the path index (all ``info/*.list`` files, ~0.1 s for
+100k paths) once, the md5sums of a package when one of its files is asked about, and
+a cached .deb only when an answer needs it.
+
+Facts of dpkg this relies on (dpkg 1.21):
+- info files are named ``name.list`` or ``name:arch.list`` (Multi-Arch: same);
+- ``.list`` and ``.md5sums`` name files by their packaged path, before diversion;
+  dpkg writes md5sums itself, conffiles included, when a package ships none;
+- the ``Conffiles`` field holds the md5 of the conffile as the package shipped it
+  (``newconffile`` while not yet recorded), optionally flagged ``obsolete`` or
+  ``remove-on-upgrade``; a removed-but-not-purged package keeps its conffiles listed;
+- ``updates/NNNN`` holds status stanzas not yet merged into ``status``;
+- the log has ``DATE TIME ACTION pkg:arch old new`` lines, in local time, per second.
+"""
+
+from __future__ import annotations
+
+import glob
+import grp
+import gzip
+import os
+import pwd
+import re
+import time
+from dataclasses import dataclass, field
+
+from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
+                                       LiveFile, Verdict)
+from integrity.packages.debfile import (AptLists, DebError, Member, archive_name,
+                                        read_members, sha256_file)
+
+#: States in which a package's files are on disk (config-files keeps only conffiles).
+_FILES_PRESENT = {"installed", "unpacked", "half-installed", "half-configured",
+                  "triggers-awaited", "triggers-pending"}
+_CONFFILE_FLAGS = {b"obsolete", b"remove-on-upgrade"}
+_MD5 = re.compile(rb"^[0-9a-f]{32}$")
+_LOG_LINE = re.compile(
+    rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (remove|purge|upgrade) (\S+) (\S+) (\S+)", re.M)
+_LOG_VERB = {b"remove": "removed", b"purge": "purged", b"upgrade": "upgraded"}
+
+
+@dataclass
+class _Package:
+    """One package of dpkg's status, under the key its info files carry."""
+
+    key: str
+    name: str
+    arch: str
+    version: str
+    state: str
+    conffiles: dict[bytes, tuple[str, frozenset[bytes]]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.version}".rstrip()
+
+
+class Dpkg:
+    """Answers about paths from one dpkg admin directory (plus apt's cache and log)."""
+
+    name = "dpkg"
+
+    def __init__(self, admindir: str, apt_archives: str, apt_lists: str, log: str,
+                 canon: Canon) -> None:
+        self._admindir = admindir
+        self._archives = apt_archives
+        self._apt = AptLists(apt_lists)
+        self._log = log
+        self._canon = canon
+        self._packages: dict[str, _Package] | None = None
+        self._usable: bool | None = None
+        self._owners: dict[bytes, str | list[str]] | None = None
+        self._diverted_to: dict[bytes, tuple[bytes, str]] = {}
+        self._diverted_from: dict[bytes, tuple[bytes, str]] = {}
+        self._overrides: dict[bytes, tuple[bytes, bytes, int]] | None = None
+        self._md5sums: dict[str, dict[bytes, str]] = {}
+        self._debs: dict[str, tuple[dict[bytes, Member] | None, str]] = {}
+        self._log_events: list[tuple[float, str]] | None = None
+
+    # -- loading -----------------------------------------------------------------
+
+    def usable(self) -> bool:
+        """True when dpkg's status file and info directory can be read."""
+        if self._usable is None:
+            try:
+                self._load_status()
+                self._usable = os.path.isdir(os.path.join(self._admindir, "info"))
+            except OSError:
+                self._usable = False
+        return self._usable
+
+    def _load_status(self) -> dict[str, _Package]:
+        if self._packages is None:
+            packages: dict[str, _Package] = {}
+            paths = [os.path.join(self._admindir, "status")]
+            updates = os.path.join(self._admindir, "updates")
+            try:
+                journal = sorted((n for n in os.listdir(updates) if n.isdigit()), key=int)
+            except OSError:
+                journal = []
+            paths += [os.path.join(updates, n) for n in journal]
+            for index, path in enumerate(paths):
+                try:
+                    with open(path, "rb") as handle:
+                        data = handle.read()
+                except OSError:
+                    if index == 0:
+                        raise
+                    continue  # a journal entry dpkg merged meanwhile
+                for stanza in data.split(b"\n\n"):
+                    package = self._package(stanza)
+                    if package is not None:
+                        packages[package.key] = package
+            self._packages = packages
+        return self._packages
+
+    def _package(self, stanza: bytes) -> _Package | None:
+        fields: dict[bytes, bytes] = {}
+        name = b""
+        for line in stanza.split(b"\n"):
+            if line[:1] in (b" ", b"\t"):
+                if name:
+                    fields[name] += b"\n" + line
+            elif b":" in line:
+                name, _, value = line.partition(b":")
+                fields[name] = value.strip()
+        if b"Package" not in fields:
+            return None
+        pkg = fields[b"Package"].decode()
+        arch = fields.get(b"Architecture", b"").decode()
+        key = f"{pkg}:{arch}" if fields.get(b"Multi-Arch") == b"same" and arch else pkg
+        status = fields.get(b"Status", b"").split()
+        package = _Package(key, pkg, arch, fields.get(b"Version", b"").decode(),
+                           status[-1].decode() if status else "not-installed")
+        for line in fields.get(b"Conffiles", b"").split(b"\n"):
+            words = line.split()
+            flags = []
+            while len(words) > 2 and words[-1] in _CONFFILE_FLAGS:
+                flags.append(words.pop())
+            if len(words) >= 2:
+                # Paths with spaces: the hash is the last word, the path the rest.
+                path = line.strip().rsplit(None, 1 + len(flags))[0]
+                package.conffiles[self._canon(path)] = (words[-1].decode(), frozenset(flags))
+        return package
+
+    def _load_index(self) -> dict[bytes, str | list[str]]:
+        """path -> owning package key(s), from every info/*.list, plus diversions."""
+        if self._owners is None:
+            owners: dict[bytes, str | list[str]] = {}
+            info = os.path.join(self._admindir, "info")
+            canon = self._canon
+            with os.scandir(info) as entries:
+                for entry in entries:
+                    if not entry.name.endswith(".list"):
+                        continue
+                    key = entry.name[:-5]
+                    try:
+                        with open(entry.path, "rb") as handle:
+                            lines = handle.read().split(b"\n")
+                    except OSError:
+                        continue
+                    for line in lines:
+                        if not line:
+                            continue
+                        path = canon(line)
+                        known = owners.get(path)
+                        if known is None:
+                            owners[path] = key
+                        elif isinstance(known, str):
+                            owners[path] = [known, key]
+                        else:
+                            known.append(key)
+            self._owners = owners
+            self._load_diversions()
+        return self._owners
+
+    def _load_diversions(self) -> None:
+        try:
+            with open(os.path.join(self._admindir, "diversions"), "rb") as handle:
+                lines = handle.read().split(b"\n")
+        except OSError:
+            return
+        for i in range(0, len(lines) - 2, 3):
+            source, target = self._canon(lines[i]), self._canon(lines[i + 1])
+            by = lines[i + 2].decode()
+            self._diverted_to[target] = (source, by)
+            self._diverted_from[source] = (target, by)
+
+    def _statoverride(self, path: bytes) -> tuple[bytes, bytes, int] | None:
+        if self._overrides is None:
+            self._overrides = {}
+            try:
+                with open(os.path.join(self._admindir, "statoverride"), "rb") as handle:
+                    lines = handle.read().split(b"\n")
+            except OSError:
+                lines = []
+            for line in lines:
+                parts = line.split(b" ", 3)
+                if len(parts) == 4:
+                    try:
+                        mode = int(parts[2], 8)
+                    except ValueError:
+                        continue
+                    self._overrides[self._canon(parts[3])] = (parts[0], parts[1], mode)
+        return self._overrides.get(path)
+
+    def _md5(self, key: str, path: bytes) -> str | None:
+        if key not in self._md5sums:
+            sums: dict[bytes, str] = {}
+            try:
+                with open(os.path.join(self._admindir, "info", key + ".md5sums"),
+                          "rb") as handle:
+                    lines = handle.read().split(b"\n")
+            except OSError:
+                lines = []
+            for line in lines:
+                if len(line) > 34 and line[32:34] in (b"  ", b" *"):
+                    sums[self._canon(b"/" + line[34:].lstrip(b"/"))] = line[:32].decode()
+            self._md5sums[key] = sums
+        return self._md5sums[key].get(path)
+
+    def _deb(self, key: str) -> tuple[dict[bytes, Member] | None, str]:
+        """The verified .deb's members for an installed package, or None and why not."""
+        if key not in self._debs:
+            self._debs[key] = self._read_deb(key)
+        return self._debs[key]
+
+    def _read_deb(self, key: str) -> tuple[dict[bytes, Member] | None, str]:
+        package = self._load_status().get(key)
+        if package is None:
+            return None, "not in dpkg's status"
+        name = archive_name(package.name, package.version, package.arch)
+        path = os.path.join(self._archives, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None, f"no {name} in {self._archives}"
+        with os.fdopen(fd, "rb") as handle:
+            try:
+                listed = self._apt.sha256s(package.name, package.version, package.arch)
+                if sha256_file(handle) not in listed:
+                    return None, (f"the SHA-256 of {name} is not in apt's package lists"
+                                  if listed else f"apt's package lists do not name "
+                                  f"{package.label}")
+                return read_members(handle, self._canon), ""
+            except (OSError, DebError, EOFError, ValueError) as exc:
+                return None, f"cannot read {name}: {exc}"
+
+    # -- queries -----------------------------------------------------------------
+
+    def _locate(self, path: bytes) -> list[tuple[str, bytes]]:
+        """(package key, path as the package names it) for each package installing path.
+
+        A diversion sends the file of every package but the diverting one to another
+        name: at the new name the others' file is found under the original name, and at
+        the original name only the diverting package's (no one's, for a local one).
+        """
+        owners = self._load_index()
+        if path in self._diverted_to:
+            source, by = self._diverted_to[path]
+            return [(key, source) for key in _as_list(owners.get(source))
+                    if by == ":" or key.split(":")[0] != by]
+        keys = _as_list(owners.get(path))
+        if path in self._diverted_from:
+            _, by = self._diverted_from[path]
+            keys = [key for key in keys if key.split(":")[0] == by]
+        return [(key, path) for key in keys]
+
+    def owners(self, path: bytes) -> list[str]:
+        """Keys of the packages that install path (already canonical)."""
+        return [key for key, _ in self._locate(path)]
+
+    def check_content(self, path: bytes, live: LiveFile) -> Verdict:
+        """Compare the live entry with what its package(s) shipped; first match wins.
+
+        Directories are listed by hundreds of packages: they are answered from the
+        list alone, so no owner's .deb is opened for them.
+        """
+        first: Verdict | None = None
+        for key, source in self._locate(path):
+            verdict = self._content(key, source, live)
+            if verdict.vouched:
+                return verdict
+            first = first or verdict
+        assert first is not None, "check_content is only asked about owned paths"
+        return first
+
+    def _content(self, key: str, source: bytes, live: LiveFile) -> Verdict:
+        package = self._load_status().get(key)
+        if package is None:
+            return Verdict(False, f"listed by {key}, which dpkg's status does not know",
+                           None, key)
+        label = package.label
+        conffile = package.conffiles.get(source)
+        if package.state not in _FILES_PRESENT and conffile is None:
+            return Verdict(False, f"{label} is not installed ({package.state})", None, key)
+        try:
+            kind = live.kind()
+            if kind == "dir":
+                return Verdict(True, f"directory listed by {label}", PACKAGE_DB, key)
+            members, why_not = self._deb(key)
+            member = members.get(source) if members else None
+            if kind == "symlink":
+                if member is None or member.kind != "symlink":
+                    return Verdict(False, f"package does not state symlink targets "
+                                   f"({label}: {why_not or 'not a symlink in its .deb'})",
+                                   None, key)
+                if live.readlink() == member.link:
+                    return Verdict(True, f"link matches the verified .deb of {label}",
+                                   SIGNED_ARCHIVE, key)
+                return Verdict(False, f"link target differs from what dpkg shipped "
+                               f"({label}, verified .deb)", None, key)
+            if kind != "file":
+                return Verdict(False, f"dpkg records no content for this {kind} "
+                               f"({label})", None, key)
+            recorded = self._recorded_md5(package, source, conffile)
+            if member is not None and member.kind == "file" and member.sha256:
+                if live.digest("sha256") == member.sha256:
+                    return Verdict(True, f"matches the verified .deb of {label}",
+                                   SIGNED_ARCHIVE, key)
+                note = ("; dpkg's own record matches the live file, so dpkg's database "
+                        "disagrees with the package" if isinstance(recorded, tuple)
+                        and live.digest("md5") == recorded[0] else "")
+                return Verdict(False, f"content differs from what dpkg shipped ({label}, "
+                               f"verified .deb){note}", None, key)
+            if isinstance(recorded, str):
+                return Verdict(False, recorded, None, key)
+            expected, source_name = recorded
+            if live.digest("md5") == expected:
+                return Verdict(True, f"matches {label} ({source_name})", PACKAGE_DB, key)
+        except LiveError as exc:
+            return Verdict(False, str(exc), None, key)
+        what = ", conffile changed locally" if conffile else ""
+        return Verdict(False, f"content differs from what dpkg shipped ({label}{what})",
+                       None, key)
+
+    def _recorded_md5(self, package: _Package, source: bytes,
+                      conffile: tuple[str, frozenset[bytes]] | None) -> tuple[str, str] | str:
+        """(md5, where it is recorded) for a file, or why dpkg records none."""
+        if conffile is not None:
+            digest, flags = conffile
+            if b"obsolete" in flags:
+                return f"obsolete conffile: {package.label} no longer ships it"
+            if not _MD5.match(digest.encode()):
+                return (f"dpkg has not recorded this conffile's hash yet "
+                        f"({package.label}: {digest!r})")
+            return digest, "conffile hash"
+        digest_or_none = self._md5(package.key, source)
+        if digest_or_none is None:
+            return f"{package.label} records no digest for this file"
+        return digest_or_none, "dpkg md5sums"
+
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
+        """Compare mode/uid/gid with a statoverride entry, else with the verified .deb.
+
+        The first owner whose verified .deb holds the path decides: packages sharing a
+        path (directories, Multi-Arch: same files) ship it alike, and reading one .deb
+        per owner of /usr/bin would read hundreds.
+        """
+        located = self._locate(path)
+        key = located[0][0]
+        override = self._statoverride(path)
+        if override is not None:
+            # dpkg applies an override instead of the package's own attributes.
+            user, group, want_mode = override
+            want_uid, want_gid = _resolve(user, pwd.getpwnam), _resolve(group, grp.getgrnam)
+            stated = f"{user.decode()} {group.decode()} {want_mode:04o}"
+            if (want_mode, want_uid, want_gid) == (mode, uid, gid):
+                return Verdict(True, f"matches dpkg-statoverride ({stated})", PACKAGE_DB,
+                               key)
+            return Verdict(False, f"differs from dpkg-statoverride ({stated})", None, key)
+        missing = []
+        for key, source in located:
+            package = self._load_status().get(key)
+            label = package.label if package else key
+            members, why_not = self._deb(key)
+            member = members.get(source) if members else None
+            if member is None:
+                missing.append(f"{label}: {why_not or 'not in its verified .deb'}")
+                continue
+            diffs = [f"{name} {have} (package: {want})" for name, have, want in (
+                ("mode", f"{mode:04o}", f"{member.mode:04o}"), ("uid", uid, member.uid),
+                ("gid", gid, member.gid)) if have != want]
+            if not diffs:
+                return Verdict(True, f"attributes match the verified .deb of {label}",
+                               SIGNED_ARCHIVE, key)
+            verb = "differ" if len(diffs) > 1 else "differs"
+            return Verdict(False, f"{', '.join(diffs)} {verb} from what dpkg shipped "
+                           f"({label}, verified .deb)", None, key)
+        more = f"; and {len(missing) - 2} more" if len(missing) > 2 else ""
+        return Verdict(False, f"package does not state file attributes "
+                       f"({'; '.join(missing[:2])}{more}; no dpkg-statoverride entry)",
+                       None, located[0][0])
+
+    def removals_since(self, since: float) -> list[str]:
+        """dpkg's remove/purge/upgrade actions logged after `since`, newest last."""
+        if self._log_events is None:
+            self._log_events = self._read_log()
+        # The log counts whole seconds: an action in the baseline's second may follow it.
+        return [text for when, text in self._log_events if when + 1 > since]
+
+    def _read_log(self) -> list[tuple[float, str]]:
+        rotated = sorted(glob.glob(glob.escape(self._log) + ".*.gz"),
+                         key=lambda p: int(p.rsplit(".", 2)[-2])
+                         if p.rsplit(".", 2)[-2].isdigit() else 0)
+        events: list[tuple[float, str]] = []
+        for path in reversed([self._log, self._log + ".1", *rotated]):
+            try:
+                opener = gzip.open if path.endswith(".gz") else open
+                with opener(path, "rb") as handle:
+                    data = handle.read()
+            except (OSError, EOFError):
+                continue
+            for match in _LOG_LINE.finditer(data):
+                stamp, action, pkg, old, new = (g.decode(errors="replace")
+                                                for g in match.groups())
+                try:
+                    when = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+                except ValueError:
+                    continue
+                verb = _LOG_VERB[match.group(2)]
+                change = f"{old} -> {new}" if action == "upgrade" else old
+                events.append((when, f"dpkg {verb} {pkg} {change} at {stamp}"))
+        events.sort(key=lambda event: event[0])
+        return events
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else value
+
+
+def _resolve(name: bytes, lookup: object) -> int | None:
+    """A statoverride owner ("root" or "#0") as a number; None when unknown here."""
+    if name.startswith(b"#"):
+        return int(name[1:]) if name[1:].isdigit() else None
+    try:
+        entry = lookup(name.decode())  # type: ignore[operator]
+    except (KeyError, UnicodeDecodeError):
+        return None
+    return int(entry[2])

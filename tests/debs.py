@@ -1,0 +1,90 @@
+"""Build small real packages for tests: .debs with dpkg-deb, .rpms with rpmbuild.
+
+Real packages, not mocks: what dpkg and rpm record about them is what the tests check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+#: path -> content, or (content, mode); directories are created 0755.
+Files = Mapping[str, "bytes | tuple[bytes, int]"]
+
+
+def build_deb(workdir: Path, name: str, version: str, files: Files,
+              conffiles: Iterable[str] = (), arch: str = "all",
+              compression: str = "xz", links: Mapping[str, str] | None = None,
+              control: str = "") -> Path:
+    """A .deb of `files` and symlinks `links` (absolute paths), built by dpkg-deb.
+
+    Everything is owned root:root; `control` adds fields ("Multi-Arch: same\n").
+    No md5sums member is written: dpkg then records md5sums itself at install time,
+    as it does for any package that ships none.
+    """
+    tree = workdir / f"{name}_{version}_{arch}"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {name}\nVersion: {version}\nArchitecture: {arch}\n"
+        f"Maintainer: integrity tests <root@localhost>\nSection: misc\nPriority: optional\n"
+        f"{control}Description: test package for integrity\n")
+    conffiles = list(conffiles)
+    if conffiles:
+        (tree / "DEBIAN" / "conffiles").write_text("".join(f"{c}\n" for c in conffiles))
+    for path, spec in files.items():
+        content, mode = spec if isinstance(spec, tuple) else (spec, 0o644)
+        target = tree / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        os.chmod(target, mode)
+    for path, link_target in (links or {}).items():
+        link = tree / path.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(link_target)
+    for directory, _, _ in os.walk(tree):
+        os.chmod(directory, 0o755)
+    deb = workdir / f"{name}_{version}_{arch}.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", f"-Z{compression}", "--build",
+                    str(tree), str(deb)], check=True, capture_output=True)
+    return deb
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file (what apt's package lists give for a .deb)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def packages_stanza(name: str, version: str, arch: str, sha: str) -> str:
+    """One stanza of an apt `Packages` index naming a .deb by its SHA-256."""
+    return (f"Package: {name}\nVersion: {version}\nArchitecture: {arch}\n"
+            f"Filename: pool/main/i/{name}/{name}_{version}_{arch}.deb\n"
+            f"Size: 1000\nSHA256: {sha}\nDescription: test package\n\n")
+
+
+def build_rpm(workdir: Path, name: str, version: str, files: Files) -> Path:
+    """A noarch .rpm of `files` (absolute paths), owned root:root, built by rpmbuild."""
+    top = workdir / "rpmbuild"
+    source = top / "SOURCES" / "tree"
+    for path, spec in files.items():
+        content, _ = spec if isinstance(spec, tuple) else (spec, 0o644)
+        target = source / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    install = "\n".join(
+        f"mkdir -p %{{buildroot}}{os.path.dirname(p)}\n"
+        f"cp {source}{p} %{{buildroot}}{p}" for p in files)
+    listed = "\n".join(
+        f"%attr({oct(spec[1] if isinstance(spec, tuple) else 0o644)[2:]},root,root) {p}"
+        for p, spec in files.items())
+    spec_file = top / f"{name}.spec"
+    spec_file.write_text(
+        f"Name: {name}\nVersion: {version}\nRelease: 1\nSummary: integrity test\n"
+        f"License: MIT\nBuildArch: noarch\n\n%description\ntest package\n\n"
+        f"%install\n{install}\n\n%files\n{listed}\n")
+    subprocess.run(["rpmbuild", "--define", f"_topdir {top}", "--define",
+                    "_build_id_links none", "-bb", str(spec_file)],
+                   check=True, capture_output=True)
+    return next((top / "RPMS" / "noarch").glob(f"{name}-{version}-1*.rpm"))

@@ -1,0 +1,471 @@
+"""What dpkg (and rpm) vouch for, checked against real packages installed for real.
+
+The tests install `integrity-test-pkg` with dpkg into the live system (that is what
+the feature is about: dpkg's real database and the real files) and always purge it
+again. dpkg's log goes to a temporary file so the removal tests see exactly the
+actions they made; apt's archive cache and lists are temporary directories, so the
+"signed-archive" tests decide exactly which .deb is listed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import lzma
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from integrity.packages import PackageManagers
+from tests.debs import build_deb, build_rpm, packages_stanza, sha256
+
+PKG = "integrity-test-pkg"
+SHARE = "/usr/share/integrity-test"
+DATA = f"{SHARE}/data.txt"          # changes in 1.1
+NOTES = f"{SHARE}/notes.txt"        # the same in both versions
+DROPPED = f"{SHARE}/dropped.txt"    # only in 1.0
+TOOL = "/usr/lib/integrity-test/tool"
+CONF = "/etc/integrity-test.conf"
+LINK = "/usr/lib/integrity-test/current"   # a symlink to the tool
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None,
+    reason="installs real packages: needs root and dpkg")
+
+
+def _files(version: str) -> dict[str, bytes | tuple[bytes, int]]:
+    files: dict[str, bytes | tuple[bytes, int]] = {
+        DATA: f"data of version {version}\n".encode(),
+        NOTES: b"notes that no version changes\n",
+        TOOL: (f"#!/bin/sh\necho integrity-test {version}\n".encode(), 0o755),
+        CONF: f"setting = {version}\n".encode(),
+    }
+    if version == "1.0":
+        files[DROPPED] = b"dropped in 1.1\n"
+    return files
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Versions 1.0 (xz, read in-process) and 1.1 (zstd, read through dpkg-deb)."""
+    work = tmp_path_factory.mktemp("debs")
+    links = {LINK: "tool"}
+    return {"1.0": build_deb(work, PKG, "1.0", _files("1.0"), [CONF], compression="xz",
+                             links=links),
+            "1.1": build_deb(work, PKG, "1.1", _files("1.1"), [CONF], compression="zstd",
+                             links=links)}
+
+
+@dataclass
+class System:
+    """Installs the test package and undoes everything a test did to the system."""
+
+    log: Path
+    apt: Path
+    lists: Path
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
+
+    def dpkg(self, *args: str) -> None:
+        subprocess.run(["dpkg", f"--log={self.log}", "--force-confdef", "--force-confold",
+                        *args], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+    def install(self, deb: Path) -> None:
+        self.dpkg("-i", str(deb))
+
+    def managers(self) -> PackageManagers:
+        """A fresh instance: it snapshots dpkg's database when first asked."""
+        return PackageManagers(apt_archives=str(self.apt), apt_lists=str(self.lists),
+                               dpkg_log=str(self.log), rpm=None)
+
+    def publish(self, deb: Path, version: str, listed_sha: str | None = None,
+                list_name: str = "test_dists_stable_main_binary-all_Packages") -> None:
+        """Put the .deb in the apt cache and name its SHA-256 in an apt list."""
+        shutil.copy(deb, self.apt / f"{PKG}_{version}_all.deb")
+        stanza = packages_stanza(PKG, version, "all", listed_sha or sha256(deb)).encode()
+        target = self.lists / list_name
+        target.write_bytes(gzip.compress(stanza) if list_name.endswith(".gz") else stanza)
+
+
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """One test at a time per machine may own the test packages.
+
+    Two test runs at once (a developer's and CI's, or two sessions sharing a machine)
+    would otherwise install and purge the same package under each other.
+    """
+    with open(Path(tempfile.gettempdir()) / f"{PKG}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    for sub in ("apt", "lists"):
+        (tmp_path / sub).mkdir()
+    state = System(tmp_path / "dpkg.log", tmp_path / "apt", tmp_path / "lists")
+    state.log.touch()
+    with _exclusive():
+        yield from _installed(state)
+
+
+def _installed(state: System) -> Iterator[System]:
+    subprocess.run(["dpkg", f"--log={state.log}", "--purge", PKG],
+                   capture_output=True)  # a previous run's leftover
+    try:
+        yield state
+    finally:
+        for cleanup in reversed(state.cleanups):
+            try:
+                cleanup()
+            except (OSError, subprocess.SubprocessError):
+                pass
+        subprocess.run(["dpkg", f"--log={state.log}", "--purge", PKG], capture_output=True)
+        assert not os.path.exists(SHARE), "purge left the package's files behind"
+
+
+def _write(path: str, content: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(content)
+
+
+def test_upgraded_files_and_conffile_are_vouched_by_dpkg(system: System,
+                                                         debs: dict[str, Path]) -> None:
+    system.install(debs["1.0"])
+    system.install(debs["1.1"])
+    managers = system.managers()
+    assert managers.available() == ["dpkg"]
+    for path in (DATA, TOOL, CONF, SHARE):
+        verdict = managers.check_content(path.encode())
+        assert verdict.vouched, (path, verdict)
+        assert verdict.evidence == "package-db"
+        assert verdict.package == PKG
+    assert managers.check_content(DATA.encode()).reason == \
+        f"matches {PKG} 1.1 (dpkg md5sums)"
+    # The conffile was untouched, so dpkg replaced it and recorded 1.1's hash.
+    assert managers.check_content(CONF.encode()).reason == f"matches {PKG} 1.1 (conffile hash)"
+
+
+def test_files_changed_by_hand_are_not_vouched(system: System,
+                                               debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    _write(NOTES, b"tampered\n")
+    _write(CONF, b"setting = local\n")
+    managers = system.managers()
+    verdict = managers.check_content(NOTES.encode())
+    assert not verdict.vouched
+    assert verdict.reason == f"content differs from what dpkg shipped ({PKG} 1.1)"
+    assert verdict.package == PKG and verdict.evidence is None
+    conf = managers.check_content(CONF.encode())
+    assert not conf.vouched
+    assert conf.reason == (f"content differs from what dpkg shipped ({PKG} 1.1, conffile "
+                           f"changed locally)")
+    assert managers.check_content(DATA.encode()).vouched
+
+
+def test_unowned_file_is_not_vouched(system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    extra = f"{SHARE}/added-by-hand.txt"
+    system.cleanups.append(lambda: os.unlink(extra))
+    _write(extra, b"nobody ships this\n")
+    managers = system.managers()
+    for check in (managers.check_content(extra.encode()),
+                  managers.check_attributes(extra.encode(), 0o644, 0, 0)):
+        assert check == check.__class__(False, "not owned by any package", None, None)
+
+
+def test_multiarch_same_package_is_named_with_its_arch(system: System,
+                                                       tmp_path: Path) -> None:
+    """dpkg names such a package's info files name:arch; verdicts carry that name."""
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    name, path = "integrity-test-ma", f"/usr/lib/integrity-test-ma/{arch}.txt"
+    deb = build_deb(tmp_path, name, "3", {path: b"per-arch\n"}, arch=arch,
+                    control="Multi-Arch: same\n")
+    system.cleanups.append(lambda: system.dpkg("--purge", f"{name}:{arch}"))
+    system.install(deb)
+    assert os.path.exists(f"/var/lib/dpkg/info/{name}:{arch}.list")
+    verdict = system.managers().check_content(path.encode())
+    assert verdict == verdict.__class__(True, f"matches {name} 3 (dpkg md5sums)",
+                                        "package-db", f"{name}:{arch}")
+
+
+def test_usr_merge_spellings_find_the_same_package() -> None:
+    """Packages list /bin/ls; a scan of /usr/bin sees /usr/bin/ls (merged /usr)."""
+    if not os.path.islink("/bin"):
+        pytest.skip("/bin is not a symlink here: no merged /usr")
+    managers = PackageManagers(rpm=None)
+    listed = Path("/var/lib/dpkg/info/coreutils.list").read_bytes().split(b"\n")
+    assert (b"/bin/ls" in listed) != (b"/usr/bin/ls" in listed)
+    assert managers.owners(b"/usr/bin/ls") == managers.owners(b"/bin/ls") == ["coreutils"]
+
+
+def test_attributes_need_a_package_that_states_them(system: System,
+                                                    debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    os.chmod(TOOL, 0o700)
+    managers = system.managers()
+    for mode in (0o700, 0o755):
+        verdict = managers.check_attributes(TOOL.encode(), mode, 0, 0)
+        assert not verdict.vouched
+        assert verdict.reason.startswith("package does not state file attributes")
+
+    system.publish(debs["1.1"], "1.1")
+    managers = system.managers()
+    by_hand = managers.check_attributes(TOOL.encode(), 0o700, 0, 0)
+    assert not by_hand.vouched
+    assert by_hand.reason == (f"mode 0700 (package: 0755) differs from what dpkg shipped "
+                              f"({PKG} 1.1, verified .deb)")
+    shipped = managers.check_attributes(TOOL.encode(), 0o100755, 0, 0)
+    assert (shipped.vouched, shipped.evidence) == (True, "signed-archive")
+    content = managers.check_content(TOOL.encode())
+    assert (content.vouched, content.evidence) == (True, "signed-archive")
+    assert content.reason == f"matches the verified .deb of {PKG} 1.1"
+    assert not managers.check_attributes(TOOL.encode(), 0o755, 0, 1000).vouched
+
+
+def test_symlink_targets_need_the_verified_deb(system: System,
+                                               debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    verdict = system.managers().check_content(LINK.encode())
+    assert not verdict.vouched
+    assert verdict.reason.startswith("package does not state symlink targets")
+    system.publish(debs["1.1"], "1.1")
+    verdict = system.managers().check_content(LINK.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "signed-archive")
+    os.unlink(LINK)
+    os.symlink("/bin/sh", LINK)
+    verdict = system.managers().check_content(LINK.encode())
+    assert not verdict.vouched
+    assert verdict.reason == (f"link target differs from what dpkg shipped ({PKG} 1.1, "
+                              f"verified .deb)")
+
+
+def test_statoverride_states_attributes(system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    subprocess.run(["dpkg-statoverride", "--update", "--add", "root", "root", "0700", TOOL],
+                   check=True, capture_output=True)
+    system.cleanups.append(lambda: subprocess.run(
+        ["dpkg-statoverride", "--remove", TOOL], check=True, capture_output=True))
+    assert os.stat(TOOL).st_mode & 0o7777 == 0o700
+    managers = system.managers()
+    verdict = managers.check_attributes(TOOL.encode(), 0o700, 0, 0)
+    assert (verdict.vouched, verdict.evidence) == (True, "package-db")
+    assert verdict.reason == "matches dpkg-statoverride (root root 0700)"
+    assert not managers.check_attributes(TOOL.encode(), 0o755, 0, 0).vouched
+
+
+def test_signed_archive_for_the_installed_version_only(system: System,
+                                                       debs: dict[str, Path]) -> None:
+    """1.0 is xz-compressed (read in-process) and listed in a gzipped index."""
+    system.install(debs["1.0"])
+    system.publish(debs["1.0"], "1.0",
+                   list_name="test_dists_stable_main_binary-all_Packages.gz")
+    system.publish(debs["1.1"], "1.1")  # in the cache, but not what is installed
+    managers = system.managers()
+    for path in (DATA, DROPPED, CONF):
+        verdict = managers.check_content(path.encode())
+        assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), verdict
+        assert verdict.reason == f"matches the verified .deb of {PKG} 1.0"
+    _write(DATA, b"data of version 1.1\n")  # 1.1's content, but 1.0 is installed
+    verdict = managers.check_content(DATA.encode())
+    assert not verdict.vouched
+    assert verdict.reason == f"content differs from what dpkg shipped ({PKG} 1.0, verified .deb)"
+
+
+def test_unlisted_deb_falls_back_to_package_db(system: System,
+                                               debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    system.publish(debs["1.1"], "1.1", listed_sha="0" * 64)
+    managers = system.managers()
+    content = managers.check_content(DATA.encode())
+    assert (content.vouched, content.evidence) == (True, "package-db")
+    attributes = managers.check_attributes(TOOL.encode(), 0o755, 0, 0)
+    assert not attributes.vouched
+    assert "is not in apt's package lists" in attributes.reason
+
+
+def test_listed_but_corrupt_deb_falls_back_to_package_db(system: System, tmp_path: Path,
+                                                         debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    corrupt = tmp_path / "corrupt.deb"
+    corrupt.write_bytes(b"!<arch>\ndata.tar.xz/    0           0     0     100644  40"
+                        b"        `\n" + b"not xz data at all, padded to 40 bytes.\n")
+    system.publish(corrupt, "1.1")
+    managers = system.managers()
+    content = managers.check_content(DATA.encode())
+    assert (content.vouched, content.evidence) == (True, "package-db")
+    reason = managers.check_attributes(TOOL.encode(), 0o755, 0, 0).reason
+    assert f"cannot read {PKG}_1.1_all.deb: corrupt data.tar.xz" in reason
+
+
+def test_verified_deb_overrules_a_forged_md5sums(system: System,
+                                                 debs: dict[str, Path]) -> None:
+    """dpkg's md5sums are root-writable: a forged entry must not launder a change."""
+    system.install(debs["1.1"])
+    forged = b"backdoor\n"
+    _write(NOTES, forged)
+    sums = Path(f"/var/lib/dpkg/info/{PKG}.md5sums")
+    md5 = hashlib.md5(forged).hexdigest()
+    sums.write_text("".join(
+        f"{md5}  {line.split(None, 1)[1]}\n" if line.endswith("notes.txt") else line + "\n"
+        for line in sums.read_text().splitlines()))
+    assert system.managers().check_content(NOTES.encode()).vouched  # md5sums alone: fooled
+    system.publish(debs["1.1"], "1.1")
+    verdict = system.managers().check_content(NOTES.encode())
+    assert not verdict.vouched
+    assert verdict.reason.startswith(f"content differs from what dpkg shipped ({PKG} 1.1, "
+                                     f"verified .deb); dpkg's own record matches")
+
+
+def test_removals(system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.0"])
+    before_upgrade = time.time()
+    system.install(debs["1.1"])
+    os.unlink(NOTES)
+    managers = system.managers()
+    dropped = managers.check_removed(DROPPED.encode(), before_upgrade)
+    assert (dropped.vouched, dropped.evidence) == (True, "package-db")
+    assert f"dpkg upgraded {PKG}:all 1.0 -> 1.1" in dropped.reason
+    by_hand = managers.check_removed(NOTES.encode(), before_upgrade)
+    assert not by_hand.vouched
+    assert by_hand.reason == f"still listed by package {PKG}: its removal is not explained"
+    later = managers.check_removed(DROPPED.encode(), time.time() + 2)
+    assert not later.vouched
+    assert later.reason == ("not owned by any package and no package was removed or "
+                            "upgraded since the baseline")
+
+
+def test_purged_package_explains_its_files(system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    since = time.time()
+    system.dpkg("--purge", PKG)
+    verdict = system.managers().check_removed(CONF.encode(), since)
+    assert verdict.vouched and f"dpkg purged {PKG}:all 1.1" in verdict.reason
+
+
+def test_local_diversion_moves_ownership(system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    diverted = NOTES + ".distrib"
+    subprocess.run(["dpkg-divert", "--local", "--rename", "--divert", diverted, "--add",
+                    NOTES], check=True, capture_output=True)
+    system.cleanups.append(lambda: subprocess.run(
+        ["dpkg-divert", "--local", "--rename", "--remove", NOTES], check=True,
+        capture_output=True))
+    managers = system.managers()
+    moved = managers.check_content(diverted.encode())
+    assert moved.vouched and moved.package == PKG
+    _write(NOTES, b"the admin's own version\n")
+    system.cleanups.append(lambda: os.unlink(NOTES))
+    assert managers.check_content(NOTES.encode()).reason == "not owned by any package"
+
+
+def _empty_admindir(tmp_path: Path) -> Path:
+    admindir = tmp_path / "dpkg"
+    (admindir / "info").mkdir(parents=True)
+    (admindir / "status").write_bytes(b"")
+    return admindir
+
+
+def test_rotated_dpkg_logs_are_read(tmp_path: Path) -> None:
+    """dpkg.log, .1 and the gzipped older ones; whole seconds, local time."""
+    log = tmp_path / "dpkg.log"
+    log.write_text("2030-01-02 10:00:00 status installed foo:amd64 2\n")
+    Path(f"{log}.1").write_text("2030-01-01 10:00:00 upgrade foo:amd64 1 2\n")
+    with gzip.open(f"{log}.2.gz", "wt") as old:
+        old.write("2029-06-01 10:00:00 remove bar:all 3 <none>\n"
+                  "2029-06-01 10:00:01 purge bar:all 3 <none>\n")
+    managers = PackageManagers(admindir=str(_empty_admindir(tmp_path)), dpkg_log=str(log),
+                               rpm=None)
+    assert managers.available() == ["dpkg"]
+
+    def at(stamp: str) -> float:
+        return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+
+    verdict = managers.check_removed(b"/gone", at("2029-06-01 10:00:00") + 0.5)
+    assert verdict.reason == (
+        "no package lists it now; since the baseline: dpkg removed bar:all 3 at "
+        "2029-06-01 10:00:00, dpkg purged bar:all 3 at 2029-06-01 10:00:01, "
+        "dpkg upgraded foo:amd64 1 -> 2 at 2030-01-01 10:00:00")
+    assert not managers.check_removed(b"/gone", at("2030-01-01 10:00:01")).vouched
+
+
+@pytest.mark.skipif(shutil.which("lz4") is None, reason="the lz4 tool is not installed")
+def test_apt_lists_compressed_as_apt_stores_them(tmp_path: Path) -> None:
+    """apt keeps its lists lz4-compressed here (Packages.lz4): read them as apt does."""
+    from integrity.packages.debfile import AptLists
+
+    plain = tmp_path / "a_Packages"
+    plain.write_text(packages_stanza("foo", "1:2.0-1", "amd64", "AB" * 32)
+                     + packages_stanza("bar", "1", "all", "cd" * 32))
+    subprocess.run(["lz4", "-q", str(plain), f"{plain}.lz4"], check=True)
+    plain.unlink()
+    (tmp_path / "b_Packages.xz").write_bytes(lzma.compress(
+        packages_stanza("foo", "1:2.0-1", "amd64", "ef" * 32).encode()))
+    (tmp_path / "c_Sources").write_text(packages_stanza("baz", "1", "all", "00" * 32))
+    lists = AptLists(str(tmp_path))
+    assert lists.sha256s("foo", "1:2.0-1", "amd64") == {"ab" * 32, "ef" * 32}
+    assert lists.sha256s("bar", "1", "all") == {"cd" * 32}
+    assert lists.sha256s("baz", "1", "all") == set()
+
+
+def test_without_a_package_database(tmp_path: Path) -> None:
+    managers = PackageManagers(admindir=str(tmp_path / "missing"), rpm=None)
+    assert managers.available() == []
+    verdict = managers.check_content(b"/usr/bin/ls")
+    assert not verdict.vouched and verdict.reason.startswith("no package manager available")
+    assert not managers.check_removed(b"/usr/bin/ls", 0.0).vouched
+
+
+@pytest.mark.skipif(shutil.which("rpm") is None or shutil.which("rpmbuild") is None,
+                    reason="rpm and rpmbuild are not installed (Debian package 'rpm')")
+def test_rpm_digests_and_attributes(tmp_path: Path) -> None:
+    """An rpm installed into a private rpm database, its files into the live tree."""
+    path = "/usr/share/integrity-rpm-test/file.txt"
+    rpm = build_rpm(tmp_path, "integrity-rpm-test", "2.0",
+                    {path: (b"from rpm\n", 0o640)})
+    db = tmp_path / "rpmdb"
+    db.mkdir()
+    base = ["rpm", "--dbpath", str(db)]
+    subprocess.run([*base, "--initdb"], check=True, capture_output=True)
+    install = [*base, "-i", "--nodeps", str(rpm)]
+    if subprocess.run(["rpm", "--help"], capture_output=True,
+                      text=True).stdout.count("--force-debian"):
+        install.insert(-1, "--force-debian")
+    with _exclusive():
+        subprocess.run(install, check=True, capture_output=True)
+        try:
+            _check_rpm(tmp_path, db, path)
+        finally:
+            subprocess.run([*base, "-e", "--nodeps", "integrity-rpm-test"],
+                           capture_output=True)
+            shutil.rmtree("/usr/share/integrity-rpm-test", ignore_errors=True)
+
+
+def _check_rpm(tmp_path: Path, db: Path, path: str) -> None:
+    """The checks of test_rpm_digests_and_attributes, with the package installed."""
+    managers = PackageManagers(admindir=str(tmp_path / "no-dpkg"), rpm="rpm",
+                               rpm_dbpath=str(db))
+    assert managers.available() == ["rpm"]
+    verdict = managers.check_content(path.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "package-db"), verdict
+    assert verdict.package == "integrity-rpm-test:noarch"
+    assert managers.check_attributes(path.encode(), 0o640, 0, 0).vouched
+    assert not managers.check_attributes(path.encode(), 0o644, 0, 0).vouched
+    _write(path, b"tampered\n")
+    changed = PackageManagers(admindir=str(tmp_path / "no-dpkg"), rpm="rpm",
+                              rpm_dbpath=str(db)).check_content(path.encode())
+    assert not changed.vouched
+    assert changed.reason == "content differs from what rpm shipped " \
+                             "(integrity-rpm-test 2.0-1)"
+    assert managers.check_removed(path.encode(), 0).reason.startswith("still listed")
+    gone = managers.check_removed(b"/usr/share/integrity-rpm-test/gone", time.time() - 600)
+    assert gone.vouched and "rpm installed integrity-rpm-test-2.0-1.noarch" in gone.reason

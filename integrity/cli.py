@@ -149,11 +149,10 @@ def init(env: Env, force: bool) -> None:
     from .scan import build_baseline
 
     policy = env.policy
-    store = env.store(must_exist=False)
     progress, shown = make_progress("baseline", env.quiet)
     try:
-        result = build_baseline(store, policy, force=force, actor=actor(),
-                                progress=progress)
+        result = build_baseline(lambda: env.store(must_exist=False), policy, force=force,
+                                actor=actor(), progress=progress)
     finally:
         if shown:
             shown.done()
@@ -161,7 +160,7 @@ def init(env: Env, force: bool) -> None:
         click.echo(f"warning: {w.operation} failed for '{_display(w.path)}': {w.cause} "
                    f"({w.consequence})", err=True)
     click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
-               f"{policy.source} into {store._name()}"
+               f"{policy.source} into {env.store()._name()}"
                + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
 
 
@@ -185,10 +184,9 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
     from .scan import exit_code, verify as run_verify
 
     policy = env.policy
-    store = env.store()
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
-        result = run_verify(store, policy, paths, fast=fast, progress=progress)
+        result = run_verify(env.store, policy, paths, fast=fast, progress=progress)
     finally:
         if shown:
             shown.done()

@@ -58,6 +58,14 @@ def same_file(before: os.stat_result, after: os.stat_result) -> bool:
 
 
 _local = threading.local()
+_threads = blake3.blake3.AUTO
+
+
+def single_threaded() -> None:
+    """Hash with one thread from now on (a forked child: BLAKE3's global thread pool
+    belongs to the parent, and using it after fork would deadlock)."""
+    global _threads
+    _threads = 1
 
 
 def _buffer() -> bytearray:
@@ -104,7 +112,7 @@ def blake3_fd(fd: int, expected: os.stat_result) -> bytes:
             raise FileChanged
         digest = blake3.blake3(data).digest()
     else:
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        hasher = blake3.blake3(max_threads=_threads)
         _feed(fd, size, (hasher.update,))
         digest = hasher.digest()
     if not same_file(expected, os.fstat(fd)):

@@ -62,7 +62,7 @@ def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
                  "uid": rec.uid, "gid": rec.gid}
         if rec.content is not None:
             state["content"] = rec.content.hex()
-        out["old" if change.kind == REMOVED else "new"] = state
+        out["old"], out["new"] = (state, None) if change.kind == REMOVED else (None, state)
     return out
 
 

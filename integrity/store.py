@@ -19,7 +19,7 @@ from sqlalchemy import event, exc as sa_exc
 
 from . import models
 from .errors import BaselineError, DatabaseError
-from .paths import from_key, to_key
+from .paths import display, from_key, to_key
 from .record import FileRecord
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
@@ -79,9 +79,9 @@ def _engine(url: str) -> sa.Engine:
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA busy_timeout = 30000")
         cursor.execute("PRAGMA foreign_keys = ON")
-        if database != ":memory:":
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
+        # WAL is switched on once, when the schema is created (it persists in the
+        # file): a database that is not ours must never be modified by opening it.
+        cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -155,6 +155,14 @@ class Store:
         config = Config()
         config.set_main_option("script_location", _migrations_dir())
         try:
+            if before is None and self.engine.dialect.name == "sqlite" \
+                    and self.engine.url.database not in (None, "", ":memory:"):
+                # Readers and the writer do not block each other in WAL mode.
+                raw = self.engine.raw_connection()
+                try:
+                    raw.driver_connection.execute("PRAGMA journal_mode = WAL")  # type: ignore[union-attr]
+                finally:
+                    raw.close()
             with self.engine.connect() as conn:
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
@@ -278,7 +286,7 @@ class Store:
         with self._write() as conn, conn.begin():
             return int(conn.execute(r.insert().values(
                 command=command, started=utcnow(), baseline_id=baseline_id,
-                paths="\n".join(os.fsdecode(p) for p in paths) or None, fast=int(fast),
+                paths="\n".join(display(p) for p in paths) or None, fast=int(fast),
                 scanned=0, added=0, removed=0, modified=0, errors=0,
             )).inserted_primary_key[0])
 

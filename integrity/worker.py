@@ -1,0 +1,122 @@
+"""Walk and hash in a forked worker process while the parent does the database work.
+
+Per-file Python work, not BLAKE3, limits a scan, and threads do not help with it
+(the GIL). A worker process does: it walks and hashes, and streams pickled batches
+of records through a pipe while the parent imports SQLAlchemy, reads the baseline,
+compares and writes rows — on the other core. The worker is forked before the
+parent opens any database connection or starts any thread, inherits the validated
+policy, never touches the database, and leaves with os._exit.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from collections.abc import Iterable, Iterator
+from multiprocessing.connection import Connection, Pipe
+from typing import NamedTuple
+
+from . import hasher
+from .errors import IntegrityError, ScanWarning
+from .pipeline import READAHEAD, materialize
+from .policy import Policy, Rule
+from .record import FileRecord
+from .walker import WalkEntry, walk
+
+_BATCH = 512
+_DONE = b"done"
+
+
+class Hashed(NamedTuple):
+    """A live entry as the worker saw it: its record or the problem that stopped it."""
+
+    path: bytes
+    record: FileRecord | None
+    problem: ScanWarning | None
+    rule: Rule
+
+
+class WorkerFailed(IntegrityError):
+    """The scanning worker process died or reported an error."""
+
+
+def _child(policy: Policy, roots: list[bytes] | None, conn: Connection) -> None:
+    index = {rule.path: i for i, rule in enumerate(policy.rules)}
+    batch: list[object] = []
+    items = ((e, None) if isinstance(e, WalkEntry) else e for e in walk(policy, roots))
+    for out in materialize(items, lambda entry, _old: entry.rule.hashes,
+                           None, READAHEAD):
+        if isinstance(out, ScanWarning):
+            batch.append(out)
+        else:
+            rec, problem, entry, _ = out
+            assert entry is not None
+            batch.append((entry.path, rec, problem, index[entry.rule.path]))
+        if len(batch) >= _BATCH:
+            conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+            batch = []
+    if batch:
+        conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+    conn.send_bytes(_DONE)
+
+
+class ScanWorker:
+    """A forked walk-and-hash of the policy's trees (or `roots`), read as a stream."""
+
+    def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None) -> None:
+        self.policy = policy
+        reader, writer = Pipe(duplex=False)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - runs in the child, reported via the pipe
+            reader.close()
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                hasher.single_threaded()
+                _child(policy, list(roots) if roots is not None else None, writer)
+            except BrokenPipeError:
+                code = 0  # the parent stopped reading: nothing left to do
+            except BaseException as exc:  # noqa: BLE001 - reported, then exit
+                try:
+                    writer.send_bytes(b"error" + str(exc).encode(errors="replace"))
+                except OSError:
+                    pass
+                code = 1
+            os._exit(code)
+        writer.close()
+        self.reader = reader
+
+    def __iter__(self) -> Iterator[Hashed | ScanWarning]:
+        rules = self.policy.rules
+        try:
+            while True:
+                try:
+                    data = self.reader.recv_bytes()
+                except EOFError:
+                    raise WorkerFailed("scan worker ended without finishing; "
+                                       "nothing was changed") from None
+                if data == _DONE:
+                    return
+                if data.startswith(b"error"):
+                    raise WorkerFailed(f"scan worker failed: {data[5:].decode()}")
+                for item in pickle.loads(data):
+                    if isinstance(item, ScanWarning):
+                        yield item
+                    else:
+                        path, rec, problem, rule = item
+                        yield Hashed(path, rec, problem, rules[rule])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the worker (if still running) and reap it."""
+        if self.pid <= 0:
+            return
+        self.reader.close()
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        self.pid = -1

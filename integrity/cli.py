@@ -88,6 +88,11 @@ class IntegrityGroup(click.Group):
         except OSError as exc:
             where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
             _fail(ctx, f"{where}{exc.strerror or exc}", EXIT_ERROR)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line
+            _fail(ctx, f"internal error: {type(exc).__name__}: {exc} "
+                       "(run with -vv for the traceback)", EXIT_ERROR)
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
@@ -123,12 +128,17 @@ def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: in
     env = Env(db, policy_path, verbose, quiet)
     ctx.obj = env
     ctx.call_on_close(env.close)
+    logger = logging.getLogger("integrity")
+    for old in [h for h in logger.handlers if getattr(h, "integrity_cli", False)]:
+        logger.removeHandler(old)  # repeated in-process runs (tests) add none twice
     if verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("integrity")
+        handler.integrity_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
+    else:
+        logger.setLevel(logging.WARNING)
 
 
 @cli.command()

@@ -76,3 +76,42 @@ run = Table(
     Column("exit_code", Integer),
     Index("ix_run_started", "started"),
 )
+
+#: A change seen at a time by a source. While open, later sightings of the same path
+#: update this row (count, last_seen, latest state) instead of adding rows.
+event = Table(
+    "event", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", LargeBinary, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("changed", Text, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("rule", Text),
+    Column("severity", String(16), nullable=False),
+    Column("classification", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("first_seen", DateTime, nullable=False),
+    Column("last_seen", DateTime, nullable=False),
+    Column("old", Text),
+    Column("new", Text),
+    Column("actor", Text),
+    Column("approval_id", Integer, ForeignKey("approval.id")),
+    Column("evidence", String(32)),
+    Index("ix_event_status_key", "status", "key"),
+    Index("ix_event_last_seen", "last_seen"),
+)
+
+#: The act that moved the current state of paths into the baseline.
+approval = Table(
+    "approval", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", DateTime, nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("sudo_user", String(128)),
+    Column("reason", Text),
+    Column("mode", String(32), nullable=False),
+    Column("baseline_id", Integer, nullable=False),
+    Column("entries", Integer, nullable=False),
+    Column("events", Integer, nullable=False),
+)

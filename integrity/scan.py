@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .compare import ADDED, MODIFIED, REMOVED, Change, compare
 from .errors import BaselineError, ScanWarning, UsageError
@@ -19,9 +19,11 @@ from .paths import display, key_range, to_key
 from .pipeline import READAHEAD, Progress, materialize
 from .policy import Policy, Rule
 from .record import Attr, FileRecord
-from .store import BaselineInfo, Store
 from .walker import SkippedTree, WalkEntry, walk, walk_roots
-from .worker import Hashed, ScanWorker
+from .worker import Hashed, ScanWorkers, worker_count
+
+if TYPE_CHECKING:  # the store (and SQLAlchemy) is imported only once workers run
+    from .store import BaselineInfo, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +53,28 @@ class InitResult:
     warnings: list[ScanWarning]
 
 
-StoreOpener = Callable[[], Store]
+StoreOpener = Callable[[], "Store"]
 
 
-def _use_worker(parallel: bool | None) -> bool:
-    return (os.cpu_count() or 1) > 1 if parallel is None else parallel
+def _workers(parallel: bool | int | None) -> int:
+    """How many hashing workers to fork: 0 means hash in this process."""
+    if parallel is None:
+        return worker_count() if (os.cpu_count() or 1) > 1 else 0
+    return int(parallel) if not isinstance(parallel, bool) else (worker_count() if parallel else 0)
 
 
 def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = False,
                    actor: str | None = None, progress: Progress | None = None,
-                   parallel: bool | None = None) -> InitResult:
+                   parallel: bool | int | None = None) -> InitResult:
     """Walk and hash every rule's tree and make it the baseline, atomically.
 
     `open_store` is called after the scanning worker has started, so opening the
     database (and importing SQLAlchemy) overlaps with the first files' hashing.
     """
     warnings: list[ScanWarning] = []
+    workers = ScanWorkers(policy, None, _workers(parallel)) if _workers(parallel) else None
     live: Iterator[Hashed | ScanWarning] = (
-        iter(ScanWorker(policy)) if _use_worker(parallel) else _in_process(policy, None))
+        iter(workers) if workers is not None else _in_process(policy, None))
     try:
         store = open_store()
 
@@ -87,7 +93,8 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
         info = store.write_baseline(records(), policy_source=policy.source,
                                     policy_digest=policy.digest, actor=actor, force=force)
     finally:
-        live.close()  # type: ignore[attr-defined]
+        if workers is not None:
+            workers.close()
     return InitResult(info, warnings)
 
 
@@ -142,11 +149,12 @@ def _fast_reason(st: os.stat_result, old: FileRecord) -> str | None:
 
 def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes] = (),
            *, fast: bool = False, progress: Progress | None = None,
-           parallel: bool | None = None) -> ScanResult:
+           parallel: bool | int | None = None) -> ScanResult:
     """Compare the live trees (or just `paths`) with the baseline; record the run."""
     wanted = normalize_paths(policy, paths)
     roots = walk_roots(policy, wanted or None)
-    worker = ScanWorker(policy, roots) if not fast and _use_worker(parallel) else None
+    count = 0 if fast else _workers(parallel)
+    worker = ScanWorkers(policy, roots, count) if count else None
     try:
         store = open_store()
         baseline = store.active_baseline()

@@ -49,7 +49,7 @@ class _Frame:
     record_children: bool
     root_dev: int
     depth: int
-    pending: list[tuple[bytes, str]]
+    pending: list[tuple[bytes, str, int]]
     index: int = 0
 
 
@@ -74,20 +74,24 @@ def walk_roots(policy: Policy, roots: Iterable[bytes] | None = None) -> list[byt
     return chosen
 
 
-def walk(policy: Policy, roots: Iterable[bytes] | None = None,
+def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
+         descend: bool = True, share: tuple[int, int] | None = None,
          ) -> Iterator[WalkEntry | ScanWarning]:
     """Yield every recorded entry under the policy's rules (or below `roots`).
 
     Also yields ScanWarning for entries that could not be examined, and SkippedTree
-    for directories that could not be listed.
+    for directories that could not be listed. `descend=False` yields just the roots.
+    `share=(part, parts)` yields only worker `part`'s share (see _descend); the
+    shares of all parts together are exactly the whole walk.
     """
     waypoints = _waypoints(policy)
     for root in walk_roots(policy, roots):
-        yield from _walk_root(policy, root, waypoints)
+        yield from _walk_root(policy, root, waypoints, descend, share)
 
 
-def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes],
-               ) -> Iterator[WalkEntry | ScanWarning]:
+def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend: bool,
+               share: tuple[int, int] | None) -> Iterator[WalkEntry | ScanWarning]:
+    part = share[0] if share else 0
     rule = policy.rule_for(root)
     if rule is None:
         return
@@ -98,10 +102,11 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes],
     except FileNotFoundError:
         return
     except OSError as exc:
-        yield ScanWarning(root, "lstat", exc.strerror or str(exc))
+        if not part:
+            yield ScanWarning(root, "lstat", exc.strerror or str(exc))
         return
     recorded = policy.covers(root)
-    if recorded:
+    if recorded and not part:
         try:
             parent_fd = os.open(parent, _DIR_FLAGS)
         except OSError:
@@ -111,7 +116,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes],
         finally:
             if parent_fd >= 0:
                 os.close(parent_fd)
-    if not stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode) or not descend:
         return
     record_children = recorded and (root == rule.path or rule.recursive)
     if not record_children and root not in waypoints:
@@ -122,9 +127,10 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes],
         root_dev = st.st_dev
     frame = _open_frame(root, None, rule, record_children, root_dev, 0)
     if isinstance(frame, ScanWarning):
-        yield frame
+        if not part:
+            yield frame
         return
-    yield from _descend(policy, frame, waypoints)
+    yield from _descend(policy, frame, waypoints, share)
 
 
 def _open_frame(path: bytes, parent_fd: int | None, rule: Rule, record_children: bool,
@@ -134,7 +140,8 @@ def _open_frame(path: bytes, parent_fd: int | None, rule: Rule, record_children:
     fd = -1
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-        names = [(os.fsencode(n), n) for n in os.listdir(fd)]
+        with os.scandir(fd) as listing:
+            names = [(os.fsencode(e.name), e.name, _kind(e)) for e in listing]
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -145,9 +152,20 @@ def _open_frame(path: bytes, parent_fd: int | None, rule: Rule, record_children:
     return _Frame(path, fd, rule, record_children, root_dev, depth, names)
 
 
+_DIR, _FILE, _OTHER = 0, 1, 2
+
+
+def _kind(entry: os.DirEntry[str]) -> int:
+    """Directory, regular file or other, from d_type (lstat only where it is unknown)."""
+    if entry.is_dir(follow_symlinks=False):
+        return _DIR
+    return _FILE if entry.is_file(follow_symlinks=False) else _OTHER
+
+
 def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
-             ) -> Iterator[WalkEntry | ScanWarning]:
+             share: tuple[int, int] | None = None) -> Iterator[WalkEntry | ScanWarning]:
     stack = [top]
+    part, parts = share or (0, 1)
     rule_at = policy.rule_at
     try:
         while stack:
@@ -156,8 +174,17 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
                 os.close(frame.fd)
                 stack.pop()
                 continue
-            raw, name = frame.pending[frame.index]
+            raw, name, kind = frame.pending[frame.index]
             frame.index += 1
+            if parts > 1:
+                # Share the walk between workers without an lstat of the others'
+                # files: regular files by a name hash (the same in every forked
+                # worker), everything else to worker 0; all descend directories.
+                if kind == _FILE:
+                    if hash(raw) % parts != part:
+                        continue
+                elif kind == _OTHER and part:
+                    continue
             path = frame.path + b"/" + raw if frame.path != b"/" else b"/" + raw
             child_rule = rule_at(path)
             if child_rule is not None:
@@ -175,9 +202,10 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
                 if recorded:
                     yield ScanWarning(path, "lstat", exc.strerror or str(exc))
                 continue
-            if recorded:
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if recorded and (not part or not is_dir):
                 yield WalkEntry(path, name, st, frame.fd, rule)
-            if not stat.S_ISDIR(st.st_mode):
+            if not is_dir:
                 continue
             if child_rule is not None:
                 record_children, root_dev = True, st.st_dev
@@ -188,13 +216,14 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
             if not record_children and path not in waypoints:
                 continue
             if frame.depth + 1 > MAX_DEPTH:
-                yield SkippedTree(path, "descend", f"deeper than {MAX_DEPTH} levels",
-                                  "subtree skipped")
+                if not part:
+                    yield SkippedTree(path, "descend", f"deeper than {MAX_DEPTH} levels",
+                                      "subtree skipped")
                 continue
             child = _open_frame(path, frame.fd, rule, record_children, root_dev,
                                 frame.depth + 1)
             if isinstance(child, ScanWarning):
-                if recorded or record_children:
+                if (recorded or record_children) and not part:
                     yield child
                 continue
             stack.append(child)

@@ -10,6 +10,7 @@ policy, never touches the database, and leaves with os._exit.
 
 from __future__ import annotations
 
+import heapq
 import os
 import pickle
 import signal
@@ -22,6 +23,7 @@ from .errors import IntegrityError, ScanWarning
 from .pipeline import READAHEAD, materialize
 from .policy import Policy, Rule
 from .record import FileRecord
+from .paths import to_key
 from .walker import WalkEntry, walk
 
 _BATCH = 512
@@ -41,10 +43,12 @@ class WorkerFailed(IntegrityError):
     """The scanning worker process died or reported an error."""
 
 
-def _child(policy: Policy, roots: list[bytes] | None, conn: Connection) -> None:
+def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
+           conn: Connection) -> None:
     index = {rule.path: i for i, rule in enumerate(policy.rules)}
     batch: list[object] = []
-    items = ((e, None) if isinstance(e, WalkEntry) else e for e in walk(policy, roots))
+    items = ((e, None) if isinstance(e, WalkEntry) else e
+             for e in walk(policy, roots, share=(part, parts)))
     for out in materialize(items, lambda entry, _old: entry.rule.hashes,
                            None, READAHEAD):
         if isinstance(out, ScanWarning):
@@ -62,9 +66,13 @@ def _child(policy: Policy, roots: list[bytes] | None, conn: Connection) -> None:
 
 
 class ScanWorker:
-    """A forked walk-and-hash of the policy's trees (or `roots`), read as a stream."""
+    """One forked walk-and-hash of the policy's trees (or `roots`), read as a stream.
 
-    def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None) -> None:
+    With `parts` > 1 it hashes only its share of the regular files (see `_share`).
+    """
+
+    def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None,
+                 part: int = 0, parts: int = 1) -> None:
         self.policy = policy
         reader, writer = Pipe(duplex=False)
         self.pid = os.fork()
@@ -74,7 +82,8 @@ class ScanWorker:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 hasher.single_threaded()
-                _child(policy, list(roots) if roots is not None else None, writer)
+                _child(policy, list(roots) if roots is not None else None, part, parts,
+                       writer)
             except BrokenPipeError:
                 code = 0  # the parent stopped reading: nothing left to do
             except BaseException as exc:  # noqa: BLE001 - reported, then exit
@@ -120,3 +129,47 @@ class ScanWorker:
             pass
         os.waitpid(self.pid, 0)
         self.pid = -1
+
+
+class ScanWorkers:
+    """Several workers splitting the hashing; their streams merged back in key order."""
+
+    def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None,
+                 count: int = 2) -> None:
+        start = list(roots) if roots is not None else None
+        self.workers: list[ScanWorker] = []
+        try:
+            for part in range(count):
+                self.workers.append(ScanWorker(policy, start, part, count))
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[Hashed | ScanWarning]:
+        if len(self.workers) == 1:
+            return iter(self.workers[0])
+        return self._merged()
+
+    def _merged(self) -> Iterator[Hashed | ScanWarning]:
+        last = None
+        for key, item in heapq.merge(*[((to_key(i.path), i) for i in w)
+                                       for w in self.workers], key=_first):
+            # A name that changed type between two workers' listings can show up
+            # twice; the first sighting stands.
+            if key != last or isinstance(item, ScanWarning):
+                yield item
+            last = key
+
+    def close(self) -> None:
+        """Stop and reap every worker."""
+        for worker in self.workers:
+            worker.close()
+
+
+def _first(pair: tuple[bytes, object]) -> bytes:
+    return pair[0]
+
+
+def worker_count() -> int:
+    """Hashing workers for this machine: one per core, beside the parent's own work."""
+    return max(1, min(os.cpu_count() or 1, 4))

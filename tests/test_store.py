@@ -1,0 +1,260 @@
+"""The database: atomic baseline swaps, hostile database files, migrations.
+
+Real SQLite files throughout; the interrupted init is a real process killed with
+SIGKILL part-way through writing its new baseline. Read-only sqlite3 queries look at
+the file from the outside, the way an operator would.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Cli
+from integrity.store import HEAD, REVISIONS, Store
+
+REPO = Path(__file__).resolve().parent.parent
+MANY = 30_000
+
+
+def ro(db: Path) -> sqlite3.Connection:
+    """A read-only connection that never creates or changes the file."""
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+
+
+def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = ro(db)
+    try:
+        return list(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+def one_line(text: str) -> str:
+    lines = text.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+# -- interrupted init ------------------------------------------------------------------
+
+def test_interrupted_init_leaves_the_old_baseline_in_force(run: Cli, tree: Path,
+                                                           tmp_path: Path) -> None:
+    assert run("init").exit_code == 0
+    [(old_id, old_entries)] = rows(run.db, "SELECT id, entries FROM baseline")
+    assert old_entries == 7
+
+    for i in range(MANY):
+        fd = os.open(tree / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"%d\n" % i)
+        os.close(fd)
+
+    log = open(tmp_path / "init.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "integrity", "--db", f"sqlite:///{run.db}", "--policy",
+         str(run.policy), "-q", "init", "--force"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    building: list[tuple[object, ...]] = []
+    written = 0
+    seen = 0.0
+    try:
+        deadline = time.monotonic() + 60
+        conn = ro(run.db)
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                building = list(conn.execute(
+                    "SELECT id FROM baseline WHERE state = 'building'"))
+                if building:
+                    # Let it write some rows first, if it shows them within a moment,
+                    # to kill it mid-write rather than just after it started.
+                    seen = seen or time.monotonic()
+                    written = conn.execute(
+                        "SELECT count(*) FROM entry WHERE baseline_id = ?",
+                        building[0]).fetchone()[0]
+                    if written or time.monotonic() - seen > 0.2:
+                        break
+                time.sleep(0.002)
+        finally:
+            conn.close()
+        assert building, ("init finished before it could be interrupted: "
+                          f"{(tmp_path / 'init.log').read_text()!r}")
+        proc.send_signal(signal.SIGKILL)
+        print(f"killed init with {written} rows of its new baseline written")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    # The old generation is still the active one; the dead one is left unfinished.
+    states = rows(run.db, "SELECT id, state, entries FROM baseline ORDER BY id")
+    assert (old_id, "active", 7) in states
+    assert [s for s in states if s[1] == "active"] == [(old_id, "active", 7)]
+
+    # verify works and measures against the old baseline: the new files are added.
+    result = run("verify", "--json")
+    assert result.exit_code == 1, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["baseline"]["entries"] == 7
+    assert doc["summary"]["added"] == MANY
+    assert doc["summary"]["removed"] == 0
+    added = {c["path"] for c in doc["changes"] if c["kind"] == "added"}
+    assert added == {str(tree / f"f{i:05d}") for i in range(MANY)}
+
+    # The next init --force completes and sweeps the remains of the killed one.
+    result = run("init", "--force")
+    assert result.exit_code == 0, result.stderr
+    [(new_id, state, entries)] = rows(run.db, "SELECT id, state, entries FROM baseline")
+    assert state == "active" and entries == MANY + 7 and new_id != old_id
+    assert rows(run.db, "SELECT baseline_id, count(*) FROM entry GROUP BY baseline_id") \
+        == [(new_id, MANY + 7)]
+    assert run("verify", "--fast").exit_code == 0
+
+
+# -- hostile database files -------------------------------------------------------------
+
+def _corrupt(db: Path) -> None:
+    db.write_bytes(os.urandom(64 * 1024))
+
+
+def _foreign(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE foo (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO foo (name) VALUES ('somebody else''s data')")
+    conn.commit()
+    conn.close()
+
+
+def _future(db: Path) -> None:
+    url = f"sqlite:///{db}"
+    store = Store(url, check_schema=False)
+    try:
+        store.upgrade()
+    finally:
+        store.close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE alembic_version SET version_num = 'ffff'")
+    conn.commit()
+    conn.close()
+
+
+HOSTILE = {"corrupt": (_corrupt, "database"), "foreign": (_foreign, "not an integrity"),
+           "future": (_future, "ffff")}
+
+
+@pytest.mark.parametrize("command", [["verify"], ["verify", "--json"], ["init"],
+                                     ["init", "--force"], ["db", "upgrade"]])
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_database_exits_2_with_one_line(run: Cli, kind: str,
+                                                command: list[str]) -> None:
+    make, fragment = HOSTILE[kind]
+    run.db.parent.mkdir(parents=True, exist_ok=True)
+    make(run.db)
+    before = run.db.read_bytes()
+    result = run(*command)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    line = one_line(result.stderr)
+    assert line.startswith("integrity: ")
+    assert str(run.db) in line
+    assert fragment in line
+    assert result.stdout == ""
+    # Never "repaired", migrated or overwritten (a foreign file's header is
+    # test_foreign_database_is_not_modified's business).
+    if kind == "foreign":
+        assert rows(run.db, "SELECT name FROM sqlite_master") == [("foo",)]
+    else:
+        assert run.db.read_bytes() == before
+
+
+def test_hostile_database_in_a_real_process(run: Cli) -> None:
+    run.db.parent.mkdir(parents=True, exist_ok=True)
+    _corrupt(run.db)
+    proc = subprocess.run([sys.executable, "-m", "integrity", "--db", f"sqlite:///{run.db}",
+                           "--policy", str(run.policy), "verify"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert str(run.db) in one_line(proc.stderr)
+
+
+def test_foreign_database_is_not_modified(run: Cli) -> None:
+    """Another program's database is refused before anything is written to it.
+
+    Not even its journal mode: switching it to WAL (file header bytes 18-19 go from
+    1 to 2) is permanent and changes how its owner must open it.
+    """
+    run.db.parent.mkdir(parents=True)
+    _foreign(run.db)
+    before = run.db.read_bytes()
+    for command in (["verify"], ["init"], ["db", "upgrade"]):
+        assert run(*command).exit_code == 2
+    assert rows(run.db, "SELECT name FROM sqlite_master") == [("foo",)]
+    assert rows(run.db, "PRAGMA journal_mode") == [("delete",)]
+    assert run.db.read_bytes() == before
+
+
+# -- migrations -------------------------------------------------------------------------
+
+def test_db_upgrade_creates_the_schema(run: Cli) -> None:
+    assert not run.db.exists()
+    result = run("db", "upgrade")
+    assert result.exit_code == 0, result.stderr
+    assert HEAD in result.stdout and "(empty)" in result.stdout
+    assert str(run.db) in result.stdout
+    tables = {t for (t,) in rows(run.db, "SELECT name FROM sqlite_master "
+                                         "WHERE type = 'table'")}
+    assert {"alembic_version", "baseline", "entry", "run"} <= tables
+    assert rows(run.db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
+    assert rows(run.db, "SELECT count(*) FROM baseline") == [(0,)]
+
+    again = run("db", "upgrade")
+    assert again.exit_code == 0
+    assert f"at revision {HEAD}" in again.stdout
+
+    # A schema with no baseline is usable: init fills it.
+    assert run("init").exit_code == 0
+    assert run("verify").exit_code == 0
+
+
+def test_init_creates_a_new_database_at_head(run: Cli) -> None:
+    assert run("init").exit_code == 0
+    assert rows(run.db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
+
+
+def _revision_files() -> dict[str, str | None]:
+    """revision -> down_revision, read from the migration scripts' assignments."""
+    found: dict[str, str | None] = {}
+    for script in sorted((REPO / "migrations" / "versions").glob("*.py")):
+        values: dict[str, object] = {}
+        for node in ast.parse(script.read_text()).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id in ("revision", "down_revision")):
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+        if "revision" in values:
+            found[str(values["revision"])] = values.get("down_revision")  # type: ignore[assignment]
+    return found
+
+
+def test_revisions_match_the_migration_scripts() -> None:
+    files = _revision_files()
+    assert files, "no migration scripts found"
+    assert set(REVISIONS) == set(files)
+    # REVISIONS is oldest first: each one's down_revision is the one before it.
+    chain = [None, *REVISIONS[:-1]]
+    assert [files[r] for r in REVISIONS] == chain
+    assert HEAD == REVISIONS[-1]
+    # Every script text states it in the same `revision = "..."` form alembic writes.
+    for script in (REPO / "migrations" / "versions").glob("0*.py"):
+        text = script.read_text()
+        assert any(f'revision = "{r}"' in text for r in REVISIONS), script

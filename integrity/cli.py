@@ -170,7 +170,7 @@ def init(env: Env, force: bool) -> None:
         click.echo(f"warning: {w.operation} failed for '{_display(w.path)}': {w.cause} "
                    f"({w.consequence})", err=True)
     click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
-               f"{policy.source} into {env.store()._name()}"
+               f"{policy.source} into {env.store().name()}"
                + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
 
 
@@ -224,9 +224,9 @@ def upgrade(env: Env) -> None:
     store = env.store(must_exist=False, check_schema=False)
     before, after = store.upgrade()
     if before == after:
-        click.echo(f"database {store._name()} is at revision {after}")
+        click.echo(f"database {store.name()} is at revision {after}")
     else:
-        click.echo(f"database {store._name()} upgraded from revision "
+        click.echo(f"database {store.name()} upgraded from revision "
                    f"{before or '(empty)'} to {after}")
 
 

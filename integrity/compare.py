@@ -6,7 +6,7 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-from .record import Attr, FileRecord
+from .record import Attr, FileRecord, json_value
 
 ADDED, REMOVED, MODIFIED = "added", "removed", "modified"
 
@@ -64,3 +64,22 @@ def compare(old: FileRecord | None, new: FileRecord | None, attrs: Attr) -> Chan
         return Change(old.path, REMOVED, (), old, None)
     changed = diff(old, new, attrs)
     return Change(new.path, MODIFIED, changed, old, new) if changed else None
+
+
+def change_states(change: Change) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """JSON-ready (old, new) of a change: the changed attributes of a modification,
+    or the main attributes of an added or removed entry."""
+    if change.kind == MODIFIED:
+        assert change.old is not None and change.new is not None
+        return ({n: json_value(n, getattr(change.old, n)) for n in change.changed},
+                {n: json_value(n, getattr(change.new, n)) for n in change.changed})
+    rec = change.new if change.kind == ADDED else change.old
+    assert rec is not None
+    state: dict[str, Any] = {"type": rec.type, "size": rec.size,
+                             "mode": json_value("mode", rec.mode), "uid": rec.uid,
+                             "gid": rec.gid}
+    if rec.content is not None:
+        state["content"] = rec.content.hex()
+    if rec.link is not None:
+        state["link"] = json_value("link", rec.link)
+    return (state, None) if change.kind == REMOVED else (None, state)

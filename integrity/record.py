@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import os
 import stat
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Attr(enum.Flag):
@@ -93,3 +94,25 @@ class FileRecord(NamedTuple):
                    st.st_size, stat.S_IMODE(mode), st.st_uid, st.st_gid,
                    st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns,
                    link, xattrs, st.st_dev)
+
+
+def iso_ns(ns: int) -> str:
+    """ISO 8601 UTC with nanoseconds, from nanoseconds since the epoch."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    stamp = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    return f"{stamp:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z"
+
+
+def json_value(name: str, raw: Any) -> Any:
+    """JSON-ready form of one attribute value."""
+    if raw is None:
+        return None
+    if name in ("content", "xattrs"):
+        return raw.hex()
+    if name == "mode":
+        return f"{raw:04o}"
+    if name in ("mtime", "ctime"):
+        return iso_ns(raw)
+    if name == "link":
+        return raw.decode("utf-8", "backslashreplace")
+    return raw

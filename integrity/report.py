@@ -8,10 +8,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .compare import ADDED, MODIFIED, REMOVED, Change
+from .compare import ADDED, MODIFIED, REMOVED, Change, change_states
 from .paths import display
 from .policy import Rule
-from .record import FileRecord
+from .record import FileRecord, iso_ns, json_value as value
 from .scan import Progress, ScanResult
 
 KINDS = (ADDED, REMOVED, MODIFIED)
@@ -22,28 +22,6 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
-def iso_ns(ns: int) -> str:
-    """ISO 8601 UTC with nanoseconds, from nanoseconds since the epoch."""
-    seconds, frac = divmod(ns, 1_000_000_000)
-    stamp = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
-    return f"{stamp:%Y-%m-%dT%H:%M:%S}.{frac:09d}Z"
-
-
-def value(name: str, raw: Any) -> Any:
-    """JSON-ready form of one attribute value."""
-    if raw is None:
-        return None
-    if name in ("content", "xattrs"):
-        return raw.hex()
-    if name == "mode":
-        return f"{raw:04o}"
-    if name in ("mtime", "ctime"):
-        return iso_ns(raw)
-    if name == "link":
-        return display(raw)
-    return raw
-
-
 def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
     """One change as SPEC's JSON object."""
     out: dict[str, Any] = {
@@ -52,17 +30,7 @@ def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
         "severity": rule.severity if rule else None,
         "changed": list(change.changed),
     }
-    if change.kind == MODIFIED:
-        assert change.old is not None and change.new is not None
-        out["old"] = {n: value(n, getattr(change.old, n)) for n in change.changed}
-        out["new"] = {n: value(n, getattr(change.new, n)) for n in change.changed}
-    else:
-        rec: FileRecord = change.new if change.kind == ADDED else change.old  # type: ignore[assignment]
-        state = {"type": rec.type, "size": rec.size, "mode": value("mode", rec.mode),
-                 "uid": rec.uid, "gid": rec.gid}
-        if rec.content is not None:
-            state["content"] = rec.content.hex()
-        out["old"], out["new"] = (state, None) if change.kind == REMOVED else (None, state)
+    out["old"], out["new"] = change_states(change)
     return out
 
 

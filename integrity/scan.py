@@ -159,7 +159,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
         store = open_store()
         baseline = store.active_baseline()
         if baseline is None:
-            raise BaselineError(f"{store._name()}: no baseline yet: run 'integrity init'")
+            raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
         result = ScanResult(baseline=baseline)
         result.run_id = store.start_run("verify", baseline.id, wanted, fast)
         base = store.iter_entries(baseline.id, [key_range(r) for r in roots])
@@ -193,6 +193,12 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     finally:
         if worker is not None:
             worker.close()
+    from .history import EventLog
+
+    EventLog(store).record(
+        result.changes, result.rules, "verify", [key_range(r) for r in roots],
+        unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
+        skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)])
     store.finish_run(result.run_id, scanned=result.scanned, added=result.count(ADDED),
                      removed=result.count(REMOVED), modified=result.count(MODIFIED),
                      errors=len(result.warnings), exit_code=exit_code(result))

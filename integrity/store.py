@@ -119,12 +119,12 @@ class Store:
                 if not tables:
                     return None
                 if "alembic_version" not in tables or "baseline" not in tables:
-                    raise DatabaseError(f"{self._name()}: not an integrity database "
+                    raise DatabaseError(f"{self.name()}: not an integrity database "
                                         f"(tables: {', '.join(sorted(tables))[:120]})")
                 version = conn.execute(
                     sa.text("SELECT version_num FROM alembic_version")).scalar()
         except sa_exc.DatabaseError as exc:
-            raise DatabaseError(f"{self._name()}: cannot read database: "
+            raise DatabaseError(f"{self.name()}: cannot read database: "
                                 f"{_cause(exc)}") from None
         return str(version) if version is not None else None
 
@@ -136,11 +136,11 @@ class Store:
             return
         elif revision in REVISIONS:
             raise DatabaseError(
-                f"{self._name()}: database schema is at revision {revision}, this "
+                f"{self.name()}: database schema is at revision {revision}, this "
                 f"integrity needs {HEAD}: run 'integrity db upgrade'")
         else:
             raise DatabaseError(
-                f"{self._name()}: database schema revision {revision} is unknown to "
+                f"{self.name()}: database schema revision {revision} is unknown to "
                 f"this integrity (newer version?); refusing to use it")
 
     def upgrade(self) -> tuple[str | None, str]:
@@ -150,7 +150,7 @@ class Store:
 
         before = self.revision()
         if before is not None and before not in REVISIONS:
-            raise DatabaseError(f"{self._name()}: database schema revision {before} "
+            raise DatabaseError(f"{self.name()}: database schema revision {before} "
                                 f"is unknown to this integrity; not upgrading")
         config = Config()
         config.set_main_option("script_location", _migrations_dir())
@@ -168,17 +168,17 @@ class Store:
                 command.upgrade(config, "head")
                 conn.commit()
         except sa_exc.DatabaseError as exc:
-            raise DatabaseError(f"{self._name()}: migration failed: {_cause(exc)}") from None
+            raise DatabaseError(f"{self.name()}: migration failed: {_cause(exc)}") from None
         return before, HEAD
 
-    def _name(self) -> str:
+    def name(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
 
     def close(self) -> None:
         """Release all connections."""
         self.engine.dispose()
 
-    def _write(self) -> Any:
+    def writer(self) -> Any:
         """A connection whose transaction holds the write lock from its start."""
         return self.engine.connect().execution_options(write=True)
 
@@ -203,10 +203,10 @@ class Store:
         previous baseline in force.
         """
         b, e = models.baseline, models.entry
-        with self._write() as conn, conn.begin():
+        with self.writer() as conn, conn.begin():
             if not force and conn.execute(
                     sa.select(b.c.id).where(b.c.state == "active")).first():
-                raise BaselineError(f"{self._name()}: a baseline exists already; use "
+                raise BaselineError(f"{self.name()}: a baseline exists already; use "
                                     "'init --force' to replace it, or 'approve' to "
                                     "accept changes")
             self._sweep(conn)
@@ -226,7 +226,7 @@ class Store:
                     batch = []
             writer.put(batch)
             count = writer.close()
-            with self._write() as conn, conn.begin():
+            with self.writer() as conn, conn.begin():
                 conn.execute(b.update().where(b.c.state == "active")
                              .values(state="retired"))
                 conn.execute(b.update().where(b.c.id == new_id).values(
@@ -235,7 +235,7 @@ class Store:
             writer.abort()
             self._discard(new_id)
             raise
-        with self._write() as conn, conn.begin():
+        with self.writer() as conn, conn.begin():
             self._sweep(conn)
         info = self.active_baseline()
         assert info is not None
@@ -244,7 +244,7 @@ class Store:
     def _discard(self, baseline_id: int) -> None:
         """Best-effort removal of an unfinished generation (the sweep catches the rest)."""
         try:
-            with self._write() as conn, conn.begin():
+            with self.writer() as conn, conn.begin():
                 conn.execute(models.entry.delete()
                              .where(models.entry.c.baseline_id == baseline_id))
                 conn.execute(models.baseline.delete()
@@ -283,7 +283,7 @@ class Store:
                   fast: bool = False) -> int:
         """Record that a run started; returns its id."""
         r = models.run
-        with self._write() as conn, conn.begin():
+        with self.writer() as conn, conn.begin():
             return int(conn.execute(r.insert().values(
                 command=command, started=utcnow(), baseline_id=baseline_id,
                 paths="\n".join(display(p) for p in paths) or None, fast=int(fast),
@@ -294,7 +294,7 @@ class Store:
                    modified: int, errors: int, exit_code: int) -> None:
         """Record a run's counts and outcome."""
         r = models.run
-        with self._write() as conn, conn.begin():
+        with self.writer() as conn, conn.begin():
             conn.execute(r.update().where(r.c.id == run_id).values(
                 finished=utcnow(), scanned=scanned, added=added, removed=removed,
                 modified=modified, errors=errors, exit_code=exit_code))
@@ -343,7 +343,7 @@ class _BatchWriter:
             if self.error is not None or not batch:
                 continue
             try:
-                with self.store._write() as conn, conn.begin():
+                with self.store.writer() as conn, conn.begin():
                     conn.exec_driver_sql(self.sql, batch)
                 self.count += len(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer
@@ -372,7 +372,7 @@ class _BatchWriter:
         if self.error is not None:
             error = self.error
             if isinstance(error, sa_exc.DBAPIError):
-                raise DatabaseError(f"{self.store._name()}: cannot write baseline: "
+                raise DatabaseError(f"{self.store.name()}: cannot write baseline: "
                                     f"{_cause(error)}") from None
             raise error
 

@@ -1,0 +1,230 @@
+"""The event log and approvals: what changed, when, who accepted it, and on what evidence.
+
+A change becomes an event; while it is open, later sightings of the same path update
+that one row (count, last seen, latest state), so a file that keeps changing raises one
+alert, not one per scan. An approval writes the current state of its paths into the
+active baseline and closes their events, in one transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import models
+from .compare import Change, change_states
+from .errors import UsageError
+from .paths import display, from_key, key_range, to_key
+from .policy import Rule
+from .record import FileRecord
+from .store import Store, utcnow
+
+OPEN, APPROVED, REVERTED = "open", "approved", "reverted"
+UNEXPLAINED, PACKAGE_UPDATE = "unexplained", "package-update"
+
+_RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """A naive UTC time from an ISO 8601 time or a relative form like 2h, 7d, 30m."""
+    now = now or utcnow()
+    match = _RELATIVE.match(text)
+    if match:
+        return now - dt.timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--since: {text!r} is neither an ISO 8601 time nor a "
+                         "relative time like 2h or 7d") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return when
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """ISO 8601 UTC with a Z, from a naive UTC datetime."""
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+
+
+@dataclass(frozen=True)
+class OpenEvent:
+    """An open event, as approval needs it."""
+
+    id: int
+    path: bytes
+    kind: str
+    changed: tuple[str, ...]
+    severity: str
+
+
+class EventLog:
+    """Events and approvals in the store's database."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def record(self, changes: Sequence[Change], rules: Mapping[bytes, Rule], source: str,
+               scope: Sequence[tuple[bytes, bytes]], unknown: Iterable[bytes] = (),
+               skipped: Iterable[bytes] = ()) -> tuple[int, int, int]:
+        """Record a scan's changes; return (new, updated, reverted) event counts.
+
+        Open events inside `scope` (key ranges the scan examined) whose path no
+        longer differs from the baseline are closed as reverted, except paths in
+        `unknown` and below `skipped` directories (not examinable this time).
+        """
+        e = models.event
+        now = utcnow()
+        changed_keys = {to_key(c.path): c for c in changes}
+        unknown_keys = {to_key(p) for p in unknown}
+        skipped_ranges = [key_range(p) for p in skipped]
+        new = updated = reverted = 0
+        with self.store.writer() as conn, conn.begin():
+            open_rows = self._open_in(conn, scope)
+            inserts = []
+            for key, change in changed_keys.items():
+                old_state, new_state = change_states(change)
+                rule = rules.get(change.path)
+                fields = {
+                    "kind": change.kind, "changed": ",".join(change.changed),
+                    "source": source, "rule": rule.name if rule else None,
+                    "severity": rule.severity if rule else "medium",
+                    "last_seen": now, "old": json.dumps(old_state),
+                    "new": json.dumps(new_state),
+                }
+                existing = open_rows.get(key)
+                if existing is None:
+                    inserts.append({**fields, "key": key, "classification": UNEXPLAINED,
+                                    "status": OPEN, "count": 1, "first_seen": now,
+                                    "actor": None})
+                    new += 1
+                elif existing[1] != fields["new"] or existing[2] != change.kind:
+                    conn.execute(e.update().where(e.c.id == existing[0]).values(
+                        **fields, count=e.c.count + 1))
+                    updated += 1
+                else:
+                    conn.execute(e.update().where(e.c.id == existing[0])
+                                 .values(last_seen=now))
+            if inserts:
+                conn.execute(e.insert(), inserts)
+            gone = [row[0] for key, row in open_rows.items()
+                    if key not in changed_keys and key not in unknown_keys
+                    and not any(low <= key < high for low, high in skipped_ranges)]
+            for chunk in _chunks(gone):
+                conn.execute(e.update().where(e.c.id.in_(chunk))
+                             .values(status=REVERTED, last_seen=now))
+                reverted += len(chunk)
+        return new, updated, reverted
+
+    @staticmethod
+    def _open_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]]
+                 ) -> dict[bytes, tuple[int, str | None, str]]:
+        e = models.event
+        found: dict[bytes, tuple[int, str | None, str]] = {}
+        for low, high in scope:
+            rows = conn.execute(sa.select(e.c.key, e.c.id, e.c.new, e.c.kind).where(
+                e.c.status == OPEN, e.c.key >= low, e.c.key < high))
+            for key, event_id, new_state, kind in rows:
+                found[key] = (event_id, new_state, kind)
+        return found
+
+    def open_events(self, scope: Sequence[tuple[bytes, bytes]] | None = None
+                    ) -> list[OpenEvent]:
+        """Open events (in key order), optionally only within key ranges."""
+        e = models.event
+        query = sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed, e.c.severity).where(
+            e.c.status == OPEN)
+        if scope is not None:
+            query = query.where(sa.or_(*[sa.and_(e.c.key >= low, e.c.key < high)
+                                         for low, high in scope]) if scope else sa.false())
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(query.order_by(e.c.key)).all()
+        return [OpenEvent(i, from_key(k), kind, tuple(c.split(",")) if c else (), sev)
+                for i, k, kind, c, sev in rows]
+
+    def open_counts(self) -> dict[str, int]:
+        """Open events by severity."""
+        e = models.event
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(sa.select(e.c.severity, sa.func.count()).where(
+                e.c.status == OPEN).group_by(e.c.severity)).all()
+        return {severity: count for severity, count in rows}
+
+    def events(self, *, open_only: bool = False, since: dt.datetime | None = None,
+               ) -> list[dict[str, Any]]:
+        """Event history as SPEC's JSON objects, oldest first."""
+        e = models.event
+        query = sa.select(e)
+        if open_only:
+            query = query.where(e.c.status == OPEN)
+        if since is not None:
+            query = query.where(e.c.last_seen >= since)
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(query.order_by(e.c.first_seen, e.c.id)).mappings().all()
+        return [{
+            "id": row["id"], "time": iso(row["first_seen"]),
+            "last_seen": iso(row["last_seen"]), "path": display(from_key(row["key"])),
+            "kind": row["kind"],
+            "changed": row["changed"].split(",") if row["changed"] else [],
+            "source": row["source"], "rule": row["rule"], "severity": row["severity"],
+            "status": row["status"], "classification": row["classification"],
+            "count": row["count"], "actor": json.loads(row["actor"]) if row["actor"] else None,
+            "old": json.loads(row["old"]) if row["old"] else None,
+            "new": json.loads(row["new"]) if row["new"] else None,
+            "approval": row["approval_id"], "evidence": row["evidence"],
+        } for row in rows]
+
+    def approve(self, baseline_id: int, *, upserts: Sequence[FileRecord],
+                deletes: Sequence[bytes], events: Mapping[int, str | None],
+                user: str, sudo_user: str | None, reason: str | None, mode: str,
+                classification: str = UNEXPLAINED) -> int:
+        """Write paths' current state into the baseline and close their events.
+
+        `events` maps event id to the evidence it rested on (None for a person's
+        word). One transaction: the baseline never holds half an approval.
+        """
+        b, en, e, a = models.baseline, models.entry, models.event, models.approval
+        with self.store.writer() as conn, conn.begin():
+            keys = [to_key(rec.path) for rec in upserts] + [to_key(p) for p in deletes]
+            for chunk in _chunks(keys):
+                conn.execute(en.delete().where(en.c.baseline_id == baseline_id,
+                                               en.c.key.in_(chunk)))
+            if upserts:
+                conn.execute(en.insert(), [
+                    {"baseline_id": baseline_id, "key": to_key(rec.path),
+                     **{name: getattr(rec, name) for name in models.ENTRY_COLUMNS[1:]}}
+                    for rec in upserts])
+            count = conn.execute(sa.select(sa.func.count()).select_from(en).where(
+                en.c.baseline_id == baseline_id)).scalar_one()
+            conn.execute(b.update().where(b.c.id == baseline_id).values(entries=count))
+            approval_id = conn.execute(a.insert().values(
+                time=utcnow(), user=user, sudo_user=sudo_user, reason=reason, mode=mode,
+                baseline_id=baseline_id, entries=len(upserts) + len(deletes),
+                events=len(events))).inserted_primary_key[0]
+            for event_id, evidence in events.items():
+                values: dict[str, Any] = {"status": APPROVED, "approval_id": approval_id,
+                                          "evidence": evidence}
+                if evidence is not None:
+                    values["classification"] = classification
+                conn.execute(e.update().where(e.c.id == event_id, e.c.status == OPEN)
+                             .values(**values))
+        return int(approval_id)
+
+    def last_approval(self) -> dict[str, Any] | None:
+        """The newest approval."""
+        a = models.approval
+        with self.store.engine.connect() as conn:
+            row = conn.execute(sa.select(a).order_by(a.c.id.desc()).limit(1)
+                               ).mappings().first()
+        return dict(row) if row else None
+
+
+def _chunks(items: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

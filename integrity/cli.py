@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .errors import EXIT_ERROR, IntegrityError
+from .errors import EXIT_ERROR, IntegrityError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -205,6 +205,94 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
     else:
         verify_text(result, sys.stdout)
     sys.exit(exit_code(result))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--all", "approve_all", is_flag=True, help="Approve every path with an open event.")
+@click.option("--package-updates", is_flag=True,
+              help="Approve only what dpkg/rpm vouch for; list what is left open and why.")
+@click.option("--reason", metavar="TEXT", help="Why: recorded with the approval.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@pass_env
+def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates: bool,
+            reason: str | None, as_json: bool) -> None:
+    """Accept the current state of PATHS (with their subtrees) into the baseline.
+
+    Re-reads only the paths it approves, writes them into the baseline and closes
+    their open events, in one transaction, recording who (and the sudo user behind
+    them), when and why. --package-updates approves exactly the open changes that
+    the package manager's records explain.
+
+    Example:
+
+        integrity approve /etc/ssh/sshd_config --reason "ticket 4711"
+        integrity approve --package-updates
+    """
+    from .approve import Approver
+    from .report import approval_json, approval_text, dump_json
+
+    modes = sum([bool(paths), approve_all, package_updates])
+    if modes != 1:
+        raise UsageError("approve: name PATHs, or use --all, or --package-updates "
+                         "(exactly one of them)")
+    approver = Approver(env.store(), env.policy, reason=reason)
+    if package_updates:
+        outcome = approver.package_updates()
+    elif approve_all:
+        outcome = approver.all()
+    else:
+        outcome = approver.paths(paths)
+    if as_json:
+        dump_json(approval_json(outcome), sys.stdout)
+    else:
+        approval_text(outcome, sys.stdout)
+
+
+@cli.command()
+@click.option("--open", "open_only", is_flag=True, help="Only events still open.")
+@click.option("--since", metavar="WHEN", help="Seen since an ISO time or e.g. 2h, 7d.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (SPEC format).")
+@pass_env
+def events(env: Env, open_only: bool, since: str | None, as_json: bool) -> None:
+    """Show the event history: every change seen, and what became of it.
+
+    Example:
+
+        integrity events --open --since 7d
+    """
+    from .history import EventLog, parse_since
+    from .report import dump_json, events_text
+
+    rows = EventLog(env.store()).events(
+        open_only=open_only, since=parse_since(since) if since else None)
+    if as_json:
+        dump_json(rows, sys.stdout)
+    else:
+        events_text(rows, sys.stdout)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (SPEC format).")
+@pass_env
+def status(env: Env, as_json: bool) -> None:
+    """Baseline size and age, open events by severity, watcher and last scan.
+
+    Exit status: 0 healthy; 1 degraded (open events, no baseline, a stale watcher).
+
+    Example:
+
+        integrity status --json
+    """
+    from .report import dump_json, status_text
+    from .status import collect
+
+    report = collect(env.store())
+    if as_json:
+        dump_json(report.data, sys.stdout)
+    else:
+        status_text(report.data, sys.stdout)
+    sys.exit(0 if report.healthy else 1)
 
 
 @cli.group()

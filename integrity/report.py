@@ -125,3 +125,75 @@ def make_progress(label: str, quiet: bool) -> tuple[Progress | None, TerminalPro
         return None, None
     display_ = TerminalProgress(label)
     return Progress(tick=display_), display_
+
+
+def approval_json(outcome: Any) -> dict[str, Any]:
+    """An approval's outcome as JSON."""
+    return {
+        "approval": outcome.approval_id,
+        "approved": [{"path": display(a.path), "kind": a.kind, "evidence": a.evidence}
+                     for a in outcome.approved],
+        "written": [display(p) for p in outcome.written],
+        "left_open": [{"path": display(item.path), "kind": item.kind,
+                       "reason": item.reason} for item in outcome.left_open],
+    }
+
+
+def approval_text(outcome: Any, out: TextIO) -> None:
+    """What an approval approved, wrote and left open."""
+    for a in outcome.approved:
+        evidence = f" ({a.evidence})" if a.evidence else ""
+        out.write(f"approved {a.kind} {display(a.path)}{evidence}\n")
+    approved = {a.path for a in outcome.approved}
+    for path in outcome.written:
+        if path not in approved:
+            out.write(f"baseline updated {display(path)}\n")
+    for item in outcome.left_open:
+        out.write(f"left open {item.kind} {display(item.path)}: {item.reason}\n")
+    if outcome.approval_id is None:
+        out.write("nothing approved\n")
+    else:
+        out.write(f"approval {outcome.approval_id}: {len(outcome.approved)} events closed, "
+                  f"{len(outcome.written)} baseline entries written"
+                  + (f", {len(outcome.left_open)} left open" if outcome.left_open else "")
+                  + "\n")
+
+
+def events_text(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """One line per event, oldest first."""
+    if not rows:
+        out.write("no events\n")
+        return
+    for row in rows:
+        changed = ",".join(row["changed"]) or row["kind"]
+        count = f" x{row['count']}" if row["count"] > 1 else ""
+        extra = f" [{row['classification']}, {row['evidence']}]" if row["evidence"] else ""
+        out.write(f"{row['id']:>6} {row['time']} {row['status']:<8} {row['severity']:<8} "
+                  f"{row['kind']:<8} {row['path']}  {changed}{count}{extra}\n")
+
+
+def status_text(data: dict[str, Any], out: TextIO) -> None:
+    """Status for people."""
+    baseline = data["baseline"]
+    if baseline is None:
+        out.write("baseline: none (run 'integrity init')\n")
+    else:
+        out.write(f"baseline: {baseline['entries']} entries, created {baseline['created']}"
+                  f" from {baseline['policy']}\n")
+        if baseline.get("root"):
+            out.write(f"root digest: {baseline['root']}\n")
+    events = data["events"]
+    by = ", ".join(f"{events[s]} {s}" for s in ("critical", "high", "medium", "low")
+                   if events[s])
+    out.write(f"open events: {events['open']}" + (f" ({by})" if by else "") + "\n")
+    watcher = data["watcher"]
+    out.write("watcher: " + ("alive, pid {pid}, heartbeat {heartbeat}".format(**watcher)
+                             if watcher["alive"] else "not running") + "\n")
+    scan = data["last_scan"]
+    if scan is None:
+        out.write("last scan: none\n")
+    else:
+        out.write(f"last scan: {scan['source']}{' --fast' if scan['fast'] else ''} at "
+                  f"{scan['time']}: {scan['scanned']} scanned, {scan['added']} added, "
+                  f"{scan['removed']} removed, {scan['modified']} modified, "
+                  f"{scan['errors']} errors\n")

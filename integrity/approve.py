@@ -1,0 +1,202 @@
+"""Approvals: accept the current state of paths into the baseline, and say why.
+
+An approval re-reads only the paths it approves (never the whole tree), writes their
+state into the active baseline and closes their events in one transaction. The
+package-update mode approves exactly what the package manager vouches for and
+returns the reason for everything it left open.
+"""
+
+from __future__ import annotations
+
+import calendar
+import getpass
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import BaselineError, ScanWarning, UsageError
+from .history import PACKAGE_UPDATE, UNEXPLAINED, EventLog, OpenEvent
+from .paths import key_range, to_key
+from .pipeline import materialize
+from .policy import Policy
+from .record import FileRecord
+from .scan import normalize_paths
+from .store import Store
+from .walker import WalkEntry, walk
+
+if TYPE_CHECKING:
+    from .packages import PackageManagers, Verdict
+
+#: Attributes that change whenever a package manager replaces a file: explained by
+#: the content verdict. Mode and ownership need evidence of their own.
+_REPLACEMENT = {"content", "size", "type", "link", "inode", "nlink", "mtime", "ctime",
+                "dev"}
+_OWNERSHIP = {"mode", "uid", "gid"}
+
+
+@dataclass(frozen=True)
+class Approved:
+    """One approved path: the change it had and the evidence it rested on."""
+
+    path: bytes
+    kind: str
+    evidence: str | None
+
+
+@dataclass(frozen=True)
+class LeftOpen:
+    """An open change that was not approved, and why."""
+
+    path: bytes
+    kind: str
+    reason: str
+
+
+@dataclass
+class ApprovalOutcome:
+    """What an approval did."""
+
+    approval_id: int | None = None
+    approved: list[Approved] = field(default_factory=list)
+    left_open: list[LeftOpen] = field(default_factory=list)
+    written: list[bytes] = field(default_factory=list)
+
+
+def invoking_user() -> tuple[str, str | None]:
+    """The user running us and, under sudo, the user behind it."""
+    return getpass.getuser(), os.environ.get("SUDO_USER") or None
+
+
+def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree: bool,
+            ) -> tuple[list[FileRecord], list[bytes], list[ScanWarning]]:
+    """Live state of one path (or its subtree) against the baseline: what to write."""
+    low, high = key_range(path) if subtree else (to_key(path), to_key(path) + b"\x00")
+    old = {key: rec for key, rec in store.iter_entries(baseline_id, [(low, high)])}
+    items = ((e, None) if isinstance(e, WalkEntry) else e
+             for e in walk(policy, [path], descend=subtree))
+    upserts: list[FileRecord] = []
+    problems: list[ScanWarning] = []
+    for out in materialize(items, lambda entry, _old: entry.rule.hashes):
+        if isinstance(out, ScanWarning):
+            problems.append(out)
+            continue
+        rec, problem = out[0], out[1]
+        if problem is not None:
+            problems.append(problem)
+            continue
+        if rec is None:
+            continue
+        key = to_key(rec.path)
+        if old.pop(key, None) != rec:
+            upserts.append(rec)
+    deletes = [rec.path for rec in old.values()]
+    return upserts, deletes, problems
+
+
+class Approver:
+    """Approves changes against one store and policy."""
+
+    def __init__(self, store: Store, policy: Policy, *, reason: str | None = None) -> None:
+        baseline = store.active_baseline()
+        if baseline is None:
+            raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
+        self.store = store
+        self.policy = policy
+        self.baseline = baseline
+        self.log = EventLog(store)
+        self.reason = reason
+
+    def paths(self, paths: Sequence[str | bytes]) -> ApprovalOutcome:
+        """Approve the named paths, each with its whole subtree."""
+        targets = normalize_paths(self.policy, paths)
+        if not targets:
+            raise UsageError("approve: name PATHs, or use --all or --package-updates")
+        events = self.log.open_events([key_range(p) for p in targets])
+        return self._commit([(p, True) for p in targets], events, {}, "paths")
+
+    def all(self) -> ApprovalOutcome:
+        """Approve every path that has an open event (each path itself)."""
+        events = self.log.open_events()
+        return self._commit([(e.path, False) for e in events], events, {}, "all")
+
+    def package_updates(self, managers: PackageManagers | None = None) -> ApprovalOutcome:
+        """Approve exactly the open changes a package manager vouches for."""
+        if managers is None:
+            from .packages import PackageManagers
+            managers = PackageManagers()
+        chosen: list[OpenEvent] = []
+        evidence: dict[int, str | None] = {}
+        left: list[LeftOpen] = []
+        since_ts = calendar.timegm(self.baseline.created.utctimetuple())
+        for event in self.log.open_events():
+            verdict = self._vouch(managers, event, since_ts)
+            if verdict.vouched:
+                chosen.append(event)
+                evidence[event.id] = verdict.evidence
+            else:
+                left.append(LeftOpen(event.path, event.kind, verdict.reason))
+        outcome = self._commit([(e.path, False) for e in chosen], chosen, evidence,
+                               "package-updates", PACKAGE_UPDATE)
+        outcome.left_open = left + outcome.left_open
+        return outcome
+
+    @staticmethod
+    def _vouch(managers: PackageManagers, event: OpenEvent, since: float) -> Verdict:
+        """The package manager's verdict on one open change (all parts must hold)."""
+        from .packages import Verdict
+
+        if event.kind == "removed":
+            return managers.check_removed(event.path, since)
+        changed = set(event.changed)
+        if "xattrs" in changed:
+            return Verdict(False, "package managers do not state extended attributes")
+        verdicts = []
+        if event.kind == "added" or changed & _REPLACEMENT or not changed & _OWNERSHIP:
+            verdicts.append(managers.check_content(event.path))
+        if changed & _OWNERSHIP:
+            try:
+                st = os.lstat(event.path)
+            except OSError as exc:
+                return Verdict(False, f"cannot read attributes: {exc.strerror}")
+            verdicts.append(managers.check_attributes(event.path, st.st_mode,
+                                                      st.st_uid, st.st_gid))
+        for verdict in verdicts:
+            if not verdict.vouched:
+                return verdict
+        levels = {v.evidence for v in verdicts}
+        weakest = "package-db" if "package-db" in levels else verdicts[-1].evidence
+        return Verdict(True, verdicts[-1].reason, weakest, verdicts[-1].package)
+
+    def _commit(self, targets: list[tuple[bytes, bool]], events: Sequence[OpenEvent],
+                evidence: dict[int, str | None], mode: str,
+                classification: str = UNEXPLAINED) -> ApprovalOutcome:
+        outcome = ApprovalOutcome()
+        upserts: list[FileRecord] = []
+        deletes: list[bytes] = []
+        failed: set[bytes] = set()
+        for path, subtree in targets:
+            ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
+                                          path, subtree)
+            if problems:
+                # Never write a half-read state into the baseline.
+                failed.add(path)
+                first = problems[0]
+                outcome.left_open.append(LeftOpen(path, "unreadable",
+                                                  f"{first.operation} failed: {first.cause}"))
+                continue
+            upserts += ups
+            deletes += dels
+        closing = {e.id: evidence.get(e.id) for e in events
+                   if not any(e.path == f or e.path.startswith(f + b"/") for f in failed)}
+        if not upserts and not deletes and not closing:
+            return outcome
+        user, sudo_user = invoking_user()
+        outcome.approval_id = self.log.approve(
+            self.baseline.id, upserts=upserts, deletes=deletes, events=closing,
+            user=user, sudo_user=sudo_user, reason=self.reason, mode=mode,
+            classification=classification)
+        outcome.written = sorted([r.path for r in upserts] + deletes, key=to_key)
+        outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id))
+                            for e in events if e.id in closing]
+        return outcome

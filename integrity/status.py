@@ -1,0 +1,44 @@
+"""Health at a glance: baseline, open events, watcher liveness, last scan."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from .history import EventLog, iso
+from .policy import SEVERITIES
+from .store import Store
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """SPEC's status object and whether it is healthy."""
+
+    data: dict[str, Any]
+    healthy: bool
+
+
+def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
+    """Gather status; unhealthy when there is no baseline or changes are open.
+
+    The watcher block reports no watcher until `integrity watch` records heartbeats.
+    """
+    baseline = store.active_baseline()
+    counts = EventLog(store).open_counts()
+    run = store.last_run("verify")
+    open_total = sum(counts.values())
+    data: dict[str, Any] = {
+        "baseline": None if baseline is None else {
+            "id": baseline.id, "created": iso(baseline.created),
+            "entries": baseline.entries, "root": baseline.root,
+            "policy": baseline.policy_source},
+        "events": {"open": open_total, **{s: counts.get(s, 0) for s in SEVERITIES}},
+        "watcher": {"pid": None, "heartbeat": None, "alive": False},
+        "last_scan": None if run is None else {
+            "time": iso(run["finished"]), "source": run["command"],
+            "fast": bool(run["fast"]), "scanned": run["scanned"], "added": run["added"],
+            "removed": run["removed"], "modified": run["modified"],
+            "errors": run["errors"]},
+    }
+    return StatusReport(data, baseline is not None and open_total == 0)

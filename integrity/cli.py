@@ -295,6 +295,63 @@ def status(env: Env, as_json: bool) -> None:
     sys.exit(0 if report.healthy else 1)
 
 
+@cli.group("apt-hook")
+def apt_hook() -> None:
+    """The opt-in apt hook that approves package updates after every dpkg run."""
+
+
+@apt_hook.command("install")
+@click.option("--dir", "directory", default="/etc/apt/apt.conf.d", show_default=True,
+              help="apt configuration directory.")
+@pass_env
+def apt_hook_install(env: Env, directory: str) -> None:
+    """Install a DPkg::Post-Invoke hook: after apt runs dpkg, changes are recorded
+    (verify --fast) and those the packages vouch for are approved; the rest stay
+    open and are logged to syslog (tag integrity-apt).
+
+    The hook uses this command's --db and --policy, if given.
+
+    Example:
+
+        integrity apt-hook install
+    """
+    from . import apthook
+
+    target = apthook.install(directory, apthook.render(
+        apthook.executable(), env.db_option, env.policy_path))
+    click.echo(f"installed {target}")
+
+
+@apt_hook.command("remove")
+@click.option("--dir", "directory", default="/etc/apt/apt.conf.d", show_default=True,
+              help="apt configuration directory.")
+def apt_hook_remove(directory: str) -> None:
+    """Remove the apt hook.
+
+    Example:
+
+        integrity apt-hook remove
+    """
+    from . import apthook
+
+    target = apthook.remove(directory)
+    click.echo(f"removed {target}" if target else "no apt hook installed")
+
+
+@apt_hook.command("show")
+@pass_env
+def apt_hook_show(env: Env) -> None:
+    """Print the snippet `install` would write.
+
+    Example:
+
+        integrity apt-hook show
+    """
+    from . import apthook
+
+    click.echo(apthook.render(apthook.executable(), env.db_option, env.policy_path), nl=False)
+
+
 @cli.group()
 def db() -> None:
     """Database maintenance."""

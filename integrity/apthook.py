@@ -1,0 +1,83 @@
+"""The opt-in apt hook: after every dpkg run apt makes, approve what packages explain.
+
+`integrity apt-hook install` writes an apt.conf.d snippet whose DPkg::Post-Invoke
+runs a stat-only `verify --fast` (so the upgrade's changes become events) and then
+`approve --package-updates`; what it leaves open is sent to syslog (tag
+integrity-apt) and stays open for a person to look at. The hook never fails apt.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from .errors import UsageError
+
+SNIPPET = "80integrity"
+DEFAULT_DIR = "/etc/apt/apt.conf.d"
+MARKER = "// integrity apt hook"
+
+
+def command_line(executable: str, db: str | None, policy: str | None) -> str:
+    """The shell command the hook runs (single-quoted, as apt.conf strings need)."""
+    base = [executable, "-q"]
+    if db:
+        base += ["--db", db]
+    if policy:
+        base += ["--policy", policy]
+    prefix = " ".join(shlex.quote(part) for part in base)
+    log = "logger -t integrity-apt 2>/dev/null || cat >/dev/null"
+    return (f"if [ -x {shlex.quote(executable)} ]; then "
+            f"{prefix} verify --fast >/dev/null 2>&1; "
+            f"{prefix} approve --package-updates --reason 'apt: dpkg run' 2>&1 | {{ {log}; }}; "
+            "fi; true")
+
+
+def render(executable: str, db: str | None = None, policy: str | None = None) -> str:
+    """The apt.conf snippet."""
+    command = command_line(executable, db, policy)
+    if '"' in command:
+        raise UsageError(f"apt-hook: {command!r}: paths with double quotes cannot be "
+                         "written into an apt.conf string")
+    return (f"{MARKER} (installed by 'integrity apt-hook install'; remove with "
+            f"'integrity apt-hook remove')\n"
+            f'DPkg::Post-Invoke {{ "{command}"; }};\n')
+
+
+def executable() -> str:
+    """Absolute path of the running integrity command."""
+    argv0 = sys.argv[0]
+    path = argv0 if os.sep in argv0 else (shutil_which(argv0) or argv0)
+    return os.path.abspath(path)
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+    return shutil.which(name)
+
+
+def install(directory: str, content: str) -> str:
+    """Write the snippet atomically; return its path."""
+    target = os.path.join(directory, SNIPPET)
+    if not os.path.isdir(directory):
+        raise UsageError(f"{directory}: no such directory (is apt installed?)")
+    temp = target + ".tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(content)
+    os.chmod(temp, 0o644)
+    os.replace(temp, target)
+    return target
+
+
+def remove(directory: str) -> str | None:
+    """Remove our snippet (only if it is ours); return its path, or None if absent."""
+    target = os.path.join(directory, SNIPPET)
+    try:
+        with open(target, encoding="utf-8") as handle:
+            if not handle.read().startswith(MARKER):
+                raise UsageError(f"{target}: not written by integrity; left alone")
+    except FileNotFoundError:
+        return None
+    os.unlink(target)
+    return target

@@ -32,7 +32,7 @@ class FileChanged(Exception):
     """The file changed between lstat and the end of reading it."""
 
 
-def open_at(name: bytes, dir_fd: int | None = None) -> int:
+def open_at(name: bytes | str, dir_fd: int | None = None) -> int:
     """Open a file for reading without following links or blocking on FIFOs.
 
     O_NOATIME is dropped for good after the first EPERM (we do not own the file and

@@ -124,7 +124,9 @@ def materialize(items: Iterable[Item | ScanWarning],
                 yield item
             continue
         entry, old = item
-        fd, link, problem = -1, None, None
+        fd: int = -1
+        link: bytes | None = None
+        problem: ScanWarning | None = None
         if entry is not None:
             mode = entry.st.st_mode
             if stat.S_ISREG(mode):
@@ -142,8 +144,7 @@ def materialize(items: Iterable[Item | ScanWarning],
                             os.posix_fadvise(fd, 0, 0, _WILLNEED)  # type: ignore[arg-type]
             elif stat.S_ISLNK(mode):
                 try:
-                    link = os.readlink(entry.name, dir_fd=entry.dir_fd)  # type: ignore[assignment]
-                    link = os.fsencode(link)  # type: ignore[arg-type]
+                    link = os.fsencode(os.readlink(entry.name, dir_fd=entry.dir_fd))
                 except OSError as exc:
                     problem = ScanWarning(entry.path, "readlink", exc.strerror or str(exc),
                                           "target not checked")

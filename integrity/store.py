@@ -267,9 +267,10 @@ class Store:
         e = models.entry
         cols = [e.c[name] for name in models.ENTRY_COLUMNS]
         with self.engine.connect() as conn:
-            for low, high in ranges or [(None, None)]:
+            bounds: Sequence[tuple[bytes | None, bytes | None]] = ranges or [(None, None)]
+            for low, high in bounds:
                 query = sa.select(*cols).where(e.c.baseline_id == baseline_id)
-                if low is not None:
+                if low is not None and high is not None:
                     query = query.where(e.c.key >= low, e.c.key < high)
                 result = conn.execution_options(stream_results=True, yield_per=BATCH) \
                     .execute(query.order_by(e.c.key))

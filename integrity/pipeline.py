@@ -216,14 +216,15 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
             st.st_dev)), None, entry, old
     if problem is not None and problem.consequence == "vanished during scan":
         return None, problem, entry, old
+    if old is not None and st.st_ctime_ns == old.ctime and st.st_ino == old.inode:
+        # Any xattr change moves ctime, which user space cannot set back.
+        xattrs = old.xattrs
+    else:
+        xattrs = _xattrs_path(entry.path, want_xattrs)
     if problem is None and old is not None and _S_ISREG(mode):
         # --fast, unchanged stat: keep the baseline digest.
-        rec = FileRecord.from_stat(entry.path, st, old.content, None,
-                                   _xattrs_path(entry.path, want_xattrs))
-        return rec, None, entry, old
-    rec = FileRecord.from_stat(entry.path, st, None, link,
-                               _xattrs_path(entry.path, want_xattrs))
-    return rec, problem, entry, old
+        return FileRecord.from_stat(entry.path, st, old.content, None, xattrs), None, entry, old
+    return FileRecord.from_stat(entry.path, st, None, link, xattrs), problem, entry, old
 
 
 _read, _fstat, _close, _listxattr = os.read, os.fstat, os.close, os.listxattr

@@ -54,6 +54,15 @@ def iso(value: dt.datetime | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """What recording a scan did: ids of new events, counts of updated and reverted."""
+
+    new: list[int]
+    updated: int
+    reverted: int
+
+
+@dataclass(frozen=True)
 class OpenEvent:
     """An open event, as approval needs it."""
 
@@ -72,8 +81,8 @@ class EventLog:
 
     def record(self, changes: Sequence[Change], rules: Mapping[bytes, Rule], source: str,
                scope: Sequence[tuple[bytes, bytes]], unknown: Iterable[bytes] = (),
-               skipped: Iterable[bytes] = ()) -> tuple[int, int, int]:
-        """Record a scan's changes; return (new, updated, reverted) event counts.
+               skipped: Iterable[bytes] = ()) -> Recorded:
+        """Record a scan's changes; return what was new, updated and reverted.
 
         Open events inside `scope` (key ranges the scan examined) whose path no
         longer differs from the baseline are closed as reverted, except paths in
@@ -84,7 +93,7 @@ class EventLog:
         changed_keys = {to_key(c.path): c for c in changes}
         unknown_keys = {to_key(p) for p in unknown}
         skipped_ranges = [key_range(p) for p in skipped]
-        new = updated = reverted = 0
+        updated = reverted = 0
         with self.store.writer() as conn, conn.begin():
             open_rows = self._open_in(conn, scope)
             inserts = []
@@ -103,7 +112,6 @@ class EventLog:
                     inserts.append({**fields, "key": key, "classification": UNEXPLAINED,
                                     "status": OPEN, "count": 1, "first_seen": now,
                                     "actor": None})
-                    new += 1
                 elif existing[1] != fields["new"] or existing[2] != change.kind:
                     conn.execute(e.update().where(e.c.id == existing[0]).values(
                         **fields, count=e.c.count + 1))
@@ -111,8 +119,12 @@ class EventLog:
                 else:
                     conn.execute(e.update().where(e.c.id == existing[0])
                                  .values(last_seen=now))
+            new_ids: list[int] = []
             if inserts:
                 conn.execute(e.insert(), inserts)
+                # We hold the write lock: every open event first seen at `now` is ours.
+                new_ids = list(conn.execute(sa.select(e.c.id).where(
+                    e.c.status == OPEN, e.c.first_seen == now).order_by(e.c.id)).scalars())
             gone = [row[0] for key, row in open_rows.items()
                     if key not in changed_keys and key not in unknown_keys
                     and not any(low <= key < high for low, high in skipped_ranges)]
@@ -120,7 +132,7 @@ class EventLog:
                 conn.execute(e.update().where(e.c.id.in_(chunk))
                              .values(status=REVERTED, last_seen=now))
                 reverted += len(chunk)
-        return new, updated, reverted
+        return Recorded(new_ids, updated, reverted)
 
     @staticmethod
     def _open_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]]
@@ -157,10 +169,12 @@ class EventLog:
         return {severity: count for severity, count in rows}
 
     def events(self, *, open_only: bool = False, since: dt.datetime | None = None,
-               ) -> list[dict[str, Any]]:
+               ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """Event history as SPEC's JSON objects, oldest first."""
         e = models.event
         query = sa.select(e)
+        if ids is not None:
+            query = query.where(e.c.id.in_(list(ids)))
         if open_only:
             query = query.where(e.c.status == OPEN)
         if since is not None:

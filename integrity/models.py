@@ -115,3 +115,17 @@ approval = Table(
     Column("entries", Integer, nullable=False),
     Column("events", Integer, nullable=False),
 )
+
+#: Liveness of running watchers: `status` calls one stale when its heartbeat is old.
+watcher = Table(
+    "watcher", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started", DateTime, nullable=False),
+    Column("heartbeat", DateTime, nullable=False),
+    Column("interval", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("watches", Integer, nullable=False),
+    Column("unwatched", Text),
+)

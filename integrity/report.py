@@ -187,8 +187,16 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
                    if events[s])
     out.write(f"open events: {events['open']}" + (f" ({by})" if by else "") + "\n")
     watcher = data["watcher"]
-    out.write("watcher: " + ("alive, pid {pid}, heartbeat {heartbeat}".format(**watcher)
-                             if watcher["alive"] else "not running") + "\n")
+    if watcher["alive"]:
+        out.write("watcher: alive, pid {pid}, {watches} watches, heartbeat {heartbeat}\n"
+                  .format(**watcher))
+        for line in watcher["unwatched"]:
+            out.write(f"  on scheduled scanning: {line}\n")
+    elif watcher["stale"]:
+        out.write("watcher: STALE, pid {pid} on {host}, last heartbeat {heartbeat}\n"
+                  .format(**watcher))
+    else:
+        out.write("watcher: not running\n")
     scan = data["last_scan"]
     if scan is None:
         out.write("last scan: none\n")

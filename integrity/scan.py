@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .compare import ADDED, MODIFIED, REMOVED, Change, compare
 from .errors import BaselineError, ScanWarning, UsageError
@@ -38,6 +38,8 @@ class ScanResult:
     rules: dict[bytes, Rule] = field(default_factory=dict)
     baseline: BaselineInfo | None = None
     run_id: int | None = None
+    #: Events this scan recorded (history.Recorded), once recorded.
+    recorded: Any = None
 
     def count(self, kind: str) -> int:
         return sum(1 for c in self.changes if c.kind == kind)
@@ -105,10 +107,11 @@ def _tick(progress: Progress, rec: FileRecord) -> None:
         progress.tick(progress)
 
 
-def _in_process(policy: Policy, roots: list[bytes] | None
+def _in_process(policy: Policy, roots: list[bytes] | None, descend: bool = True
                 ) -> Iterator[Hashed | ScanWarning]:
     """The worker's stream, produced in this process (one core, or by request)."""
-    items = ((e, None) if isinstance(e, WalkEntry) else e for e in walk(policy, roots))
+    items = ((e, None) if isinstance(e, WalkEntry) else e
+             for e in walk(policy, roots, descend=descend))
     for out in materialize(items, lambda entry, _old: entry.rule.hashes, None, READAHEAD):
         if isinstance(out, ScanWarning):
             yield out
@@ -149,60 +152,97 @@ def _fast_reason(st: os.stat_result, old: FileRecord) -> str | None:
 
 def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes] = (),
            *, fast: bool = False, progress: Progress | None = None,
-           parallel: bool | int | None = None) -> ScanResult:
-    """Compare the live trees (or just `paths`) with the baseline; record the run."""
+           parallel: bool | int | None = None, source: str = "verify") -> ScanResult:
+    """Compare the live trees (or just `paths`) with the baseline; record run and events.
+
+    `source` names who asks: "verify" (a person or timer) or "scan" (the watcher's
+    scheduled and catch-up scans).
+    """
     wanted = normalize_paths(policy, paths)
     roots = walk_roots(policy, wanted or None)
     count = 0 if fast else _workers(parallel)
     worker = ScanWorkers(policy, roots, count) if count else None
     try:
         store = open_store()
-        baseline = store.active_baseline()
-        if baseline is None:
-            raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
+        baseline = _baseline(store)
         result = ScanResult(baseline=baseline)
-        result.run_id = store.start_run("verify", baseline.id, wanted, fast)
-        base = store.iter_entries(baseline.id, [key_range(r) for r in roots])
+        result.run_id = store.start_run(source, baseline.id, wanted, fast)
+        ranges = [key_range(r) for r in roots]
+        base = store.iter_entries(baseline.id, ranges)
         if fast:
             outcomes = _fast_outcomes(policy, roots, base, progress)
         else:
             live = iter(worker) if worker is not None else _in_process(policy, roots)
             outcomes = _full_outcomes(_merge(live, base, policy), progress)
-        for item in outcomes:
-            if isinstance(item, ScanWarning):
-                result.warnings.append(item)
-                continue
-            new, problem, rule, old = item
-            if problem is not None:
-                result.warnings.append(problem)
-            if new is not None or problem is not None:
-                result.scanned += 1
-            rule = rule or policy.rule_for(old.path)  # type: ignore[union-attr]
-            if rule is None:
-                continue
-            attrs = rule.check
-            if problem is not None and new is not None and new.content is None:
-                attrs &= ~Attr.CONTENT
-            if problem is not None and new is None and old is not None \
-                    and problem.consequence != "vanished during scan":
-                continue  # could not be examined: an error, not a removal
-            change = compare(old, new, attrs)
-            if change is not None:
-                result.changes.append(change)
-                result.rules[change.path] = rule
+        _collect(result, outcomes, policy)
     finally:
         if worker is not None:
             worker.close()
-    from .history import EventLog
-
-    EventLog(store).record(
-        result.changes, result.rules, "verify", [key_range(r) for r in roots],
-        unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
-        skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)])
+    _record_events(store, result, source, ranges)
     store.finish_run(result.run_id, scanned=result.scanned, added=result.count(ADDED),
                      removed=result.count(REMOVED), modified=result.count(MODIFIED),
                      errors=len(result.warnings), exit_code=exit_code(result))
     return result
+
+
+def check_paths(store: Store, policy: Policy, paths: Iterable[bytes],
+                source: str = "realtime") -> ScanResult:
+    """Targeted rehash: compare just these entries (not their subtrees) with the
+    baseline and record what really changed. The watcher's hints end up here."""
+    wanted = sorted({p for p in paths if policy.rule_for(p) is not None}, key=to_key)
+    result = ScanResult(baseline=_baseline(store))
+    if not wanted:
+        return result
+    ranges = [(key, key + b"\x00") for key in map(to_key, wanted)]
+    base = store.iter_entries(result.baseline.id, ranges)  # type: ignore[union-attr]
+    live = _in_process(policy, wanted, descend=False)
+    _collect(result, _full_outcomes(_merge(live, base, policy), None), policy)
+    _record_events(store, result, source, ranges)
+    return result
+
+
+def _baseline(store: Store) -> BaselineInfo:
+    baseline = store.active_baseline()
+    if baseline is None:
+        raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
+    return baseline
+
+
+def _collect(result: ScanResult, outcomes: Iterator[Outcome | ScanWarning],
+             policy: Policy) -> None:
+    """Compare each outcome under its rule; gather changes and warnings."""
+    for item in outcomes:
+        if isinstance(item, ScanWarning):
+            result.warnings.append(item)
+            continue
+        new, problem, rule, old = item
+        if problem is not None:
+            result.warnings.append(problem)
+        if new is not None or problem is not None:
+            result.scanned += 1
+        rule = rule or policy.rule_for(old.path)  # type: ignore[union-attr]
+        if rule is None:
+            continue
+        attrs = rule.check
+        if problem is not None and new is not None and new.content is None:
+            attrs &= ~Attr.CONTENT
+        if problem is not None and new is None and old is not None \
+                and problem.consequence != "vanished during scan":
+            continue  # could not be examined: an error, not a removal
+        change = compare(old, new, attrs)
+        if change is not None:
+            result.changes.append(change)
+            result.rules[change.path] = rule
+
+
+def _record_events(store: Store, result: ScanResult, source: str,
+                   ranges: Sequence[tuple[bytes, bytes]]) -> None:
+    from .history import EventLog
+
+    result.recorded = EventLog(store).record(
+        result.changes, result.rules, source, ranges,
+        unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
+        skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)])
 
 
 Outcome = tuple[FileRecord | None, ScanWarning | None, Rule | None, FileRecord | None]

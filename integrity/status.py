@@ -8,7 +8,7 @@ from typing import Any
 
 from .history import EventLog, iso
 from .policy import SEVERITIES
-from .store import Store
+from .store import Store, latest_watcher, utcnow
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,18 @@ class StatusReport:
 def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
     """Gather status; unhealthy when there is no baseline or changes are open.
 
-    The watcher block reports no watcher until `integrity watch` records heartbeats.
+    A watcher whose heartbeat is older than three intervals is stale: unhealthy.
     """
     baseline = store.active_baseline()
     counts = EventLog(store).open_counts()
-    run = store.last_run("verify")
+    run = store.last_run("verify", "scan")
+    watcher = latest_watcher(store)
+    now = now or utcnow()
+    alive = stale = False
+    if watcher is not None and watcher["state"] != "stopped":
+        age = (now - watcher["heartbeat"]).total_seconds()
+        alive = age <= 3 * watcher["interval"]
+        stale = not alive
     open_total = sum(counts.values())
     data: dict[str, Any] = {
         "baseline": None if baseline is None else {
@@ -34,11 +41,19 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
             "entries": baseline.entries, "root": baseline.root,
             "policy": baseline.policy_source},
         "events": {"open": open_total, **{s: counts.get(s, 0) for s in SEVERITIES}},
-        "watcher": {"pid": None, "heartbeat": None, "alive": False},
+        "watcher": {
+            "pid": watcher["pid"] if watcher else None,
+            "host": watcher["host"] if watcher else None,
+            "heartbeat": iso(watcher["heartbeat"]) if watcher else None,
+            "alive": alive, "stale": stale,
+            "state": watcher["state"] if watcher else None,
+            "watches": watcher["watches"] if watcher else None,
+            "unwatched": watcher["unwatched"].splitlines()
+            if watcher and watcher["unwatched"] else []},
         "last_scan": None if run is None else {
             "time": iso(run["finished"]), "source": run["command"],
             "fast": bool(run["fast"]), "scanned": run["scanned"], "added": run["added"],
             "removed": run["removed"], "modified": run["modified"],
             "errors": run["errors"]},
     }
-    return StatusReport(data, baseline is not None and open_total == 0)
+    return StatusReport(data, baseline is not None and open_total == 0 and not stale)

@@ -23,7 +23,7 @@ from .paths import display, from_key, to_key
 from .record import FileRecord
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("0001", "0002")
+REVISIONS = ("0001", "0002", "0003")
 HEAD = REVISIONS[-1]
 BATCH = 5000
 
@@ -300,12 +300,12 @@ class Store:
                 finished=utcnow(), scanned=scanned, added=added, removed=removed,
                 modified=modified, errors=errors, exit_code=exit_code))
 
-    def last_run(self, command: str | None = None) -> dict[str, Any] | None:
-        """The newest finished run (of one command, if given)."""
+    def last_run(self, *commands: str) -> dict[str, Any] | None:
+        """The newest finished run (of these commands, if given)."""
         r = models.run
         query = sa.select(r).where(r.c.finished.is_not(None))
-        if command:
-            query = query.where(r.c.command == command)
+        if commands:
+            query = query.where(r.c.command.in_(commands))
         with self.engine.connect() as conn:
             row = conn.execute(query.order_by(r.c.id.desc()).limit(1)).mappings().first()
         return dict(row) if row else None
@@ -376,6 +376,33 @@ class _BatchWriter:
                 raise DatabaseError(f"{self.store.name()}: cannot write baseline: "
                                     f"{_cause(error)}") from None
             raise error
+
+
+def heartbeat(store: Store, watcher_id: int | None, *, interval: int, state: str,
+              watches: int, unwatched: str | None) -> int:
+    """Record that this watcher is alive (creating its row on the first beat)."""
+    import socket
+
+    w = models.watcher
+    now = utcnow()
+    with store.writer() as conn, conn.begin():
+        if watcher_id is None:
+            return int(conn.execute(w.insert().values(
+                host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now,
+                interval=interval, state=state, watches=watches, unwatched=unwatched,
+            )).inserted_primary_key[0])
+        conn.execute(w.update().where(w.c.id == watcher_id).values(
+            heartbeat=now, state=state, watches=watches, unwatched=unwatched))
+        return watcher_id
+
+
+def latest_watcher(store: Store) -> dict[str, Any] | None:
+    """The most recently started watcher's row."""
+    w = models.watcher
+    with store.engine.connect() as conn:
+        row = conn.execute(sa.select(w).order_by(w.c.started.desc(), w.c.id.desc())
+                           .limit(1)).mappings().first()
+    return dict(row) if row else None
 
 
 def _require_existing(url: str) -> None:

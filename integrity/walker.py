@@ -76,21 +76,25 @@ def walk_roots(policy: Policy, roots: Iterable[bytes] | None = None) -> list[byt
 
 def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
          descend: bool = True, share: tuple[int, int] | None = None,
-         ) -> Iterator[WalkEntry | ScanWarning]:
+         dirs_only: bool = False) -> Iterator[WalkEntry | ScanWarning]:
     """Yield every recorded entry under the policy's rules (or below `roots`).
 
     Also yields ScanWarning for entries that could not be examined, and SkippedTree
     for directories that could not be listed. `descend=False` yields just the roots.
     `share=(part, parts)` yields only worker `part`'s share (see _descend); the
-    shares of all parts together are exactly the whole walk.
+    shares of all parts together are exactly the whole walk. `dirs_only` yields only
+    directories and never lstats anything else (the watcher's set-up).
     """
     waypoints = _waypoints(policy)
-    for root in walk_roots(policy, roots):
-        yield from _walk_root(policy, root, waypoints, descend, share)
+    starts = walk_roots(policy, roots) if descend else sorted(
+        roots if roots is not None else (r.path for r in policy.rules), key=to_key)
+    for root in starts:
+        yield from _walk_root(policy, root, waypoints, descend, share, dirs_only)
 
 
 def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend: bool,
-               share: tuple[int, int] | None) -> Iterator[WalkEntry | ScanWarning]:
+               share: tuple[int, int] | None, dirs_only: bool = False,
+               ) -> Iterator[WalkEntry | ScanWarning]:
     part = share[0] if share else 0
     rule = policy.rule_for(root)
     if rule is None:
@@ -106,7 +110,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
             yield ScanWarning(root, "lstat", exc.strerror or str(exc))
         return
     recorded = policy.covers(root)
-    if recorded and not part:
+    if recorded and not part and (stat.S_ISDIR(st.st_mode) or not dirs_only):
         try:
             parent_fd = os.open(parent, _DIR_FLAGS)
         except OSError:
@@ -130,7 +134,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
         if not part:
             yield frame
         return
-    yield from _descend(policy, frame, waypoints, share)
+    yield from _descend(policy, frame, waypoints, share, dirs_only)
 
 
 def _open_frame(path: bytes, parent_fd: int | None, rule: Rule, record_children: bool,
@@ -163,7 +167,8 @@ def _kind(entry: os.DirEntry[str]) -> int:
 
 
 def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
-             share: tuple[int, int] | None = None) -> Iterator[WalkEntry | ScanWarning]:
+             share: tuple[int, int] | None = None, dirs_only: bool = False,
+             ) -> Iterator[WalkEntry | ScanWarning]:
     stack = [top]
     part, parts = share or (0, 1)
     rule_at = policy.rule_at
@@ -176,6 +181,8 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
                 continue
             raw, name, kind = frame.pending[frame.index]
             frame.index += 1
+            if dirs_only and kind != _DIR:
+                continue
             if parts > 1:
                 # Share the walk between workers without an lstat of the others'
                 # files: regular files by a name hash (the same in every forked

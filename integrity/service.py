@@ -1,0 +1,262 @@
+"""The daemon behind `integrity watch`: watcher thread, scan thread, scheduler, signals.
+
+Start-up order matters: the catch-up scan (what changed while we were down) runs
+after the watches are in place, so nothing that changes during it slips through, and
+READY is reported to systemd only after it. Realtime re-checks and scans run on
+threads of their own, so a nightly full scan never delays a realtime alert and the
+inotify reader never waits for either. Everything that changes the database happens
+in short transactions: SIGTERM can stop us at any point without half-written rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from .alerts import Sink, build_sinks, wants
+from .errors import IntegrityError
+from .paths import display
+from .policy import Policy, load
+from .scan import ScanResult, check_paths, verify
+from .store import Store, heartbeat
+from .watcher import Hints, Unwatched, Watcher
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 10
+#: How often subtrees inotify cannot cover (watch limit, NFS) are scanned.
+UNWATCHED_SCAN_SECONDS = 300
+
+
+@dataclass
+class _Task:
+    kind: str
+    paths: list[bytes] = field(default_factory=list)
+    hints: Hints | None = None
+
+
+class Service:
+    """One running watcher over one policy and database."""
+
+    def __init__(self, store: Store, policy_path: str, *,
+                 heartbeat_seconds: int = HEARTBEAT_SECONDS,
+                 notifier: Any = None) -> None:
+        self.store = store
+        self.policy_path = policy_path
+        self.policy: Policy = load(policy_path)
+        self.sinks: list[Sink] = build_sinks(self.policy)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.notifier = notifier
+        self.stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.realtime: queue.Queue[_Task | None] = queue.Queue()
+        self.scans: queue.Queue[_Task | None] = queue.Queue()
+        self.watcher: Watcher | None = None
+        self.unwatched: list[Unwatched] = []
+        self.watcher_id: int | None = None
+        self.scheduler: Any = None
+        self.threads: list[threading.Thread] = []
+
+    # -- callbacks from the watcher ------------------------------------------------
+
+    def _on_hints(self, hints: Hints) -> None:
+        self.realtime.put(_Task("hints", hints=hints))
+
+    def _on_overflow(self) -> None:
+        log.warning("inotify queue overflow: scheduling a full rescan")
+        self.scans.put(_Task("full"))
+
+    def _on_unwatched(self, items: list[Unwatched]) -> None:
+        for item in items:
+            log.warning("not watched in real time: %s: %s (scanned every %d s instead)",
+                        display(item.root), item.reason, UNWATCHED_SCAN_SECONDS)
+        self.unwatched += items
+        self.scans.put(_Task("subtrees", paths=[i.root for i in items]))
+
+    # -- work --------------------------------------------------------------------
+
+    def _alert(self, result: ScanResult) -> None:
+        recorded = result.recorded
+        if recorded is None or not recorded.new or not self.sinks:
+            return
+        from .history import EventLog
+
+        for event in EventLog(self.store).events(ids=recorded.new):
+            for sink in self.sinks:
+                if wants(sink, event):
+                    try:
+                        sink.send(event)
+                    except OSError as exc:
+                        log.error("alert sink failed: %s", exc)
+
+    def _full_scan(self, source: str = "scan") -> ScanResult:
+        result = verify(lambda: self.store, self.policy, parallel=0, source=source)
+        self._alert(result)
+        log.info("%s: %d entries, %d changes, %d errors", source, result.scanned,
+                 len(result.changes), len(result.warnings))
+        return result
+
+    def _run_queue(self, tasks: queue.Queue[_Task | None],
+                   handle: Callable[[_Task], None]) -> None:
+        while True:
+            task = tasks.get()
+            if task is None or self.stop.is_set():
+                return
+            try:
+                handle(task)
+            except IntegrityError as exc:
+                log.error("%s", exc)
+            except Exception:  # noqa: BLE001 - a bug must not kill the daemon silently
+                log.exception("unexpected error while handling %s", task.kind)
+
+    def _handle_realtime(self, task: _Task) -> None:
+        hints = task.hints
+        assert hints is not None
+        if hints.paths:
+            self._alert(check_paths(self.store, self.policy, hints.paths))
+        for root in sorted(hints.subtrees):
+            if self.policy.rule_for(root) is None:
+                continue
+            self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
+                               source="realtime"))
+
+    def _handle_scan(self, task: _Task) -> None:
+        if task.kind == "full":
+            self._full_scan()
+        elif task.kind == "subtrees":
+            roots = [p for p in task.paths if self.policy.rule_for(p) is not None]
+            if roots:
+                self._alert(verify(lambda: self.store, self.policy, roots, parallel=0,
+                                   source="scan"))
+
+    # -- life cycle --------------------------------------------------------------
+
+    def _notify(self, method: str, *args: str) -> None:
+        if self.notifier is not None:
+            getattr(self.notifier, method)(*args)
+
+    def _beat(self, state: str) -> None:
+        watches = len(self.watcher.wd_path) if self.watcher else 0
+        unwatched = "\n".join(f"{display(u.root)}: {u.reason}" for u in self.unwatched)
+        self.watcher_id = heartbeat(self.store, self.watcher_id,
+                                    interval=self.heartbeat_seconds, state=state,
+                                    watches=watches, unwatched=unwatched or None)
+
+    def _install_signals(self) -> None:
+        def on_term(_signum: int, _frame: FrameType | None) -> None:
+            self.stop.set()
+
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.cron import CronTrigger
+
+        scheduler = BackgroundScheduler(daemon=True)
+        scheduler.add_job(lambda: self.scans.put(_Task("full")),
+                          CronTrigger.from_crontab(self.policy.full_scan),
+                          id="full-scan", max_instances=1, coalesce=True)
+        scheduler.add_job(self._scan_unwatched, "interval",
+                          seconds=UNWATCHED_SCAN_SECONDS, id="unwatched",
+                          max_instances=1, coalesce=True)
+        scheduler.start()
+        self.scheduler = scheduler
+
+    def _scan_unwatched(self) -> None:
+        if self.unwatched:
+            self.scans.put(_Task("subtrees", paths=[u.root for u in self.unwatched]))
+
+    def _start_watcher(self) -> None:
+        watcher = Watcher(self.policy, self._on_hints, self._on_overflow,
+                          self._on_unwatched)
+        count = watcher.start()
+        self.watcher = watcher
+        thread = threading.Thread(target=watcher.run, args=(self.stop,),
+                                  name="inotify", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        log.info("watching %d directories", count)
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the policy; a bad one is refused and the old one kept."""
+        try:
+            policy = load(self.policy_path)
+            sinks = build_sinks(policy)
+        except IntegrityError as exc:
+            log.error("reload refused, keeping the running policy: %s", exc)
+            return
+        for sink in self.sinks:
+            sink.close()
+        self.policy, self.sinks = policy, sinks
+        self._notify("reloading")
+        old = self.watcher
+        self.unwatched = []
+        self._start_watcher()
+        if old is not None:
+            old.close()
+        if self.scheduler is not None:
+            from apscheduler.triggers.cron import CronTrigger
+            self.scheduler.reschedule_job("full-scan",
+                                          trigger=CronTrigger.from_crontab(policy.full_scan))
+        self.scans.put(_Task("full"))
+        watches = len(self.watcher.wd_path) if self.watcher else 0
+        self._notify("ready", f"policy reloaded; watching {watches} directories")
+        log.info("policy reloaded from %s", self.policy_path)
+
+    def run(self) -> int:
+        """Run until SIGTERM; return the exit status (0)."""
+        self._install_signals()
+        self._beat("starting")
+        for name, tasks, handler in (("realtime", self.realtime, self._handle_realtime),
+                                     ("scans", self.scans, self._handle_scan)):
+            thread = threading.Thread(target=self._run_queue, args=(tasks, handler),
+                                      name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self._start_watcher()
+        catch_up = self._full_scan("scan")  # what changed while we were down
+        self._start_scheduler()
+        self._beat("running")
+        watches = len(self.watcher.wd_path) if self.watcher else 0
+        self._notify("ready", f"watching {watches} directories; catch-up scan found "
+                              f"{len(catch_up.changes)} changes")
+        interval = min(self.heartbeat_seconds,
+                       getattr(self.notifier, "watchdog_interval", None) or 1e9)
+        while not self.stop.wait(interval):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload()
+            self._beat("running")
+            self._notify("watchdog")
+        self._shutdown()
+        return 0
+
+    def _shutdown(self) -> None:
+        self._notify("stopping")
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        self.realtime.put(None)
+        self.scans.put(None)
+        for thread in self.threads:
+            thread.join(timeout=3)
+        if self.watcher is not None:
+            self.watcher.close()
+        for sink in self.sinks:
+            sink.close()
+        try:
+            self._beat("stopped")
+        except IntegrityError:
+            pass
+        log.info("stopped")
+

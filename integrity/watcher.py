@@ -1,0 +1,302 @@
+"""The inotify loop: watch every protected directory and hand changed paths on.
+
+inotify is a hint, not the truth: it is not recursive, its queue overflows, and
+renames arrive as two halves. This module keeps the watch map right (new directories
+are watched before they are listed, renamed directories move their map entries,
+IN_IGNORED drops them), coalesces bursts for one path into one hint, and calls back
+with paths to re-check; the scan decides whether anything really changed. It never
+imports the scan. On IN_Q_OVERFLOW or a watch it could not add, it says so through
+its callbacks instead of going quietly blind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from inotify_simple import INotify, flags
+
+from .errors import ScanWarning
+from .paths import display, is_within
+from .policy import Policy
+from .walker import WalkEntry, walk
+
+log = logging.getLogger(__name__)
+
+WATCH_MASK = (flags.CLOSE_WRITE | flags.ATTRIB | flags.MOVED_TO | flags.MOVED_FROM
+              | flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVE_SELF
+              | flags.DONT_FOLLOW | flags.ONLYDIR | flags.EXCL_UNLINK)
+_SHAPE = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
+
+#: Filesystems whose changes inotify does not see (they happen on another host).
+REMOTE_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs",
+                      "fuse", "lustre", "afs", "ncpfs")
+
+
+def is_remote(fstype: str) -> bool:
+    """True for filesystem types inotify cannot watch for remote changes."""
+    return fstype in REMOTE_FILESYSTEMS or fstype.startswith("fuse")
+
+
+def filesystem_type(path: bytes) -> str:
+    """The type of the filesystem holding path, from /proc/self/mountinfo."""
+    best, fstype = b"", ""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            for line in handle:
+                fields = line.split()
+                mount = fields[4].decode("unicode_escape").encode("latin-1")
+                sep = fields.index(b"-")
+                if is_within(path, mount) and len(mount) >= len(best):
+                    best, fstype = mount, fields[sep + 1].decode()
+    except (OSError, ValueError, IndexError):
+        return ""
+    return fstype
+
+
+@dataclass
+class Hints:
+    """What to re-check: single entries, and whole subtrees (renamed or new dirs)."""
+
+    paths: set[bytes] = field(default_factory=set)
+    subtrees: set[bytes] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.paths or self.subtrees)
+
+
+@dataclass(frozen=True)
+class Unwatched:
+    """A subtree inotify does not cover, and why (it goes on scheduled scanning)."""
+
+    root: bytes
+    reason: str
+
+
+class Watcher:
+    """inotify watches over a policy's directories, read in a loop of its own.
+
+    `on_hints(Hints)` receives coalesced paths to re-check, `on_overflow()` is called
+    after IN_Q_OVERFLOW (everything must be rescanned), `on_unwatched(list)` when
+    subtrees could not be watched (watch limit, remote filesystem).
+    """
+
+    def __init__(self, policy: Policy, on_hints: Callable[[Hints], None],
+                 on_overflow: Callable[[], None],
+                 on_unwatched: Callable[[list[Unwatched]], None],
+                 window: float = 0.1) -> None:
+        self.policy = policy
+        self.on_hints = on_hints
+        self.on_overflow = on_overflow
+        self.on_unwatched = on_unwatched
+        self.window = window
+        self.inotify = INotify()
+        self.wd_path: dict[int, bytes] = {}
+        self.path_wd: dict[bytes, int] = {}
+        self.unwatched: list[Unwatched] = []
+        self._pending = Hints()
+        self._first_pending = 0.0
+        self._moved_from: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    # -- set-up -----------------------------------------------------------------
+
+    def start(self) -> int:
+        """Watch every directory of every rule; return the number of watches."""
+        remote = []
+        for rule in self.policy.rules:
+            fstype = filesystem_type(rule.path)
+            if is_remote(fstype):
+                remote.append(Unwatched(rule.path, f"{fstype} filesystem: inotify does "
+                                        "not see changes made on other hosts"))
+        skip = [u.root for u in remote]
+        self._watch_tree(None, skip)
+        if remote:
+            self.unwatched += remote
+            self.on_unwatched(remote)
+        return len(self.wd_path)
+
+    def _watch_tree(self, roots: Iterable[bytes] | None, skip: list[bytes]) -> list[bytes]:
+        """Add watches for directories below roots (or all rules); return the new ones.
+
+        A directory is watched when the walk yields it, before the walk lists it, so
+        nothing created in it afterwards can slip past.
+        """
+        added: list[bytes] = []
+        failed: list[Unwatched] = []
+        for entry in walk(self.policy, roots, dirs_only=True):
+            if isinstance(entry, ScanWarning) or not isinstance(entry, WalkEntry):
+                continue
+            path = entry.path
+            if any(is_within(path, s) for s in skip):
+                continue
+            try:
+                wd = self.inotify.add_watch(path, WATCH_MASK)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    failed.append(Unwatched(path, self._limit_reason()))
+                    skip.append(path)
+                elif exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    failed.append(Unwatched(path, f"inotify_add_watch failed: "
+                                                  f"{exc.strerror}"))
+                    skip.append(path)
+                continue
+            with self._lock:
+                self.wd_path[wd] = path
+                self.path_wd[path] = wd
+            added.append(path)
+        if failed:
+            self.unwatched += failed
+            self.on_unwatched(failed)
+        return added
+
+    def _limit_reason(self) -> str:
+        needed = sum(1 for e in walk(self.policy, dirs_only=True) if isinstance(e, WalkEntry))
+        try:
+            with open("/proc/sys/fs/inotify/max_user_watches") as handle:
+                limit = int(handle.read())
+        except OSError:
+            limit = -1
+        return (f"inotify watch limit reached (fs.inotify.max_user_watches={limit}, "
+                f"this policy needs {needed} plus what other programs hold): raise it "
+                f"with 'sysctl -w fs.inotify.max_user_watches={max(needed * 2, 65536)}'; "
+                "see 'integrity doctor'")
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Read and handle events until `stop` is set."""
+        while not stop.is_set():
+            timeout = 50 if self._pending else 200
+            try:
+                events = self.inotify.read(timeout=timeout)
+            except OSError as exc:  # pragma: no cover - the fd broke: say so, rescan
+                log.error("reading inotify failed: %s; rescanning", exc.strerror)
+                self.on_overflow()
+                time.sleep(1)
+                continue
+            if events:
+                self.handle(events)
+            self._flush()
+        self._flush(force=True)
+
+    def handle(self, events: Iterable[Any]) -> None:
+        """Turn raw events into hints and watch-map updates."""
+        overflow = False
+        now = time.monotonic()
+        for event in events:
+            wd, mask, cookie, name = event.wd, event.mask, event.cookie, event.name
+            if mask & flags.Q_OVERFLOW:
+                overflow = True
+                continue
+            with self._lock:
+                base = self.wd_path.get(wd)
+            if base is None:
+                continue
+            if mask & flags.IGNORED:
+                self._forget(wd)
+                continue
+            path = base + b"/" + os.fsencode(name) if name else base
+            if not name:
+                if mask & flags.ATTRIB:
+                    self._hint(path, now)
+                continue  # DELETE_SELF / MOVE_SELF: the parent's event tells us
+            if mask & _SHAPE:
+                self._hint(base, now)  # the directory's own mtime, ctime, nlink
+            if mask & flags.ISDIR:
+                self._directory_event(path, mask, cookie, now)
+            elif self.policy.covers(path):
+                self._hint(path, now)
+        if self._moved_from:
+            # A directory moved out of our trees: its watches now point elsewhere.
+            for old in self._moved_from.values():
+                self._drop_subtree(old)
+            self._moved_from.clear()
+        if overflow:
+            log.warning("inotify queue overflowed: events were lost; rescanning")
+            self.on_overflow()
+
+    def _directory_event(self, path: bytes, mask: int, cookie: int, now: float) -> None:
+        if mask & flags.MOVED_FROM:
+            self._moved_from[cookie] = path
+            self._hint_subtree(path, now)
+        elif mask & flags.MOVED_TO:
+            old = self._moved_from.pop(cookie, None)
+            if old is not None:
+                self._rename_subtree(old, path)
+            if self.policy.covers(path):
+                self._watch_tree([path], [])
+            self._hint_subtree(path, now)
+        elif mask & flags.CREATE:
+            if self.policy.covers(path):
+                self._watch_tree([path], [])
+                self._hint_subtree(path, now)
+        elif mask & flags.DELETE:
+            self._hint_subtree(path, now)
+        elif mask & flags.ATTRIB and self.policy.covers(path):
+            self._hint(path, now)
+
+    def _rename_subtree(self, old: bytes, new: bytes) -> None:
+        with self._lock:
+            for path, wd in list(self.path_wd.items()):
+                if is_within(path, old):
+                    moved = new + path[len(old):]
+                    del self.path_wd[path]
+                    self.path_wd[moved] = wd
+                    self.wd_path[wd] = moved
+
+    def _drop_subtree(self, old: bytes) -> None:
+        with self._lock:
+            doomed = [(p, wd) for p, wd in self.path_wd.items() if is_within(p, old)]
+        for path, wd in doomed:
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:
+                pass
+            self._forget(wd)
+
+    def _forget(self, wd: int) -> None:
+        with self._lock:
+            path = self.wd_path.pop(wd, None)
+            if path is not None and self.path_wd.get(path) == wd:
+                del self.path_wd[path]
+
+    def _hint(self, path: bytes, now: float) -> None:
+        if not self._pending:
+            self._first_pending = now
+        self._pending.paths.add(path)
+
+    def _hint_subtree(self, path: bytes, now: float) -> None:
+        if not self._pending:
+            self._first_pending = now
+        self._pending.subtrees.add(path)
+
+    def _flush(self, force: bool = False) -> None:
+        """Hand on the hints once the burst they belong to is `window` old."""
+        if not self._pending:
+            return
+        if not force and time.monotonic() - self._first_pending < self.window:
+            return
+        hints, self._pending = self._pending, Hints()
+        for root in hints.subtrees:
+            hints.paths = {p for p in hints.paths if not is_within(p, root)}
+        log.debug("re-checking %d paths and %d subtrees: %s", len(hints.paths),
+                  len(hints.subtrees),
+                  ", ".join(display(p) for p in sorted(hints.paths | hints.subtrees)[:5]))
+        self.on_hints(hints)
+
+    def watching(self, path: bytes) -> bool:
+        """True when the directory at path has a watch."""
+        with self._lock:
+            return path in self.path_wd
+
+    def close(self) -> None:
+        """Release the inotify instance and every watch."""
+        self.inotify.close()
+

@@ -25,7 +25,8 @@ from .policy import Rule
 from .record import FileRecord
 from .store import Store, utcnow
 
-OPEN, APPROVED, REVERTED = "open", "approved", "reverted"
+OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
+WARNING = "warning"
 UNEXPLAINED, PACKAGE_UPDATE = "unexplained", "package-update"
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -141,17 +142,50 @@ class EventLog:
         found: dict[bytes, tuple[int, str | None, str]] = {}
         for low, high in scope:
             rows = conn.execute(sa.select(e.c.key, e.c.id, e.c.new, e.c.kind).where(
-                e.c.status == OPEN, e.c.key >= low, e.c.key < high))
+                e.c.status == OPEN, e.c.kind != WARNING, e.c.key >= low, e.c.key < high))
             for key, event_id, new_state, kind in rows:
                 found[key] = (event_id, new_state, kind)
         return found
 
+    def warn(self, path: bytes, message: str, *, source: str = "realtime",
+             severity: str = "high", resolved: bool = False) -> int:
+        """Record that the watcher could not see something (an open warning until it
+        is resolved); a repeat of an open warning for the same path updates it."""
+        e = models.event
+        now = utcnow()
+        key = to_key(path)
+        with self.store.writer() as conn, conn.begin():
+            existing = conn.execute(sa.select(e.c.id).where(
+                e.c.status == OPEN, e.c.kind == WARNING, e.c.key == key)).scalar()
+            status = RESOLVED if resolved else OPEN
+            if existing is not None:
+                conn.execute(e.update().where(e.c.id == existing).values(
+                    count=e.c.count + 1, last_seen=now, status=status,
+                    new=json.dumps({"warning": message})))
+                return int(existing)
+            return int(conn.execute(e.insert().values(
+                key=key, kind=WARNING, changed="", source=source, rule=None,
+                severity=severity, classification="watcher", status=status, count=1,
+                first_seen=now, last_seen=now, old=None,
+                new=json.dumps({"warning": message}), actor=None)).inserted_primary_key[0])
+
+    def resolve_warnings(self, keep: Iterable[bytes] = ()) -> int:
+        """Close open warnings, except those for paths in `keep`; return how many."""
+        e = models.event
+        kept = [to_key(p) for p in keep]
+        query = e.update().where(e.c.status == OPEN, e.c.kind == WARNING)
+        if kept:
+            query = query.where(e.c.key.not_in(kept))
+        with self.store.writer() as conn, conn.begin():
+            return int(conn.execute(query.values(status=RESOLVED,
+                                                 last_seen=utcnow())).rowcount)
+
     def open_events(self, scope: Sequence[tuple[bytes, bytes]] | None = None
                     ) -> list[OpenEvent]:
-        """Open events (in key order), optionally only within key ranges."""
+        """Open changes (in key order; not warnings), optionally within key ranges."""
         e = models.event
         query = sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed, e.c.severity).where(
-            e.c.status == OPEN)
+            e.c.status == OPEN, e.c.kind != WARNING)
         if scope is not None:
             query = query.where(sa.or_(*[sa.and_(e.c.key >= low, e.c.key < high)
                                          for low, high in scope]) if scope else sa.false())

@@ -70,14 +70,21 @@ class Service:
 
     def _on_overflow(self) -> None:
         log.warning("inotify queue overflow: scheduling a full rescan")
-        self.scans.put(_Task("full"))
+        self.scans.put(_Task("overflow"))
 
     def _on_unwatched(self, items: list[Unwatched]) -> None:
         for item in items:
             log.warning("not watched in real time: %s: %s (scanned every %d s instead)",
                         display(item.root), item.reason, UNWATCHED_SCAN_SECONDS)
         self.unwatched += items
-        self.scans.put(_Task("subtrees", paths=[i.root for i in items]))
+        self.scans.put(_Task("unwatched", paths=[i.root for i in items]))
+
+    def _warn(self, path: bytes, message: str, resolved: bool = False) -> None:
+        from .history import EventLog
+
+        log_ = EventLog(self.store)
+        event_id = log_.warn(path, message, resolved=resolved)
+        self._send(log_.events(ids=[event_id]))
 
     # -- work --------------------------------------------------------------------
 
@@ -87,7 +94,10 @@ class Service:
             return
         from .history import EventLog
 
-        for event in EventLog(self.store).events(ids=recorded.new):
+        self._send(EventLog(self.store).events(ids=recorded.new))
+
+    def _send(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
             for sink in self.sinks:
                 if wants(sink, event):
                     try:
@@ -129,6 +139,18 @@ class Service:
     def _handle_scan(self, task: _Task) -> None:
         if task.kind == "full":
             self._full_scan()
+        elif task.kind == "overflow":
+            message = ("inotify queue overflowed: events were lost; a full rescan "
+                       "reports every change")
+            self._warn(b"/", message)
+            self._full_scan()
+            self._warn(b"/", message + " (rescan done)", resolved=True)
+        elif task.kind == "unwatched":
+            for root in task.paths:
+                reason = next((u.reason for u in self.unwatched if u.root == root), "")
+                self._warn(root, f"not watched in real time: {reason}; scanned every "
+                                 f"{UNWATCHED_SCAN_SECONDS} s instead")
+            self._handle_scan(_Task("subtrees", paths=task.paths))
         elif task.kind == "subtrees":
             roots = [p for p in task.paths if self.policy.rule_for(p) is not None]
             if roots:
@@ -209,6 +231,9 @@ class Service:
             from apscheduler.triggers.cron import CronTrigger
             self.scheduler.reschedule_job("full-scan",
                                           trigger=CronTrigger.from_crontab(policy.full_scan))
+        from .history import EventLog
+
+        EventLog(self.store).resolve_warnings(keep=[u.root for u in self.unwatched])
         self.scans.put(_Task("full"))
         watches = len(self.watcher.wd_path) if self.watcher else 0
         self._notify("ready", f"policy reloaded; watching {watches} directories")
@@ -216,8 +241,11 @@ class Service:
 
     def run(self) -> int:
         """Run until SIGTERM; return the exit status (0)."""
+        from .history import EventLog
+
         self._install_signals()
         self._beat("starting")
+        EventLog(self.store).resolve_warnings()  # a new start re-establishes them
         for name, tasks, handler in (("realtime", self.realtime, self._handle_realtime),
                                      ("scans", self.scans, self._handle_scan)):
             thread = threading.Thread(target=self._run_queue, args=(tasks, handler),

@@ -258,3 +258,37 @@ def test_revisions_match_the_migration_scripts() -> None:
     for script in (REPO / "migrations" / "versions").glob("0*.py"):
         text = script.read_text()
         assert any(f'revision = "{r}"' in text for r in REVISIONS), script
+
+
+def test_older_schema_is_refused_then_upgraded_keeping_the_baseline(run: Cli) -> None:
+    """A database at an older revision is never used silently: refused with the
+    command to run, and `db upgrade` brings it to head without losing the baseline."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from integrity.store import HEAD, REVISIONS, _migrations_dir
+
+    assert len(REVISIONS) >= 2
+    config = Config()
+    config.set_main_option("script_location", _migrations_dir())
+    run.db.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite:///{run.db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, REVISIONS[0])
+        conn.exec_driver_sql(
+            "INSERT INTO baseline (state, created, activated, policy_source, "
+            "policy_digest, entries) VALUES ('active', '2026-01-01 00:00:00', "
+            "'2026-01-01 00:00:00', 'old.toml', 'x', 0)")
+    engine.dispose()
+    refused = run("verify")
+    assert refused.exit_code == 2
+    assert refused.stderr.strip().count("\n") == 0
+    assert f"revision {REVISIONS[0]}" in refused.stderr
+    assert "integrity db upgrade" in refused.stderr
+    upgraded = run("db", "upgrade")
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"from revision {REVISIONS[0]} to {HEAD}" in upgraded.stdout
+    assert rows(run.db, "SELECT version_num FROM alembic_version") == [(HEAD,)]
+    assert rows(run.db, "SELECT policy_source FROM baseline") == [("old.toml",)]

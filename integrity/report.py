@@ -179,7 +179,7 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
         out.write("baseline: none (run 'integrity init')\n")
     else:
         out.write(f"baseline: {baseline['entries']} entries, created {baseline['created']}"
-                  f" from {baseline['policy']}\n")
+                  f" ({_age(baseline['age_seconds'])} ago) from {baseline['policy']}\n")
         if baseline.get("root"):
             out.write(f"root digest: {baseline['root']}\n")
     events = data["events"]
@@ -205,3 +205,11 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
                   f"{scan['time']}: {scan['scanned']} scanned, {scan['added']} added, "
                   f"{scan['removed']} removed, {scan['modified']} modified, "
                   f"{scan['errors']} errors\n")
+
+
+def _age(seconds: int) -> str:
+    """A duration the way people say it: 45s, 12m, 5h, 3d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"

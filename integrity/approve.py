@@ -12,6 +12,7 @@ import calendar
 import getpass
 import os
 from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,9 @@ from .history import PACKAGE_UPDATE, UNEXPLAINED, EventLog, OpenEvent
 from .paths import key_range, to_key
 from .pipeline import materialize
 from .policy import Policy
-from .record import FileRecord
-from .scan import normalize_paths
+from .compare import diff
+from .record import Attr, FileRecord
+from .scan import normalize_paths, package_owner
 from .store import Store
 from .walker import WalkEntry, walk
 
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 _REPLACEMENT = {"content", "size", "type", "link", "inode", "nlink", "mtime", "ctime",
                 "dev"}
 _OWNERSHIP = {"mode", "uid", "gid"}
+#: Every attribute: an approval writes the whole entry, so every difference counts.
+_ALL = Attr(sum(a.value for a in Attr if a is not Attr.GROWING))
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,16 @@ class ApprovalOutcome:
     approved: list[Approved] = field(default_factory=list)
     left_open: list[LeftOpen] = field(default_factory=list)
     written: list[bytes] = field(default_factory=list)
+
+
+def _unchanged_since(rec: FileRecord) -> bool:
+    """The entry still has the identity and times it had when it was read."""
+    try:
+        st = os.lstat(rec.path)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (
+        rec.inode, rec.size, rec.mtime, rec.ctime)
 
 
 def invoking_user() -> tuple[str, str | None]:
@@ -113,54 +127,79 @@ class Approver:
         if not targets:
             raise UsageError("approve: name PATHs, or use --all or --package-updates")
         events = self.log.open_events([key_range(p) for p in targets])
-        return self._commit([(p, True) for p in targets], events, {}, "paths")
+        return self._commit([(p, True) for p in targets], events, "paths")
 
     def all(self) -> ApprovalOutcome:
         """Approve every path that has an open event (each path itself)."""
         events = self.log.open_events()
-        return self._commit([(e.path, False) for e in events], events, {}, "all")
+        return self._commit([(e.path, False) for e in events], events, "all")
 
     def package_updates(self, managers: PackageManagers | None = None) -> ApprovalOutcome:
-        """Approve exactly the open changes a package manager vouches for."""
+        """Approve exactly the open changes a package manager vouches for.
+
+        Each path is re-read first and judged on how its state *now* differs from
+        the baseline (not on what the verify saw), and what is written is exactly
+        the state that was judged: a chmod made after the verify cannot ride along
+        with an upgrade.
+        """
+        from .packages import PackageManagers, Verdict
+
         if managers is None:
-            from .packages import PackageManagers
             managers = PackageManagers()
+        since = calendar.timegm(self.baseline.created.utctimetuple())
         chosen: list[OpenEvent] = []
         evidence: dict[int, str | None] = {}
         left: list[LeftOpen] = []
-        since_ts = calendar.timegm(self.baseline.created.utctimetuple())
+        upserts: list[FileRecord] = []
+        deletes: list[bytes] = []
         for event in self.log.open_events():
-            verdict = self._vouch(managers, event, since_ts)
+            ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
+                                          event.path, False)
+            if problems:
+                left.append(LeftOpen(event.path, event.kind, f"cannot read: "
+                                     f"{problems[0].operation} failed: {problems[0].cause}"))
+                continue
+            old = next((rec for _, rec in self.store.iter_entries(
+                self.baseline.id, [(to_key(event.path), to_key(event.path) + b"\x00")])),
+                None)
+            new = ups[0] if ups else None
+            verdict = self._vouch(managers, event.path, old, new, since)
+            if verdict.vouched and new is not None and not _unchanged_since(new):
+                verdict = Verdict(False, "changed again while it was being approved")
             if verdict.vouched:
                 chosen.append(event)
                 evidence[event.id] = verdict.evidence
+                upserts += ups
+                deletes += dels
             else:
                 left.append(LeftOpen(event.path, event.kind, verdict.reason))
-        outcome = self._commit([(e.path, False) for e in chosen], chosen, evidence,
-                               "package-updates", PACKAGE_UPDATE)
-        outcome.left_open = left + outcome.left_open
+        outcome = self._write(upserts, deletes, chosen, evidence, "package-updates",
+                              PACKAGE_UPDATE, managers.owner)
+        outcome.left_open = left
         return outcome
 
-    @staticmethod
-    def _vouch(managers: PackageManagers, event: OpenEvent, since: float) -> Verdict:
-        """The package manager's verdict on one open change (all parts must hold)."""
+    def _vouch(self, managers: PackageManagers, path: bytes, old: FileRecord | None,
+               new: FileRecord | None, since: float) -> Verdict:
+        """The package manager's verdict on how path differs from the baseline now
+        (every part must hold)."""
         from .packages import Verdict
 
-        if event.kind == "removed":
-            return managers.check_removed(event.path, since)
-        changed = set(event.changed)
+        if new is None and old is None:
+            return Verdict(True, "no longer differs from the baseline")
+        if new is None:
+            assert old is not None
+            return managers.check_removed(
+                path, since, self.store.entry_owner(self.baseline.id, path))
+        changed = set(diff(old, new, _ALL)) if old is not None else {"added"}
+        if not changed:
+            return Verdict(True, "no longer differs from the baseline")
         if "xattrs" in changed:
             return Verdict(False, "package managers do not state extended attributes")
         verdicts = []
-        if event.kind == "added" or changed & _REPLACEMENT or not changed & _OWNERSHIP:
-            verdicts.append(managers.check_content(event.path))
-        if changed & _OWNERSHIP:
-            try:
-                st = os.lstat(event.path)
-            except OSError as exc:
-                return Verdict(False, f"cannot read attributes: {exc.strerror}")
-            verdicts.append(managers.check_attributes(event.path, st.st_mode,
-                                                      st.st_uid, st.st_gid))
+        if old is None or changed & _REPLACEMENT:
+            verdicts.append(managers.check_content(path))
+        if old is not None and changed & _OWNERSHIP:
+            verdicts.append(managers.check_attributes(path, new.mode, new.uid, new.gid))
         for verdict in verdicts:
             if not verdict.vouched:
                 return verdict
@@ -169,12 +208,12 @@ class Approver:
         return Verdict(True, verdicts[-1].reason, weakest, verdicts[-1].package)
 
     def _commit(self, targets: list[tuple[bytes, bool]], events: Sequence[OpenEvent],
-                evidence: dict[int, str | None], mode: str,
-                classification: str = UNEXPLAINED) -> ApprovalOutcome:
-        outcome = ApprovalOutcome()
+                mode: str) -> ApprovalOutcome:
+        """Re-read the targets and write what a person approved."""
         upserts: list[FileRecord] = []
         deletes: list[bytes] = []
         failed: set[bytes] = set()
+        left: list[LeftOpen] = []
         for path, subtree in targets:
             ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
                                           path, subtree)
@@ -182,21 +221,32 @@ class Approver:
                 # Never write a half-read state into the baseline.
                 failed.add(path)
                 first = problems[0]
-                outcome.left_open.append(LeftOpen(path, "unreadable",
-                                                  f"{first.operation} failed: {first.cause}"))
+                left.append(LeftOpen(path, "unreadable",
+                                     f"{first.operation} failed: {first.cause}"))
                 continue
             upserts += ups
             deletes += dels
-        closing = {e.id: evidence.get(e.id) for e in events
-                   if not any(e.path == f or e.path.startswith(f + b"/") for f in failed)}
+        closing = [e for e in events
+                   if not any(e.path == f or e.path.startswith(f + b"/") for f in failed)]
+        outcome = self._write(upserts, deletes, closing, {}, mode, UNEXPLAINED,
+                              package_owner())
+        outcome.left_open = left
+        return outcome
+
+    def _write(self, upserts: list[FileRecord], deletes: list[bytes],
+               events: Sequence[OpenEvent], evidence: dict[int, str | None], mode: str,
+               classification: str, owner: Callable[[bytes], str | None] | None,
+               ) -> ApprovalOutcome:
+        """One transaction: baseline rows, the approval, its events."""
+        outcome = ApprovalOutcome()
+        closing = {e.id: evidence.get(e.id) for e in events}
         if not upserts and not deletes and not closing:
             return outcome
         user, sudo_user = invoking_user()
         outcome.approval_id = self.log.approve(
             self.baseline.id, upserts=upserts, deletes=deletes, events=closing,
             user=user, sudo_user=sudo_user, reason=self.reason, mode=mode,
-            classification=classification)
+            classification=classification, owner=owner)
         outcome.written = sorted([r.path for r in upserts] + deletes, key=to_key)
-        outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id))
-                            for e in events if e.id in closing]
+        outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id)) for e in events]
         return outcome

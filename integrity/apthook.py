@@ -19,22 +19,22 @@ DEFAULT_DIR = "/etc/apt/apt.conf.d"
 MARKER = "// integrity apt hook"
 
 
-def command_line(executable: str, db: str | None, policy: str | None) -> str:
+def command_line(executable: list[str], db: str | None, policy: str | None) -> str:
     """The shell command the hook runs (single-quoted, as apt.conf strings need)."""
-    base = [executable, "-q"]
+    base = [*executable, "-q"]
     if db:
         base += ["--db", db]
     if policy:
         base += ["--policy", policy]
     prefix = " ".join(shlex.quote(part) for part in base)
     log = "logger -t integrity-apt 2>/dev/null || cat >/dev/null"
-    return (f"if [ -x {shlex.quote(executable)} ]; then "
+    return (f"if [ -x {shlex.quote(executable[0])} ]; then "
             f"{prefix} verify --fast >/dev/null 2>&1; "
             f"{prefix} approve --package-updates --reason 'apt: dpkg run' 2>&1 | {{ {log}; }}; "
             "fi; true")
 
 
-def render(executable: str, db: str | None = None, policy: str | None = None) -> str:
+def render(executable: list[str], db: str | None = None, policy: str | None = None) -> str:
     """The apt.conf snippet."""
     command = command_line(executable, db, policy)
     if '"' in command:
@@ -45,16 +45,20 @@ def render(executable: str, db: str | None = None, policy: str | None = None) ->
             f'DPkg::Post-Invoke {{ "{command}"; }};\n')
 
 
-def executable() -> str:
-    """Absolute path of the running integrity command."""
-    argv0 = sys.argv[0]
-    path = argv0 if os.sep in argv0 else (shutil_which(argv0) or argv0)
-    return os.path.abspath(path)
-
-
-def shutil_which(name: str) -> str | None:
+def executable() -> list[str]:
+    """How to run this integrity again: its script; when started as `python -m
+    integrity` (the module file is not executable), the installed script, else the
+    interpreter with -m."""
     import shutil
-    return shutil.which(name)
+
+    argv0 = sys.argv[0]
+    path = os.path.abspath(argv0 if os.sep in argv0 else (shutil.which(argv0) or argv0))
+    if os.path.isfile(path) and os.access(path, os.X_OK) and not path.endswith(".py"):
+        return [path]
+    installed = shutil.which("integrity")
+    if installed:
+        return [os.path.abspath(installed)]
+    return [os.path.abspath(sys.executable), "-m", "integrity"]
 
 
 def install(directory: str, content: str) -> str:

@@ -175,7 +175,7 @@ def init(env: Env, force: bool) -> None:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (SPEC format).")
 @click.option("--fast", is_flag=True,
               help="Rehash only files whose size, mtime, ctime or inode changed.")
@@ -208,7 +208,7 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
 @click.option("--all", "approve_all", is_flag=True, help="Approve every path with an open event.")
 @click.option("--package-updates", is_flag=True,
               help="Approve only what dpkg/rpm vouch for; list what is left open and why.")
@@ -324,6 +324,26 @@ def watch(env: Env) -> None:
     service = Service(env.store(), env.policy_path or default_policy_path(),
                       notifier=Notifier.from_environ())
     sys.exit(service.run())
+
+
+@cli.command()
+@pass_env
+def doctor(env: Env) -> None:
+    """Check this host for the policy: inotify limits against the watches it needs
+    (and which processes hold watches already), filesystems inotify cannot see,
+    missing rule paths and permissions.
+
+    Exit status: 0 all good; 1 with advice.
+
+    Example:
+
+        integrity doctor
+    """
+    from .doctor import diagnose, render
+
+    diagnosis = diagnose(env.policy)
+    click.echo(render(diagnosis), nl=False)
+    sys.exit(diagnosis.exit_code)
 
 
 @cli.group("apt-hook")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,7 +231,8 @@ class EventLog:
     def approve(self, baseline_id: int, *, upserts: Sequence[FileRecord],
                 deletes: Sequence[bytes], events: Mapping[int, str | None],
                 user: str, sudo_user: str | None, reason: str | None, mode: str,
-                classification: str = UNEXPLAINED) -> int:
+                classification: str = UNEXPLAINED,
+                owner: Callable[[bytes], str | None] | None = None) -> int:
         """Write paths' current state into the baseline and close their events.
 
         `events` maps event id to the evidence it rested on (None for a person's
@@ -246,7 +247,8 @@ class EventLog:
             if upserts:
                 conn.execute(en.insert(), [
                     {"baseline_id": baseline_id, "key": to_key(rec.path),
-                     **{name: getattr(rec, name) for name in models.ENTRY_COLUMNS[1:]}}
+                     **{name: getattr(rec, name) for name in models.ENTRY_COLUMNS[1:]},
+                     "package": owner(rec.path) if owner else None}
                     for rec in upserts])
             count = conn.execute(sa.select(sa.func.count()).select_from(en).where(
                 en.c.baseline_id == baseline_id)).scalar_one()

@@ -52,6 +52,9 @@ entry = Table(
     Column("link", LargeBinary),
     Column("xattrs", LargeBinary),
     Column("dev", BigInteger, nullable=False),
+    # Which package installed the path when it was recorded (dpkg/rpm), so that its
+    # later removal can be explained by that package's removal or upgrade only.
+    Column("package", String(255)),
 )
 
 #: Entry columns in FileRecord field order (after baseline_id).

@@ -79,6 +79,7 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
         iter(workers) if workers is not None else _in_process(policy, None))
     try:
         store = open_store()
+        owner = package_owner()
 
         def records() -> Iterator[FileRecord]:
             for item in live:
@@ -93,11 +94,21 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
                     yield item.record
 
         info = store.write_baseline(records(), policy_source=policy.source,
-                                    policy_digest=policy.digest, actor=actor, force=force)
+                                    policy_digest=policy.digest, actor=actor, force=force,
+                                    owner=owner)
     finally:
         if workers is not None:
             workers.close()
     return InitResult(info, warnings)
+
+
+def package_owner() -> Callable[[bytes], str | None] | None:
+    """Who installed a path (dpkg/rpm), recorded with each entry; None without a
+    package manager. Built here while the workers hash, so it costs no wall time."""
+    from .packages import PackageManagers
+
+    managers = PackageManagers()
+    return managers.owner if managers.available() else None
 
 
 def _tick(progress: Progress, rec: FileRecord) -> None:

@@ -23,6 +23,7 @@ from .alerts import Sink, build_sinks, wants
 from .errors import IntegrityError
 from .paths import display
 from .policy import Policy, load
+from .pipeline import Progress
 from .scan import ScanResult, check_paths, verify
 from .store import Store, heartbeat
 from .watcher import Hints, Unwatched, Watcher
@@ -105,8 +106,10 @@ class Service:
                     except OSError as exc:
                         log.error("alert sink failed: %s", exc)
 
-    def _full_scan(self, source: str = "scan") -> ScanResult:
-        result = verify(lambda: self.store, self.policy, parallel=0, source=source)
+    def _full_scan(self, source: str = "scan", progress: Progress | None = None
+                   ) -> ScanResult:
+        result = verify(lambda: self.store, self.policy, parallel=0, source=source,
+                        progress=progress)
         self._alert(result)
         log.info("%s: %d entries, %d changes, %d errors", source, result.scanned,
                  len(result.changes), len(result.warnings))
@@ -159,7 +162,7 @@ class Service:
 
     # -- life cycle --------------------------------------------------------------
 
-    def _notify(self, method: str, *args: str) -> None:
+    def _notify(self, method: str, *args: Any) -> None:
         if self.notifier is not None:
             getattr(self.notifier, method)(*args)
 
@@ -210,18 +213,23 @@ class Service:
         self.threads.append(thread)
         log.info("watching %d directories", count)
 
+    def _starting(self, progress: Progress) -> None:
+        self._notify("extend_timeout", 90)
+        self._notify("status", f"catch-up scan: {progress.files} entries checked")
+
     def _reload(self) -> None:
         """SIGHUP: re-read the policy; a bad one is refused and the old one kept."""
+        self._notify("reloading")
         try:
             policy = load(self.policy_path)
             sinks = build_sinks(policy)
         except IntegrityError as exc:
             log.error("reload refused, keeping the running policy: %s", exc)
+            self._notify("ready", f"reload refused: {exc}")
             return
         for sink in self.sinks:
             sink.close()
         self.policy, self.sinks = policy, sinks
-        self._notify("reloading")
         old = self.watcher
         self.unwatched = []
         self._start_watcher()
@@ -253,7 +261,8 @@ class Service:
             thread.start()
             self.threads.append(thread)
         self._start_watcher()
-        catch_up = self._full_scan("scan")  # what changed while we were down
+        # What changed while we were down; systemd hears that we are alive meanwhile.
+        catch_up = self._full_scan("scan", Progress(tick=self._starting, every=2048))
         self._start_scheduler()
         self._beat("running")
         watches = len(self.watcher.wd_path) if self.watcher else 0

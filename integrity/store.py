@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from .paths import display, from_key, to_key
 from .record import FileRecord
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("0001", "0002", "0003")
+REVISIONS = ("0001", "0002", "0003", "0004")
 HEAD = REVISIONS[-1]
 BATCH = 5000
 
@@ -195,7 +195,8 @@ class Store:
         return BaselineInfo(*row) if row else None
 
     def write_baseline(self, records: Iterable[FileRecord], *, policy_source: str,
-                       policy_digest: str, actor: str | None, force: bool) -> BaselineInfo:
+                       policy_digest: str, actor: str | None, force: bool,
+                       owner: Callable[[bytes], str | None] | None = None) -> BaselineInfo:
         """Store a new generation from `records` (in key order) and switch to it.
 
         Rows are written in batches into a `building` generation; only the final
@@ -219,7 +220,7 @@ class Store:
             columns = e.c.keys()
             batch: list[Any] = []
             for rec in records:
-                row = (new_id, to_key(rec[0]), *rec[1:])
+                row = (new_id, to_key(rec[0]), *rec[1:], owner(rec[0]) if owner else None)
                 batch.append(row if positional else dict(zip(columns, row)))
                 if len(batch) >= BATCH:
                     writer.put(batch)
@@ -277,6 +278,13 @@ class Store:
                 for row in result:
                     key = row[0]
                     yield key, FileRecord(from_key(key), *row[1:])
+
+    def entry_owner(self, baseline_id: int, path: bytes) -> str | None:
+        """The package recorded as owning path in a baseline, if any."""
+        e = models.entry
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(e.c.package).where(
+                e.c.baseline_id == baseline_id, e.c.key == to_key(path))).scalar()
 
     # -- runs -------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
+from .doctor import blind_mounts_below, blind_reason, filesystem_type, read_mounts
 from .errors import ScanWarning
 from .paths import display, is_within
 from .policy import Policy
@@ -33,32 +34,6 @@ WATCH_MASK = (flags.CLOSE_WRITE | flags.ATTRIB | flags.MOVED_TO | flags.MOVED_FR
               | flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVE_SELF
               | flags.DONT_FOLLOW | flags.ONLYDIR | flags.EXCL_UNLINK)
 _SHAPE = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
-
-#: Filesystems whose changes inotify does not see (they happen on another host).
-REMOTE_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs",
-                      "fuse", "lustre", "afs", "ncpfs")
-
-
-def is_remote(fstype: str) -> bool:
-    """True for filesystem types inotify cannot watch for remote changes."""
-    return fstype in REMOTE_FILESYSTEMS or fstype.startswith("fuse")
-
-
-def filesystem_type(path: bytes) -> str:
-    """The type of the filesystem holding path, from /proc/self/mountinfo."""
-    best, fstype = b"", ""
-    try:
-        with open("/proc/self/mountinfo", "rb") as handle:
-            for line in handle:
-                fields = line.split()
-                mount = fields[4].decode("unicode_escape").encode("latin-1")
-                sep = fields.index(b"-")
-                if is_within(path, mount) and len(mount) >= len(best):
-                    best, fstype = mount, fields[sep + 1].decode()
-    except (OSError, ValueError, IndexError):
-        return ""
-    return fstype
-
 
 @dataclass
 class Hints:
@@ -108,13 +83,21 @@ class Watcher:
     # -- set-up -----------------------------------------------------------------
 
     def start(self) -> int:
-        """Watch every directory of every rule; return the number of watches."""
-        remote = []
+        """Watch every directory of every rule; return the number of watches.
+
+        Trees on filesystems inotify cannot see (NFS, CIFS, FUSE...) are not watched
+        but reported through on_unwatched, so they go on scheduled scanning.
+        """
+        remote: list[Unwatched] = []
+        mounts = read_mounts()
         for rule in self.policy.rules:
-            fstype = filesystem_type(rule.path)
-            if is_remote(fstype):
-                remote.append(Unwatched(rule.path, f"{fstype} filesystem: inotify does "
-                                        "not see changes made on other hosts"))
+            blind = [(rule.path, filesystem_type(rule.path, mounts))]
+            if not rule.one_filesystem:
+                blind += blind_mounts_below(rule.path, mounts)
+            for path, fstype in blind:
+                reason = blind_reason(fstype)
+                if reason and not any(u.root == path for u in remote):
+                    remote.append(Unwatched(path, f"{fstype}: {reason}"))
         skip = [u.root for u in remote]
         self._watch_tree(None, skip)
         if remote:

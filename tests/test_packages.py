@@ -332,24 +332,30 @@ def test_removals(system: System, debs: dict[str, Path]) -> None:
     system.install(debs["1.1"])
     os.unlink(NOTES)
     managers = system.managers()
-    dropped = managers.check_removed(DROPPED.encode(), before_upgrade)
+    dropped = managers.check_removed(DROPPED.encode(), before_upgrade, PKG)
     assert (dropped.vouched, dropped.evidence) == (True, "package-db")
     assert f"dpkg upgraded {PKG}:all 1.0 -> 1.1" in dropped.reason
-    by_hand = managers.check_removed(NOTES.encode(), before_upgrade)
+    by_hand = managers.check_removed(NOTES.encode(), before_upgrade, PKG)
     assert not by_hand.vouched
     assert by_hand.reason == f"still listed by package {PKG}: its removal is not explained"
-    later = managers.check_removed(DROPPED.encode(), time.time() + 2)
+    later = managers.check_removed(DROPPED.encode(), time.time() + 2, PKG)
     assert not later.vouched
-    assert later.reason == ("not owned by any package and no package was removed or "
-                            "upgraded since the baseline")
+    assert later.reason == (f"owned by {PKG} when the baseline was taken, but {PKG} was "
+                            "neither removed nor upgraded since")
+    unowned = managers.check_removed(b"/etc/integrity-test-never-owned", before_upgrade, None)
+    assert not unowned.vouched
+    assert unowned.reason == ("not owned by any package when the baseline was taken: its "
+                              "removal is not explained by a package")
 
 
 def test_purged_package_explains_its_files(system: System, debs: dict[str, Path]) -> None:
     system.install(debs["1.1"])
     since = time.time()
     system.dpkg("--purge", PKG)
-    verdict = system.managers().check_removed(CONF.encode(), since)
+    verdict = system.managers().check_removed(CONF.encode(), since, PKG)
     assert verdict.vouched and f"dpkg purged {PKG}:all 1.1" in verdict.reason
+    other = system.managers().check_removed(CONF.encode(), since, "some-other-package")
+    assert not other.vouched
 
 
 def test_local_diversion_moves_ownership(system: System, debs: dict[str, Path]) -> None:
@@ -390,12 +396,14 @@ def test_rotated_dpkg_logs_are_read(tmp_path: Path) -> None:
     def at(stamp: str) -> float:
         return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
 
-    verdict = managers.check_removed(b"/gone", at("2029-06-01 10:00:00") + 0.5)
+    verdict = managers.check_removed(b"/gone", at("2029-06-01 10:00:00") + 0.5, "bar")
     assert verdict.reason == (
-        "no package lists it now; since the baseline: dpkg removed bar:all 3 at "
-        "2029-06-01 10:00:00, dpkg purged bar:all 3 at 2029-06-01 10:00:01, "
-        "dpkg upgraded foo:amd64 1 -> 2 at 2030-01-01 10:00:00")
-    assert not managers.check_removed(b"/gone", at("2030-01-01 10:00:01")).vouched
+        "bar no longer ships it: dpkg removed bar:all 3 at 2029-06-01 10:00:00, "
+        "dpkg purged bar:all 3 at 2029-06-01 10:00:01")
+    upgraded = managers.check_removed(b"/gone", at("2029-06-01 10:00:00") + 0.5, "foo:amd64")
+    assert upgraded.reason == ("foo:amd64 no longer ships it: dpkg upgraded foo:amd64 1 -> 2 "
+                               "at 2030-01-01 10:00:00")
+    assert not managers.check_removed(b"/gone", at("2030-01-01 10:00:01"), "foo").vouched
 
 
 @pytest.mark.skipif(shutil.which("lz4") is None, reason="the lz4 tool is not installed")
@@ -422,7 +430,7 @@ def test_without_a_package_database(tmp_path: Path) -> None:
     assert managers.available() == []
     verdict = managers.check_content(b"/usr/bin/ls")
     assert not verdict.vouched and verdict.reason.startswith("no package manager available")
-    assert not managers.check_removed(b"/usr/bin/ls", 0.0).vouched
+    assert not managers.check_removed(b"/usr/bin/ls", 0.0, "coreutils").vouched
 
 
 @pytest.mark.skipif(shutil.which("rpm") is None or shutil.which("rpmbuild") is None,
@@ -466,6 +474,8 @@ def _check_rpm(tmp_path: Path, db: Path, path: str) -> None:
     assert not changed.vouched
     assert changed.reason == "content differs from what rpm shipped " \
                              "(integrity-rpm-test 2.0-1)"
-    assert managers.check_removed(path.encode(), 0).reason.startswith("still listed")
-    gone = managers.check_removed(b"/usr/share/integrity-rpm-test/gone", time.time() - 600)
+    assert managers.check_removed(path.encode(), 0, "integrity-rpm-test").reason \
+        .startswith("still listed")
+    gone = managers.check_removed(b"/usr/share/integrity-rpm-test/gone", time.time() - 600,
+                                  "integrity-rpm-test")
     assert gone.vouched and "rpm installed integrity-rpm-test-2.0-1.noarch" in gone.reason

@@ -44,7 +44,7 @@ class Backend(Protocol):
     def owners(self, path: bytes) -> list[str]: ...
     def check_content(self, path: bytes, live: LiveFile) -> Verdict: ...
     def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict: ...
-    def removals_since(self, since: float) -> list[str]: ...
+    def removals_since(self, since: float) -> list[tuple[str, str]]: ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ class PackageManagers:
         found = self._owner(path)
         return found[1] if isinstance(found, tuple) else []
 
+    def owner(self, path: bytes) -> str | None:
+        """The first package that installs path, or None (also when no package
+        manager is usable): what a baseline records for each entry."""
+        found = self._owner(path)
+        return found[1][0] if isinstance(found, tuple) and found[1] else None
+
     def check_content(self, path: bytes) -> Verdict:
         """Does the live entry at path (modified or added) match what its package shipped?
 
@@ -131,12 +137,13 @@ class PackageManagers:
         backend, _ = found
         return backend.check_attributes(self._canon(path), stat.S_IMODE(mode), uid, gid)
 
-    def check_removed(self, path: bytes, since: float) -> Verdict:
+    def check_removed(self, path: bytes, since: float, owner: str | None) -> Verdict:
         """Is the disappearance of path (present at unix time `since`) explained?
 
-        Yes when no installed package lists it any more and a package was removed,
-        purged or upgraded after `since`. A path still listed by a package was not
-        removed by that package manager.
+        `owner` is the package that installed the path when the baseline was taken.
+        Yes only when that package was removed, purged or upgraded after `since` and
+        no installed package lists the path any more: a package manager removes only
+        what its packages shipped, so an unowned file's removal is never explained.
         """
         backends = self._usable()
         if isinstance(backends, _Unavailable):
@@ -147,12 +154,16 @@ class PackageManagers:
             if owners:
                 return Verdict(False, f"still listed by package {owners[0]}: its removal "
                                f"is not explained", None, owners[0])
-        events = [event for backend in backends for event in backend.removals_since(since)]
+        if owner is None:
+            return Verdict(False, f"{NOT_OWNED} when the baseline was taken: its removal "
+                           "is not explained by a package")
+        name = owner.split(":", 1)[0]
+        events = [text for backend in backends
+                  for pkg, text in backend.removals_since(since) if pkg == name]
         if not events:
-            return Verdict(False, f"{NOT_OWNED} and no package was removed or upgraded "
-                           f"since the baseline")
+            return Verdict(False, f"owned by {owner} when the baseline was taken, but "
+                           f"{owner} was neither removed nor upgraded since", None, owner)
         shown = ", ".join(events[:3]) + (f" and {len(events) - 3} more"
                                           if len(events) > 3 else "")
-        return Verdict(True, f"no package lists it now; since the baseline: {shown}",
-                       PACKAGE_DB)
+        return Verdict(True, f"{owner} no longer ships it: {shown}", PACKAGE_DB, owner)
 

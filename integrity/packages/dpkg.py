@@ -78,7 +78,7 @@ class Dpkg:
         self._overrides: dict[bytes, tuple[bytes, bytes, int]] | None = None
         self._md5sums: dict[str, dict[bytes, str]] = {}
         self._debs: dict[str, tuple[dict[bytes, Member] | None, str]] = {}
-        self._log_events: list[tuple[float, str]] | None = None
+        self._log_events: list[tuple[float, str, str]] | None = None
 
     # -- loading -----------------------------------------------------------------
 
@@ -395,18 +395,19 @@ class Dpkg:
                        f"({'; '.join(missing[:2])}{more}; no dpkg-statoverride entry)",
                        None, located[0][0])
 
-    def removals_since(self, since: float) -> list[str]:
-        """dpkg's remove/purge/upgrade actions logged after `since`, newest last."""
+    def removals_since(self, since: float) -> list[tuple[str, str]]:
+        """(package name, description) of dpkg's remove/purge/upgrade actions logged
+        after `since`, oldest first."""
         if self._log_events is None:
             self._log_events = self._read_log()
         # The log counts whole seconds: an action in the baseline's second may follow it.
-        return [text for when, text in self._log_events if when + 1 > since]
+        return [(name, text) for when, name, text in self._log_events if when + 1 > since]
 
-    def _read_log(self) -> list[tuple[float, str]]:
+    def _read_log(self) -> list[tuple[float, str, str]]:
         rotated = sorted(glob.glob(glob.escape(self._log) + ".*.gz"),
                          key=lambda p: int(p.rsplit(".", 2)[-2])
                          if p.rsplit(".", 2)[-2].isdigit() else 0)
-        events: list[tuple[float, str]] = []
+        events: list[tuple[float, str, str]] = []
         for path in reversed([self._log, self._log + ".1", *rotated]):
             try:
                 opener = gzip.open if path.endswith(".gz") else open
@@ -423,7 +424,8 @@ class Dpkg:
                     continue
                 verb = _LOG_VERB[match.group(2)]
                 change = f"{old} -> {new}" if action == "upgrade" else old
-                events.append((when, f"dpkg {verb} {pkg} {change} at {stamp}"))
+                events.append((when, pkg.split(":", 1)[0],
+                               f"dpkg {verb} {pkg} {change} at {stamp}"))
         events.sort(key=lambda event: event[0])
         return events
 

@@ -51,7 +51,7 @@ class Rpm:
         self._canon = canon
         self._files: dict[bytes, list[_RpmFile]] | None = None
         self._usable: bool | None = None
-        self._installs: list[tuple[float, str]] | None = None
+        self._installs: list[tuple[float, str, str]] | None = None
 
     def _query(self, fmt: str) -> bytes:
         command = [self._command]
@@ -141,19 +141,20 @@ class Rpm:
                                     f"shipped ({record.label})", None, record.key))
         return verdicts[0]
 
-    def removals_since(self, since: float) -> list[str]:
-        """Packages rpm installed or upgraded after `since` (erasures leave no trace)."""
+    def removals_since(self, since: float) -> list[tuple[str, str]]:
+        """(name, description) of packages rpm installed or upgraded after `since`
+        (erasures leave no trace in rpm's database)."""
         if self._installs is None:
             self._installs = []
-            for line in self._query("%{INSTALLTIME} %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}"
-                                    "\n").decode(errors="replace").splitlines():
-                stamp, _, nevra = line.partition(" ")
+            for line in self._query("%{INSTALLTIME} %{NAME} %{NAME}-%{VERSION}-%{RELEASE}"
+                                    ".%{ARCH}\n").decode(errors="replace").splitlines():
+                stamp, name, nevra = (line.split(" ", 2) + ["", ""])[:3]
                 if stamp.isdigit():
-                    self._installs.append((float(stamp), nevra))
+                    self._installs.append((float(stamp), name, nevra))
             self._installs.sort()
-        return [f"rpm installed {nevra} at "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}"
-                for when, nevra in self._installs if when + 1 > since]
+        return [(name, f"rpm installed {nevra} at "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}")
+                for when, name, nevra in self._installs if when + 1 > since]
 
 
 def _lookup(name: str, lookup: object) -> int | None:

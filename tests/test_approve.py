@@ -1,0 +1,726 @@
+"""Approvals, end to end: real trees, a real SQLite database, the real CLI, real packages.
+
+The first half approves paths a person names (or all open ones) and checks what was
+written, what was closed and what was left alone. The second half installs real
+`.deb` packages with dpkg, upgrades them, tampers with files by hand and checks that
+`approve --package-updates` approves exactly what dpkg vouches for, and leaves open
+everything else with its reason. Those tests own the package `integrity-test-upg`
+and always purge it again; they share tests/test_packages.py's lock, so two runs on
+one machine never install and purge under each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Cli
+from tests.debs import build_deb
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def one_line(text: str) -> str:
+    """The single line a fatal error must be, failing the test if there are more."""
+    lines = text.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def events(run: Cli, *args: str) -> dict[str, dict[str, Any]]:
+    """`events --json` by path (the newest event of each path)."""
+    result = run("events", "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return {row["path"]: row for row in json.loads(result.stdout)}
+
+
+def approve_json(run: Cli, *args: str) -> dict[str, Any]:
+    result = run("approve", *args, "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def changed_paths(run: Cli, *args: str, expect: int) -> dict[str, dict[str, Any]]:
+    result = run("verify", "--json", *args)
+    assert result.exit_code == expect, result.stdout + result.stderr
+    return {c["path"]: c for c in json.loads(result.stdout)["changes"]}
+
+
+def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return list(conn.execute(sql, params))
+
+
+def approvals(db: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(row) for row in conn.execute("SELECT * FROM approval ORDER BY id")]
+
+
+def baseline_rows(db: Path) -> dict[bytes, tuple[Any, ...]]:
+    """Every entry of the active baseline, by key, exactly as stored."""
+    return {bytes(row[0]): row[1:] for row in query(
+        db, "SELECT e.key, e.type, e.content, e.size, e.mode, e.uid, e.gid, e.inode, "
+            "e.nlink, e.mtime, e.ctime, e.link, e.xattrs, e.dev FROM entry e "
+            "JOIN baseline b ON b.id = e.baseline_id WHERE b.state = 'active'")}
+
+
+def key(path: str | Path) -> bytes:
+    return os.fsencode(str(path)).replace(b"/", b"\x00")
+
+
+def me() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+# -- approving named paths ----------------------------------------------------------------
+
+def test_approve_path_approves_its_subtree_and_records_who_and_why(
+        run: Cli, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run("init").exit_code == 0
+    (tree / "sub" / "c.txt").write_text("changed\n")
+    (tree / "sub" / "new.txt").write_text("new\n")
+    (tree / "a.conf").write_text("changed elsewhere\n")
+    assert run("verify").exit_code == 1
+    before = events(run)
+    sub = {str(tree / "sub"), str(tree / "sub" / "c.txt"), str(tree / "sub" / "new.txt")}
+    assert set(before) == sub | {str(tree / "a.conf")}
+
+    monkeypatch.setenv("SUDO_USER", "alice")
+    started = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+    result = run("approve", str(tree / "sub"), "--reason", "ticket 4711")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"approved modified {tree / 'sub' / 'c.txt'}" in lines
+    assert f"approved added {tree / 'sub' / 'new.txt'}" in lines
+    assert lines[-1] == "approval 1: 3 events closed, 3 baseline entries written"
+
+    [approval] = approvals(run.db)
+    assert (approval["user"], approval["sudo_user"], approval["reason"], approval["mode"]) \
+        == (me(), "alice", "ticket 4711", "paths")
+    assert (approval["events"], approval["entries"]) == (3, 3)
+    when = dt.datetime.fromisoformat(str(approval["time"]))
+    assert started <= when <= dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+    after = events(run)
+    for path in sub:
+        row = after[path]
+        assert row["id"] == before[path]["id"]
+        assert (row["status"], row["approval"]) == ("approved", approval["id"]), row
+        assert row["classification"] == "unexplained"  # a person's word, not evidence
+        assert row["evidence"] is None
+    assert after[str(tree / "a.conf")] == before[str(tree / "a.conf")]
+
+    assert changed_paths(run, str(tree / "sub"), expect=0) == {}
+    assert set(changed_paths(run, expect=1)) == {str(tree / "a.conf")}
+    again = events(run)[str(tree / "a.conf")]
+    assert (again["id"], again["count"], again["status"]) == \
+        (before[str(tree / "a.conf")]["id"], 1, "open")
+    assert query(run.db, "SELECT entries FROM baseline WHERE state = 'active'") == [(8,)]
+
+
+def test_approve_all_takes_the_current_state(run: Cli, tree: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    (tree / "b.bin").unlink()
+    (tree / "sub" / "d.txt").write_text("new\n")
+    assert run("verify").exit_code == 1
+    opened = events(run, "--open")
+    # Changed again after the verify: the approval reads what is there now.
+    (tree / "a.conf").write_text("changed again, after the verify\n")
+
+    doc = approve_json(run, "--all")
+    assert set(doc) >= {"approval", "approved", "written", "left_open"}
+    assert doc["left_open"] == []
+    assert {a["path"] for a in doc["approved"]} == set(opened)
+    assert {a["path"]: a["kind"] for a in doc["approved"]}[str(tree / "b.bin")] == "removed"
+    assert all(a["evidence"] is None for a in doc["approved"])
+    assert set(doc["written"]) == set(opened)
+    [approval] = approvals(run.db)
+    assert approval["id"] == doc["approval"]
+    assert (approval["mode"], approval["sudo_user"], approval["reason"]) == ("all", None, None)
+    assert approval["events"] == len(opened)
+
+    assert events(run, "--open") == {}
+    assert run("verify").exit_code == 0
+    assert run("status").exit_code == 0
+    # Approving again has nothing to do.
+    result = run("approve", "--all")
+    assert (result.exit_code, result.stdout) == (0, "nothing approved\n")
+    assert len(approvals(run.db)) == 1
+
+    # A change after an approval is a new event, not the approved one reopened.
+    (tree / "a.conf").write_text("and a third time\n")
+    assert run("verify").exit_code == 1
+    rows = json.loads(run("events", "--json").stdout)
+    a_conf = [r for r in rows if r["path"] == str(tree / "a.conf")]
+    assert [r["status"] for r in a_conf] == ["approved", "open"]
+
+
+def test_approving_touches_nothing_outside_the_named_paths(
+        run: Cli, tree: Path, tmp_path: Path) -> None:
+    (tree / "sub2").mkdir()
+    (tree / "sub2" / "d.txt").write_text("a sibling whose name starts like sub\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_text("not protected\n")
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    (tree / "sub2" / "d.txt").write_text("changed too\n")
+    (tree / "sub" / "c.txt").write_text("changed in sub\n")
+    os.symlink(outside, tree / "sub" / "out")  # leads outside: never followed
+    assert run("verify").exit_code == 1
+    before = events(run)
+    rows_before = baseline_rows(run.db)
+
+    doc = approve_json(run, str(tree / "sub"))
+    assert set(doc["written"]) == {str(tree / "sub"), str(tree / "sub" / "c.txt"),
+                                   str(tree / "sub" / "out")}
+    rows_after = baseline_rows(run.db)
+    low, high = key(tree / "sub"), key(tree / "sub") + b"\x01"
+    assert {k: v for k, v in rows_after.items() if not low <= k < high} == \
+        {k: v for k, v in rows_before.items() if not low <= k < high}
+    assert not any(k.startswith(key(outside)) for k in rows_after)
+    assert rows_after[key(tree / "sub" / "out")][0] == "symlink"
+
+    after = events(run)
+    for path in (str(tree / "a.conf"), str(tree / "sub2" / "d.txt")):
+        assert after[path] == before[path]
+    assert set(changed_paths(run, expect=1)) == {str(tree / "a.conf"),
+                                                 str(tree / "sub2" / "d.txt")}
+    assert {r["count"] for r in events(run, "--open").values()} == {1}
+
+
+def test_approving_a_path_without_changes_changes_nothing(run: Cli, tree: Path) -> None:
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    before, rows = events(run), baseline_rows(run.db)
+    for target in (tree / "sub", tree / "sub" / "never-existed"):
+        result = run("approve", str(target), "--reason", "nothing to see")
+        assert (result.exit_code, result.stdout) == (0, "nothing approved\n")
+    assert approvals(run.db) == []
+    assert baseline_rows(run.db) == rows
+    assert events(run) == before
+
+
+def test_approving_a_removed_subtree(run: Cli, tree: Path) -> None:
+    assert run("init").exit_code == 0
+    shutil.rmtree(tree / "sub")
+    changes = changed_paths(run, expect=1)
+    assert {p for p, c in changes.items() if c["kind"] == "removed"} == \
+        {str(tree / "sub"), str(tree / "sub" / "c.txt")}
+    doc = approve_json(run, str(tree / "sub"))
+    assert sorted(a["path"] for a in doc["approved"]) == [str(tree / "sub"),
+                                                          str(tree / "sub" / "c.txt")]
+    assert {a["kind"] for a in doc["approved"]} == {"removed"}
+    assert query(run.db, "SELECT entries FROM baseline WHERE state = 'active'") == [(5,)]
+    # Only the root directory's own change (its listing) is left.
+    assert set(changed_paths(run, expect=1)) == {str(tree)}
+
+
+def test_approve_relative_path(run: Cli, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run("init").exit_code == 0
+    (tree / "sub" / "c.txt").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    monkeypatch.chdir(tree)
+    doc = approve_json(run, "sub/c.txt")
+    assert [a["path"] for a in doc["approved"]] == [str(tree / "sub" / "c.txt")]
+    assert run("verify").exit_code == 0
+
+
+@pytest.mark.parametrize("args", [[], ["PATH", "--all"], ["--all", "--package-updates"],
+                                  ["PATH", "--package-updates"], ["--reason", "why"],
+                                  ["PATH", "--all", "--package-updates"]],
+                         ids=["nothing", "path+all", "all+package-updates",
+                              "path+package-updates", "only-reason", "all-three"])
+def test_approve_needs_exactly_one_mode(run: Cli, tree: Path, args: list[str]) -> None:
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    before = events(run)
+    result = run("approve", *[str(tree / "a.conf") if a == "PATH" else a for a in args])
+    assert result.exit_code == 2
+    line = one_line(result.stderr)
+    assert line.startswith("integrity: approve: ") and "--all" in line
+    assert result.stdout == ""
+    assert approvals(run.db) == [] and events(run) == before
+
+
+def test_approve_outside_every_rule_exits_2(run: Cli, tree: Path, tmp_path: Path) -> None:
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    for outside in (tmp_path / "elsewhere", tmp_path / "tree-other", tmp_path):
+        result = run("approve", str(outside))
+        assert result.exit_code == 2
+        assert str(outside) in one_line(result.stderr)
+        assert result.stdout == ""
+    # One bad path among good ones: nothing is approved.
+    result = run("approve", str(tree / "a.conf"), str(tmp_path / "elsewhere"))
+    assert result.exit_code == 2
+    assert approvals(run.db) == []
+    assert events(run)[str(tree / "a.conf")]["status"] == "open"
+
+
+def test_approve_without_a_baseline_exits_2(run: Cli, tree: Path) -> None:
+    for args in (["--all"], [str(tree)], ["--package-updates"]):
+        result = run("approve", *args)
+        assert result.exit_code == 2
+        assert "run 'integrity init'" in one_line(result.stderr)
+        assert not run.db.exists()
+    assert run("db", "upgrade").exit_code == 0
+    result = run("approve", "--all")
+    assert result.exit_code == 2
+    assert "run 'integrity init'" in one_line(result.stderr)
+
+
+# -- a path the approval cannot read ------------------------------------------------------
+
+SETPRIV = shutil.which("setpriv")
+#: Root without the capabilities that bypass file permissions: 0000 means "no" to it.
+NO_DAC = [SETPRIV or "setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def _no_dac_works(probe_dir: Path) -> bool:
+    if SETPRIV is None or os.geteuid() != 0:
+        return False
+    probe_dir.mkdir()
+    probe_dir.chmod(0o000)
+    try:
+        proc = subprocess.run([*NO_DAC, sys.executable, "-c",
+                               f"import os; os.listdir({str(probe_dir)!r})"],
+                              capture_output=True, timeout=30)
+        return proc.returncode != 0 and b"PermissionError" in proc.stderr
+    finally:
+        probe_dir.chmod(0o755)
+
+
+def without_dac(run: Cli, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as root that cannot override file permissions (what a walk meets when a
+    directory is unreadable, which plain root never does)."""
+    return subprocess.run([*NO_DAC, sys.executable, "-m", "integrity", "--db",
+                           f"sqlite:///{run.db}", "--policy", str(run.policy), "-q", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.fixture
+def locked(run: Cli, tree: Path, tmp_path: Path) -> Iterator[Path]:
+    """tree/locked/f changed and tree/a.conf changed (open events), then tree/locked
+    made unreadable (mode 0000); unlocked again afterwards."""
+    if not _no_dac_works(tmp_path / "probe"):
+        pytest.skip("needs root and setpriv able to drop CAP_DAC_OVERRIDE")
+    (tree / "locked").mkdir()
+    (tree / "locked" / "f").write_text("one\n")
+    assert run("init").exit_code == 0
+    (tree / "locked" / "f").write_text("two\n")
+    (tree / "a.conf").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    (tree / "locked").chmod(0o000)
+    try:
+        yield tree / "locked"
+    finally:
+        (tree / "locked").chmod(0o755)
+
+
+def test_approve_all_leaves_an_unreadable_path_open(run: Cli, tree: Path,
+                                                    locked: Path) -> None:
+    rows = baseline_rows(run.db)
+    proc = without_dac(run, "approve", "--all", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [a["path"] for a in doc["approved"]] == [str(tree / "a.conf")]
+    [left] = doc["left_open"]
+    assert (left["path"], left["kind"]) == (str(locked / "f"), "unreadable")
+    assert "Permission denied" in left["reason"]
+    # Nothing of what could not be read was written; its event stays open.
+    assert baseline_rows(run.db)[key(locked / "f")] == rows[key(locked / "f")]
+    assert events(run)[str(locked / "f")]["status"] == "open"
+    locked.chmod(0o755)
+    doc = approve_json(run, str(locked))  # (the chmods changed the directory's ctime)
+    assert [a["path"] for a in doc["approved"]] == [str(locked / "f")]
+    assert run("verify").exit_code == 0
+
+
+def test_approving_an_unreadable_directory_by_name_leaves_it_open(
+        run: Cli, tree: Path, locked: Path) -> None:
+    rows = baseline_rows(run.db)
+    proc = without_dac(run, "approve", str(locked), str(tree / "a.conf"), "--json")
+    assert "Usage:" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [a["path"] for a in doc["approved"]] == [str(tree / "a.conf")]
+    [left] = doc["left_open"]
+    assert (left["path"], left["kind"]) == (str(locked), "unreadable")
+    assert "Permission denied" in left["reason"]
+    assert baseline_rows(run.db)[key(locked / "f")] == rows[key(locked / "f")]
+    assert events(run)[str(locked / "f")]["status"] == "open"
+
+
+# -- package updates, with real packages -------------------------------------------------
+
+PKG = "integrity-test-upg"
+SHARE = "/usr/share/integrity-test-upg"
+DATA = f"{SHARE}/data"              # changes in 1.1
+NOTES = f"{SHARE}/notes"            # the same bytes in both versions
+DROPPED = f"{SHARE}/dropped"        # only in 1.0
+LIB = "/usr/lib/integrity-test-upg"
+TOOL = f"{LIB}/tool"                # executable, changes in 1.1
+LINK = f"{LIB}/current"             # symlink to the tool
+CONF = "/etc/integrity-test-upg.conf"            # conffile, changes in 1.1
+CONFD = "/etc/integrity-test-upg.d"
+OLD_CONF = f"{CONFD}/old.conf"      # conffile only in 1.0: obsolete after the upgrade
+NEW_CONF = f"{CONFD}/new.conf"      # conffile only in 1.1: added by the upgrade
+UNOWNED = f"{SHARE}/unowned"        # created by hand
+OWN_DIRS = (SHARE, LIB, CONFD)
+
+needs_dpkg = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None,
+    reason="installs real packages: needs root and dpkg")
+
+
+def _files(version: str) -> dict[str, bytes | tuple[bytes, int]]:
+    files: dict[str, bytes | tuple[bytes, int]] = {
+        DATA: f"data of version {version}\n".encode(),
+        NOTES: b"notes no version changes\n",
+        TOOL: (f"#!/bin/sh\necho integrity-test-upg {version}\n".encode(), 0o755),
+        CONF: f"setting = {version}\n".encode(),
+    }
+    if version == "1.0":
+        files[DROPPED] = b"dropped in 1.1\n"
+        files[OLD_CONF] = b"old = yes\n"
+    else:
+        files[NEW_CONF] = b"new = yes\n"
+    return files
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("upg-debs")
+    return {version: build_deb(
+        work, PKG, version, _files(version),
+        [CONF, OLD_CONF if version == "1.0" else NEW_CONF], links={LINK: "tool"})
+        for version in ("1.0", "1.1")}
+
+
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """The lock tests/test_packages.py takes: one package test per machine at a time."""
+    with open(Path(tempfile.gettempdir()) / "integrity-test-pkg.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@dataclass
+class Host:
+    """Installs the test package; undoes everything a test did to the system.
+
+    dpkg logs to a temporary file, except for `upgrade(..., logged=True)`: the CLI's
+    package evidence reads /var/log/dpkg.log, and an upgrade logged there is what
+    explains the files the new version no longer ships.
+    """
+
+    log: Path
+    cli: Cli
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
+
+    def dpkg(self, *args: str, logged: bool = False) -> None:
+        log = [] if logged else [f"--log={self.log}"]
+        subprocess.run(["dpkg", *log, "--force-confdef", "--force-confold", *args],
+                       check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+    def install(self, deb: Path, logged: bool = False) -> None:
+        self.dpkg("-i", str(deb), logged=logged)
+
+    def create(self, path: str, content: bytes) -> None:
+        self.cleanups.append(lambda: os.unlink(path))
+        _write(path, content)
+
+
+def _write(path: str, content: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(content)
+
+
+def _purge(log: Path) -> None:
+    subprocess.run(["dpkg", f"--log={log}", "--purge", PKG], capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    for directory in OWN_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)  # what a test left in our dirs
+
+
+def policy_for(tmp_path: Path, *, exclude_link: bool = True) -> Path:
+    """Rules for the package's trees. The symlink is excluded unless a test is about it:
+    dpkg's database states no link targets, so without the package's .deb in apt's
+    cache every upgrade leaves a replaced symlink open (by design)."""
+    exclude = 'exclude = ["current"]\n' if exclude_link else ""
+    policy = tmp_path / ("policy.toml" if exclude_link else "policy-links.toml")
+    policy.write_text(
+        f'[[rule]]\npath = "{SHARE}"\ncheck = "static"\nseverity = "high"\n\n'
+        f'[[rule]]\npath = "{LIB}"\ncheck = "static"\nseverity = "critical"\n{exclude}\n'
+        f'[[rule]]\npath = "{CONF}"\ncheck = "config"\nseverity = "medium"\n\n'
+        f'[[rule]]\npath = "{CONFD}"\ncheck = "config"\nseverity = "medium"\n')
+    return policy
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    log = tmp_path / "dpkg.log"
+    log.touch()
+    state = Host(log, Cli(tmp_path / "state" / "integrity.db", policy_for(tmp_path)))
+    with _exclusive():
+        _purge(log)  # a previous run's leftovers
+        try:
+            yield state
+        finally:
+            for cleanup in reversed(state.cleanups):
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    cleanup()
+            _purge(log)
+            assert not any(os.path.lexists(p) for p in (*OWN_DIRS, CONF)), \
+                "purge left the package's files behind"
+
+
+def _left(doc: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {item["path"]: (item["kind"], item["reason"]) for item in doc["left_open"]}
+
+
+@needs_dpkg
+def test_package_updates_approve_exactly_the_upgrade(host: Host,
+                                                     debs: dict[str, Path]) -> None:
+    run = host.cli
+    host.install(debs["1.0"])
+    assert run("init").exit_code == 0
+    host.install(debs["1.1"], logged=True)
+    _write(NOTES, b"tampered by hand\n")
+    host.create(UNOWNED, b"nobody ships this\n")
+    changes = changed_paths(run, expect=1)
+    assert {DATA, TOOL, CONF, DROPPED, NEW_CONF, NOTES, UNOWNED} <= set(changes)
+
+    doc = approve_json(run, "--package-updates")
+    approved = {a["path"]: a for a in doc["approved"]}
+    # Exactly the upgrade: every change but the two made by hand.
+    assert set(approved) == set(changes) - {NOTES, UNOWNED}
+    assert set(approved) <= {DATA, TOOL, CONF, DROPPED, NEW_CONF, *OWN_DIRS}
+    assert {approved[p]["kind"] for p in (DATA, TOOL, CONF)} == {"modified"}
+    assert (approved[DROPPED]["kind"], approved[NEW_CONF]["kind"]) == ("removed", "added")
+    # The .deb is not in apt's cache: dpkg's own records are the evidence.
+    assert {a["evidence"] for a in approved.values()} == {"package-db"}
+    assert set(doc["written"]) == set(approved)
+    left = _left(doc)
+    assert set(left) == {NOTES, UNOWNED}
+    assert left[NOTES][0] == "modified" and "differs" in left[NOTES][1]
+    assert left[NOTES][1] == f"content differs from what dpkg shipped ({PKG} 1.1)"
+    assert left[UNOWNED] == ("added", "not owned by any package")
+
+    rows = events(run)
+    for path in approved:
+        assert (rows[path]["status"], rows[path]["classification"], rows[path]["evidence"],
+                rows[path]["approval"]) == ("approved", "package-update", "package-db",
+                                            doc["approval"]), rows[path]
+    for path in (NOTES, UNOWNED):
+        assert (rows[path]["status"], rows[path]["classification"]) == ("open", "unexplained")
+    [approval] = approvals(run.db)
+    assert (approval["mode"], approval["events"]) == ("package-updates", len(approved))
+    assert set(changed_paths(run, expect=1)) == {NOTES, UNOWNED}
+
+    # An attribute-only change by hand: dpkg's database does not state modes.
+    os.chmod(TOOL, 0o4755)
+    assert set(changed_paths(run, expect=1)) == {NOTES, UNOWNED, TOOL}
+    doc = approve_json(run, "--package-updates")
+    assert doc["approval"] is None and doc["approved"] == []
+    left = _left(doc)
+    assert set(left) == {NOTES, UNOWNED, TOOL}
+    assert left[TOOL][0] == "modified" and "does not state" in left[TOOL][1]
+    assert left[TOOL][1].startswith("package does not state file attributes")
+    text = run("approve", "--package-updates")
+    assert text.exit_code == 0
+    assert f"left open modified {TOOL}: package does not state file attributes" in text.stdout
+    assert text.stdout.endswith("nothing approved\n")
+    changes = changed_paths(run, expect=1)
+    assert set(changes) == {NOTES, UNOWNED, TOOL}
+    assert "mode" in changes[TOOL]["changed"]
+    assert len(approvals(run.db)) == 1
+
+
+@needs_dpkg
+def test_a_mode_changed_after_the_verify_is_not_approved_with_the_upgrade(
+        host: Host, debs: dict[str, Path]) -> None:
+    """The vouching must look at what is approved now, not at what verify saw then."""
+    run = host.cli
+    host.install(debs["1.0"])
+    assert run("init").exit_code == 0
+    host.install(debs["1.1"])
+    assert TOOL in changed_paths(run, expect=1)
+    os.chmod(TOOL, 0o4755)  # setuid, after the verify recorded the upgrade's change
+    doc = approve_json(run, "--package-updates")
+    assert TOOL not in {a["path"] for a in doc["approved"]}, \
+        "the setuid bit went into the baseline as part of a package update"
+    assert TOOL in _left(doc)
+    changes = changed_paths(run, expect=1)
+    assert TOOL in changes and "mode" in changes[TOOL]["changed"]
+
+
+@needs_dpkg
+def test_removing_a_file_no_package_ever_owned_is_not_explained_by_an_upgrade(
+        host: Host, debs: dict[str, Path]) -> None:
+    """An upgrade explains the files its old version had; not a local file deleted
+    at the same time (dpkg's log names the package, not the files)."""
+    run = host.cli
+    host.install(debs["1.0"])
+    local = f"{SHARE}/local-notes"
+    host.create(local, b"the admin's own file\n")
+    assert run("init").exit_code == 0
+    host.install(debs["1.1"], logged=True)
+    os.unlink(local)
+    changes = changed_paths(run, expect=1)
+    assert changes[local]["kind"] == "removed" and changes[DROPPED]["kind"] == "removed"
+    doc = approve_json(run, "--package-updates")
+    assert DROPPED in {a["path"] for a in doc["approved"]}
+    assert local not in {a["path"] for a in doc["approved"]}, \
+        "a never-owned file's removal was approved because some package was upgraded"
+    assert _left(doc)[local][0] == "removed"
+
+
+def _wait_for_a_quiet_dpkg_log() -> None:
+    """Removal evidence counts whole seconds of /var/log/dpkg.log before the baseline."""
+    with contextlib.suppress(OSError):
+        while time.time() - os.stat("/var/log/dpkg.log").st_mtime < 2.1:
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A change made by hand and what --package-updates must say about it."""
+
+    perturb: Callable[[Host], None]
+    path: str
+    kind: str
+    reason: str
+    exact: bool = True
+    setup: Callable[[Host], None] | None = None
+    upgraded: bool = False
+    links: bool = False
+
+
+def _fifo(_: Host) -> None:
+    os.unlink(NOTES)
+    os.mkfifo(NOTES)
+
+
+def _retarget(_: Host) -> None:
+    os.unlink(LINK)
+    os.symlink("/bin/sh", LINK)
+
+
+def _local_file(host: Host) -> None:
+    host.create(f"{SHARE}/local-notes", b"the admin's own file\n")
+
+
+REASONS = {
+    "added-unowned": Reason(lambda h: h.create(UNOWNED, b"x\n"), UNOWNED, "added",
+                            "not owned by any package"),
+    "modified-unowned": Reason(lambda h: _write(f"{SHARE}/local-notes", b"edited\n"),
+                               f"{SHARE}/local-notes", "modified",
+                               "not owned by any package", setup=_local_file),
+    "content-differs": Reason(lambda h: _write(DATA, b"tampered\n"), DATA, "modified",
+                              f"content differs from what dpkg shipped ({PKG} 1.1)"),
+    "conffile-differs": Reason(lambda h: _write(CONF, b"setting = local\n"), CONF,
+                               "modified", f"content differs from what dpkg shipped "
+                               f"({PKG} 1.1, conffile changed locally)"),
+    "setuid": Reason(lambda h: os.chmod(TOOL, 0o4755), TOOL, "modified",
+                     "package does not state file attributes", exact=False),
+    "chown": Reason(lambda h: os.chown(DATA, 1, 1), DATA, "modified",
+                    "package does not state file attributes", exact=False),
+    "xattrs": Reason(lambda h: os.setxattr(NOTES, "user.integrity-test", b"1"), NOTES,
+                     "modified", "package managers do not state extended attributes"),
+    "removed-by-hand": Reason(lambda h: os.unlink(DATA), DATA, "removed",
+                              f"still listed by package {PKG}: its removal is not "
+                              f"explained"),
+    "removed-unowned": Reason(lambda h: os.unlink(f"{SHARE}/local-notes"),
+                              f"{SHARE}/local-notes", "removed",
+                              "not owned by any package when the baseline was taken: its "
+                              "removal is not explained by a package", setup=_local_file),
+    "fifo": Reason(_fifo, NOTES, "modified",
+                   f"dpkg records no content for this other ({PKG} 1.1)"),
+    "symlink": Reason(_retarget, LINK, "modified", "package does not state symlink targets",
+                      exact=False, links=True),
+    "obsolete-conffile": Reason(lambda h: _write(OLD_CONF, b"old = edited\n"), OLD_CONF,
+                                "modified", f"obsolete conffile: {PKG} 1.1 no longer ships "
+                                f"it", upgraded=True),
+}
+
+
+@needs_dpkg
+@pytest.mark.parametrize("name", list(REASONS))
+def test_each_left_open_reason(host: Host, debs: dict[str, Path], tmp_path: Path,
+                               name: str) -> None:
+    case = REASONS[name]
+    run = host.cli
+    if case.links:
+        run = Cli(run.db, policy_for(tmp_path, exclude_link=False))
+    if case.upgraded:
+        host.install(debs["1.0"])
+    host.install(debs["1.1"])
+    if case.setup is not None:
+        case.setup(host)
+    _wait_for_a_quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    case.perturb(host)
+    changes = changed_paths(run, expect=1)
+    assert changes[case.path]["kind"] == case.kind
+
+    doc = approve_json(run, "--package-updates")
+    left = _left(doc)
+    assert set(left) == {case.path}, left
+    kind, reason = left[case.path]
+    assert kind == case.kind
+    if case.exact:
+        assert reason == case.reason
+    else:
+        assert reason.startswith(case.reason), reason
+    # Only a directory whose listing changed with it may have been approved.
+    assert {a["path"] for a in doc["approved"]} <= set(OWN_DIRS)
+    row = events(run)[case.path]
+    assert (row["status"], row["classification"], row["approval"]) == \
+        ("open", "unexplained", None)
+    assert case.path in changed_paths(run, expect=1)
+
+
+@needs_dpkg
+def test_an_unreadable_package_file_is_left_open_with_the_cause(
+        host: Host, debs: dict[str, Path], tmp_path: Path) -> None:
+    if not _no_dac_works(tmp_path / "probe"):
+        pytest.skip("needs root and setpriv able to drop CAP_DAC_OVERRIDE")
+    run = host.cli
+    host.install(debs["1.1"])
+    assert run("init").exit_code == 0
+    os.chmod(DATA, 0o000)
+    assert DATA in changed_paths(run, expect=1)
+    proc = without_dac(run, "approve", "--package-updates", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    kind, reason = _left(doc)[DATA]
+    assert kind == "modified"
+    assert reason.startswith("cannot read") and "Permission denied" in reason, reason
+    assert DATA not in {a["path"] for a in doc["approved"]}

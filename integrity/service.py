@@ -55,7 +55,10 @@ class Service:
         self.heartbeat_seconds = heartbeat_seconds
         self.notifier = notifier
         self.stop = threading.Event()
+        self.wakeup = threading.Event()
         self.reload_requested = threading.Event()
+        self._watcher_stop = threading.Event()
+        self._watcher_thread: threading.Thread | None = None
         self.realtime: queue.Queue[_Task | None] = queue.Queue()
         self.scans: queue.Queue[_Task | None] = queue.Queue()
         self.watcher: Watcher | None = None
@@ -176,9 +179,11 @@ class Service:
     def _install_signals(self) -> None:
         def on_term(_signum: int, _frame: FrameType | None) -> None:
             self.stop.set()
+            self.wakeup.set()
 
         def on_hup(_signum: int, _frame: FrameType | None) -> None:
             self.reload_requested.set()
+            self.wakeup.set()
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
@@ -207,11 +212,21 @@ class Service:
                           self._on_unwatched)
         count = watcher.start()
         self.watcher = watcher
-        thread = threading.Thread(target=watcher.run, args=(self.stop,),
+        self._watcher_stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, args=(self._watcher_stop,),
                                   name="inotify", daemon=True)
         thread.start()
-        self.threads.append(thread)
+        self._watcher_thread = thread
         log.info("watching %d directories", count)
+
+    def _stop_watcher(self) -> None:
+        """Stop the inotify thread, then release its instance (never the reverse)."""
+        self._watcher_stop.set()
+        if self._watcher_thread is not None:
+            self._watcher_thread.join(timeout=5)
+            self._watcher_thread = None
+        if self.watcher is not None:
+            self.watcher.close()
 
     def _starting(self, progress: Progress) -> None:
         self._notify("extend_timeout", 90)
@@ -230,11 +245,9 @@ class Service:
         for sink in self.sinks:
             sink.close()
         self.policy, self.sinks = policy, sinks
-        old = self.watcher
+        self._stop_watcher()
         self.unwatched = []
         self._start_watcher()
-        if old is not None:
-            old.close()
         if self.scheduler is not None:
             from apscheduler.triggers.cron import CronTrigger
             self.scheduler.reschedule_job("full-scan",
@@ -270,7 +283,11 @@ class Service:
                               f"{len(catch_up.changes)} changes")
         interval = min(self.heartbeat_seconds,
                        getattr(self.notifier, "watchdog_interval", None) or 1e9)
-        while not self.stop.wait(interval):
+        while True:
+            self.wakeup.wait(interval)
+            self.wakeup.clear()
+            if self.stop.is_set():
+                break
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
@@ -287,8 +304,7 @@ class Service:
         self.scans.put(None)
         for thread in self.threads:
             thread.join(timeout=3)
-        if self.watcher is not None:
-            self.watcher.close()
+        self._stop_watcher()
         for sink in self.sinks:
             sink.close()
         try:

@@ -32,8 +32,9 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
     alive = stale = False
     if watcher is not None and watcher["state"] != "stopped":
         age = (now - watcher["heartbeat"]).total_seconds()
-        alive = age <= 3 * watcher["interval"]
-        stale = not alive
+        fresh = age <= 3 * watcher["interval"]
+        alive = fresh and watcher["state"] == "running"
+        stale = not fresh
     open_total = sum(counts.values())
     data: dict[str, Any] = {
         "baseline": None if baseline is None else {

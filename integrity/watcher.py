@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -79,6 +80,9 @@ class Watcher:
         self._first_pending = 0.0
         self._moved_from: dict[int, bytes] = {}
         self._lock = threading.Lock()
+        #: Watches on the parents of rule roots that are not themselves watched.
+        self.anchors: dict[int, bytes] = {}
+        self._skip: list[bytes] = []
 
     # -- set-up -----------------------------------------------------------------
 
@@ -86,7 +90,9 @@ class Watcher:
         """Watch every directory of every rule; return the number of watches.
 
         Trees on filesystems inotify cannot see (NFS, CIFS, FUSE...) are not watched
-        but reported through on_unwatched, so they go on scheduled scanning.
+        but reported through on_unwatched, so they go on scheduled scanning. A rule
+        root whose parent is not watched gets an anchor watch on that parent, so
+        the root being created, replaced or (for a file rule) written is seen too.
         """
         remote: list[Unwatched] = []
         mounts = read_mounts()
@@ -98,33 +104,61 @@ class Watcher:
                 reason = blind_reason(fstype)
                 if reason and not any(u.root == path for u in remote):
                     remote.append(Unwatched(path, f"{fstype}: {reason}"))
-        skip = [u.root for u in remote]
-        self._watch_tree(None, skip)
+        self._skip = [u.root for u in remote]
+        self._watch_tree(None)
+        self._anchor_roots()
         if remote:
-            self.unwatched += remote
-            self.on_unwatched(remote)
+            self._report(remote)
         return len(self.wd_path)
 
-    def _watch_tree(self, roots: Iterable[bytes] | None, skip: list[bytes]) -> list[bytes]:
+    def _anchor_roots(self) -> None:
+        for rule in self.policy.rules:
+            parent = rule.path.rsplit(b"/", 1)[0] or b"/"
+            if rule.path == b"/" or parent in self.path_wd or parent in self.anchors.values():
+                continue
+            if any(is_within(rule.path, s) for s in self._skip):
+                continue
+            try:
+                wd = self.inotify.add_watch(parent, WATCH_MASK)
+            except OSError:
+                continue  # no parent either: the scheduled scans cover it
+            with self._lock:
+                self.anchors[wd] = parent
+
+    def _report(self, items: list[Unwatched]) -> None:
+        fresh = [u for u in items if all(u.root != old.root for old in self.unwatched)]
+        if fresh:
+            self.unwatched += fresh
+            self.on_unwatched(fresh)
+
+    def _watch_tree(self, roots: Iterable[bytes] | None) -> list[bytes]:
         """Add watches for directories below roots (or all rules); return the new ones.
 
         A directory is watched when the walk yields it, before the walk lists it, so
-        nothing created in it afterwards can slip past.
+        nothing created in it afterwards can slip past. Once the kernel's watch limit
+        is reached, the rest is reported as the few subtrees (those whose parent is
+        watched) that go on scheduled scanning.
         """
         added: list[bytes] = []
+        exhausted: list[bytes] = []
         failed: list[Unwatched] = []
+        skip = self._skip
         for entry in walk(self.policy, roots, dirs_only=True):
             if isinstance(entry, ScanWarning) or not isinstance(entry, WalkEntry):
                 continue
             path = entry.path
-            if any(is_within(path, s) for s in skip):
+            if path in self.path_wd or (skip and any(is_within(path, s) for s in skip)):
+                continue
+            if exhausted:
+                parent = path.rsplit(b"/", 1)[0] or b"/"
+                if parent in self.path_wd or self.policy.rule_at(path) is not None:
+                    exhausted.append(path)
                 continue
             try:
                 wd = self.inotify.add_watch(path, WATCH_MASK)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    failed.append(Unwatched(path, self._limit_reason()))
-                    skip.append(path)
+                    exhausted.append(path)
                 elif exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     failed.append(Unwatched(path, f"inotify_add_watch failed: "
                                                   f"{exc.strerror}"))
@@ -134,10 +168,30 @@ class Watcher:
                 self.wd_path[wd] = path
                 self.path_wd[path] = wd
             added.append(path)
+        if exhausted:
+            reason = self._limit_reason()
+            failed += [Unwatched(path, reason) for path in exhausted]
         if failed:
-            self.unwatched += failed
-            self.on_unwatched(failed)
+            self._report(failed)
         return added
+
+    def resync(self) -> int:
+        """After an overflow: forget watches of directories that are gone (their
+        IN_IGNORED may have been lost) and watch those the map lacks."""
+        with self._lock:
+            known = list(self.path_wd.items())
+        for path, wd in known:
+            try:
+                gone = not stat.S_ISDIR(os.lstat(path).st_mode)
+            except OSError:
+                gone = True
+            if gone:
+                try:
+                    self.inotify.rm_watch(wd)
+                except OSError:
+                    pass
+                self._forget(wd)
+        return len(self._watch_tree(None))
 
     def _limit_reason(self) -> str:
         needed = sum(1 for e in walk(self.policy, dirs_only=True) if isinstance(e, WalkEntry))
@@ -180,18 +234,30 @@ class Watcher:
                 continue
             with self._lock:
                 base = self.wd_path.get(wd)
-            if base is None:
+                anchor = self.anchors.get(wd) if base is None else None
+            if base is None and anchor is None:
                 continue
             if mask & flags.IGNORED:
-                self._forget(wd)
+                if anchor is not None:
+                    with self._lock:
+                        self.anchors.pop(wd, None)
+                else:
+                    self._forget(wd)
                 continue
-            path = base + b"/" + os.fsencode(name) if name else base
-            if not name:
-                if mask & flags.ATTRIB:
-                    self._hint(path, now)
-                continue  # DELETE_SELF / MOVE_SELF: the parent's event tells us
-            if mask & _SHAPE:
-                self._hint(base, now)  # the directory's own mtime, ctime, nlink
+            if anchor is not None:
+                # Only the rule roots below an anchor matter; the anchor is not ours.
+                path = anchor + b"/" + os.fsencode(name) if name else anchor
+                if not name or self.policy.rule_at(path) is None:
+                    continue
+            else:
+                assert base is not None
+                path = base + b"/" + os.fsencode(name) if name else base
+                if not name:
+                    if mask & flags.ATTRIB:
+                        self._hint(path, now)
+                    continue  # DELETE_SELF / MOVE_SELF: the parent's event tells us
+                if mask & _SHAPE:
+                    self._hint(base, now)  # the directory's own mtime, ctime, nlink
             if mask & flags.ISDIR:
                 self._directory_event(path, mask, cookie, now)
             elif self.policy.covers(path):
@@ -203,6 +269,7 @@ class Watcher:
             self._moved_from.clear()
         if overflow:
             log.warning("inotify queue overflowed: events were lost; rescanning")
+            self.resync()
             self.on_overflow()
 
     def _directory_event(self, path: bytes, mask: int, cookie: int, now: float) -> None:
@@ -211,14 +278,18 @@ class Watcher:
             self._hint_subtree(path, now)
         elif mask & flags.MOVED_TO:
             old = self._moved_from.pop(cookie, None)
+            covered = self.policy.covers(path)
             if old is not None:
-                self._rename_subtree(old, path)
-            if self.policy.covers(path):
-                self._watch_tree([path], [])
+                if covered:
+                    self._rename_subtree(old, path)
+                else:
+                    self._drop_subtree(old)  # renamed to an excluded name
+            if covered:
+                self._watch_tree([path])
             self._hint_subtree(path, now)
         elif mask & flags.CREATE:
             if self.policy.covers(path):
-                self._watch_tree([path], [])
+                self._watch_tree([path])
                 self._hint_subtree(path, now)
         elif mask & flags.DELETE:
             self._hint_subtree(path, now)
@@ -280,6 +351,6 @@ class Watcher:
             return path in self.path_wd
 
     def close(self) -> None:
-        """Release the inotify instance and every watch."""
+        """Release the inotify instance and every watch (after `run` has returned)."""
         self.inotify.close()
 

@@ -1,0 +1,530 @@
+"""`integrity watch` as an operator runs it: a real daemon, real signals, real SQLite.
+
+Each test runs `python3 -m integrity --db sqlite:///DB --policy P watch` as a child
+process over a small tree under tmp_path (one `check = "config"` rule and a jsonl alert
+sink), after `init`. It waits for `status --json` to show that very process running,
+changes files, and reads the outcome where an operator would: `events --json`, the
+jsonl alert file, `status`, the daemon's stderr, and the systemd notify socket.
+Every daemon is stopped by its test (SIGTERM, or SIGKILL where that is the point), and
+the fixtures check that no thread, child process or zombie is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Cli
+
+REALTIME_SECONDS = 2.0  # a change must be recorded this soon (issue 4)
+STOP_SECONDS = 5.0  # SIGTERM: exit 0 within a few seconds
+#: SIGHUP is acted on at the daemon's next heartbeat tick (10 s): allow for one.
+RELOAD_SECONDS = 15.0
+
+
+# -- leak checks ----------------------------------------------------------------------
+
+def child_pids() -> set[int]:
+    """Processes (zombies included) whose parent is this one."""
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """No thread or child process outlives its test (STYLE.md 9)."""
+    threads, children = set(threading.enumerate()), child_pids()
+    yield
+    leaked = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+    assert not leaked, f"threads left running: {leaked}"
+    assert child_pids() <= children, "child processes left behind"
+
+
+# -- the daemon -----------------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
+    """Poll until predicate() is true; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Site:
+    """A protected tree, its policy, database and alert file, and the CLI over them."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.tree = tmp_path / "etc"
+        self.db = tmp_path / "state" / "integrity.db"
+        self.policy = tmp_path / "policy.toml"
+        self.alerts = tmp_path / "log" / "alerts.jsonl"
+        self.log = tmp_path / "watch.log"
+        self.cli = Cli(self.db, self.policy)
+        (self.tree / "app").mkdir(parents=True)
+        (self.tree / "spool").mkdir()
+        for name, text in (("a.conf", "alpha\n"), ("b.conf", "beta\n"),
+                           ("c.conf", "gamma\n"), ("app/d.conf", "delta\n"),
+                           ("spool/queued", "job\n")):
+            (self.tree / name).write_text(text)
+        self.write_policy()
+
+    def write_policy(self, exclude: list[str] | None = None) -> None:
+        rule = {"path": str(self.tree), "check": "config", "severity": "high",
+                "exclude": exclude or []}
+        lines = ["[[rule]]", *(f"{k} = {json.dumps(v)}" for k, v in rule.items()), "",
+                 "[[alert]]", 'type = "jsonl"', f"path = {json.dumps(str(self.alerts))}", ""]
+        self.policy.write_text("\n".join(lines))
+
+    def status(self) -> dict[str, Any]:
+        return self.cli.json("status")  # type: ignore[no-any-return]
+
+    def events(self, path: Path) -> list[dict[str, Any]]:
+        return [e for e in self.cli.json("events") if e["path"] == str(path)]
+
+    def alert_lines(self) -> list[dict[str, Any]]:
+        if not self.alerts.exists():
+            return []
+        return [json.loads(line) for line in self.alerts.read_text().splitlines()]
+
+    def alerts_for(self, path: Path) -> list[dict[str, Any]]:
+        return [a for a in self.alert_lines() if a["path"] == str(path)]
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Daemon:
+    """One `integrity watch` child process."""
+
+    def __init__(self, site: Site, env: dict[str, str] | None = None) -> None:
+        self.site = site
+        with open(site.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "integrity", "--db", f"sqlite:///{site.db}",
+                 "--policy", str(site.policy), "watch"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                env={**os.environ, **(env or {})})
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def running(self) -> bool:
+        """status --json names this process, running (watches set, catch-up done)."""
+        watcher = self.site.status()["watcher"]
+        return bool(watcher["pid"] == self.pid and watcher["alive"]
+                    and watcher["state"] == "running")
+
+    def wait_running(self, timeout: float = 15.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"integrity watch exited {self.proc.returncode}:\n"
+                            f"{self.site.stderr()}")
+            return self.running()
+        wait_until(ready, "status to show the watcher running", timeout)
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def terminate(self) -> tuple[int, float]:
+        """SIGTERM; the exit status and how long the exit took."""
+        began = time.monotonic()
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=STOP_SECONDS + 5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"integrity watch ignored SIGTERM for {STOP_SECONDS + 5} s")
+        return code, time.monotonic() - began
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    site = Site(tmp_path)
+    result = site.cli("init")
+    assert result.exit_code == 0, result.output
+    return site
+
+
+@pytest.fixture
+def start(site: Site) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons; whatever a failing test left running is killed and reaped."""
+    started: list[Daemon] = []
+
+    def launch(env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+        daemon = Daemon(site, env)
+        started.append(daemon)
+        if wait:
+            daemon.wait_running()
+        return daemon
+
+    yield launch
+    for daemon in started:
+        daemon.kill()
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Write in place (one CLOSE_WRITE), the way an editor without backups would."""
+    with open(path, "r+b") as handle:
+        handle.truncate(0)
+        handle.write(data)
+
+
+def wait_for_event(site: Site, path: Path, timeout: float = REALTIME_SECONDS + 3,
+                   **match: Any) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        for event in site.events(path):
+            if all(event[k] == v for k, v in match.items()):
+                return event
+        return None
+    return wait_until(found, f"an event for {path} {match}", timeout)  # type: ignore
+
+
+def wait_for_log(site: Site, text: str, timeout: float) -> None:
+    wait_until(lambda: text in site.stderr(), f"{text!r} in the daemon's stderr", timeout)
+
+
+def assert_no_crash(site: Site) -> None:
+    log = site.stderr()
+    assert "Traceback" not in log and "Exception in thread" not in log, log
+
+
+# -- realtime ---------------------------------------------------------------------------
+
+def test_a_content_change_is_a_realtime_event_and_one_alert(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    target = site.tree / "a.conf"
+    began = time.monotonic()
+    with open(target, "r+b") as handle:  # thirty writes, one close: one alert
+        handle.truncate(0)
+        for i in range(30):
+            handle.write(b"line %d\n" % i)
+            handle.flush()
+    event = wait_for_event(site, target, source="realtime")
+    took = time.monotonic() - began
+    assert took < REALTIME_SECONDS, f"recorded {took:.2f} s after the write"
+    assert event["kind"] == "modified" and "content" in event["changed"]
+    assert event["severity"] == "high" and event["status"] == "open"
+    wait_until(lambda: site.alerts_for(target), "the jsonl alert", REALTIME_SECONDS)
+    # A later, unrelated change: once its alert is out, nothing more can follow for a.conf.
+    rewrite(site.tree / "app" / "d.conf", b"delta 2\n")
+    wait_until(lambda: site.alerts_for(site.tree / "app" / "d.conf"), "the second alert",
+               REALTIME_SECONDS + 3)
+    alerts = site.alerts_for(target)
+    assert len(alerts) == 1, alerts
+    assert alerts[0]["id"] == event["id"] and alerts[0]["source"] == "realtime"
+    assert len(site.events(target)) == 1
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
+def test_same_bytes_and_a_touch_under_config_produce_nothing(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    rewrite(site.tree / "a.conf", b"alpha\n")  # the same bytes again
+    os.utime(site.tree / "b.conf", (time.time() + 3600, time.time() + 3600))  # touch
+    rewrite(site.tree / "c.conf", b"gamma, really changed\n")  # the control
+    wait_for_event(site, site.tree / "c.conf", source="realtime")
+    wait_until(lambda: site.alerts_for(site.tree / "c.conf"), "the control's alert",
+               REALTIME_SECONDS)
+    assert site.events(site.tree / "a.conf") == []
+    assert site.events(site.tree / "b.conf") == []
+    assert [a["path"] for a in site.alert_lines()] == [str(site.tree / "c.conf")]
+    assert daemon.terminate()[0] == 0
+
+
+def test_new_directory_and_file_right_after_mkdir(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    planted = site.tree / "app" / "new"
+    planted.mkdir()
+    (planted / "payload").write_bytes(b"#!/bin/sh\n")
+    wait_for_event(site, planted / "payload", kind="added", source="realtime")
+    wait_for_event(site, planted, kind="added", source="realtime")
+    assert daemon.terminate()[0] == 0
+
+
+# -- life cycle -----------------------------------------------------------------------
+
+def test_sigterm_exits_0_quickly_and_status_says_stopped(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    assert site.cli("status").exit_code == 0  # healthy: no open events, watcher alive
+    code, took = daemon.terminate()
+    assert code == 0
+    assert took < STOP_SECONDS, f"exit took {took:.2f} s"
+    watcher = site.status()["watcher"]
+    assert watcher["pid"] == daemon.pid
+    assert watcher["state"] == "stopped" and not watcher["alive"] and not watcher["stale"]
+    assert "INFO stopped" in site.stderr()
+    assert_no_crash(site)
+
+
+def test_catch_up_scan_reports_what_changed_while_stopped(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    first = start()
+    assert first.terminate()[0] == 0
+    target = site.tree / "app" / "d.conf"
+    rewrite(target, b"changed while nobody watched\n")
+    (site.tree / "b.conf").unlink()
+    second = start(wait=False)
+    second.wait_running()
+    # "running" is written after the catch-up scan: its events are already there.
+    events = site.events(target)
+    assert [(e["source"], e["kind"]) for e in events] == [("scan", "modified")]
+    assert [(e["source"], e["kind"]) for e in site.events(site.tree / "b.conf")] == [
+        ("scan", "removed")]
+    assert site.status()["last_scan"]["source"] == "scan"
+    wait_until(lambda: site.alerts_for(target), "the catch-up alert", REALTIME_SECONDS)
+    assert second.terminate()[0] == 0
+
+
+def test_a_killed_watcher_is_reported_stale(site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    assert site.cli("status").exit_code == 0
+    daemon.signal(signal.SIGKILL)
+    daemon.proc.wait(timeout=5)
+    # Three missed heartbeats (10 s each) without waiting 30 s: age the row instead.
+    with contextlib.closing(sqlite3.connect(site.db)) as conn, conn:
+        conn.execute("UPDATE watcher SET heartbeat = datetime('now', '-5 minutes') "
+                     "WHERE pid = ?", (daemon.pid,))
+    result = site.cli("status", "--json")
+    assert result.exit_code == 1
+    watcher = json.loads(result.stdout)["watcher"]
+    assert watcher["pid"] == daemon.pid
+    assert watcher["stale"] is True and watcher["alive"] is False
+    assert watcher["state"] == "running"  # what it last said: it never said goodbye
+    text = site.cli("status")
+    assert text.exit_code == 1 and "STALE" in text.stdout
+
+
+# -- SIGHUP ---------------------------------------------------------------------------
+
+def test_sighup_with_a_broken_policy_keeps_running(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    good = site.policy.read_text()
+    site.policy.write_text(good.replace('check = "config"', 'check = "nonsense"'))
+    daemon.signal(signal.SIGHUP)
+    wait_for_log(site, "reload refused", RELOAD_SECONDS)
+    assert "check" in site.stderr().split("reload refused", 1)[1].splitlines()[0]
+    assert daemon.proc.poll() is None
+    assert daemon.running()
+    rewrite(site.tree / "a.conf", b"after a refused reload\n")
+    wait_for_event(site, site.tree / "a.conf", source="realtime")
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
+def test_sighup_with_a_valid_policy_takes_effect(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    watches = site.status()["watcher"]["watches"]
+    (site.tree / "spool" / "before").write_text("seen\n")  # watched before the reload
+    wait_for_event(site, site.tree / "spool" / "before", kind="added", source="realtime")
+    site.write_policy(exclude=["spool"])
+    daemon.signal(signal.SIGHUP)
+    wait_for_log(site, "policy reloaded", RELOAD_SECONDS)
+    wait_until(lambda: site.status()["watcher"]["watches"] == watches - 1,
+               "one watch fewer (spool is excluded now)", 5)
+    (site.tree / "spool" / "after").write_text("not watched any more\n")
+    rewrite(site.tree / "c.conf", b"control after reload\n")
+    wait_for_event(site, site.tree / "c.conf", source="realtime")
+    wait_until(lambda: site.alerts_for(site.tree / "c.conf"), "the control's alert",
+               REALTIME_SECONDS)
+    assert site.events(site.tree / "spool" / "after") == []
+    assert site.alerts_for(site.tree / "spool" / "after") == []
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)  # the old watcher's loop must end cleanly, not die
+
+
+# -- what it must survive, and say -----------------------------------------------------
+
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes /proc/sys")
+
+
+@contextlib.contextmanager
+def sysctl(name: str, value: int) -> Iterator[Callable[[], None]]:
+    """Set /proc/sys/fs/inotify/NAME; the block gets a function that restores it early.
+    The original value is always back when the block ends."""
+    path = INOTIFY_SYSCTL / name
+    original = path.read_text().strip()
+
+    def restore() -> None:
+        path.write_text(f"{original}\n")
+
+    try:
+        path.write_text(f"{value}\n")
+        yield restore
+    finally:
+        restore()
+    assert path.read_text().strip() == original
+
+
+def watches_in_use() -> int:
+    """Inotify watches held by all processes (everything here runs as root)."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    total += sum(1 for line in f if line.startswith("inotify wd:"))
+    return total
+
+
+@needs_root
+def test_queue_overflow_is_a_warning_and_every_change_is_reported(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    with sysctl("max_queued_events", 64) as restore:
+        daemon = start(wait=False)
+        wait_for_log(site, "watching 3 directories", 15)  # inotify_init has read it
+        restore()
+    daemon.wait_running()
+    planted = [site.tree / "app" / f"dropped{i:03d}" for i in range(150)]
+    daemon.signal(signal.SIGSTOP)  # the reader stalls; the kernel queue overflows
+    try:
+        for path in planted:
+            path.write_text("written while events were being lost\n")
+        rewrite(site.tree / "a.conf", b"changed during the overflow too\n")
+    finally:
+        daemon.signal(signal.SIGCONT)
+    planted.append(site.tree / "a.conf")
+    wait_until(lambda: all(site.alerts_for(p) for p in planted),
+               "an alert for every change made during the overflow", 20)
+    assert "overflow" in site.stderr()
+    warnings = [e for e in site.cli.json("events") if e["kind"] == "warning"]
+    assert warnings, "no warning event for the overflow"
+    assert warnings[-1]["path"] == "/" and "overflow" in json.dumps(warnings[-1]["new"])
+    wait_until(lambda: all(e["status"] == "resolved" for e in site.cli.json("events")
+                           if e["kind"] == "warning"),
+               "the overflow warning resolved after its rescan", 10)
+    assert any(a["kind"] == "warning" for a in site.alert_lines())
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
+@needs_root
+def test_watch_limit_is_a_warning_that_names_the_sysctl(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    # The tree has 3 directories; leave room for 2 watches, for as short as we can.
+    with sysctl("max_user_watches", watches_in_use() + 2) as restore:
+        daemon = start(wait=False)
+        wait_for_log(site, "watching 2 directories", 15)
+        restore()
+    daemon.wait_running()
+    watcher = site.status()["watcher"]
+    assert watcher["watches"] == 2
+    [unwatched] = watcher["unwatched"]
+    assert str(site.tree / "spool") in unwatched
+    assert "fs.inotify.max_user_watches" in unwatched
+    warnings = wait_until(lambda: [e for e in site.cli.json("events")
+                                   if e["kind"] == "warning"], "a warning event", 5)
+    [warning] = warnings
+    assert warning["path"] == str(site.tree / "spool") and warning["status"] == "open"
+    text = json.dumps(warning["new"])
+    assert "needs 3" in text and "sysctl -w fs.inotify.max_user_watches=" in text, text
+    assert daemon.running()
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+# -- systemd --------------------------------------------------------------------------
+
+class NotifySocket:
+    """The service manager's end of $NOTIFY_SOCKET: a datagram socket we bind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[dict[str, str]] = []
+
+    def next(self, key: str, timeout: float) -> dict[str, str]:
+        """The next message holding KEY (earlier ones are kept in `messages`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no {key} within {timeout} s; got {self.messages}")
+            self.sock.settimeout(left)
+            try:
+                raw = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            message = dict(line.split("=", 1) for line in raw.decode().splitlines())
+            self.messages.append(message)
+            if key in message:
+                return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    path = tmp_path / "notify.sock"
+    assert len(str(path)) < 100, "AF_UNIX paths are limited to 108 bytes"
+    sock = NotifySocket(path)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def test_systemd_notify_protocol(site: Site, start: Callable[..., Daemon],
+                                 notify_socket: NotifySocket) -> None:
+    target = site.tree / "a.conf"
+    rewrite(target, b"changed before the first start\n")
+    daemon = start(env={"NOTIFY_SOCKET": str(notify_socket.path),
+                        "WATCHDOG_USEC": "1000000"}, wait=False)
+    ready = notify_socket.next("READY", 15)
+    assert ready["READY"] == "1"
+    # READY=1 comes after the catch-up scan: its event is already recorded.
+    assert [e["source"] for e in site.events(target)] == ["scan"]
+    assert "catch-up scan found 1 change" in ready.get("STATUS", ""), ready
+    assert not [m for m in notify_socket.messages[:-1] if "STOPPING" in m]
+    assert daemon.running()
+    assert notify_socket.next("WATCHDOG", 3)["WATCHDOG"] == "1"  # every 0.5 s
+    daemon.signal(signal.SIGHUP)  # an unchanged policy: RELOADING=1, then READY=1 again
+    reloading = notify_socket.next("RELOADING", 3)
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    assert notify_socket.next("READY", 5)["READY"] == "1"
+    daemon.signal(signal.SIGTERM)
+    assert notify_socket.next("STOPPING", STOP_SECONDS)["STOPPING"] == "1"
+    assert daemon.proc.wait(timeout=STOP_SECONDS) == 0
+    assert_no_crash(site)

@@ -229,7 +229,7 @@ class Approver:
         closing = [e for e in events
                    if not any(e.path == f or e.path.startswith(f + b"/") for f in failed)]
         outcome = self._write(upserts, deletes, closing, {}, mode, UNEXPLAINED,
-                              package_owner())
+                              package_owner(self.policy))
         outcome.left_open = left
         return outcome
 

@@ -79,7 +79,7 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
         iter(workers) if workers is not None else _in_process(policy, None))
     try:
         store = open_store()
-        owner = package_owner()
+        owner = package_owner(policy)
 
         def records() -> Iterator[FileRecord]:
             for item in live:
@@ -102,13 +102,17 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
     return InitResult(info, warnings)
 
 
-def package_owner() -> Callable[[bytes], str | None] | None:
-    """Who installed a path (dpkg/rpm), recorded with each entry; None without a
-    package manager. Built here while the workers hash, so it costs no wall time."""
+def package_owner(policy: Policy) -> Callable[[bytes], str | None] | None:
+    """Who installed a path (dpkg/rpm), recorded with each entry; None when no
+    package owns anything under the policy's rules (or there is no package manager)."""
     from .packages import PackageManagers
 
     managers = PackageManagers()
-    return managers.owner if managers.available() else None
+    owners = managers.owner_map([rule.path for rule in policy.rules])
+    if not owners:
+        return None
+    canonical = managers.canonical
+    return lambda path: owners.get(canonical(path))
 
 
 def _tick(progress: Progress, rec: FileRecord) -> None:

@@ -103,6 +103,32 @@ class PackageManagers:
         found = self._owner(path)
         return found[1] if isinstance(found, tuple) else []
 
+    def owner_map(self, roots: list[bytes]) -> dict[bytes, str]:
+        """path -> installing package for every package file at or below `roots`:
+        what a baseline records for its entries (empty without a package manager)."""
+        backends = self._usable()
+        if isinstance(backends, _Unavailable):
+            return {}
+        found: dict[bytes, str] = {}
+        canonical = [self._canon(r) for r in roots]
+        for backend in backends:
+            if isinstance(backend, Dpkg):
+                part = backend.index_under(canonical)
+            else:
+                part = {}
+                for path in getattr(backend, "_index")():
+                    if any(path == r or path.startswith(r + b"/") for r in canonical):
+                        owners = backend.owners(path)
+                        if owners:
+                            part[path] = owners[0]
+            for path, key in part.items():
+                found.setdefault(path, key)
+        return found
+
+    def canonical(self, path: bytes) -> bytes:
+        """path spelled through the top-level directory symlinks, as lookups want it."""
+        return self._canon(path)
+
     def owner(self, path: bytes) -> str | None:
         """The first package that installs path, or None (also when no package
         manager is usable): what a baseline records for each entry."""

@@ -98,6 +98,20 @@ def _os_reason(what: str, exc: OSError) -> str:
            f" {exc.strerror or exc}"
 
 
+#: root -> [(alias prefix, target prefix)] found by the last canonicalizer(root).
+_ALIASES: dict[bytes, list[tuple[bytes, bytes]]] = {}
+
+
+def spellings(path: bytes, root: bytes = b"/") -> list[bytes]:
+    """Every spelling of path through the top-level directory symlinks (path first):
+    /usr/bin gives /usr/bin and /bin on a merged-/usr system."""
+    found = [path]
+    for alias, target in _ALIASES.get(root, []):
+        if (path + b"/").startswith(target):
+            found.append(alias.rstrip(b"/") + path[len(target) - 1:])
+    return found
+
+
 def canonicalizer(root: bytes = b"/") -> Canon:
     """A function that spells paths through the top-level directory symlinks.
 
@@ -125,6 +139,7 @@ def canonicalizer(root: bytes = b"/") -> Canon:
             aliases.append((b"/" + name + b"/", resolved.rstrip(b"/") + b"/"))
     if not aliases:
         return lambda path: path
+    _ALIASES[root] = list(aliases)
     prefixes = tuple(alias for alias, _ in aliases)
     mapping = dict(aliases)
 

@@ -27,7 +27,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
+from integrity.packages.common import (spellings, PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
                                        LiveFile, Verdict)
 from integrity.packages.debfile import (AptLists, DebError, Member, archive_name,
                                         read_members, sha256_file)
@@ -176,6 +176,38 @@ class Dpkg:
             self._owners = owners
             self._load_diversions()
         return self._owners
+
+    def index_under(self, roots: list[bytes]) -> dict[bytes, str]:
+        """path -> first owning package, only for paths at or below `roots`.
+
+        For recording owners in a baseline: a .list file that names nothing below
+        the roots (in any spelling) is skipped after one substring test, so a policy
+        over trees no package touches costs one read of dpkg's lists, not a parse.
+        """
+        needles = [s + end for r in roots for s in spellings(r) for end in (b"/", b"\n")]
+        found: dict[bytes, str] = {}
+        canon = self._canon
+        info = os.path.join(self._admindir, "info")
+        try:
+            listing = sorted(e.name for e in os.scandir(info) if e.name.endswith(".list"))
+        except OSError:
+            return found
+        for name in listing:
+            try:
+                with open(os.path.join(info, name), "rb") as handle:
+                    data = b"\n" + handle.read()
+            except OSError:
+                continue
+            if not any(b"\n" + needle in data for needle in needles):
+                continue
+            key = name[:-5]
+            for line in data.split(b"\n"):
+                if line:
+                    path = canon(line)
+                    if path not in found and any(
+                            path == r or path.startswith(r + b"/") for r in roots):
+                        found[path] = key
+        return found
 
     def _load_diversions(self) -> None:
         try:

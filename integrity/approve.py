@@ -25,6 +25,7 @@ from .compare import diff
 from .record import Attr, FileRecord
 from .scan import normalize_paths, package_owner
 from .store import Store
+from .trust import check_baseline
 from .walker import WalkEntry, walk
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class ApprovalOutcome:
     approved: list[Approved] = field(default_factory=list)
     left_open: list[LeftOpen] = field(default_factory=list)
     written: list[bytes] = field(default_factory=list)
+    root: str | None = None
 
 
 def _unchanged_since(rec: FileRecord) -> bool:
@@ -111,15 +113,23 @@ def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree
 class Approver:
     """Approves changes against one store and policy."""
 
-    def __init__(self, store: Store, policy: Policy, *, reason: str | None = None) -> None:
+    def __init__(self, store: Store, policy: Policy, *, reason: str | None = None,
+                 sign_key: str | None = None) -> None:
         baseline = store.active_baseline()
         if baseline is None:
             raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
+        if policy.public_key and not sign_key:
+            raise UsageError(f"{policy.source}: public_key is configured: approvals must "
+                             "be signed (--sign-key FILE)")
+        # Approving re-roots (and re-signs) the baseline: never launder entries that
+        # were changed behind our back, nor a root the key did not sign.
+        check_baseline(store, policy)
         self.store = store
         self.policy = policy
         self.baseline = baseline
         self.log = EventLog(store)
         self.reason = reason
+        self.sign_key = sign_key
 
     def paths(self, paths: Sequence[str | bytes]) -> ApprovalOutcome:
         """Approve the named paths, each with its whole subtree."""
@@ -246,7 +256,9 @@ class Approver:
         outcome.approval_id = self.log.approve(
             self.baseline.id, upserts=upserts, deletes=deletes, events=closing,
             user=user, sudo_user=sudo_user, reason=self.reason, mode=mode,
-            classification=classification, owner=owner)
+            classification=classification, owner=owner, sign_key=self.sign_key)
         outcome.written = sorted([r.path for r in upserts] + deletes, key=to_key)
+        baseline = self.store.active_baseline()
+        outcome.root = baseline.root if baseline else None
         outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id)) for e in events]
         return outcome

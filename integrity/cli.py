@@ -143,8 +143,10 @@ def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: in
 
 @cli.command()
 @click.option("--force", is_flag=True, help="Replace an existing baseline.")
+@click.option("--sign-key", metavar="FILE",
+              help="Ed25519 private key (from 'integrity key generate') to sign the root.")
 @pass_env
-def init(env: Env, force: bool) -> None:
+def init(env: Env, force: bool, sign_key: str | None) -> None:
     """Build the baseline for every rule of the policy.
 
     The new baseline replaces the old one atomically at the end: an interrupted
@@ -162,7 +164,7 @@ def init(env: Env, force: bool) -> None:
     progress, shown = make_progress("baseline", env.quiet)
     try:
         result = build_baseline(lambda: env.store(must_exist=False), policy, force=force,
-                                actor=actor(), progress=progress)
+                                actor=actor(), progress=progress, sign_key=sign_key)
     finally:
         if shown:
             shown.done()
@@ -172,6 +174,8 @@ def init(env: Env, force: bool) -> None:
     click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
                f"{policy.source} into {env.store().name()}"
                + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
+    click.echo(f"root {result.baseline.root}"
+               + (" (signed)" if result.baseline.signature else ""))
 
 
 @cli.command()
@@ -179,8 +183,11 @@ def init(env: Env, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (SPEC format).")
 @click.option("--fast", is_flag=True,
               help="Rehash only files whose size, mtime, ctime or inode changed.")
+@click.option("--expect-root", metavar="DIGEST",
+              help="Refuse (exit 2) a baseline whose entries do not hash to this root.")
 @pass_env
-def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
+def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
+           expect_root: str | None) -> None:
     """Compare the live trees (or just PATHS) with the baseline.
 
     Exit status: 0 no changes, 1 changes or unreadable entries, 2 could not run.
@@ -194,6 +201,9 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
     from .scan import exit_code, verify as run_verify
 
     policy = env.policy
+    if expect_root or policy.public_key:
+        from .trust import check_baseline
+        check_baseline(env.store(), policy, expect_root)
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
         result = run_verify(env.store, policy, paths, fast=fast, progress=progress)
@@ -213,10 +223,11 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool) -> None:
 @click.option("--package-updates", is_flag=True,
               help="Approve only what dpkg/rpm vouch for; list what is left open and why.")
 @click.option("--reason", metavar="TEXT", help="Why: recorded with the approval.")
+@click.option("--sign-key", metavar="FILE", help="Ed25519 private key to sign the new root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @pass_env
 def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates: bool,
-            reason: str | None, as_json: bool) -> None:
+            reason: str | None, sign_key: str | None, as_json: bool) -> None:
     """Accept the current state of PATHS (with their subtrees) into the baseline.
 
     Re-reads only the paths it approves, writes them into the baseline and closes
@@ -236,7 +247,7 @@ def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates
     if modes != 1:
         raise UsageError("approve: name PATHs, or use --all, or --package-updates "
                          "(exactly one of them)")
-    approver = Approver(env.store(), env.policy, reason=reason)
+    approver = Approver(env.store(), env.policy, reason=reason, sign_key=sign_key)
     if package_updates:
         outcome = approver.package_updates()
     elif approve_all:
@@ -344,6 +355,30 @@ def doctor(env: Env) -> None:
     diagnosis = diagnose(env.policy)
     click.echo(render(diagnosis), nl=False)
     sys.exit(diagnosis.exit_code)
+
+
+@cli.group()
+def key() -> None:
+    """Signing keys for the baseline root."""
+
+
+@key.command("generate")
+@click.argument("private_key", metavar="FILE")
+def key_generate(private_key: str) -> None:
+    """Write a new Ed25519 key pair: FILE (private, mode 0600) and FILE.pub.
+
+    Keep the private key off the host and sign with `init --sign-key` and
+    `approve --sign-key`; put `public_key = "/path/FILE.pub"` in the policy so that
+    verify and watch refuse a baseline the key did not sign.
+
+    Example:
+
+        integrity key generate /root/integrity-signing.key
+    """
+    from .trust import generate_keypair
+
+    private, public = generate_keypair(private_key)
+    click.echo(f"private key {private} (keep it off this host)\npublic key {public}")
 
 
 @cli.group("apt-hook")

@@ -24,6 +24,7 @@ from .paths import display, from_key, key_range, to_key
 from .policy import Rule
 from .record import FileRecord
 from .store import Store, utcnow
+from .trust import root_of, sign
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
 WARNING = "warning"
@@ -232,7 +233,8 @@ class EventLog:
                 deletes: Sequence[bytes], events: Mapping[int, str | None],
                 user: str, sudo_user: str | None, reason: str | None, mode: str,
                 classification: str = UNEXPLAINED,
-                owner: Callable[[bytes], str | None] | None = None) -> int:
+                owner: Callable[[bytes], str | None] | None = None,
+                sign_key: str | None = None) -> int:
         """Write paths' current state into the baseline and close their events.
 
         `events` maps event id to the evidence it rested on (None for a person's
@@ -252,7 +254,13 @@ class EventLog:
                     for rec in upserts])
             count = conn.execute(sa.select(sa.func.count()).select_from(en).where(
                 en.c.baseline_id == baseline_id)).scalar_one()
-            conn.execute(b.update().where(b.c.id == baseline_id).values(entries=count))
+            # The new root, from the rows as this transaction leaves them.
+            cols = [en.c[name] for name in models.ENTRY_COLUMNS]
+            rows = conn.execute(sa.select(*cols).where(en.c.baseline_id == baseline_id)
+                                .order_by(en.c.key))
+            root = root_of((row[0], FileRecord(from_key(row[0]), *row[1:])) for row in rows)
+            conn.execute(b.update().where(b.c.id == baseline_id).values(
+                entries=count, root=root, signature=sign(root, sign_key) if sign_key else None))
             approval_id = conn.execute(a.insert().values(
                 time=utcnow(), user=user, sudo_user=sudo_user, reason=reason, mode=mode,
                 baseline_id=baseline_id, entries=len(upserts) + len(deletes),

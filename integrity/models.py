@@ -30,6 +30,7 @@ baseline = Table(
     Column("entries", Integer, nullable=False, default=0),
     Column("root", String(64)),
     Column("actor", String(128)),
+    Column("signature", LargeBinary),
 )
 
 #: One recorded path. `key` is the path with '/' stored as NUL (paths.to_key), so

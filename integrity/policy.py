@@ -23,7 +23,7 @@ ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")
 DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
-_TOP_KEYS = {"database", "rule", "schedule", "alert"}
+_TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem"}
 _SCHEDULE_KEYS = {"full_scan"}
 
@@ -129,6 +129,8 @@ class Policy:
     full_scan: str = DEFAULT_FULL_SCAN
     alerts: tuple[dict[str, Any], ...] = ()
     digest: str = ""
+    #: With a public key, verify and watch refuse a baseline whose root it did not sign.
+    public_key: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
@@ -234,8 +236,12 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
         if severity not in SEVERITIES:
             raise fail(f"{key}.min_severity", f"must be one of {', '.join(SEVERITIES)}")
         alerts.append(dict(alert))
+    public_key = data.get("public_key")
+    if public_key is not None and (not isinstance(public_key, str)
+                                   or not public_key.startswith("/")):
+        raise fail("public_key", "must be the absolute path of an Ed25519 public key (PEM)")
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
-                  full_scan, tuple(alerts), digest)
+                  full_scan, tuple(alerts), digest, public_key)
 
 
 def _parse_rule(item: Any, key: str, fail: Any) -> Rule:

@@ -136,6 +136,7 @@ def approval_json(outcome: Any) -> dict[str, Any]:
         "written": [display(p) for p in outcome.written],
         "left_open": [{"path": display(item.path), "kind": item.kind,
                        "reason": item.reason} for item in outcome.left_open],
+        "root": outcome.root,
     }
 
 
@@ -152,11 +153,11 @@ def approval_text(outcome: Any, out: TextIO) -> None:
         out.write(f"left open {item.kind} {display(item.path)}: {item.reason}\n")
     if outcome.approval_id is None:
         out.write("nothing approved\n")
-    else:
-        out.write(f"approval {outcome.approval_id}: {len(outcome.approved)} events closed, "
-                  f"{len(outcome.written)} baseline entries written"
-                  + (f", {len(outcome.left_open)} left open" if outcome.left_open else "")
-                  + "\n")
+        return
+    out.write(f"root {outcome.root}\n")
+    out.write(f"approval {outcome.approval_id}: {len(outcome.approved)} events closed, "
+              f"{len(outcome.written)} baseline entries written"
+              + (f", {len(outcome.left_open)} left open" if outcome.left_open else "") + "\n")
 
 
 def events_text(rows: list[dict[str, Any]], out: TextIO) -> None:

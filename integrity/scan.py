@@ -19,6 +19,7 @@ from .paths import display, key_range, to_key
 from .pipeline import READAHEAD, Progress, materialize
 from .policy import Policy, Rule
 from .record import Attr, FileRecord
+from .trust import MerkleRoot, leaf, sign
 from .walker import SkippedTree, WalkEntry, walk, walk_roots
 from .worker import Hashed, ScanWorkers, worker_count
 
@@ -67,7 +68,8 @@ def _workers(parallel: bool | int | None) -> int:
 
 def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = False,
                    actor: str | None = None, progress: Progress | None = None,
-                   parallel: bool | int | None = None) -> InitResult:
+                   parallel: bool | int | None = None,
+                   sign_key: str | None = None) -> InitResult:
     """Walk and hash every rule's tree and make it the baseline, atomically.
 
     `open_store` is called after the scanning worker has started, so opening the
@@ -80,6 +82,11 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
     try:
         store = open_store()
         owner = package_owner(policy)
+        merkle = MerkleRoot()
+
+        def seal() -> tuple[str, bytes | None]:
+            root = merkle.hexdigest()
+            return root, sign(root, sign_key) if sign_key else None
 
         def records() -> Iterator[FileRecord]:
             for item in live:
@@ -91,11 +98,12 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
                 if item.record is not None:
                     if progress is not None:
                         _tick(progress, item.record)
+                    merkle.add(leaf(to_key(item.path), item.record))
                     yield item.record
 
         info = store.write_baseline(records(), policy_source=policy.source,
                                     policy_digest=policy.digest, actor=actor, force=force,
-                                    owner=owner)
+                                    owner=owner, seal=seal)
     finally:
         if workers is not None:
             workers.close()

@@ -263,7 +263,9 @@ class Service:
     def run(self) -> int:
         """Run until SIGTERM; return the exit status (0)."""
         from .history import EventLog
+        from .trust import check_baseline
 
+        check_baseline(self.store, self.policy)  # refuse a baseline changed behind us
         self._install_signals()
         self._beat("starting")
         EventLog(self.store).resolve_warnings()  # a new start re-establishes them

@@ -41,6 +41,7 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
             "id": baseline.id, "created": iso(baseline.created),
             "age_seconds": int((now - baseline.created).total_seconds()),
             "entries": baseline.entries, "root": baseline.root,
+            "signed": baseline.signature is not None,
             "policy": baseline.policy_source},
         "events": {"open": open_total, **{s: counts.get(s, 0) for s in SEVERITIES}},
         "watcher": {

@@ -23,7 +23,7 @@ from .paths import display, from_key, to_key
 from .record import FileRecord
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("0001", "0002", "0003", "0004")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 HEAD = REVISIONS[-1]
 BATCH = 5000
 
@@ -51,6 +51,7 @@ class BaselineInfo:
     policy_source: str
     policy_digest: str
     root: str | None
+    signature: bytes | None = None
 
 
 def _engine(url: str) -> sa.Engine:
@@ -190,13 +191,16 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(b.c.id, b.c.activated, b.c.entries, b.c.policy_source,
-                          b.c.policy_digest, b.c.root).where(b.c.state == "active")
+                          b.c.policy_digest, b.c.root, b.c.signature)
+                .where(b.c.state == "active")
             ).first()
         return BaselineInfo(*row) if row else None
 
     def write_baseline(self, records: Iterable[FileRecord], *, policy_source: str,
                        policy_digest: str, actor: str | None, force: bool,
-                       owner: Callable[[bytes], str | None] | None = None) -> BaselineInfo:
+                       owner: Callable[[bytes], str | None] | None = None,
+                       seal: Callable[[], tuple[str, bytes | None]] | None = None,
+                       ) -> BaselineInfo:
         """Store a new generation from `records` (in key order) and switch to it.
 
         Rows are written in batches into a `building` generation; only the final
@@ -227,11 +231,13 @@ class Store:
                     batch = []
             writer.put(batch)
             count = writer.close()
+            root, signature = seal() if seal else (None, None)
             with self.writer() as conn, conn.begin():
                 conn.execute(b.update().where(b.c.state == "active")
                              .values(state="retired"))
                 conn.execute(b.update().where(b.c.id == new_id).values(
-                    state="active", activated=utcnow(), entries=count))
+                    state="active", activated=utcnow(), entries=count, root=root,
+                    signature=signature))
         except BaseException:
             writer.abort()
             self._discard(new_id)
@@ -278,6 +284,11 @@ class Store:
                 for row in result:
                     key = row[0]
                     yield key, FileRecord(from_key(key), *row[1:])
+
+    def recompute_root(self, baseline_id: int) -> str:
+        """The Merkle root of a baseline's entries as they are in the database now."""
+        from .trust import root_of
+        return root_of(self.iter_entries(baseline_id))
 
     def entry_owner(self, baseline_id: int, path: bytes) -> str | None:
         """The package recorded as owning path in a baseline, if any."""

@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_ERROR, IntegrityError, UsageError
+from .trust import TrustError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -355,6 +356,32 @@ def doctor(env: Env) -> None:
     diagnosis = diagnose(env.policy)
     click.echo(render(diagnosis), nl=False)
     sys.exit(diagnosis.exit_code)
+
+
+@cli.command()
+@click.option("--older-than", "older_than", required=True, metavar="AGE",
+              help="Remove closed events last seen longer ago than this (e.g. 90d).")
+@pass_env
+def prune(env: Env, older_than: str) -> None:
+    """Remove old closed events, leaving a chained checkpoint in the event log.
+
+    Open events are never removed. The hash chain is replaced by a checkpoint that
+    names its previous head, followed by the surviving events and approvals, so it
+    stays verifiable and the database stays bounded.
+
+    Example:
+
+        integrity prune --older-than 90d
+    """
+    from .history import parse_since
+    from .ledger import check, prune as prune_events
+
+    report = check(env.store())
+    if not report.ok:
+        raise TrustError("event log hash chain is broken; refusing to prune evidence: "
+                         + report.problems[0])
+    removed, head = prune_events(env.store(), parse_since(older_than))
+    click.echo(f"pruned {removed} closed events; event log head {head}")
 
 
 @cli.group()

@@ -24,6 +24,7 @@ from .paths import display, from_key, key_range, to_key
 from .policy import Rule
 from .record import FileRecord
 from .store import Store, utcnow
+from .ledger import journal
 from .trust import root_of, sign
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
@@ -99,6 +100,7 @@ class EventLog:
         with self.store.writer() as conn, conn.begin():
             open_rows = self._open_in(conn, scope)
             inserts = []
+            touched: list[int] = []
             for key, change in changed_keys.items():
                 old_state, new_state = change_states(change)
                 rule = rules.get(change.path)
@@ -117,6 +119,7 @@ class EventLog:
                 elif existing[1] != fields["new"] or existing[2] != change.kind:
                     conn.execute(e.update().where(e.c.id == existing[0]).values(
                         **fields, count=e.c.count + 1))
+                    touched.append(existing[0])
                     updated += 1
                 else:
                     conn.execute(e.update().where(e.c.id == existing[0])
@@ -134,6 +137,7 @@ class EventLog:
                 conn.execute(e.update().where(e.c.id.in_(chunk))
                              .values(status=REVERTED, last_seen=now))
                 reverted += len(chunk)
+            journal(conn, "event", [*new_ids, *touched, *gone])
         return Recorded(new_ids, updated, reverted)
 
     @staticmethod
@@ -163,23 +167,30 @@ class EventLog:
                 conn.execute(e.update().where(e.c.id == existing).values(
                     count=e.c.count + 1, last_seen=now, status=status,
                     new=json.dumps({"warning": message})))
-                return int(existing)
-            return int(conn.execute(e.insert().values(
-                key=key, kind=WARNING, changed="", source=source, rule=None,
-                severity=severity, classification="watcher", status=status, count=1,
-                first_seen=now, last_seen=now, old=None,
-                new=json.dumps({"warning": message}), actor=None)).inserted_primary_key[0])
+                event_id = int(existing)
+            else:
+                event_id = int(conn.execute(e.insert().values(
+                    key=key, kind=WARNING, changed="", source=source, rule=None,
+                    severity=severity, classification="watcher", status=status, count=1,
+                    first_seen=now, last_seen=now, old=None,
+                    new=json.dumps({"warning": message}), actor=None)).inserted_primary_key[0])
+            journal(conn, "event", [event_id])
+            return event_id
 
     def resolve_warnings(self, keep: Iterable[bytes] = ()) -> int:
         """Close open warnings, except those for paths in `keep`; return how many."""
         e = models.event
         kept = [to_key(p) for p in keep]
-        query = e.update().where(e.c.status == OPEN, e.c.kind == WARNING)
+        which = [e.c.status == OPEN, e.c.kind == WARNING]
         if kept:
-            query = query.where(e.c.key.not_in(kept))
+            which.append(e.c.key.not_in(kept))
         with self.store.writer() as conn, conn.begin():
-            return int(conn.execute(query.values(status=RESOLVED,
-                                                 last_seen=utcnow())).rowcount)
+            ids = list(conn.execute(sa.select(e.c.id).where(*which)).scalars())
+            if ids:
+                conn.execute(e.update().where(e.c.id.in_(ids))
+                             .values(status=RESOLVED, last_seen=utcnow()))
+                journal(conn, "event", ids)
+            return len(ids)
 
     def open_events(self, scope: Sequence[tuple[bytes, bytes]] | None = None
                     ) -> list[OpenEvent]:
@@ -272,6 +283,8 @@ class EventLog:
                     values["classification"] = classification
                 conn.execute(e.update().where(e.c.id == event_id, e.c.status == OPEN)
                              .values(**values))
+            journal(conn, "approval", [int(approval_id)])
+            journal(conn, "event", list(events))
         return int(approval_id)
 
     def last_approval(self) -> dict[str, Any] | None:

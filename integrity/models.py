@@ -133,3 +133,16 @@ watcher = Table(
     Column("watches", Integer, nullable=False),
     Column("unwatched", Text),
 )
+
+#: Append-only hash chain over every state an event or approval row has had: each
+#: row carries the digest of its predecessor. A deleted or edited event breaks it.
+ledger = Table(
+    "ledger", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("time", DateTime, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ref", Integer, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("prev", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),
+)

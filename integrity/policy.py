@@ -23,7 +23,7 @@ ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")
 DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
-_TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key"}
+_TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem"}
 _SCHEDULE_KEYS = {"full_scan"}
 
@@ -131,6 +131,8 @@ class Policy:
     digest: str = ""
     #: With a public key, verify and watch refuse a baseline whose root it did not sign.
     public_key: str | None = None
+    #: `[retention] events = "90d"`: the watcher prunes closed events older than this.
+    retention: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
@@ -240,8 +242,15 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
     if public_key is not None and (not isinstance(public_key, str)
                                    or not public_key.startswith("/")):
         raise fail("public_key", "must be the absolute path of an Ed25519 public key (PEM)")
+    retention = data.get("retention", {})
+    if not isinstance(retention, dict) or set(retention) - {"events"}:
+        raise fail("retention", "must be a table with one key, events (e.g. \"90d\")")
+    events = retention.get("events")
+    if events is not None and (not isinstance(events, str)
+                               or not re.fullmatch(r"\d+[hdw]", events.strip())):
+        raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
-                  full_scan, tuple(alerts), digest, public_key)
+                  full_scan, tuple(alerts), digest, public_key, events)
 
 
 def _parse_rule(item: Any, key: str, fail: Any) -> Rule:

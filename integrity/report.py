@@ -198,6 +198,14 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
                   .format(**watcher))
     else:
         out.write("watcher: not running\n")
+    chain = data["chain"]
+    if chain["ok"]:
+        out.write(f"event log: {chain['rows']} chained records, head {chain['head']}\n")
+    else:
+        out.write(f"event log: TAMPERING: the hash chain is broken "
+                  f"({len(chain['problems'])} problems)\n")
+        for problem in chain["problems"]:
+            out.write(f"  {problem}\n")
     scan = data["last_scan"]
     if scan is None:
         out.write("last scan: none\n")

@@ -202,6 +202,11 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
         if worker is not None:
             worker.close()
     _record_events(store, result, source, ranges)
+    if source == "verify":
+        from .ledger import check
+        for problem in check(store).problems:
+            result.warnings.append(ScanWarning(b"(event log)", "hash chain check", problem,
+                                               "tampering"))
     store.finish_run(result.run_id, scanned=result.scanned, added=result.count(ADDED),
                      removed=result.count(REMOVED), modified=result.count(MODIFIED),
                      errors=len(result.warnings), exit_code=exit_code(result))

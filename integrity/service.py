@@ -145,6 +145,16 @@ class Service:
     def _handle_scan(self, task: _Task) -> None:
         if task.kind == "full":
             self._full_scan()
+        elif task.kind == "prune" and self.policy.retention:
+            from .history import parse_since
+            from .ledger import check, prune
+
+            if check(self.store).ok:
+                removed, _ = prune(self.store, parse_since(self.policy.retention))
+                log.info("pruned %d closed events older than %s", removed,
+                         self.policy.retention)
+            else:
+                log.error("event log hash chain is broken; not pruning")
         elif task.kind == "overflow":
             message = ("inotify queue overflowed: events were lost; a full rescan "
                        "reports every change")
@@ -197,6 +207,9 @@ class Service:
         scheduler.add_job(lambda: self.scans.put(_Task("full")),
                           CronTrigger.from_crontab(self.policy.full_scan),
                           id="full-scan", max_instances=1, coalesce=True)
+        if self.policy.retention:
+            scheduler.add_job(lambda: self.scans.put(_Task("prune")), "interval", hours=24,
+                              id="prune", max_instances=1, coalesce=True)
         scheduler.add_job(self._scan_unwatched, "interval",
                           seconds=UNWATCHED_SCAN_SECONDS, id="unwatched",
                           max_instances=1, coalesce=True)

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from . import ledger
 from .history import EventLog, iso
 from .policy import SEVERITIES
 from .store import Store, latest_watcher, utcnow
@@ -20,7 +21,8 @@ class StatusReport:
 
 
 def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
-    """Gather status; unhealthy when there is no baseline or changes are open.
+    """Gather status; unhealthy when there is no baseline, changes are open or the
+    event log's hash chain is broken (tampering).
 
     A watcher whose heartbeat is older than three intervals is stale: unhealthy.
     """
@@ -36,6 +38,7 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
         alive = fresh and watcher["state"] == "running"
         stale = not fresh
     open_total = sum(counts.values())
+    chain = ledger.check(store)
     data: dict[str, Any] = {
         "baseline": None if baseline is None else {
             "id": baseline.id, "created": iso(baseline.created),
@@ -53,10 +56,13 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
             "watches": watcher["watches"] if watcher else None,
             "unwatched": watcher["unwatched"].splitlines()
             if watcher and watcher["unwatched"] else []},
+        "chain": {"ok": chain.ok, "head": chain.head, "rows": chain.rows,
+                  "problems": chain.problems},
         "last_scan": None if run is None else {
             "time": iso(run["finished"]), "source": run["command"],
             "fast": bool(run["fast"]), "scanned": run["scanned"], "added": run["added"],
             "removed": run["removed"], "modified": run["modified"],
             "errors": run["errors"]},
     }
-    return StatusReport(data, baseline is not None and open_total == 0 and not stale)
+    healthy = baseline is not None and open_total == 0 and not stale and chain.ok
+    return StatusReport(data, healthy)

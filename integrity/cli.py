@@ -92,6 +92,11 @@ class IntegrityGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line
+            from .store import as_database_error
+
+            mapped = as_database_error(exc)
+            if mapped is not None:
+                _fail(ctx, str(mapped), mapped.exit_code)
             _fail(ctx, f"internal error: {type(exc).__name__}: {exc} "
                        "(run with -vv for the traceback)", EXIT_ERROR)
 

@@ -6,6 +6,7 @@ no partial policy is ever applied.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import re
@@ -33,30 +34,37 @@ class Excludes:
     """Compiled exclude globs: bare names match a name anywhere, absolute ones a path.
 
     In absolute globs `*` and `?` stay within one path component and `**` crosses
-    them. An excluded directory is not descended into.
+    them. An excluded directory is not descended into. Globs made only of literals
+    and stars match the raw bytes (no decoding on the walk's hot path); globs with
+    `?` or `[...]` count characters, as a shell does, so they match the name decoded
+    as UTF-8 (undecodable bytes count as one character each, like fnmatch).
     """
 
     patterns: tuple[str, ...] = ()
     names: re.Pattern[bytes] | None = None
     paths: re.Pattern[bytes] | None = None
     literal: frozenset[bytes] = frozenset()
+    text_names: re.Pattern[str] | None = None
+    text_paths: re.Pattern[str] | None = None
 
     @classmethod
     def compile(cls, patterns: tuple[str, ...]) -> Excludes:
-        names, paths, literal = [], [], set()
+        names: list[str] = []
+        paths: list[str] = []
+        text_names: list[str] = []
+        text_paths: list[str] = []
+        literal: set[bytes] = set()
         for pattern in patterns:
-            raw = os.fsencode(pattern)
-            if b"/" not in raw:
-                names.append(_glob_regex(raw, within_component=True))
-            elif not any(ch in raw for ch in b"*?["):
-                literal.add(raw.rstrip(b"/") or b"/")
+            by_character = any(ch in pattern for ch in "?[")
+            if "/" not in pattern:
+                (text_names if by_character else names).append(_glob_regex(pattern))
+            elif not any(ch in pattern for ch in "*?["):
+                literal.add(os.fsencode(pattern.rstrip("/") or "/"))
             else:
-                paths.append(_glob_regex(raw.rstrip(b"/"), within_component=True))
-        return cls(
-            patterns,
-            re.compile(b"|".join(names)) if names else None,
-            re.compile(b"|".join(paths)) if paths else None,
-            frozenset(literal))
+                (text_paths if by_character else paths).append(
+                    _glob_regex(pattern.rstrip("/")))
+        return cls(patterns, _join(names, bytes), _join(paths, bytes), frozenset(literal),
+                   _join(text_names, str), _join(text_paths, str))
 
     def match(self, path: bytes, name: bytes) -> bool:
         """True when an entry (full path, last component) is excluded."""
@@ -64,36 +72,56 @@ class Excludes:
             return True
         if self.names is not None and self.names.fullmatch(name):
             return True
-        return self.paths is not None and self.paths.fullmatch(path) is not None
+        if self.paths is not None and self.paths.fullmatch(path):
+            return True
+        if self.text_names is not None and self.text_names.fullmatch(os.fsdecode(name)):
+            return True
+        return self.text_paths is not None and \
+            self.text_paths.fullmatch(os.fsdecode(path)) is not None
 
 
-def _glob_regex(glob: bytes, within_component: bool) -> bytes:
-    """Translate a shell glob to a regex (bytes); `**` crosses '/'."""
+def _join(regexes: list[str], kind: type) -> Any:
+    if not regexes:
+        return None
+    joined = "(?s)" + "|".join(regexes)
+    return re.compile(os.fsencode(joined) if kind is bytes else joined)
+
+
+def _glob_regex(glob: str) -> str:
+    """Translate a shell glob to a regex: `*`, `?` stay within a component, `**` not.
+
+    Bracket expressions are translated by fnmatch itself, so `[!]`, `[z-a]`, `[]]`
+    and nested `[` mean what they mean there instead of raising re.error.
+    """
     out, i = [], 0
     while i < len(glob):
-        ch = glob[i:i + 1]
-        if glob[i:i + 2] == b"**":
-            out.append(b".*")
+        ch = glob[i]
+        if glob.startswith("**", i):
+            out.append(".*")
             i += 2
             continue
-        if ch == b"*":
-            out.append(b"[^/]*" if within_component else b".*")
-        elif ch == b"?":
-            out.append(b"[^/]")
-        elif ch == b"[":
-            end = glob.find(b"]", i + 2)
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "[":
+            # fnmatch's rule for where a bracket expression ends.
+            j = i + 1
+            if j < len(glob) and glob[j] == "!":
+                j += 1
+            if j < len(glob) and glob[j] == "]":
+                j += 1
+            end = glob.find("]", j)
             if end == -1:
                 out.append(re.escape(ch))
             else:
-                body = glob[i + 1:end]
-                if body.startswith(b"!"):
-                    body = b"^" + body[1:]
-                out.append(b"[" + body.replace(b"\\", b"\\\\") + b"]")
+                translated = fnmatch.translate(glob[i:end + 1])
+                out.append(translated[len("(?s:"):-len(")\\Z")])
                 i = end
         else:
             out.append(re.escape(ch))
         i += 1
-    return b"(?:" + b"".join(out) + b")"
+    return "(?:" + "".join(out) + ")"
 
 
 @dataclass(frozen=True)
@@ -262,6 +290,8 @@ def _parse_rule(item: Any, key: str, fail: Any) -> Rule:
     path = item.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         raise fail(f"{key}.path", "required, and must be an absolute path")
+    if "\x00" in path:
+        raise fail(f"{key}.path", "a path cannot contain a NUL character")
     norm = os.path.normpath(path)
     if norm.startswith("//"):
         norm = "/" + norm.lstrip("/")
@@ -275,6 +305,8 @@ def _parse_rule(item: Any, key: str, fail: Any) -> Rule:
     for pattern in exclude:
         if "/" in pattern and not pattern.startswith("/"):
             raise fail(f"{key}.exclude", f"{pattern!r}: a glob with '/' must be absolute")
+        if "\x00" in pattern:
+            raise fail(f"{key}.exclude", f"{pattern!r}: a glob cannot contain a NUL character")
     flags = {}
     for name in ("recursive", "one_filesystem"):
         value = item.get(name, True)
@@ -300,6 +332,8 @@ def parse_check(value: Any, key: str = "check", fail: Any = None) -> Attr:
         raise error("is empty")
     result = NONE
     for token in tokens:
+        if not token.strip() or token != token.strip():
+            raise error(f"{token!r} is not a preset or attribute name")
         sign, name = (token[0], token[1:]) if token[:1] in "+-" else ("+", token)
         flag = PRESETS.get(name, ATTR_NAMES.get(name))
         if flag is None:

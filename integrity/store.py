@@ -442,5 +442,12 @@ def _migrations_dir() -> str:
     return str(resources.files("integrity.migrations"))
 
 
+def as_database_error(exc: BaseException) -> DatabaseError | None:
+    """A driver error that escaped the store (disk full, I/O error) as one clear line."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        return DatabaseError(f"database error: {_cause(exc)}")
+    return None
+
+
 def _cause(exc: sa_exc.DBAPIError) -> str:
     return str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)

@@ -25,6 +25,7 @@ from .policy import Rule
 from .record import FileRecord
 from .store import Store, utcnow
 from .ledger import journal
+from .outbox import Route, enqueue
 from .trust import root_of, sign
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
@@ -76,6 +77,29 @@ class OpenEvent:
     severity: str
 
 
+Actor = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What the watcher adds to recording: who made a change, and whom to tell.
+
+    `actor_of` is asked for realtime changes only (a scan cannot know the writer);
+    `routes` are the alert sinks that are owed each new event.
+    """
+
+    actor_of: Callable[[bytes], Actor | None] | None = None
+    routes: Sequence[Route] = ()
+
+
+def _when(change: Change, now: dt.datetime) -> dt.datetime:
+    """Local time of a change for off-hours rules: the new state's ctime (which a
+    writer cannot set) when there is one, else the time we saw it."""
+    if change.new is not None:
+        return dt.datetime.fromtimestamp(change.new.ctime / 1e9)
+    return now.replace(tzinfo=dt.timezone.utc).astimezone().replace(tzinfo=None)
+
+
 class EventLog:
     """Events and approvals in the store's database."""
 
@@ -84,13 +108,19 @@ class EventLog:
 
     def record(self, changes: Sequence[Change], rules: Mapping[bytes, Rule], source: str,
                scope: Sequence[tuple[bytes, bytes]], unknown: Iterable[bytes] = (),
-               skipped: Iterable[bytes] = ()) -> Recorded:
+               skipped: Iterable[bytes] = (), context: EventContext | None = None
+               ) -> Recorded:
         """Record a scan's changes; return what was new, updated and reverted.
 
         Open events inside `scope` (key ranges the scan examined) whose path no
         longer differs from the baseline are closed as reverted, except paths in
-        `unknown` and below `skipped` directories (not examinable this time).
+        `unknown` and below `skipped` directories (not examinable this time). Each
+        new event's severity and classification come from its rule's judgement of
+        when and by whom (severity.py); its alerts go to the outbox in the same
+        transaction.
         """
+        context = context or EventContext()
+        actor_of = context.actor_of if source == "realtime" else None
         e = models.event
         now = utcnow()
         changed_keys = {to_key(c.path): c for c in changes}
@@ -107,16 +137,22 @@ class EventLog:
                 fields = {
                     "kind": change.kind, "changed": ",".join(change.changed),
                     "source": source, "rule": rule.name if rule else None,
-                    "severity": rule.severity if rule else "medium",
                     "last_seen": now, "old": json.dumps(old_state),
                     "new": json.dumps(new_state),
                 }
+                actor = actor_of(change.path) if actor_of is not None else None
                 existing = open_rows.get(key)
                 if existing is None:
-                    inserts.append({**fields, "key": key, "classification": UNEXPLAINED,
+                    severity, classification = (
+                        rule.judgement.judge(rule.severity, actor, _when(change, now))
+                        if rule else ("medium", UNEXPLAINED))
+                    inserts.append({**fields, "key": key, "severity": severity,
+                                    "classification": classification,
                                     "status": OPEN, "count": 1, "first_seen": now,
-                                    "actor": None})
+                                    "actor": json.dumps(actor) if actor else None})
                 elif existing[1] != fields["new"] or existing[2] != change.kind:
+                    if actor:  # the latest writer is the one to ask
+                        fields["actor"] = json.dumps(actor)
                     conn.execute(e.update().where(e.c.id == existing[0]).values(
                         **fields, count=e.c.count + 1))
                     touched.append(existing[0])
@@ -128,8 +164,10 @@ class EventLog:
             if inserts:
                 conn.execute(e.insert(), inserts)
                 # We hold the write lock: every open event first seen at `now` is ours.
-                new_ids = list(conn.execute(sa.select(e.c.id).where(
-                    e.c.status == OPEN, e.c.first_seen == now).order_by(e.c.id)).scalars())
+                new_rows = conn.execute(sa.select(e.c.id, e.c.severity).where(
+                    e.c.status == OPEN, e.c.first_seen == now).order_by(e.c.id)).all()
+                new_ids = [row[0] for row in new_rows]
+                enqueue(conn, context.routes, new_rows)
             gone = [row[0] for key, row in open_rows.items()
                     if key not in changed_keys and key not in unknown_keys
                     and not any(low <= key < high for low, high in skipped_ranges)]
@@ -153,9 +191,11 @@ class EventLog:
         return found
 
     def warn(self, path: bytes, message: str, *, source: str = "realtime",
-             severity: str = "high", resolved: bool = False) -> int:
+             severity: str = "high", resolved: bool = False,
+             routes: Sequence[Route] = ()) -> int:
         """Record that the watcher could not see something (an open warning until it
-        is resolved); a repeat of an open warning for the same path updates it."""
+        is resolved); a repeat of an open warning for the same path updates it and
+        is not alerted again, its resolution is."""
         e = models.event
         now = utcnow()
         key = to_key(path)
@@ -168,12 +208,15 @@ class EventLog:
                     count=e.c.count + 1, last_seen=now, status=status,
                     new=json.dumps({"warning": message})))
                 event_id = int(existing)
+                if resolved:
+                    enqueue(conn, routes, [(event_id, severity)])
             else:
                 event_id = int(conn.execute(e.insert().values(
                     key=key, kind=WARNING, changed="", source=source, rule=None,
                     severity=severity, classification="watcher", status=status, count=1,
                     first_seen=now, last_seen=now, old=None,
                     new=json.dumps({"warning": message}), actor=None)).inserted_primary_key[0])
+                enqueue(conn, routes, [(event_id, severity)])
             journal(conn, "event", [event_id])
             return event_id
 

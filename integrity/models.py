@@ -146,3 +146,18 @@ ledger = Table(
     Column("prev", String(64), nullable=False),
     Column("digest", String(64), nullable=False),
 )
+
+#: Alerts not yet delivered: one row per (sink, event), written in the transaction
+#: that records the event, deleted once the sink took it. A webhook outage or a
+#: restart loses nothing; `attempts` and `last_error` let status name a failing sink.
+outbox = Table(
+    "outbox", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("sink", String(255), nullable=False),
+    Column("event_id", Integer, nullable=False),
+    Column("created", DateTime, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt", DateTime, nullable=False),
+    Column("last_error", Text),
+    Index("ix_outbox_sink", "sink", "id"),
+)

@@ -18,14 +18,19 @@ from typing import Any
 
 from .errors import PolicyError
 from .record import ATTR_NAMES, NONE, PRESETS, Attr
+from .severity import (SEVERITIES, Judgement, WindowError, parse_processes,
+                       parse_windows)
 
-SEVERITIES = ("low", "medium", "high", "critical")
 ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")
 DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
-_TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention"}
-_RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem"}
+_TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
+             "severity"}
+_JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
+                   "trusted_severity"}
+_RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem",
+              *_JUDGEMENT_KEYS}
 _SCHEDULE_KEYS = {"full_scan"}
 
 
@@ -134,6 +139,8 @@ class Rule:
     excludes: Excludes = field(default_factory=Excludes)
     recursive: bool = True
     one_filesystem: bool = True
+    #: When and by whom a change moves this rule's severity (severity.py).
+    judgement: Judgement = field(default_factory=Judgement)
     # Derived once: the scan asks these for every entry.
     hashes: bool = field(init=False, compare=False, repr=False)
     wants_xattrs: bool = field(init=False, compare=False, repr=False)
@@ -235,10 +242,17 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
     rules_data = data.get("rule")
     if not isinstance(rules_data, list) or not rules_data:
         raise fail("rule", "at least one [[rule]] table is required")
+    defaults = data.get("severity", {})
+    if not isinstance(defaults, dict):
+        raise fail("severity", "must be a table (off_hours, trusted_processes, ...)")
+    for key in defaults:
+        if key not in _JUDGEMENT_KEYS:
+            raise fail(f"severity.{key}", "unknown key")
+    _parse_judgement(defaults, "severity", fail, Judgement())
     rules: list[Rule] = []
     seen: set[bytes] = set()
     for index, item in enumerate(rules_data):
-        rule = _parse_rule(item, f"rule[{index}]", fail)
+        rule = _parse_rule(item, f"rule[{index}]", fail, defaults)
         if rule.path in seen:
             raise fail(f"rule[{index}].path", f"duplicate rule for {rule.name}")
         seen.add(rule.path)
@@ -281,7 +295,30 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
                   full_scan, tuple(alerts), digest, public_key, events)
 
 
-def _parse_rule(item: Any, key: str, fail: Any) -> Rule:
+def _parse_judgement(table: dict[str, Any], key: str, fail: Any,
+                     base: Judgement) -> Judgement:
+    """A rule's when-and-who settings over the policy's [severity] defaults."""
+    values: dict[str, Any] = {}
+    for name in ("off_hours_severity", "trusted_severity"):
+        if name in table:
+            if table[name] not in SEVERITIES:
+                raise fail(f"{key}.{name}", f"must be one of {', '.join(SEVERITIES)}")
+            values[name] = table[name]
+    try:
+        if "off_hours" in table:
+            values["off_hours"] = parse_windows(table["off_hours"])
+    except WindowError as exc:
+        raise fail(f"{key}.off_hours", str(exc)) from None
+    try:
+        if "trusted_processes" in table:
+            values["trusted_processes"] = parse_processes(table["trusted_processes"])
+    except WindowError as exc:
+        raise fail(f"{key}.trusted_processes", str(exc)) from None
+    return Judgement(**{**base.__dict__, **values})
+
+
+def _parse_rule(item: Any, key: str, fail: Any,
+                defaults: dict[str, Any] | None = None) -> Rule:
     if not isinstance(item, dict):
         raise fail(key, "must be a table")
     for name in item:
@@ -313,8 +350,10 @@ def _parse_rule(item: Any, key: str, fail: Any) -> Rule:
         if not isinstance(value, bool):
             raise fail(f"{key}.{name}", "must be true or false")
         flags[name] = value
+    judgement = _parse_judgement(
+        item, key, fail, _parse_judgement(defaults or {}, "severity", fail, Judgement()))
     return Rule(os.fsencode(norm), check, severity, Excludes.compile(tuple(exclude)),
-                flags["recursive"], flags["one_filesystem"])
+                flags["recursive"], flags["one_filesystem"], judgement)
 
 
 def parse_check(value: Any, key: str = "check", fail: Any = None) -> Attr:

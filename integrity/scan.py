@@ -24,6 +24,7 @@ from .walker import SkippedTree, WalkEntry, walk, walk_roots
 from .worker import Hashed, ScanWorkers, worker_count
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) is imported only once workers run
+    from .history import EventContext
     from .store import BaselineInfo, Store
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,8 @@ def _fast_reason(st: os.stat_result, old: FileRecord) -> str | None:
 
 def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes] = (),
            *, fast: bool = False, progress: Progress | None = None,
-           parallel: bool | int | None = None, source: str = "verify") -> ScanResult:
+           parallel: bool | int | None = None, source: str = "verify",
+           context: EventContext | None = None) -> ScanResult:
     """Compare the live trees (or just `paths`) with the baseline; record run and events.
 
     `source` names who asks: "verify" (a person or timer) or "scan" (the watcher's
@@ -201,7 +203,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     finally:
         if worker is not None:
             worker.close()
-    _record_events(store, result, source, ranges)
+    _record_events(store, result, source, ranges, context)
     if source == "verify":
         from .ledger import check
         for problem in check(store).problems:
@@ -214,7 +216,8 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
 
 
 def check_paths(store: Store, policy: Policy, paths: Iterable[bytes],
-                source: str = "realtime") -> ScanResult:
+                source: str = "realtime", context: EventContext | None = None
+                ) -> ScanResult:
     """Targeted rehash: compare just these entries (not their subtrees) with the
     baseline and record what really changed. The watcher's hints end up here."""
     wanted = sorted({p for p in paths if policy.rule_for(p) is not None}, key=to_key)
@@ -225,7 +228,7 @@ def check_paths(store: Store, policy: Policy, paths: Iterable[bytes],
     base = store.iter_entries(result.baseline.id, ranges)  # type: ignore[union-attr]
     live = _in_process(policy, wanted, descend=False)
     _collect(result, _full_outcomes(_merge(live, base, policy), None), policy)
-    _record_events(store, result, source, ranges)
+    _record_events(store, result, source, ranges, context)
     return result
 
 
@@ -264,13 +267,15 @@ def _collect(result: ScanResult, outcomes: Iterator[Outcome | ScanWarning],
 
 
 def _record_events(store: Store, result: ScanResult, source: str,
-                   ranges: Sequence[tuple[bytes, bytes]]) -> None:
+                   ranges: Sequence[tuple[bytes, bytes]],
+                   context: EventContext | None = None) -> None:
     from .history import EventLog
 
     result.recorded = EventLog(store).record(
         result.changes, result.rules, source, ranges,
         unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
-        skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)])
+        skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)],
+        context=context)
 
 
 Outcome = tuple[FileRecord | None, ScanWarning | None, Rule | None, FileRecord | None]

@@ -23,7 +23,7 @@ from .paths import display, from_key, to_key
 from .record import FileRecord
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
 HEAD = REVISIONS[-1]
 BATCH = 5000
 

@@ -257,9 +257,11 @@ def _collect(result: ScanResult, outcomes: Iterator[Outcome | ScanWarning],
         attrs = rule.check
         if problem is not None and new is not None and new.content is None:
             attrs &= ~Attr.CONTENT
-        if problem is not None and new is None and old is not None \
-                and problem.consequence != "vanished during scan":
-            continue  # could not be examined: an error, not a removal
+        if problem is not None and new is None and (
+                old is None or problem.consequence != "vanished during scan"):
+            # Not in the baseline and gone before it could be read: the warning is
+            # all there is to say. Otherwise unreadable: an error, not a removal.
+            continue
         change = compare(old, new, attrs)
         if change is not None:
             result.changes.append(change)

@@ -26,7 +26,7 @@ from .record import Attr, FileRecord
 from .scan import normalize_paths, package_owner
 from .store import Store
 from .trust import check_baseline
-from .walker import WalkEntry, walk
+from .walker import WalkEntry, lstat_in_tree, walk
 
 if TYPE_CHECKING:
     from .packages import PackageManagers, Verdict
@@ -69,10 +69,15 @@ class ApprovalOutcome:
     root: str | None = None
 
 
-def _unchanged_since(rec: FileRecord) -> bool:
+def _unchanged_since(rec: FileRecord, policy: Policy) -> bool:
     """The entry still has the identity and times it had when it was read."""
+    rule = policy.rule_for(rec.path)
+    if rule is None:
+        return False
     try:
-        st = os.lstat(rec.path)
+        # From the rule's root one directory at a time, like the walk that read it:
+        # a path beyond PATH_MAX, and never through a directory swapped for a link.
+        st = lstat_in_tree(rec.path, rule.path)
     except OSError:
         return False
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (
@@ -174,7 +179,8 @@ class Approver:
                 None)
             new = ups[0] if ups else None
             verdict = self._vouch(managers, event.path, old, new, since)
-            if verdict.vouched and new is not None and not _unchanged_since(new):
+            if (verdict.vouched and new is not None
+                    and not _unchanged_since(new, self.policy)):
                 verdict = Verdict(False, "changed again while it was being approved")
             if verdict.vouched:
                 chosen.append(event)

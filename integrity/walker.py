@@ -10,6 +10,7 @@ PATH_MAX or Python's recursion limit. No hashing and no database here.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,9 @@ from .paths import is_within, to_key
 from .policy import Policy, Rule
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+#: The way down to a named path: O_PATH needs only search permission, as a path
+#: lookup does, and serves as the dir_fd of every *at call we make.
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 #: Deepest directory nesting we descend into below a walk root.
 MAX_DEPTH = 4096
@@ -49,7 +53,7 @@ class _Frame:
     record_children: bool
     root_dev: int
     depth: int
-    pending: list[tuple[bytes, str, int]]
+    pending: list[tuple[bytes, str, bool]]
     index: int = 0
 
 
@@ -92,6 +96,51 @@ def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
         yield from _walk_root(policy, root, waypoints, descend, share, dirs_only)
 
 
+def open_parent(path: bytes, top: bytes) -> tuple[int, str]:
+    """An O_PATH fd of path's directory, and path's last name, for a path at or
+    below `top` (a rule's root).
+
+    `top` is opened by its absolute path, as the walk opens it; each directory below
+    it relative to the one above with O_NOFOLLOW|O_DIRECTORY, so a directory swapped
+    for a symlink fails the open (ENOTDIR: not in the tree) instead of leading
+    outside it, and no path given to the kernel is longer than one name (PATH_MAX
+    does not apply). For `top` itself, its parent is opened by path. The caller
+    closes the fd. Raises OSError.
+    """
+    if path == b"/":
+        return os.open(b"/", _PATH_FLAGS), "/"
+    parent, _, name = path.rpartition(b"/")
+    if path == top or not is_within(path, top):
+        # Above the rule's root the operator's own symlinks are followed, as the
+        # kernel follows them in every absolute path.
+        return os.open(parent or b"/", _PATH_FLAGS & ~os.O_NOFOLLOW), os.fsdecode(name)
+    fd = os.open(top, _PATH_FLAGS)
+    try:
+        for part in parent[len(top):].split(b"/"):
+            if part:
+                child = os.open(part, _PATH_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, os.fsdecode(name)
+
+
+#: A component of the way down is missing, a file, or a symlink: the path is not
+#: (or no longer) in the tree, exactly as a full walk would not find it.
+_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def lstat_in_tree(path: bytes, top: bytes) -> os.stat_result:
+    """lstat of a path reached from `top` without following links (see open_parent)."""
+    fd, name = open_parent(path, top)
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
 def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend: bool,
                share: tuple[int, int] | None, dirs_only: bool = False,
                ) -> Iterator[WalkEntry | ScanWarning]:
@@ -99,37 +148,39 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
     rule = policy.rule_for(root)
     if rule is None:
         return
-    parent = root.rsplit(b"/", 1)[0] or b"/"
-    name = os.fsdecode(root.rsplit(b"/", 1)[1]) if root != b"/" else "/"
+    # Reached from the rule's root one directory at a time: a root named below it
+    # (approve, targeted verify, the watcher's hints) may be deeper than PATH_MAX,
+    # and a parent swapped for a symlink must not lead the walk out of the tree.
     try:
-        st = os.lstat(root)
-    except FileNotFoundError:
-        return
+        parent_fd, name = open_parent(root, rule.path)
     except OSError as exc:
-        if not part:
-            yield ScanWarning(root, "lstat", exc.strerror or str(exc))
-        return
-    recorded = policy.covers(root)
-    if recorded and not part and (stat.S_ISDIR(st.st_mode) or not dirs_only):
-        try:
-            parent_fd = os.open(parent, _DIR_FLAGS)
-        except OSError:
-            parent_fd = -1
-        try:
-            yield WalkEntry(root, name, st, parent_fd, rule)
-        finally:
-            if parent_fd >= 0:
-                os.close(parent_fd)
-    if not stat.S_ISDIR(st.st_mode) or not descend:
-        return
-    record_children = recorded and (root == rule.path or rule.recursive)
-    if not record_children and root not in waypoints:
+        if exc.errno not in _NOT_THERE and not part:
+            yield ScanWarning(root, "open directory", exc.strerror or str(exc))
         return
     try:
-        root_dev = st.st_dev if root == rule.path else os.lstat(rule.path).st_dev
-    except OSError:
-        root_dev = st.st_dev
-    frame = _open_frame(root, None, rule, record_children, root_dev, 0)
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if not part:
+                yield ScanWarning(root, "lstat", exc.strerror or str(exc))
+            return
+        recorded = policy.covers(root)
+        if recorded and not part and (stat.S_ISDIR(st.st_mode) or not dirs_only):
+            yield WalkEntry(root, name, st, parent_fd, rule)
+        if not stat.S_ISDIR(st.st_mode) or not descend:
+            return
+        record_children = recorded and (root == rule.path or rule.recursive)
+        if not record_children and root not in waypoints:
+            return
+        try:
+            root_dev = st.st_dev if root == rule.path else os.lstat(rule.path).st_dev
+        except OSError:
+            root_dev = st.st_dev
+        frame = _open_frame(root, parent_fd, rule, record_children, root_dev, 0)
+    finally:
+        os.close(parent_fd)
     if isinstance(frame, ScanWarning):
         if not part:
             yield frame
@@ -137,15 +188,18 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
     yield from _descend(policy, frame, waypoints, share, dirs_only)
 
 
-def _open_frame(path: bytes, parent_fd: int | None, rule: Rule, record_children: bool,
+def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
                 root_dev: int, depth: int) -> _Frame | ScanWarning:
     """Open and list a directory; a failure becomes a SkippedTree warning."""
-    name: bytes | str = path if parent_fd is None else os.fsdecode(path.rsplit(b"/", 1)[1])
+    name = os.fsdecode(path.rsplit(b"/", 1)[1]) if path != b"/" else "/"
     fd = -1
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
         with os.scandir(fd) as listing:
-            names = [(os.fsencode(e.name), e.name, _kind(e)) for e in listing]
+            # d_type says which entries are directories (an lstat only where the
+            # filesystem does not fill it in); everything else is lstat-ed later.
+            names = [(os.fsencode(e.name), e.name, e.is_dir(follow_symlinks=False))
+                     for e in listing]
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -154,16 +208,6 @@ def _open_frame(path: bytes, parent_fd: int | None, rule: Rule, record_children:
                            exc.strerror or str(exc), consequence)
     names.sort()
     return _Frame(path, fd, rule, record_children, root_dev, depth, names)
-
-
-_DIR, _FILE, _OTHER = 0, 1, 2
-
-
-def _kind(entry: os.DirEntry[str]) -> int:
-    """Directory, regular file or other, from d_type (lstat only where it is unknown)."""
-    if entry.is_dir(follow_symlinks=False):
-        return _DIR
-    return _FILE if entry.is_file(follow_symlinks=False) else _OTHER
 
 
 def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
@@ -179,19 +223,19 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
                 os.close(frame.fd)
                 stack.pop()
                 continue
-            raw, name, kind = frame.pending[frame.index]
+            raw, name, listed_dir = frame.pending[frame.index]
             frame.index += 1
-            if dirs_only and kind != _DIR:
+            if dirs_only and not listed_dir:
                 continue
-            if parts > 1:
-                # Share the walk between workers without an lstat of the others'
-                # files: regular files by a name hash (the same in every forked
-                # worker), everything else to worker 0; all descend directories.
-                if kind == _FILE:
-                    if hash(raw) % parts != part:
-                        continue
-                elif kind == _OTHER and part:
-                    continue
+            # Share the walk between workers by a name hash alone (the same in every
+            # forked worker): each worker lists the directories itself, so a type
+            # read from its own listing could differ from another's for an entry
+            # that changes type meanwhile, and a share by type could miss it. All
+            # workers descend every directory; only its owner reports an entry, its
+            # warnings and its skipped subtree. Others' non-directories need no lstat.
+            mine = parts == 1 or hash(raw) % parts == part
+            if not mine and not listed_dir:
+                continue
             path = frame.path + b"/" + raw if frame.path != b"/" else b"/" + raw
             child_rule = rule_at(path)
             if child_rule is not None:
@@ -206,11 +250,11 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
             except FileNotFoundError:
                 continue  # vanished between listing and lstat: simply not there
             except OSError as exc:
-                if recorded:
+                if recorded and mine:
                     yield ScanWarning(path, "lstat", exc.strerror or str(exc))
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
-            if recorded and (not part or not is_dir):
+            if recorded and mine:
                 yield WalkEntry(path, name, st, frame.fd, rule)
             if not is_dir:
                 continue
@@ -223,14 +267,14 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
             if not record_children and path not in waypoints:
                 continue
             if frame.depth + 1 > MAX_DEPTH:
-                if not part:
+                if mine:
                     yield SkippedTree(path, "descend", f"deeper than {MAX_DEPTH} levels",
                                       "subtree skipped")
                 continue
             child = _open_frame(path, frame.fd, rule, record_children, root_dev,
                                 frame.depth + 1)
             if isinstance(child, ScanWarning):
-                if (recorded or record_children) and not part:
+                if (recorded or record_children) and mine:
                     yield child
                 continue
             stack.append(child)

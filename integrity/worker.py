@@ -68,7 +68,8 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
 class ScanWorker:
     """One forked walk-and-hash of the policy's trees (or `roots`), read as a stream.
 
-    With `parts` > 1 it hashes only its share of the regular files (see `_share`).
+    With `parts` > 1 it reports only its share of the entries: those whose name
+    hashes to `part` (see walker._descend).
     """
 
     def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None,
@@ -151,14 +152,12 @@ class ScanWorkers:
         return self._merged()
 
     def _merged(self) -> Iterator[Hashed | ScanWarning]:
-        last = None
-        for key, item in heapq.merge(*[((to_key(i.path), i) for i in w)
-                                       for w in self.workers], key=_first):
-            # A name that changed type between two workers' listings can show up
-            # twice; the first sighting stands.
-            if key != last or isinstance(item, ScanWarning):
-                yield item
-            last = key
+        # The walker gives every name to exactly one worker, whatever its type in
+        # each worker's own listing, so the streams merge without duplicates, and
+        # an entry and the warnings about it come in one stream, in its order.
+        for _, item in heapq.merge(*[((to_key(i.path), i) for i in w)
+                                     for w in self.workers], key=_first):
+            yield item
 
     def close(self) -> None:
         """Stop and reap every worker."""

@@ -203,19 +203,27 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
 
         integrity verify /etc/ssh --json
     """
+    from .alerts import build_sinks
+    from .delivery import deliver_after_scan
+    from .history import EventContext
+    from .outbox import Route
     from .report import dump_json, make_progress, verify_json, verify_text
     from .scan import exit_code, verify as run_verify
 
     policy = env.policy
+    sinks = build_sinks(policy)
     if expect_root or policy.public_key:
         from .trust import check_baseline
         check_baseline(env.store(), policy, expect_root)
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
-        result = run_verify(env.store, policy, paths, fast=fast, progress=progress)
+        result = run_verify(env.store, policy, paths, fast=fast, progress=progress,
+                            context=EventContext(routes=[Route(s.name, s.min_severity)
+                                                         for s in sinks]))
     finally:
         if shown:
             shown.done()
+    deliver_after_scan(env.store(), sinks)
     if as_json:
         dump_json(verify_json(result), sys.stdout)
     else:

@@ -214,6 +214,12 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
                   f"{scan['time']}: {scan['scanned']} scanned, {scan['added']} added, "
                   f"{scan['removed']} removed, {scan['modified']} modified, "
                   f"{scan['errors']} errors\n")
+    for sink in data.get("alerts", []):
+        state = "FAILING" if sink["failing"] else "pending"
+        out.write(f"alerts: {sink['sink']}: {state}: {sink['undelivered']} undelivered "
+                  f"since {sink['since']}, {sink['attempts']} attempts"
+                  + (f"; last error: {sink['last_error']}" if sink["last_error"] else "")
+                  + "\n")
 
 
 def _age(seconds: int) -> str:

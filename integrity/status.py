@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from . import ledger
+from . import ledger, outbox
 from .history import EventLog, iso
 from .policy import SEVERITIES
 from .store import Store, latest_watcher, utcnow
@@ -20,9 +20,27 @@ class StatusReport:
     healthy: bool
 
 
+#: Failed attempts after which a sink counts as failing (about 4 minutes of outage
+#: with outbox.BACKOFF), not merely unlucky once.
+FAILING_AFTER = 4
+
+
+def watcher_liveness(watcher: dict[str, Any] | None, now: dt.datetime) -> tuple[bool, bool]:
+    """(alive, stale): stale when the heartbeat is older than three intervals."""
+    if watcher is None or watcher["state"] == "stopped":
+        return False, False
+    fresh = (now - watcher["heartbeat"]).total_seconds() <= 3 * watcher["interval"]
+    return fresh and watcher["state"] == "running", not fresh
+
+
+def watcher_alive(store: Store) -> bool:
+    """Whether a watcher is running on this database now (and delivering alerts)."""
+    return watcher_liveness(latest_watcher(store), utcnow())[0]
+
+
 def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
-    """Gather status; unhealthy when there is no baseline, changes are open or the
-    event log's hash chain is broken (tampering).
+    """Gather status; unhealthy when there is no baseline, changes are open, the
+    event log's hash chain is broken (tampering) or an alert sink keeps failing.
 
     A watcher whose heartbeat is older than three intervals is stale: unhealthy.
     """
@@ -31,12 +49,9 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
     run = store.last_run("verify", "scan")
     watcher = latest_watcher(store)
     now = now or utcnow()
-    alive = stale = False
-    if watcher is not None and watcher["state"] != "stopped":
-        age = (now - watcher["heartbeat"]).total_seconds()
-        fresh = age <= 3 * watcher["interval"]
-        alive = fresh and watcher["state"] == "running"
-        stale = not fresh
+    alive, stale = watcher_liveness(watcher, now)
+    backlog = outbox.backlog(store)
+    failing = [b for b in backlog if b.attempts >= FAILING_AFTER]
     open_total = sum(counts.values())
     chain = ledger.check(store)
     data: dict[str, Any] = {
@@ -63,6 +78,10 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
             "fast": bool(run["fast"]), "scanned": run["scanned"], "added": run["added"],
             "removed": run["removed"], "modified": run["modified"],
             "errors": run["errors"]},
+        "alerts": [{"sink": b.sink, "undelivered": b.pending, "since": iso(b.oldest),
+                    "attempts": b.attempts, "last_error": b.last_error,
+                    "failing": b.attempts >= FAILING_AFTER} for b in backlog],
     }
-    healthy = baseline is not None and open_total == 0 and not stale and chain.ok
+    healthy = (baseline is not None and open_total == 0 and not stale and chain.ok
+               and not failing)
     return StatusReport(data, healthy)

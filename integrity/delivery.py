@@ -1,0 +1,195 @@
+"""The dispatcher: delivers the outbox to the alert sinks, in a thread of its own.
+
+Recording never waits for a sink: it writes outbox rows and wakes this thread. A
+machine sink (jsonl, syslog, exec, JSON webhook) gets every event at once, one per
+call, in order. A sink people read (e-mail, chat webhooks) gets a burst as one
+digest: the dispatcher waits `gather` seconds after the first alert of a quiet
+spell so the rest of the burst joins it, and sends at most one message per
+`interval`. A failure keeps the sink's alerts in the outbox with a growing delay
+(outbox.BACKOFF), in order, and is logged once; `status` shows the backlog.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .outbox import Route, delivered, due, failed
+from .store import Store, utcnow
+
+if TYPE_CHECKING:
+    from .alerts import Sink
+
+log = logging.getLogger(__name__)
+
+#: Seconds a digest waits after the first alert of a burst for the rest of it.
+GATHER_SECONDS = 10.0
+#: Machine-sink deliveries between two outbox deletes (at most this many repeats
+#: after a crash; at-least-once beats at-most-once for an alert).
+_DELETE_EVERY = 50
+
+
+class Dispatcher:
+    """Drains the outbox into sinks; `run_once` is the whole policy, the thread
+    only calls it when woken or every `poll` seconds."""
+
+    def __init__(self, store: Store, sinks: Sequence[Sink], *, poll: float = 5.0,
+                 gather: float = GATHER_SECONDS) -> None:
+        self.store = store
+        self.sinks = list(sinks)
+        self.poll = poll
+        self.gather = gather
+        self.last_digest: dict[str, float] = {}
+        self._failing: dict[str, str] = {}
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def routes(self) -> list[Route]:
+        """What recording needs to owe events to these sinks."""
+        with self._lock:
+            return [Route(sink.name, sink.min_severity) for sink in self.sinks]
+
+    # -- thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Deliver in the background until stop()."""
+        self._thread = threading.Thread(target=self._run, name="integrity-alerts",
+                                        daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """New alerts are in the outbox."""
+        self._wakeup.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the delivery in progress and stop; undelivered alerts stay owed."""
+        self._stop.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def replace(self, sinks: Sequence[Sink]) -> list[Sink]:
+        """Swap in a reloaded policy's sinks; returns the old ones to close."""
+        with self._lock:
+            old, self.sinks = self.sinks, list(sinks)
+            self._failing.clear()
+        self.wake()
+        return old
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wakeup.clear()
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the database may be busy; retry later
+                log.exception("alert delivery round failed")
+            self._wakeup.wait(self.poll)
+
+    # -- one round ---------------------------------------------------------------
+
+    def run_once(self, *, flush: bool = False) -> int:
+        """Deliver what is due; `flush` sends digests without waiting for a burst to
+        end (a one-shot `verify` has no later round). Returns alerts delivered."""
+        with self._lock:
+            sinks = list(self.sinks)
+        total = 0
+        for sink in sinks:
+            if self._stop.is_set() and not flush:
+                break
+            if sink.digest:
+                total += self._digest(sink, flush)
+            else:
+                total += self._each(sink)
+        return total
+
+    def _each(self, sink: Sink) -> int:
+        from .alerts import DeliveryError
+
+        sent = 0
+        while True:
+            pending = due(self.store, sink.name, limit=_DELETE_EVERY)
+            if not pending:
+                return sent
+            events = self._events([p.event_id for p in pending])
+            done: list[int] = []
+            try:
+                for item in pending:
+                    event = events.get(item.event_id)
+                    if event is not None:
+                        sink.deliver([event])
+                        sent += 1
+                    done.append(item.id)
+            except DeliveryError as exc:
+                delivered(self.store, done)
+                self._failed(sink, [p.id for p in pending if p.id not in done], str(exc))
+                return sent
+            delivered(self.store, done)
+            self._recovered(sink)
+            if self._stop.is_set():
+                return sent
+
+    def _digest(self, sink: Sink, flush: bool) -> int:
+        from .alerts import DeliveryError
+
+        pending = due(self.store, sink.name)
+        if not pending:
+            return 0
+        if not flush:
+            now = time.monotonic()
+            oldest = min(p.created for p in pending)
+            retrying = any(p.attempts for p in pending)
+            if not retrying and (utcnow() - oldest) < dt.timedelta(seconds=self.gather):
+                return 0  # a burst may still be arriving
+            if now - self.last_digest.get(sink.name, -1e18) < sink.interval:
+                return 0
+        events = self._events([p.event_id for p in pending])
+        batch = [events[p.event_id] for p in pending if p.event_id in events]
+        try:
+            if batch:
+                sink.deliver(batch)
+        except DeliveryError as exc:
+            self._failed(sink, [p.id for p in pending], str(exc))
+            return 0
+        self.last_digest[sink.name] = time.monotonic()
+        delivered(self.store, [p.id for p in pending])
+        self._recovered(sink)
+        return len(batch)
+
+    def _events(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        from .history import EventLog
+
+        return {event["id"]: event for event in EventLog(self.store).events(ids=ids)}
+
+    def _failed(self, sink: Sink, ids: list[int], error: str) -> None:
+        retry = failed(self.store, ids, error)
+        if self._failing.get(sink.name) != error:
+            log.error("alert delivery failed: %s (%d alerts kept; next try at %s UTC)",
+                      error, len(ids), retry.strftime("%H:%M:%S"))
+        self._failing[sink.name] = error
+
+    def _recovered(self, sink: Sink) -> None:
+        if self._failing.pop(sink.name, None) is not None:
+            log.info("alert delivery to %s works again", sink.name)
+
+
+def deliver_after_scan(store: Store, sinks: Sequence[Sink]) -> int:
+    """A one-shot run (verify from a timer) delivers what is owed itself, unless a
+    running watcher does (two deliverers would race). Failures stay in the outbox
+    for the next run. Returns alerts delivered."""
+    from .status import watcher_alive
+
+    if not sinks or watcher_alive(store):
+        return 0
+    dispatcher = Dispatcher(store, sinks)
+    try:
+        return dispatcher.run_once(flush=True)
+    finally:
+        for sink in sinks:
+            sink.close()

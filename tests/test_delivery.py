@@ -1,0 +1,204 @@
+"""The outbox and the dispatcher: alerts survive a dead webhook, bursts become one
+digest for people, repeats are not re-sent, and status names a sink that keeps failing.
+
+Real parts only: a real HTTP server on loopback, a real SQLite file, the real CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from integrity.alerts import build_sinks
+from integrity.delivery import Dispatcher
+from integrity.history import EventContext
+from integrity.outbox import Route, backlog, retry_now
+from integrity.policy import load
+from integrity.scan import verify
+from integrity.status import FAILING_AFTER
+from integrity.store import Store
+
+from conftest import Cli
+
+
+class Receiver:
+    """An HTTP endpoint on 127.0.0.1 that records POST bodies; `status` is what it
+    answers (503 while "down")."""
+
+    def __init__(self) -> None:
+        self.bodies: list[Any] = []
+        self.attempts = 0
+        self.status = 200
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.attempts += 1
+                if receiver.status == 200:
+                    receiver.bodies.append(json.loads(body))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def alerting(tmp_path: Path, tree: Path, write_policy: Callable[..., Path],
+             receiver: Receiver) -> Callable[..., Cli]:
+    """A CLI whose policy sends to a jsonl file and to the receiver."""
+    def make(fmt: str = "json") -> Cli:
+        policy = write_policy({"path": str(tree), "check": "static", "severity": "high"},
+                              extra=f"""
+            [[alert]]
+            type = "jsonl"
+            path = "{tmp_path}/alerts.jsonl"
+
+            [[alert]]
+            type = "webhook"
+            url = "{receiver.url}"
+            format = "{fmt}"
+            retries = 0
+            timeout = 5
+            """)
+        cli = Cli(tmp_path / "state" / "integrity.db", policy)
+        assert cli("init").exit_code == 0
+        return cli
+    return make
+
+
+@contextlib.contextmanager
+def opened(cli: Cli) -> Iterator[Store]:
+    store = Store(f"sqlite:///{cli.db}")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def jsonl(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "alerts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_an_outage_loses_nothing_and_repeats_are_not_resent(
+        tmp_path: Path, tree: Path, alerting: Callable[..., Cli], receiver: Receiver) -> None:
+    cli = alerting()
+    receiver.status = 503
+    (tree / "a.conf").write_text("changed\n")
+    assert cli("verify").exit_code == 1
+    # The machine sink that works got the event at once; the webhook's copy is owed.
+    [line] = jsonl(tmp_path)
+    assert line["path"] == str(tree / "a.conf") and line["severity"] == "high"
+    assert receiver.attempts == 1 and receiver.bodies == []
+    status = cli.json("status")
+    [owed] = status["alerts"]
+    assert owed["sink"].endswith(":webhook") and owed["undelivered"] == 1
+    assert owed["attempts"] == 1 and "503" in owed["last_error"]
+    assert not owed["failing"]
+
+    # The same open change seen again is an update of the event, not a new alert.
+    (tree / "a.conf").write_text("changed again\n")
+    assert cli("verify").exit_code == 1
+    assert len(jsonl(tmp_path)) == 1
+    [event] = cli.json("events")
+    assert event["count"] == 2
+
+    # The webhook comes back: the owed alert arrives once, and the outbox is empty.
+    receiver.status = 200
+    with opened(cli) as store:
+        assert retry_now(store) == 1
+    assert cli("verify").exit_code == 1
+    assert [body["id"] for body in receiver.bodies] == [line["id"]]
+    assert cli.json("status")["alerts"] == []
+
+
+def test_a_sink_that_keeps_failing_makes_status_unhealthy(
+        tmp_path: Path, tree: Path, alerting: Callable[..., Cli], receiver: Receiver) -> None:
+    cli = alerting()
+    receiver.status = 500
+    (tree / "a.conf").write_text("changed\n")
+    assert cli("verify").exit_code == 1
+    policy = load(cli.policy)
+    with opened(cli) as store:
+        dispatcher = Dispatcher(store, build_sinks(policy))
+        for _ in range(FAILING_AFTER - 1):
+            retry_now(store)
+            assert dispatcher.run_once() == 0
+        [owed] = backlog(store)
+        assert owed.attempts == FAILING_AFTER
+    assert receiver.attempts == FAILING_AFTER
+    status = cli("status")
+    assert status.exit_code != 0
+    assert "FAILING" in status.stdout and "HTTP 500" in status.stdout
+    assert cli.json("status")["alerts"][0]["failing"] is True
+
+
+def test_a_burst_reaches_people_as_one_digest(
+        tmp_path: Path, tree: Path, alerting: Callable[..., Cli], receiver: Receiver) -> None:
+    cli = alerting("slack")
+    for i in range(30):
+        (tree / f"new{i:02d}.conf").write_text(f"{i}\n")
+    assert cli("verify").exit_code == 1
+    # Machine sink: every event (thirty files and their directory's new mtime);
+    # the chat webhook: one message naming them all.
+    assert len(jsonl(tmp_path)) == 31
+    [message] = receiver.bodies
+    assert all(f"new{i:02d}.conf" in message["text"] for i in range(30))
+    assert "31" in message["text"]
+
+
+def test_the_dispatcher_waits_for_a_burst_to_end_then_sends_one_per_interval(
+        tmp_path: Path, tree: Path, alerting: Callable[..., Cli], receiver: Receiver) -> None:
+    cli = alerting("slack")
+    policy = load(cli.policy)
+    with opened(cli) as store:
+        sinks = build_sinks(policy)
+        context = EventContext(routes=[Route(s.name, s.min_severity) for s in sinks])
+
+        def change(name: str) -> None:
+            (tree / name).write_text("x")
+            verify(lambda: store, policy, parallel=0, source="scan", context=context)
+
+        change("first")  # two new events: the file and its directory's mtime
+        waiting = Dispatcher(store, sinks, gather=3600)
+        assert waiting.run_once() == 2  # the machine sink gets both at once ...
+        assert receiver.attempts == 0  # ... the digest waits: the burst may go on
+        dispatcher = Dispatcher(store, sinks, gather=0)
+        assert dispatcher.run_once() == 2  # one digest of the two
+        assert len(receiver.bodies) == 1 and "first" in receiver.bodies[0]["text"]
+        # Within the digest interval (60 s for chat) the next change waits ...
+        change("second")  # one new event (the directory's is still open)
+        assert dispatcher.run_once() == 1  # ... except for the machine sink
+        assert len(receiver.bodies) == 1
+        assert [b.pending for b in backlog(store)] == [1]
+        # ... and goes as soon as the interval has passed.
+        dispatcher.last_digest = {}
+        assert dispatcher.run_once() == 1
+        assert len(receiver.bodies) == 2 and "second" in receiver.bodies[1]["text"]
+    assert len(jsonl(tmp_path)) == 3

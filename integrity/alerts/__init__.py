@@ -1,24 +1,49 @@
 """Alert sinks: where recorded events go. One module per sink type.
 
-A sink receives events as SPEC's JSON objects; `min_severity` filters them. Sinks
-configured in the policy but not built yet (syslog, webhook, email, exec) are
-refused at start-up with a clear message rather than silently dropped.
+A sink only delivers. The dispatcher (outbox table, retries with backoff, digest
+batching) decides when: it hands a machine sink (`digest` False: jsonl, syslog, exec,
+webhook with format "json") exactly one event per `deliver` call, and a sink people
+read (`digest` True: email, chat-formatted webhooks) every event of one `interval` at
+once, which the sink sends as ONE message. A sink that cannot deliver raises
+`DeliveryError` and nothing else, so the dispatcher can keep the event and try again
+later; it never loses an alert to an unexpected exception type.
+
+Each [[alert]] table's options are validated in `build_sinks`, so a typo is refused
+when the policy is loaded (naming the file and key), not discovered at the first
+alert. Secrets (tokens, passwords, HMAC keys, chat webhook URLs) are never written in
+the policy, which is often world-readable: options ending in `_file` name a file that
+is read at delivery time, so a rotated secret takes effect without a restart.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..errors import PolicyError
-from ..policy import SEVERITIES, Policy
+from ..policy import SEVERITIES
+
+if TYPE_CHECKING:
+    from ..policy import Policy
+
+
+class DeliveryError(Exception):
+    """One alert could not be delivered: '<sink name>: <what failed>: <cause>'."""
+
+    def __init__(self, sink: str, cause: str) -> None:
+        # One line, whatever the cause carried (server replies can span lines).
+        self.sink = sink
+        self.cause = " ".join(str(cause).split())
+        super().__init__(f"{sink}: {self.cause}")
 
 
 class Sink(Protocol):
-    """Delivers events somewhere."""
+    """Delivers events somewhere; built from one [[alert]] table."""
 
-    min_severity: str
+    name: str            # "alert[2]:webhook": index in policy.alerts and type; outbox key
+    min_severity: str    # low | medium | high | critical
+    digest: bool         # True: gets 1..N events per interval and sends one message
+    interval: float      # seconds between digests (ignored when digest is False)
 
-    def send(self, event: dict[str, Any]) -> None: ...
+    def deliver(self, events: list[dict[str, Any]]) -> None: ...
     def reopen(self) -> None: ...
     def close(self) -> None: ...
 
@@ -28,20 +53,38 @@ def wants(sink: Sink, event: dict[str, Any]) -> bool:
     return SEVERITIES.index(event["severity"]) >= SEVERITIES.index(sink.min_severity)
 
 
-def build_sinks(policy: Policy) -> list[Sink]:
-    """The sinks of a policy's [[alert]] tables."""
-    from .jsonl import JsonlSink
+def read_secret(sink: str, path: str) -> str:
+    """The stripped content of a secret file, read now so rotation needs no restart."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DeliveryError(sink, f"cannot read secret file {path}: {cause}") from None
+    if not value:
+        raise DeliveryError(sink, f"secret file {path} is empty")
+    return value
 
+
+def build_sinks(policy: Policy) -> list[Sink]:
+    """The sinks of a policy's [[alert]] tables, every option checked.
+
+    Raises PolicyError naming the file and `alert[i].key` for a bad or unknown key.
+    """
+    from . import command, jsonl, mail, syslog, webhook
+    from .options import Options
+
+    builders: dict[str, Callable[[Options], Sink]] = {
+        "jsonl": jsonl.build, "syslog": syslog.build, "webhook": webhook.build,
+        "email": mail.build, "exec": command.build,
+    }
     sinks: list[Sink] = []
-    for index, alert in enumerate(policy.alerts):
-        kind = alert["type"]
-        if kind == "jsonl":
-            path = alert.get("path")
-            if not isinstance(path, str) or not path.startswith("/"):
-                raise PolicyError(f"{policy.source}: alert[{index}].path: an absolute path "
-                                  "is required for a jsonl sink")
-            sinks.append(JsonlSink(path, alert.get("min_severity", "low")))
-        else:
-            raise PolicyError(f"{policy.source}: alert[{index}].type: {kind!r} sinks are "
-                              "not available in this version (jsonl is)")
+    for index, table in enumerate(policy.alerts):
+        options = Options(policy.source, index, table)
+        builder = builders.get(options.type)
+        if builder is None:
+            raise options.fail("type", f"must be one of {', '.join(builders)}")
+        sink = builder(options)
+        options.finish()
+        sinks.append(sink)
     return sinks

@@ -1,45 +1,140 @@
-"""The jsonl sink: one JSON object per line, flushed per alert, reopened on demand."""
+"""The jsonl sink: one JSON object per line, appended and flushed per alert.
+
+Options of a `type = "jsonl"` table:
+
+- `path` (required): absolute path of the file; its directory is created (0750), the
+  file is created 0640.
+- `max_bytes` (default 10485760, 10 MiB): before a line would take the file past this
+  size it is rotated like logging.RotatingFileHandler does: path.N-1 -> path.N, ...,
+  path -> path.1, and a new path is started. 0 leaves rotation to logrotate alone.
+- `keep` (default 5): how many rotated files (path.1 .. path.N) are kept; the oldest
+  is overwritten.
+
+External logrotate (contrib/logrotate/integrity) works as well: SIGHUP makes the
+daemon call `reopen`, and even without it each append checks that the path still
+names the open file, so a rotated file is never written to for long. Rotation and
+the size check are done holding an flock on the open file, so two processes sharing
+the file (the watcher and a `verify` from a timer) do not both rotate it.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
-from typing import Any, TextIO
+from typing import Any
+
+from . import DeliveryError
+from .options import Options
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_KEEP = 5
 
 
 class JsonlSink:
-    """Appends events to a file; `reopen` after logrotate moved it (SIGHUP)."""
+    """Appends events to a file, one JSON object per line, rotating by size."""
 
-    def __init__(self, path: str, min_severity: str = "low") -> None:
+    digest = False
+    interval = 0.0
+
+    def __init__(self, path: str, min_severity: str = "low", *, name: str = "jsonl",
+                 max_bytes: int = DEFAULT_MAX_BYTES, keep: int = DEFAULT_KEEP) -> None:
+        self.name = name
         self.path = path
         self.min_severity = min_severity
+        self.max_bytes = max_bytes
+        self.keep = max(keep, 1)
         self._lock = threading.Lock()
-        self._file: TextIO | None = None
+        self._fd: int | None = None
 
-    def _open(self) -> TextIO:
-        if self._file is None:
-            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                         0o640)
-            self._file = os.fdopen(fd, "a", encoding="utf-8")
-        return self._file
-
-    def send(self, event: dict[str, Any]) -> None:
-        """Write one event as one line and flush it."""
-        line = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    def deliver(self, events: list[dict[str, Any]]) -> None:
+        """Append events as lines with one write, so a line is never torn."""
+        data = "".join(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
+                       for event in events).encode("utf-8")
         with self._lock:
-            handle = self._open()
-            handle.write(line + "\n")
-            handle.flush()
+            try:
+                self._append(data)
+            except OSError as exc:
+                self._drop()
+                cause = exc.strerror or str(exc)
+                if exc.filename and exc.filename != self.path:  # its directory
+                    cause = f"{exc.filename}: {cause}"
+                raise DeliveryError(self.name, f"write {self.path}: {cause}") from None
 
     def reopen(self) -> None:
-        """Close the file so the next alert opens the path anew."""
+        """Close the file so the next alert opens the path anew (SIGHUP, logrotate)."""
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._drop()
 
     def close(self) -> None:
         """Release the file."""
         self.reopen()
+
+    # -- under self._lock ---------------------------------------------------------
+
+    def _append(self, data: bytes) -> None:
+        # Three rounds: another process may rotate between our open and our lock; a
+        # third change in a row is not worth chasing, the line goes where we hold.
+        for attempt in range(3):
+            fd = self._open()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                st = os.fstat(fd)
+                last = attempt == 2
+                if not last and not self._names(st):
+                    self._drop()  # rotated or removed by someone else: follow the path
+                    continue
+                if not last and self.max_bytes and st.st_size \
+                        and st.st_size + len(data) > self.max_bytes:
+                    self._rotate()
+                    self._drop()
+                    continue
+                _write_all(fd, data)
+                return
+            finally:
+                if self._fd == fd:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                               | os.O_CLOEXEC, 0o640)
+        return self._fd
+
+    def _names(self, st: os.stat_result) -> bool:
+        """Whether the path still names the open file."""
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        return (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino)
+
+    def _rotate(self) -> None:
+        for index in range(self.keep - 1, 0, -1):
+            try:
+                os.replace(f"{self.path}.{index}", f"{self.path}.{index + 1}")
+            except FileNotFoundError:
+                pass
+        os.replace(self.path, f"{self.path}.1")
+
+    def _drop(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def build(options: Options) -> JsonlSink:
+    """A jsonl sink from its [[alert]] table."""
+    path = options.path("path", required=True)
+    assert path is not None
+    return JsonlSink(path, options.min_severity, name=options.name,
+                     max_bytes=options.integer("max_bytes", DEFAULT_MAX_BYTES),
+                     keep=options.integer("keep", DEFAULT_KEEP, minimum=1))

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from .alerts import Sink, build_sinks, wants
+from .alerts import build_sinks
+from .delivery import Dispatcher
 from .errors import IntegrityError
+from .history import EventContext
 from .paths import display
 from .policy import Policy, load
 from .pipeline import Progress
@@ -51,7 +53,9 @@ class Service:
         self.store = store
         self.policy_path = policy_path
         self.policy: Policy = load(policy_path)
-        self.sinks: list[Sink] = build_sinks(self.policy)
+        self.dispatcher = Dispatcher(store, build_sinks(self.policy))
+        #: fanotify's answer to "who changed it?" (actor.py); started by run().
+        self.actors: Any = None
         self.heartbeat_seconds = heartbeat_seconds
         self.notifier = notifier
         self.stop = threading.Event()
@@ -86,33 +90,28 @@ class Service:
     def _warn(self, path: bytes, message: str, resolved: bool = False) -> None:
         from .history import EventLog
 
-        log_ = EventLog(self.store)
-        event_id = log_.warn(path, message, resolved=resolved)
-        self._send(log_.events(ids=[event_id]))
+        EventLog(self.store).warn(path, message, resolved=resolved,
+                                  routes=self.dispatcher.routes())
+        self.dispatcher.wake()
 
     # -- work --------------------------------------------------------------------
 
+    def _context(self, realtime: bool = False) -> EventContext:
+        """Recording's view of us: the sinks owed alerts, and for realtime changes
+        the process fanotify saw writing the path."""
+        actors = self.actors if realtime else None
+        return EventContext(actor_of=actors.actor_for if actors is not None else None,
+                            routes=self.dispatcher.routes())
+
     def _alert(self, result: ScanResult) -> None:
         recorded = result.recorded
-        if recorded is None or not recorded.new or not self.sinks:
-            return
-        from .history import EventLog
-
-        self._send(EventLog(self.store).events(ids=recorded.new))
-
-    def _send(self, events: list[dict[str, Any]]) -> None:
-        for event in events:
-            for sink in self.sinks:
-                if wants(sink, event):
-                    try:
-                        sink.send(event)
-                    except OSError as exc:
-                        log.error("alert sink failed: %s", exc)
+        if recorded is not None and recorded.new:
+            self.dispatcher.wake()  # the outbox rows were written with the events
 
     def _full_scan(self, source: str = "scan", progress: Progress | None = None
                    ) -> ScanResult:
         result = verify(lambda: self.store, self.policy, parallel=0, source=source,
-                        progress=progress)
+                        progress=progress, context=self._context())
         self._alert(result)
         log.info("%s: %d entries, %d changes, %d errors", source, result.scanned,
                  len(result.changes), len(result.warnings))
@@ -134,13 +133,15 @@ class Service:
     def _handle_realtime(self, task: _Task) -> None:
         hints = task.hints
         assert hints is not None
+        context = self._context(realtime=True)
         if hints.paths:
-            self._alert(check_paths(self.store, self.policy, hints.paths))
+            self._alert(check_paths(self.store, self.policy, hints.paths,
+                                    context=context))
         for root in sorted(hints.subtrees):
             if self.policy.rule_for(root) is None:
                 continue
             self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
-                               source="realtime"))
+                               source="realtime", context=context))
 
     def _handle_scan(self, task: _Task) -> None:
         if task.kind == "full":
@@ -171,7 +172,7 @@ class Service:
             roots = [p for p in task.paths if self.policy.rule_for(p) is not None]
             if roots:
                 self._alert(verify(lambda: self.store, self.policy, roots, parallel=0,
-                                   source="scan"))
+                                   source="scan", context=self._context()))
 
     # -- life cycle --------------------------------------------------------------
 
@@ -246,7 +247,13 @@ class Service:
         self._notify("status", f"catch-up scan: {progress.files} entries checked")
 
     def _reload(self) -> None:
-        """SIGHUP: re-read the policy; a bad one is refused and the old one kept."""
+        """SIGHUP: re-read the policy; a bad one is refused and the old one kept.
+
+        An unchanged policy (logrotate's SIGHUP) only reopens the sinks' files and
+        retries failed alerts now: no rewatch, no rescan.
+        """
+        from .outbox import retry_now
+
         self._notify("reloading")
         try:
             policy = load(self.policy_path)
@@ -255,9 +262,15 @@ class Service:
             log.error("reload refused, keeping the running policy: %s", exc)
             self._notify("ready", f"reload refused: {exc}")
             return
-        for sink in self.sinks:
+        for sink in self.dispatcher.replace(sinks):
             sink.close()
-        self.policy, self.sinks = policy, sinks
+        retry_now(self.store)
+        if policy.digest == self.policy.digest:
+            self._notify("ready", "alert sinks reopened")
+            log.info("policy unchanged; alert sinks reopened")
+            return
+        self.policy = policy
+        self._restart_actors()
         self._stop_watcher()
         self.unwatched = []
         self._start_watcher()
@@ -273,6 +286,29 @@ class Service:
         self._notify("ready", f"policy reloaded; watching {watches} directories")
         log.info("policy reloaded from %s", self.policy_path)
 
+    def _start_dispatcher(self) -> None:
+        from .outbox import drop_unknown, retry_now
+
+        dropped = drop_unknown(self.store, [r.sink for r in self.dispatcher.routes()])
+        if dropped:
+            log.warning("dropped %d undelivered alerts for sinks no longer in the policy",
+                        dropped)
+        retry_now(self.store)  # a restart is the moment to try failed sinks again
+        self.dispatcher.start()
+
+    def _restart_actors(self) -> None:
+        """Listen with fanotify on the protected trees (best effort: actor.py says why
+        not, and events then carry that reason)."""
+        from .actor import ActorListener
+
+        if self.actors is not None:
+            self.actors.close()
+        listener = ActorListener([rule.path for rule in self.policy.rules])
+        listener.start()
+        if not listener.available:
+            log.warning("changes will not name their actor: %s", listener.reason)
+        self.actors = listener
+
     def run(self) -> int:
         """Run until SIGTERM; return the exit status (0)."""
         from .history import EventLog
@@ -282,6 +318,8 @@ class Service:
         self._install_signals()
         self._beat("starting")
         EventLog(self.store).resolve_warnings()  # a new start re-establishes them
+        self._start_dispatcher()
+        self._restart_actors()
         for name, tasks, handler in (("realtime", self.realtime, self._handle_realtime),
                                      ("scans", self.scans, self._handle_scan)):
             thread = threading.Thread(target=self._run_queue, args=(tasks, handler),
@@ -320,7 +358,10 @@ class Service:
         for thread in self.threads:
             thread.join(timeout=3)
         self._stop_watcher()
-        for sink in self.sinks:
+        if self.actors is not None:
+            self.actors.close()
+        self.dispatcher.stop()
+        for sink in self.dispatcher.sinks:
             sink.close()
         try:
             self._beat("stopped")

@@ -373,6 +373,27 @@ def test_sighup_with_a_valid_policy_takes_effect(
     assert_no_crash(site)  # the old watcher's loop must end cleanly, not die
 
 
+def test_sighup_after_logrotate_reopens_the_alert_file_without_a_rescan(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    rewrite(site.tree / "a.conf", b"before rotation\n")
+    wait_until(lambda: site.alerts_for(site.tree / "a.conf"), "the first alert",
+               REALTIME_SECONDS)
+    rotated = site.alerts.with_name("alerts.jsonl.1")
+    site.alerts.rename(rotated)  # what logrotate does before its postrotate HUP
+    daemon.signal(signal.SIGHUP)
+    wait_for_log(site, "alert sinks reopened", RELOAD_SECONDS)
+    rewrite(site.tree / "b.conf", b"after rotation\n")
+    wait_until(lambda: site.alerts_for(site.tree / "b.conf"), "the alert in the new file",
+               REALTIME_SECONDS)
+    assert [a["path"] for a in site.alert_lines()] == [str(site.tree / "b.conf")]
+    assert [json.loads(line)["path"] for line in rotated.read_text().splitlines()] == [
+        str(site.tree / "a.conf")]
+    assert "policy reloaded" not in site.stderr()  # no rewatch, no full rescan
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
 # -- what it must survive, and say -----------------------------------------------------
 
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")

@@ -2,7 +2,8 @@
 
 The hot path of every scan. Per-file Python overhead, not BLAKE3, limits a baseline,
 so the loop does the minimum per entry: one open/read/fstat/close for regular files
-(the walker did the lstat) and an flistxattr where the rule checks xattrs. On a cold
+(the walker did the lstat) and an flistxattr where the rule checks xattrs; only a
+file changed in the last seconds is read twice (see hasher.py). On a cold
 cache, files are opened a few entries ahead of hashing with POSIX_FADV_WILLNEED so
 the kernel reads upcoming files while we hash the current one: overlapped I/O
 without threads, whose GIL hand-offs made warm runs slower than one thread.
@@ -10,6 +11,7 @@ without threads, whose GIL hand-offs made warm runs slower than one thread.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -21,9 +23,10 @@ from dataclasses import dataclass, field
 import blake3
 
 from .errors import ScanWarning
-from .hasher import SMALL_FILE, FileChanged, blake3_fd, open_at, xattr_digest
+from .hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, read_recent,
+                     recent_since, xattr_digest, xattr_digest_at)
 from .record import FileRecord
-from .walker import WalkEntry
+from .walker import WalkEntry, open_parent
 
 log = logging.getLogger(__name__)
 
@@ -49,46 +52,84 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-def _rehash_by_path(entry: WalkEntry, want_xattrs: bool
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+
+
+def _rehash_by_path(entry: WalkEntry, want_xattrs: bool, recent: int
                     ) -> tuple[FileRecord | None, ScanWarning | None]:
-    """Second and later attempts for a file that changed while it was read."""
-    for _ in range(_RETRIES):
-        try:
-            st = os.lstat(entry.path)
-            if not stat.S_ISREG(st.st_mode):
-                return FileRecord.from_stat(entry.path, st, None, _readlink(entry.path, st),
-                                            _xattrs_path(entry.path, want_xattrs)), None
-            fd = open_at(entry.path)
-        except FileNotFoundError:
-            return None, ScanWarning(entry.path, "open", "No such file or directory",
-                                     "vanished during scan")
-        except OSError as exc:
-            return None, ScanWarning(entry.path, "open", exc.strerror or str(exc))
-        try:
-            digest = blake3_fd(fd, st)
-            xattrs = xattr_digest(fd) if want_xattrs else None
-            return FileRecord.from_stat(entry.path, st, digest, None, xattrs), None
-        except FileChanged:
-            continue
-        except OSError as exc:
-            return None, ScanWarning(entry.path, "read", exc.strerror or str(exc))
-        finally:
-            os.close(fd)
-    st = os.lstat(entry.path)
-    return (FileRecord.from_stat(entry.path, st, None, None, None),
-            ScanWarning(entry.path, "hash", "file kept changing while being read",
-                        "content not recorded"))
+    """Second and later attempts for a file that changed while it was read.
+
+    The walk's directory fd may be closed (or its number reused) by now, so the
+    file's directory is opened again from the rule's root without following links
+    (walker.open_parent): a directory swapped for a symlink meanwhile cannot lead
+    the re-read out of the tree, and a path beyond PATH_MAX is no obstacle. Whatever
+    has become of the file is a warning about it, never an exception.
+    """
+    path = entry.path
+    try:
+        dir_fd, name = open_parent(path, entry.rule.path)
+    except OSError as exc:
+        return None, _lost(path, "open directory", exc)
+    try:
+        st: os.stat_result | None = None
+        xattrs: bytes | None = None
+        for _ in range(_RETRIES):
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    link = (os.fsencode(os.readlink(name, dir_fd=dir_fd))
+                            if stat.S_ISLNK(st.st_mode) else None)
+                    return FileRecord.from_stat(path, st, None, link, _xattrs_at(
+                        dir_fd, name, path, want_xattrs)), None
+                fd = open_at(name, dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    st = None  # a symlink now, since the stat: look again
+                    continue
+                return None, _lost(path, "open", exc)
+            try:
+                digest = blake3_fd(fd, st, recent)
+                xattrs = xattr_digest(fd) if want_xattrs else None
+                return FileRecord.from_stat(path, st, digest, None, xattrs), None
+            except FileChanged:
+                xattrs = _xattrs_fd(fd, want_xattrs)
+                continue
+            except OSError as exc:
+                return None, ScanWarning(path, "read", exc.strerror or str(exc))
+            finally:
+                os.close(fd)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None, ScanWarning(path, "open", "kept changing type")
+        return (FileRecord.from_stat(path, st, None, None, xattrs),
+                ScanWarning(path, "hash", "file kept changing while being read",
+                            "content not recorded"))
+    finally:
+        os.close(dir_fd)
 
 
-def _readlink(path: bytes, st: os.stat_result) -> bytes | None:
-    return os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+def _lost(path: bytes, operation: str, exc: OSError) -> ScanWarning:
+    """The warning for a path that could not be reached again."""
+    if exc.errno in _GONE:
+        # Gone, or a directory on the way is no longer one (swapped for a symlink):
+        # either way the path is no longer in the tree.
+        return ScanWarning(path, operation, exc.strerror or str(exc), "vanished during scan")
+    return ScanWarning(path, operation, exc.strerror or str(exc))
 
 
-def _xattrs_path(path: bytes, wanted: bool) -> bytes | None:
+def _xattrs_at(dir_fd: int, name: str, path: bytes, wanted: bool) -> bytes | None:
     if not wanted:
         return None
     try:
-        return xattr_digest(path)
+        return xattr_digest_at(dir_fd, name, path)
+    except OSError:
+        return None
+
+
+def _xattrs_fd(fd: int, wanted: bool) -> bytes | None:
+    if not wanted:
+        return None
+    try:
+        return xattr_digest(fd)
     except OSError:
         return None
 
@@ -107,7 +148,8 @@ def materialize(items: Iterable[Item | ScanWarning],
     alongside the result; warnings pass through unchanged. Order is preserved.
     """
     window: deque[tuple[WalkEntry | None, FileRecord | None, int, bytes | None,
-                        ScanWarning | None]] = deque()
+                        bytes | None, ScanWarning | None]] = deque()
+    recent = recent_since()
     # Read-ahead costs ~5 µs a file on a warm cache and halves a cold run, so it
     # starts off and is switched on when a sampled file takes disk-like time.
     depth = 0 if _WILLNEED is not None else -1
@@ -119,47 +161,52 @@ def materialize(items: Iterable[Item | ScanWarning],
         if isinstance(item, ScanWarning):
             if window:
                 # Keep order: hold warnings until the entries before them are out.
-                window.append((None, None, -2, None, item))
+                window.append((None, None, -2, None, None, item))
             else:
                 yield item
             continue
         entry, old = item
         fd: int = -1
         link: bytes | None = None
+        xattrs: bytes | None = None
         problem: ScanWarning | None = None
         if entry is not None:
             mode = entry.st.st_mode
-            if stat.S_ISREG(mode):
-                if want_hash(entry, old):
-                    try:
-                        fd = open_at(entry.name, entry.dir_fd)
-                    except FileNotFoundError:
-                        problem = ScanWarning(entry.path, "open", "No such file or directory",
-                                              "vanished during scan")
-                    except OSError as exc:
-                        problem = ScanWarning(entry.path, "open", exc.strerror or str(exc),
-                                              "content not checked")
-                    else:
-                        if depth > 0 and entry.st.st_size > 0:
-                            os.posix_fadvise(fd, 0, 0, _WILLNEED)  # type: ignore[arg-type]
+            if stat.S_ISREG(mode) and want_hash(entry, old):
+                try:
+                    fd = open_at(entry.name, entry.dir_fd)
+                except FileNotFoundError:
+                    problem = ScanWarning(entry.path, "open", "No such file or directory",
+                                          "vanished during scan")
+                except OSError as exc:
+                    problem = ScanWarning(entry.path, "open", exc.strerror or str(exc),
+                                          "content not checked")
+                else:
+                    if depth > 0 and entry.st.st_size > 0:
+                        os.posix_fadvise(fd, 0, 0, _WILLNEED)  # type: ignore[arg-type]
             elif stat.S_ISLNK(mode):
                 try:
                     link = os.fsencode(os.readlink(entry.name, dir_fd=entry.dir_fd))
                 except OSError as exc:
                     problem = ScanWarning(entry.path, "readlink", exc.strerror or str(exc),
                                           "target not checked")
-        window.append((entry, old, fd, link, problem))
+            if fd < 0 and entry.rule.wants_xattrs and (
+                    problem is None or problem.consequence != "vanished during scan"):
+                # Now, while entry.dir_fd is still the walk's: _finish may run after
+                # the walk has moved on (read-ahead) and closed it.
+                xattrs = _xattrs_unopened(entry, old)
+        window.append((entry, old, fd, link, xattrs, problem))
         if depth == 0 and fd >= 0 and entry.st.st_size <= _SAMPLE_SIZE:  # type: ignore[union-attr]
             sample += 1
             if sample % _SAMPLE_EVERY == 0:
                 started = time.perf_counter()
-                out = _finish(*window.popleft())
+                out = _finish(*window.popleft(), recent)
                 if time.perf_counter() - started > _COLD_SECONDS:
                     depth = readahead
                     log.debug("cold cache: reading ahead %d files", depth)
                 yield out
         while len(window) > max(depth, 0):
-            yield _finish(*window.popleft())
+            yield _finish(*window.popleft(), recent)
         if tick is not None:
             n += 1
             if entry is not None:
@@ -168,14 +215,26 @@ def materialize(items: Iterable[Item | ScanWarning],
             if n % every == 0:
                 tick(progress)  # type: ignore[arg-type]
     while window:
-        yield _finish(*window.popleft())
+        yield _finish(*window.popleft(), recent)
+
+
+def _xattrs_unopened(entry: WalkEntry, old: FileRecord | None) -> bytes | None:
+    """xattr digest of an entry that is not opened for hashing (see xattr_digest_at)."""
+    st = entry.st
+    if old is not None and st.st_ctime_ns == old.ctime and st.st_ino == old.inode:
+        # Any xattr change moves ctime, which user space cannot set back.
+        return old.xattrs
+    return _xattrs_at(entry.dir_fd, entry.name, entry.path, True)
 
 
 def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: bytes | None,
-            problem: ScanWarning | None) -> Out | ScanWarning:
+            xattrs: bytes | None, problem: ScanWarning | None, recent: int,
+            ) -> Out | ScanWarning:
     """Hash an opened file (or record a non-file) and build its FileRecord.
 
-    The small-file case is spelled out inline: it runs once per file of a scan.
+    A file whose ctime is at or after `recent` may be mid-write and is read twice
+    (see hasher's docstring). The small-file case is spelled out inline: it runs
+    once per file of a scan.
     """
     if fd == -2:
         assert problem is not None
@@ -189,7 +248,9 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
         try:
             size = st.st_size
             if size <= SMALL_FILE:
-                data = _read(fd, size + 1)
+                # A recently changed file may be mid-write: settled and read twice.
+                data = _read(fd, size + 1) if st.st_ctime_ns < recent else read_recent(
+                    fd, size)
                 after = _fstat(fd)
                 if (len(data) != size or after.st_ino != st.st_ino
                         or after.st_size != size or after.st_mtime_ns != st.st_mtime_ns
@@ -198,11 +259,11 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
                     raise FileChanged
                 digest = _blake3(data).digest()
             else:
-                digest = blake3_fd(fd, st)
+                digest = blake3_fd(fd, st, recent)
             xattrs = (xattr_digest(fd) if want_xattrs and _listxattr(fd) else None)
         except FileChanged:
             _close(fd)
-            rec, problem = _rehash_by_path(entry, want_xattrs)
+            rec, problem = _rehash_by_path(entry, want_xattrs, recent)
             return rec, problem, entry, old
         except OSError as exc:
             _close(fd)
@@ -216,11 +277,6 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
             st.st_dev)), None, entry, old
     if problem is not None and problem.consequence == "vanished during scan":
         return None, problem, entry, old
-    if old is not None and st.st_ctime_ns == old.ctime and st.st_ino == old.inode:
-        # Any xattr change moves ctime, which user space cannot set back.
-        xattrs = old.xattrs
-    else:
-        xattrs = _xattrs_path(entry.path, want_xattrs)
     if problem is None and old is not None and _S_ISREG(mode):
         # --fast, unchanged stat: keep the baseline digest.
         return FileRecord.from_stat(entry.path, st, old.content, None, xattrs), None, entry, old

@@ -4,7 +4,9 @@ Real files and real processes throughout: trees nested deeper than PATH_MAX, a
 4,000-byte path, a 2 GB sparse file hashed by a real `init` process whose peak memory
 the kernel reports, writers and flippers running in processes of their own while
 `init` and `verify` read the tree. The database is read from the outside with
-sqlite3 (and as raw bytes) the way an auditor would.
+sqlite3 (and as raw bytes) the way an auditor would. Where a race decides whether a
+guard is reached, a test beside it sets the moment up for certain and calls the
+guard itself.
 
 FIFOs, sockets, devices, non-UTF-8 names and permission errors are test_verify.py's
 and test_walk_hash.py's business; this file does not repeat them.
@@ -29,11 +31,14 @@ import blake3
 import pytest
 
 from conftest import Cli
+from integrity.errors import ScanWarning
+from integrity.hasher import FileChanged, blake3_fd, open_at, recent_since
 from integrity.paths import to_key
+from integrity.pipeline import _rehash_by_path
 from integrity.policy import parse
-from integrity.scan import build_baseline
+from integrity.scan import ScanResult, _collect, build_baseline
 from integrity.store import Store
-from integrity.walker import WalkEntry, walk
+from integrity.walker import WalkEntry, open_parent, walk
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -466,6 +471,37 @@ def test_file_changing_while_init_hashes_it_is_never_torn(
     print(f"{how}: {outcomes}")
 
 
+def test_a_recently_changed_file_is_read_twice_and_the_reads_must_agree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard the writer above exercises by chance: a file changed lately may be
+    inside a write whose stamps were set before we looked, so its stat proves
+    nothing; a second read that differs from the first throws the digest away."""
+    path = tmp_path / "fresh"
+    path.write_bytes(b"first version\n" * 100)
+    st = os.lstat(path)
+    reads: list[bytes] = []
+    real_pread = os.pread
+
+    def second_read_differs(fd: int, size: int, offset: int) -> bytes:
+        data = real_pread(fd, size, offset)
+        reads.append(data)
+        return data if len(reads) == 1 else data[::-1]
+
+    monkeypatch.setattr(os, "pread", second_read_differs)
+    fd = open_at(os.fsencode(path))
+    try:
+        with pytest.raises(FileChanged):
+            blake3_fd(fd, st)
+        assert len(reads) == 2
+        # A file older than the scan's `recent` mark is read once, with read().
+        reads.clear()
+        os.lseek(fd, 0, os.SEEK_SET)
+        digest = blake3_fd(fd, st, recent=st.st_ctime_ns + 1)
+    finally:
+        os.close(fd)
+    assert reads == [] and digest == blake3.blake3(path.read_bytes()).digest()
+
+
 VANISHER = r"""
 import os, sys
 from inotify_simple import INotify, flags
@@ -713,6 +749,55 @@ def test_directory_swapped_for_a_symlink_never_leads_outside_the_tree(
         store.close()
     assert_secret_absent(db, secret_digest)
     print(f"{builds} baselines built under the flipper ({failures} failed)")
+
+
+def test_the_re_read_never_follows_a_parent_swapped_for_a_symlink(
+        tmp_path: Path, secret: tuple[Path, bytes]) -> None:
+    """The race above, made certain: the walk saw etc/sub/shadow, then sub became a
+    symlink to the secret's directory before the re-read of a changed file."""
+    secret_path, secret_digest = secret
+    root = tmp_path / "etc"
+    (root / "sub").mkdir(parents=True)
+    busy = root / "sub" / secret_path.name
+    busy.write_bytes(b"inside the tree\n")
+    policy = parse({"rule": [{"path": str(root), "check": "static"}]}, "hostile.toml")
+    seen = next(e for e in walk(policy)
+                if isinstance(e, WalkEntry) and e.path == os.fsencode(busy))
+    (root / "sub").rename(tmp_path / "moved")
+    os.symlink(secret_path.parent, root / "sub")
+    with pytest.raises(NotADirectoryError):
+        os.close(open_parent(seen.path, os.fsencode(root))[0])
+    record, warning = _rehash_by_path(seen, True, recent_since())
+    assert record is None
+    assert warning is not None and warning.consequence == "vanished during scan", warning
+    assert ERROR_SHAPE.match(warning.error), warning
+
+
+def test_a_changed_file_that_vanishes_before_its_re_read_is_a_warning(
+        tmp_path: Path) -> None:
+    root = tmp_path / "etc"
+    root.mkdir()
+    gone = root / "gone"
+    gone.write_text("here for the walk only\n")
+    policy = parse({"rule": [{"path": str(root), "check": "static"}]}, "hostile.toml")
+    seen = next(e for e in walk(policy)
+                if isinstance(e, WalkEntry) and e.path == os.fsencode(gone))
+    gone.unlink()
+    record, warning = _rehash_by_path(seen, True, recent_since())
+    assert record is None
+    assert warning is not None and warning.consequence == "vanished during scan", warning
+
+
+def test_a_new_entry_that_vanished_before_it_was_read_is_only_a_warning(
+        tmp_path: Path) -> None:
+    """Not in the baseline and gone before it could be read: nothing to compare, one
+    warning (the churn below meets this by chance; here it is certain)."""
+    policy = parse({"rule": [{"path": str(tmp_path), "check": "static"}]}, "hostile.toml")
+    path = os.fsencode(tmp_path / "fleeting")
+    warning = ScanWarning(path, "open", "No such file or directory", "vanished during scan")
+    result = ScanResult()
+    _collect(result, iter([(None, warning, policy.rules[0], None)]), policy)
+    assert result.changes == [] and result.warnings == [warning]
 
 
 # -- a symlink to a secret outside the tree --------------------------------------------

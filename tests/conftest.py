@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,3 +92,45 @@ def world_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# -- shared by the tests of long-running parts (watcher, service, actor, crash) -----------
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float,
+               interval: float = 0.02) -> Any:
+    """Poll until predicate() is true; fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def child_pids() -> set[int]:
+    """Processes (zombies included) whose parent is this one."""
+    me, found = os.getpid(), set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me:
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """No thread or child process outlives its test (STYLE.md 9); modules with
+    long-running parts use it autouse."""
+    threads, children = set(threading.enumerate()), child_pids()
+    yield
+    leaked = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+    assert not leaked, f"threads left running: {leaked}"
+    assert child_pids() <= children, "child processes left behind"

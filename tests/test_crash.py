@@ -28,7 +28,7 @@ from typing import Any
 import blake3
 import pytest
 
-from conftest import Cli
+from conftest import Cli, wait_until
 from integrity.paths import from_key, key_range, to_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,17 +79,6 @@ def clean_stderr(text: str) -> None:
     assert "Traceback" not in text, text
     assert "database is locked" not in text, text
     assert "internal error" not in text, text
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def kill9(proc: subprocess.Popen[bytes]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, wait_until
 
 REALTIME_SECONDS = 2.0  # a change must be recorded this soon (issue 4)
 STOP_SECONDS = 5.0  # SIGTERM: exit 0 within a few seconds
@@ -35,47 +35,10 @@ STOP_SECONDS = 5.0  # SIGTERM: exit 0 within a few seconds
 RELOAD_SECONDS = 15.0
 
 
-# -- leak checks ----------------------------------------------------------------------
-
-def child_pids() -> set[int]:
-    """Processes (zombies included) whose parent is this one."""
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            found.add(int(entry))
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """No thread or child process outlives its test (STYLE.md 9)."""
-    threads, children = set(threading.enumerate()), child_pids()
-    yield
-    leaked = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
-    assert child_pids() <= children, "child processes left behind"
+pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
 # -- the daemon -----------------------------------------------------------------------
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Poll until predicate() is true; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
 
 class Site:
     """A protected tree, its policy, database and alert file, and the CLI over them."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from conftest import child_pids, wait_until as shared_wait_until
 from integrity.doctor import blind_reason, filesystem_type, is_blind
 from integrity.paths import is_within
 from integrity.policy import Policy, parse
@@ -32,22 +33,6 @@ INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")
 
 
 # -- leak checks (STYLE.md 9: watcher tests check for leaked threads and processes) ----
-
-def child_pids() -> set[int]:
-    """Processes (zombies included) whose parent is this one."""
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            found.add(int(entry))
-    return found
-
 
 def inotify_fds() -> set[int]:
     """This process's open inotify descriptors."""
@@ -118,15 +103,8 @@ class Collector:
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll until predicate() is true; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    """conftest's, polling faster: the watcher's latency is what is measured here."""
+    return shared_wait_until(predicate, what, timeout, interval=0.01)
 
 
 def write(path: Path, data: bytes = b"x") -> None:

@@ -357,6 +357,61 @@ def test_sighup_after_logrotate_reopens_the_alert_file_without_a_rescan(
     assert_no_crash(site)
 
 
+# -- who made the change ------------------------------------------------------------------
+
+def test_a_realtime_event_names_the_process_that_made_it(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    daemon = start()
+    target = site.tree / "a.conf"
+    # The writer lives on for a moment after its write, as an editor or a shell
+    # session does; one that exits at once is caught only as far as /proc allows.
+    writer = subprocess.Popen(["/bin/sh", "-c", f"printf 'by sh\\n' > '{target}'; sleep 1"])
+    event = wait_for_event(site, target, source="realtime")
+    assert writer.wait(timeout=10) == 0
+    actor = event["actor"]
+    assert actor is not None, event
+    assert actor["pid"] == writer.pid, actor.get("unknown")
+    assert actor["exe"] == os.path.realpath("/bin/sh")
+    assert actor["cmdline"].startswith("/bin/sh -c printf")
+    assert actor["uid"] == 0 and actor["user"] == "root"
+    loginuid = int(Path("/proc/self/loginuid").read_text())
+    assert actor["loginuid"] == (None if loginuid == 4294967295 else loginuid)
+    assert event["classification"] == "unexplained" and event["severity"] == "high"
+    # The alert carries the same actor.
+    [alert] = wait_until(lambda: site.alerts_for(target), "the alert", REALTIME_SECONDS)
+    assert alert["actor"] == actor
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
+def test_a_package_install_is_marked_package_manager_not_shouted(
+        site: Site, start: Callable[..., Daemon], tmp_path: Path) -> None:
+    from debs import build_deb
+
+    target = site.tree / "app" / "from-package.conf"
+    deb = build_deb(tmp_path / "debs", "integrity-test-actor", "1.0",
+                    {str(target): b"installed by dpkg\n"})
+    daemon = start()
+    try:
+        subprocess.run(["dpkg", "-i", str(deb)], check=True, capture_output=True,
+                       timeout=120)
+        event = wait_for_event(site, target, source="realtime")
+        assert event["kind"] == "added"
+        assert event["classification"] == "package-manager", event
+        assert event["severity"] == "low"  # the rule says high; dpkg did it
+        assert event["actor"]["exe"] == "/usr/bin/dpkg"
+        # A change by hand in the same tree meanwhile is still shouted.
+        rewrite(site.tree / "b.conf", b"by hand during the upgrade\n")
+        manual = wait_for_event(site, site.tree / "b.conf", source="realtime")
+        assert manual["classification"] == "unexplained" and manual["severity"] == "high"
+    finally:
+        subprocess.run(["dpkg", "--purge", "integrity-test-actor"], capture_output=True,
+                       timeout=120)
+    assert not target.exists()
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
 # -- what it must survive, and say -----------------------------------------------------
 
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")

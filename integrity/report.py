@@ -9,6 +9,7 @@ import time
 from typing import Any, TextIO
 
 from .compare import ADDED, MODIFIED, REMOVED, Change, change_states
+from .alerts.text import actor_text, clean
 from .paths import display
 from .policy import Rule
 from .record import FileRecord, iso_ns, json_value as value
@@ -169,8 +170,12 @@ def events_text(rows: list[dict[str, Any]], out: TextIO) -> None:
         changed = ",".join(row["changed"]) or row["kind"]
         count = f" x{row['count']}" if row["count"] > 1 else ""
         extra = f" [{row['classification']}, {row['evidence']}]" if row["evidence"] else ""
-        out.write(f"{row['id']:>6} {row['time']} {row['status']:<8} {row['severity']:<8} "
-                  f"{row['kind']:<8} {row['path']}  {changed}{count}{extra}\n")
+        if not extra and row["classification"] == "package-manager":
+            extra = " [package-manager]"
+        actor = actor_text(row["actor"])
+        out.write(clean(f"{row['id']:>6} {row['time']} {row['status']:<8} "
+                        f"{row['severity']:<8} {row['kind']:<8} {row['path']}  {changed}"
+                        f"{count}{extra}" + (f" {actor}" if actor else "")) + "\n")
 
 
 def status_text(data: dict[str, Any], out: TextIO) -> None:

@@ -12,7 +12,7 @@ from .compare import ADDED, MODIFIED, REMOVED, Change, change_states
 from .alerts.text import actor_text, clean
 from .paths import display
 from .policy import Rule
-from .record import FileRecord, iso_ns, json_value as value
+from .record import json_value as value
 from .scan import Progress, ScanResult
 
 KINDS = (ADDED, REMOVED, MODIFIED)

@@ -34,23 +34,12 @@ NOBODY = 65534
 SH = os.path.realpath(shutil.which("sh") or "/bin/sh")
 FANOTIFY_SYSCTL = Path("/proc/sys/fs/fanotify")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="fanotify needs root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="fanotify needs root"),
+              pytest.mark.usefixtures("no_leaks")]
 
 
 def b(path: Path | str) -> bytes:
     return os.fsencode(str(path))
-
-
-def child_pids() -> set[int]:
-    """Processes (zombies included) whose parent is this one."""
-    me, found = os.getpid(), set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{entry}/stat", "rb") as handle:
-                    if int(handle.read().rsplit(b")", 1)[1].split()[1]) == me:
-                        found.add(int(entry))
-    return found
 
 
 def open_fds() -> dict[int, str]:
@@ -59,16 +48,6 @@ def open_fds() -> dict[int, str]:
         with contextlib.suppress(OSError):
             found[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
     return found
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Every test stops the threads and reaps the processes it started."""
-    threads, children = set(threading.enumerate()), child_pids()
-    yield
-    leaked = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
-    assert not leaked, f"threads left running: {leaked}"
-    assert child_pids() <= children, "child processes left behind"
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,47 +23,7 @@ from integrity.scan import verify
 from integrity.status import FAILING_AFTER
 from integrity.store import Store
 
-from conftest import Cli
-
-
-class Receiver:
-    """An HTTP endpoint on 127.0.0.1 that records POST bodies; `status` is what it
-    answers (503 while "down")."""
-
-    def __init__(self) -> None:
-        self.bodies: list[Any] = []
-        self.attempts = 0
-        self.status = 200
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.attempts += 1
-                if receiver.status == 200:
-                    receiver.bodies.append(json.loads(body))
-                self.send_response(receiver.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    yield server
-    server.close()
+from conftest import Cli, Receiver
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Cli, wait_until
+from conftest import Cli, Receiver, wait_until
 
 REALTIME_SECONDS = 2.0  # a change must be recorded this soon (issue 4)
 STOP_SECONDS = 5.0  # SIGTERM: exit 0 within a few seconds
@@ -352,6 +352,30 @@ def test_sighup_after_logrotate_reopens_the_alert_file_without_a_rescan(
     assert [json.loads(line)["path"] for line in rotated.read_text().splitlines()] == [
         str(site.tree / "a.conf")]
     assert "policy reloaded" not in site.stderr()  # no rewatch, no full rescan
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)
+
+
+def test_alerts_owed_to_a_dead_webhook_survive_a_restart(
+        site: Site, start: Callable[..., Daemon], receiver: Receiver) -> None:
+    with open(site.policy, "a") as policy:
+        policy.write(f'\n[[alert]]\ntype = "webhook"\nurl = "{receiver.url}"\n'
+                     'retries = 0\ntimeout = 5\n')
+    receiver.status = 503
+    daemon = start()
+    rewrite(site.tree / "a.conf", b"while the webhook is down\n")
+    event = wait_for_event(site, site.tree / "a.conf", source="realtime")
+    [owed] = wait_until(lambda: [a for a in site.status()["alerts"] if a["attempts"]],
+                        "status to show the undelivered alert", REALTIME_SECONDS + 3)
+    assert owed["sink"].endswith(":webhook") and "503" in owed["last_error"]
+    assert daemon.terminate()[0] == 0
+    # Back up, and a new watcher delivers what the old one owed, once.
+    receiver.status = 200
+    daemon = start()
+    wait_until(lambda: receiver.bodies, "the owed alert", REALTIME_SECONDS + 3)
+    assert [body["id"] for body in receiver.bodies] == [event["id"]]
+    wait_until(lambda: site.status()["alerts"] == [], "an empty outbox", 5)
+    assert len(site.alerts_for(site.tree / "a.conf")) == 1  # jsonl: delivered once
     assert daemon.terminate()[0] == 0
     assert_no_crash(site)
 

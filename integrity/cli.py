@@ -398,6 +398,40 @@ def prune(env: Env, older_than: str) -> None:
 
 
 @cli.group()
+def alert() -> None:
+    """The policy's alert sinks."""
+
+
+@alert.command("test")
+@pass_env
+def alert_test(env: Env) -> None:
+    """Send a test alert to every [[alert]] sink of the policy, now.
+
+    Bypasses the outbox and min_severity, so each sink's address, credentials and
+    TLS are checked end to end. Exit status: 0 when every sink took it, 1 when one
+    failed (each failure is printed with its cause), 2 for a bad policy.
+
+    Example:
+
+        integrity alert test
+    """
+    import socket
+
+    from .alerts import build_sinks
+    from .delivery import probe_sinks
+
+    sinks = build_sinks(env.policy)
+    if not sinks:
+        click.echo(f"{env.policy.source} has no [[alert]] sinks")
+        return
+    failed = 0
+    for name, problem in probe_sinks(sinks, socket.gethostname()):
+        click.echo(f"{name}: " + ("delivered" if problem is None else f"FAILED: {problem}"))
+        failed += problem is not None
+    sys.exit(1 if failed else 0)
+
+
+@cli.group()
 def key() -> None:
     """Signing keys for the baseline root."""
 

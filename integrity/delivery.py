@@ -193,3 +193,28 @@ def deliver_after_scan(store: Store, sinks: Sequence[Sink]) -> int:
     finally:
         for sink in sinks:
             sink.close()
+
+
+def probe_sinks(sinks: Sequence[Sink], host: str) -> list[tuple[str, str | None]]:
+    """Send one test event straight to every sink (no outbox, no severity filter):
+    (sink name, None) when it was taken, else the one-line reason."""
+    from .alerts import DeliveryError
+    from .history import iso
+
+    event = {
+        "id": 0, "time": iso(utcnow()), "last_seen": iso(utcnow()),
+        "path": f"(test alert from integrity on {host})", "kind": "test", "changed": [],
+        "source": "test", "rule": None, "severity": "low", "status": "resolved",
+        "classification": "test", "count": 1, "actor": None, "old": None, "new": None,
+        "approval": None, "evidence": None,
+    }
+    results: list[tuple[str, str | None]] = []
+    for sink in sinks:
+        try:
+            sink.deliver([event])
+            results.append((sink.name, None))
+        except DeliveryError as exc:
+            results.append((sink.name, exc.cause))
+        finally:
+            sink.close()
+    return results

@@ -160,3 +160,22 @@ def test_the_dispatcher_waits_for_a_burst_to_end_then_sends_one_per_interval(
         assert dispatcher.run_once() == 1
         assert len(receiver.bodies) == 2 and "second" in receiver.bodies[1]["text"]
     assert len(jsonl(tmp_path)) == 3
+
+
+def test_alert_test_reaches_every_sink_and_names_the_one_that_fails(
+        tmp_path: Path, alerting: Callable[..., Cli], receiver: Receiver) -> None:
+    cli = alerting()
+    sent = cli("alert", "test")
+    assert sent.exit_code == 0, sent.output
+    assert sent.stdout.splitlines() == ["alert[0]:jsonl: delivered",
+                                        "alert[1]:webhook: delivered"]
+    [line] = jsonl(tmp_path)
+    assert line["kind"] == "test" and "test alert" in line["path"]
+    assert [body["kind"] for body in receiver.bodies] == ["test"]
+    receiver.status = 503
+    failed = cli("alert", "test")
+    assert failed.exit_code == 1
+    assert "alert[1]:webhook: FAILED:" in failed.stdout and "503" in failed.stdout
+    # A test is not an event: nothing recorded, nothing owed.
+    assert cli.json("events") == []
+    assert cli.json("status")["alerts"] == []

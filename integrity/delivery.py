@@ -201,7 +201,7 @@ def probe_sinks(sinks: Sequence[Sink], host: str) -> list[tuple[str, str | None]
     from .alerts import DeliveryError
     from .history import iso
 
-    event = {
+    event: dict[str, Any] = {
         "id": 0, "time": iso(utcnow()), "last_seen": iso(utcnow()),
         "path": f"(test alert from integrity on {host})", "kind": "test", "changed": [],
         "source": "test", "rule": None, "severity": "low", "status": "resolved",

@@ -29,6 +29,8 @@ from .outbox import Route, enqueue
 from .trust import root_of, sign
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
+#: Closed because the policy no longer covers the path (a new exclude, a removed rule).
+EXCLUDED = "excluded"
 WARNING = "warning"
 UNEXPLAINED, PACKAGE_UPDATE = "unexplained", "package-update"
 
@@ -108,13 +110,14 @@ class EventLog:
 
     def record(self, changes: Sequence[Change], rules: Mapping[bytes, Rule], source: str,
                scope: Sequence[tuple[bytes, bytes]], unknown: Iterable[bytes] = (),
-               skipped: Iterable[bytes] = (), context: EventContext | None = None
-               ) -> Recorded:
+               skipped: Iterable[bytes] = (), context: EventContext | None = None,
+               covered: Callable[[bytes], bool] | None = None) -> Recorded:
         """Record a scan's changes; return what was new, updated and reverted.
 
         Open events inside `scope` (key ranges the scan examined) whose path no
         longer differs from the baseline are closed as reverted, except paths in
-        `unknown` and below `skipped` directories (not examinable this time). Each
+        `unknown` and below `skipped` directories (not examinable this time); those
+        the policy no longer covers (`covered` False) are closed as excluded. Each
         new event's severity and classification come from its rule's judgement of
         when and by whom (severity.py); its alerts go to the outbox in the same
         transaction.
@@ -171,9 +174,15 @@ class EventLog:
             gone = [row[0] for key, row in open_rows.items()
                     if key not in changed_keys and key not in unknown_keys
                     and not any(low <= key < high for low, high in skipped_ranges)]
+            closing = set(gone)
+            excluded = {row[0] for key, row in open_rows.items() if row[0] in closing
+                        and covered is not None and not covered(from_key(key))}
             for chunk in _chunks(gone):
-                conn.execute(e.update().where(e.c.id.in_(chunk))
-                             .values(status=REVERTED, last_seen=now))
+                for status in (REVERTED, EXCLUDED):
+                    ids = [i for i in chunk if (i in excluded) == (status == EXCLUDED)]
+                    if ids:
+                        conn.execute(e.update().where(e.c.id.in_(ids))
+                                     .values(status=status, last_seen=now))
                 reverted += len(chunk)
             journal(conn, "event", [*new_ids, *touched, *gone])
         return Recorded(new_ids, updated, reverted)

@@ -203,7 +203,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     finally:
         if worker is not None:
             worker.close()
-    _record_events(store, result, source, ranges, context)
+    _record_events(store, result, source, ranges, context, policy)
     if source == "verify":
         from .ledger import check
         for problem in check(store).problems:
@@ -228,7 +228,7 @@ def check_paths(store: Store, policy: Policy, paths: Iterable[bytes],
     base = store.iter_entries(result.baseline.id, ranges)  # type: ignore[union-attr]
     live = _in_process(policy, wanted, descend=False)
     _collect(result, _full_outcomes(_merge(live, base, policy), None), policy)
-    _record_events(store, result, source, ranges, context)
+    _record_events(store, result, source, ranges, context, policy)
     return result
 
 
@@ -270,14 +270,15 @@ def _collect(result: ScanResult, outcomes: Iterator[Outcome | ScanWarning],
 
 def _record_events(store: Store, result: ScanResult, source: str,
                    ranges: Sequence[tuple[bytes, bytes]],
-                   context: EventContext | None = None) -> None:
+                   context: EventContext | None = None,
+                   policy: Policy | None = None) -> None:
     from .history import EventLog
 
     result.recorded = EventLog(store).record(
         result.changes, result.rules, source, ranges,
         unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
         skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)],
-        context=context)
+        context=context, covered=policy.covers if policy is not None else None)
 
 
 Outcome = tuple[FileRecord | None, ScanWarning | None, Rule | None, FileRecord | None]

@@ -216,6 +216,23 @@ def test_verify_of_some_paths_leaves_other_events_alone(config_run: Cli, tree: P
     assert events(run)[0]["status"] == "reverted"
 
 
+def test_an_event_the_policy_no_longer_covers_is_closed_as_excluded(
+        tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> None:
+    policy = write_policy({"path": str(tree), "check": "config"})
+    run = Cli(tmp_path / "state" / "integrity.db", policy)
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    (tree / "sub" / "c.txt").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    # The operator decides a.conf is not worth watching: its event is closed as
+    # excluded (the change is still there), not as reverted; c.txt's stays open.
+    write_policy({"path": str(tree), "check": "config", "exclude": ["a.conf"]})
+    assert run("verify").exit_code == 1
+    status = {r["path"]: r["status"] for r in events(run)}
+    assert status[str(tree / "a.conf")] == "excluded"
+    assert status[str(tree / "sub" / "c.txt")] == "open"
+
+
 # -- the events command -------------------------------------------------------------------
 
 def test_events_open_and_since(run: Cli, tree: Path) -> None:

@@ -155,7 +155,8 @@ def rss_kib(pid: int, peak: bool = False) -> int:
 # -- the daemon ----------------------------------------------------------------------
 
 class AlertTail:
-    """Follows the jsonl alert file and stamps each path's first line as it arrives."""
+    """Follows the jsonl alert file, across its size rotation, and stamps each path's
+    first line as it arrives."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -178,8 +179,15 @@ class AlertTail:
                     continue
             chunk = handle.read()
             if not chunk:
-                time.sleep(0.001)
-                continue
+                if self._rotated(handle):  # like tail -F: the sink rotates by size
+                    chunk = handle.read()  # what was written before the rename
+                    handle.close()
+                    handle = None
+                    if not chunk:
+                        continue
+                else:
+                    time.sleep(0.001)
+                    continue
             now = time.monotonic()
             buffer += chunk
             *complete, buffer = buffer.split(b"\n")
@@ -190,6 +198,12 @@ class AlertTail:
                     self.arrived.setdefault(path, now)
         if handle is not None:
             handle.close()
+
+    def _rotated(self, handle: Any) -> bool:
+        try:
+            return os.stat(self.path).st_ino != os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def count(self, paths: list[Path]) -> int:
         with self._lock:

@@ -62,7 +62,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import IO, Any
 
-from .fanotify import NOT_ROOT, Tracker, normalise_roots, read_small
+from .fanotify import NOT_ROOT, Tracker, covering_root, normalise_roots, read_small
 from .paths import display, is_within
 
 log = logging.getLogger(__name__)
@@ -530,14 +530,6 @@ class ActorListener:
                     break
                 del latest[oldest]
 
-    def _covering_root(self, path: bytes) -> bytes | None:
-        while True:
-            if path in self._root_set:
-                return path
-            if path == b"/" or not path:
-                return None
-            path = path.rpartition(b"/")[0] or b"/"
-
     def actor_for(self, path: bytes) -> Actor:
         """The last actor on path within `window` seconds, or an "unknown" with why.
 
@@ -549,7 +541,7 @@ class ActorListener:
         """
         if not self.available:
             return unknown(self.reason or "fanotify unavailable")
-        if self._covering_root(path) is None:
+        if covering_root(self._root_set, path) is None:
             return unknown(f"'{display(path)}' is not in a tree fanotify watches")
         for prefix, why in self._dark.items():  # replaced, never changed: no lock
             if is_within(path, prefix):

@@ -508,12 +508,7 @@ class Tracker:
 
     def covering_root(self, path: bytes) -> bytes | None:
         """The root path lies in (roots never nest), or None."""
-        while True:
-            if path in self.root_set:
-                return path
-            if path == b"/" or not path:
-                return None
-            path = path.rpartition(b"/")[0] or b"/"
+        return covering_root(self.root_set, path)
 
     # -- events ---------------------------------------------------------------------
 
@@ -587,3 +582,13 @@ class Tracker:
         for fd in self.fds:
             os.close(fd)
         self.fid_fd = self.classic_fd = -1
+
+
+def covering_root(roots: frozenset[bytes], path: bytes) -> bytes | None:
+    """The one of `roots` (which never nest) that path lies in, or None."""
+    while True:
+        if path in roots:
+            return path
+        if path == b"/" or not path:
+            return None
+        path = path.rpartition(b"/")[0] or b"/"

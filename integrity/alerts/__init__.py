@@ -53,6 +53,19 @@ def wants(sink: Sink, event: dict[str, Any]) -> bool:
     return SEVERITIES.index(event["severity"]) >= SEVERITIES.index(sink.min_severity)
 
 
+def network_cause(exc: Any) -> str:
+    """A timeout, certificate or socket error as the short text a log line needs."""
+    import ssl
+
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def read_secret(sink: str, path: str) -> str:
     """The stripped content of a secret file, read now so rotation needs no restart."""
     try:

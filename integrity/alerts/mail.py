@@ -30,7 +30,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
 
-from . import DeliveryError, read_secret
+from . import DeliveryError, network_cause, read_secret
 from . import text as render
 from .options import Options
 
@@ -142,13 +142,7 @@ def _cause(exc: Any) -> str:
             f"{rcpt} ({_cause(reply)})" for rcpt, reply in exc.recipients.items())
     if isinstance(exc, smtplib.SMTPResponseException):
         return _cause((exc.smtp_code, exc.smtp_error))
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    return network_cause(exc)
 
 
 def _address(options: Options, key: str, value: str) -> str:

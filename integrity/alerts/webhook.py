@@ -45,7 +45,7 @@ import urllib.request
 from typing import Any
 
 from .. import __version__
-from . import DeliveryError, read_secret
+from . import DeliveryError, network_cause, read_secret
 from . import text as render
 from .options import Options
 
@@ -136,7 +136,7 @@ class WebhookSink:
                 exc.close()
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-                detail = _cause(reason)
+                detail = network_cause(reason)
                 retry = not isinstance(reason, ssl.SSLCertVerificationError)
             if not retry or attempt == self.retries:
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""
@@ -174,7 +174,7 @@ class WebhookSink:
             context = ssl.create_default_context(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise DeliveryError(self.name, f"cannot load ca_file {self.ca_file}: "
-                                           f"{_cause(exc)}") from None
+                                           f"{network_cause(exc)}") from None
         return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
                                            _NoRedirect())
 
@@ -189,16 +189,6 @@ def _bad_url(url: str) -> bool:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme not in ("http", "https") or not parts.hostname \
         or any(ch.isspace() for ch in url)
-
-
-def _cause(reason: Any) -> str:
-    if isinstance(reason, TimeoutError):
-        return "timed out"
-    if isinstance(reason, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {reason.verify_message}"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
 
 
 def _reply(exc: urllib.error.HTTPError) -> str:

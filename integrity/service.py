@@ -307,6 +307,8 @@ class Service:
         listener.start()
         if not listener.available:
             log.warning("changes will not name their actor: %s", listener.reason)
+        elif listener.reason:  # some trees only, or without attribute changes
+            log.warning("%s", listener.reason)
         self.actors = listener
 
     def run(self) -> int:

@@ -179,3 +179,32 @@ def test_alert_test_reaches_every_sink_and_names_the_one_that_fails(
     # A test is not an event: nothing recorded, nothing owed.
     assert cli.json("events") == []
     assert cli.json("status")["alerts"] == []
+
+
+def test_a_named_sink_keeps_what_it_is_owed_when_the_tables_are_reordered(
+        tmp_path: Path, tree: Path, write_policy: Callable[..., Path],
+        receiver: Receiver) -> None:
+    webhook = f'[[alert]]\nname = "siem"\ntype = "webhook"\nurl = "{receiver.url}"\nretries = 0\n'
+    jsonl_sink = f'[[alert]]\ntype = "jsonl"\npath = "{tmp_path}/alerts.jsonl"\n'
+    rule = {"path": str(tree), "check": "static"}
+    cli = Cli(tmp_path / "state" / "integrity.db", write_policy(rule, extra=webhook))
+    assert cli("init").exit_code == 0
+    receiver.status = 503
+    (tree / "a.conf").write_text("changed\n")
+    assert cli("verify").exit_code == 1
+    assert [a["sink"] for a in cli.json("status")["alerts"]] == ["siem"]
+    # A jsonl sink added in front: the webhook is alert[1] now, still "siem".
+    write_policy(rule, extra=jsonl_sink + "\n" + webhook)
+    receiver.status = 200
+    with opened(cli) as store:
+        retry_now(store)
+    assert cli("verify").exit_code == 1
+    assert [body["path"] for body in receiver.bodies] == [str(tree / "a.conf")]
+    assert cli.json("status")["alerts"] == []
+    # Two sinks may not share a name.
+    clash = write_policy(rule, extra=webhook + "\n" + webhook.replace("webhook", "jsonl", 1)
+                         .replace(f'url = "{receiver.url}"', f'path = "{tmp_path}/x"')
+                         .replace("retries = 0\n", ""), name="clash.toml")
+    refused = cli("verify", policy=clash)
+    assert refused.exit_code == 2
+    assert "alert[1].name: 'siem' names another sink already" in refused.stderr

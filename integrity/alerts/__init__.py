@@ -13,6 +13,10 @@ when the policy is loaded (naming the file and key), not discovered at the first
 alert. Secrets (tokens, passwords, HMAC keys, chat webhook URLs) are never written in
 the policy, which is often world-readable: options ending in `_file` name a file that
 is read at delivery time, so a rotated secret takes effect without a restart.
+
+Every table may set `name` (letters, digits, '.', '_', '-'): undelivered alerts are
+owed to a sink by name, and the default name ("alert[2]:webhook") changes when the
+tables are reordered.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ class DeliveryError(Exception):
 class Sink(Protocol):
     """Delivers events somewhere; built from one [[alert]] table."""
 
-    name: str            # "alert[2]:webhook": index in policy.alerts and type; outbox key
+    name: str            # the table's `name`, else "alert[2]:webhook"; the outbox key
     min_severity: str    # low | medium | high | critical
     digest: bool         # True: gets 1..N events per interval and sends one message
     interval: float      # seconds between digests (ignored when digest is False)
@@ -99,5 +103,7 @@ def build_sinks(policy: Policy) -> list[Sink]:
             raise options.fail("type", f"must be one of {', '.join(builders)}")
         sink = builder(options)
         options.finish()
+        if any(other.name == sink.name for other in sinks):
+            raise options.fail("name", f"{sink.name!r} names another sink already")
         sinks.append(sink)
     return sinks

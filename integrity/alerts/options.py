@@ -14,6 +14,7 @@ from ..errors import PolicyError
 from ..policy import SEVERITIES
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SINK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class Options:
@@ -22,10 +23,16 @@ class Options:
     def __init__(self, source: str, index: int, table: dict[str, Any]) -> None:
         self.where = f"{source}: alert[{index}]"
         self.type = str(table.get("type"))
-        self.name = f"alert[{index}]:{self.type}"
         self._table = table
         self._read = {"type", "min_severity"}
         self.min_severity = self.choice("min_severity", SEVERITIES, "low")
+        # Undelivered alerts are owed to this name: an explicit one survives the
+        # tables being reordered, the default (position and type) does not.
+        named = self._get("name")
+        if named is not None and (not isinstance(named, str)
+                                  or not _SINK_NAME.fullmatch(named)):
+            raise self.fail("name", "must be 1-64 letters, digits, '.', '_' or '-'")
+        self.name = named or f"alert[{index}]:{self.type}"
 
     def fail(self, key: str, what: str) -> PolicyError:
         """The error for one key: 'policy.toml: alert[1].timeout: what is wrong'."""

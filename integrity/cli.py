@@ -356,7 +356,7 @@ def watch(env: Env) -> None:
 def doctor(env: Env) -> None:
     """Check this host for the policy: inotify limits against the watches it needs
     (and which processes hold watches already), filesystems inotify cannot see,
-    missing rule paths and permissions.
+    missing rule paths and permissions, and whether fanotify can name the writers.
 
     Exit status: 0 all good; 1 with advice.
 

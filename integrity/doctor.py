@@ -502,6 +502,47 @@ def check_permissions(policy: Policy) -> Iterator[Finding]:
                           f" {problem.strerror or problem} (nothing below it can be checked)")
 
 
+def check_fanotify(policy: Policy) -> Iterator[Finding]:
+    """Whether realtime events can name their writer: one FID-mode inode mark per
+    filesystem holding a rule path, as the watcher's listener places them."""
+    from . import fanotify as fan
+
+    if os.geteuid() != 0:
+        return  # check_permissions said so already
+    try:
+        fd = fan.init(fan.FAN_CLASS_NOTIF | fan.FAN_REPORT_DFID_NAME | fan.FAN_CLOEXEC,
+                      os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        yield Finding("warn", fan.init_problem(exc) + ": realtime events will not name "
+                      "the process behind a change", "a kernel with CONFIG_FANOTIFY")
+        return
+    refused: list[str] = []
+    try:
+        devices: set[int] = set()
+        for rule in policy.rules:
+            try:
+                st = os.stat(rule.path)
+            except OSError:
+                continue  # check_permissions reports missing paths
+            if st.st_dev in devices or not stat.S_ISDIR(st.st_mode):
+                continue
+            devices.add(st.st_dev)
+            try:
+                fan.mark(fd, fan.FAN_MARK_ADD | fan.FAN_MARK_ONLYDIR, fan.DIR_MASK,
+                         path=rule.path)
+            except OSError as exc:
+                refused.append(f"{rule.name} ({filesystem_type(rule.path)}): "
+                               f"{exc.strerror}")
+    finally:
+        os.close(fd)
+    if refused:
+        yield Finding("warn", "fanotify file ids refused on some filesystems: changes "
+                      "there are named without attribute changes, or not at all",
+                      details=tuple(refused))
+    else:
+        yield Finding("ok", "fanotify: realtime events name the process behind a change")
+
+
 def _missing(path: bytes) -> OSError | None:
     """Why path cannot be examined (FileNotFoundError when absent), or None."""
     try:
@@ -517,6 +558,7 @@ def diagnose(policy: Policy) -> Diagnosis:
     diagnosis.findings.extend(check_permissions(policy))
     diagnosis.findings.extend(check_inotify(policy, inotify_limits(), inotify_holders()))
     diagnosis.findings.extend(check_filesystems(policy, read_mounts()))
+    diagnosis.findings.extend(check_fanotify(policy))
     return diagnosis
 
 

@@ -385,7 +385,9 @@ def test_clean_diagnosis_exits_zero(tmp_path: Path) -> None:
     limits = doctor.inotify_limits()
     if limits.max_user_watches is not None and limits.max_user_watches < 10_000:
         pytest.skip("this host's inotify limits are already tight")
-    assert [f.level for f in diagnosis.findings] == ["ok", "ok", "ok"], render(diagnosis)
+    assert [f.level for f in diagnosis.findings] == ["ok", "ok", "ok", "ok"], \
+        render(diagnosis)
+    assert "fanotify: realtime events name the process" in render(diagnosis)
     assert diagnosis.exit_code == 0
     assert render(diagnosis).endswith("all checks passed\n")
 

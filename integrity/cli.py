@@ -206,7 +206,7 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
     from .alerts import build_sinks
     from .delivery import deliver_after_scan
     from .history import EventContext
-    from .outbox import Route
+    from .outbox import routes_of
     from .report import dump_json, make_progress, verify_json, verify_text
     from .scan import exit_code, verify as run_verify
 
@@ -218,8 +218,7 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
         result = run_verify(env.store, policy, paths, fast=fast, progress=progress,
-                            context=EventContext(routes=[Route(s.name, s.min_severity)
-                                                         for s in sinks]))
+                            context=EventContext(routes=routes_of(sinks)))
     finally:
         if shown:
             shown.done()

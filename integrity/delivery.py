@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .outbox import Route, delivered, due, failed
+from .outbox import Route, delivered, due, failed, routes_of
 from .store import Store, utcnow
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class Dispatcher:
     def routes(self) -> list[Route]:
         """What recording needs to owe events to these sinks."""
         with self._lock:
-            return [Route(sink.name, sink.min_severity) for sink in self.sinks]
+            return routes_of(self.sinks)
 
     # -- thread ------------------------------------------------------------------
 

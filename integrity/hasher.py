@@ -168,17 +168,24 @@ def blake3_fd(fd: int, expected: os.stat_result, recent: int | None = None) -> b
                 raise FileChanged
         digest = blake3.blake3(data).digest()
     elif twice:
-        settle(fd)
-        os.lseek(fd, 0, os.SEEK_SET)
-        digest = _blake3_large(fd, size)
-        os.lseek(fd, 0, os.SEEK_SET)
-        if _blake3_large(fd, size) != digest:
-            raise FileChanged
+        digest = read_twice(fd, lambda: _blake3_large(fd, size))
     else:
         digest = _blake3_large(fd, size)
     if not same_file(expected, os.fstat(fd)):
         raise FileChanged
     return digest
+
+
+def read_twice(fd: int, digest: Callable[[], Any]) -> Any:
+    """`digest()` of a recently changed file, settled and taken twice from offset 0;
+    raises FileChanged when the two disagree."""
+    settle(fd)
+    os.lseek(fd, 0, os.SEEK_SET)
+    first = digest()
+    os.lseek(fd, 0, os.SEEK_SET)
+    if digest() != first:
+        raise FileChanged
+    return first
 
 
 def _blake3_large(fd: int, size: int) -> bytes:
@@ -255,15 +262,11 @@ def digest_path(path: bytes, algorithms: Iterable[str] = ("blake3",),
         fd = open_at(path)
         try:
             try:
-                twice = before.st_ctime_ns >= recent  # possibly mid-write
-                if twice:
-                    settle(fd)
-                    os.lseek(fd, 0, os.SEEK_SET)
-                digests = _digests(fd, before.st_size, algorithms)
-                if twice:
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    if _digests(fd, before.st_size, algorithms) != digests:
-                        raise FileChanged
+                if before.st_ctime_ns >= recent:  # possibly mid-write
+                    digests = read_twice(
+                        fd, lambda: _digests(fd, before.st_size, algorithms))
+                else:
+                    digests = _digests(fd, before.st_size, algorithms)
                 if not same_file(before, os.fstat(fd)):
                     raise FileChanged
             except FileChanged:

@@ -129,7 +129,7 @@ class EventLog:
         changed_keys = {to_key(c.path): c for c in changes}
         unknown_keys = {to_key(p) for p in unknown}
         skipped_ranges = [key_range(p) for p in skipped]
-        updated = reverted = 0
+        updated = 0
         with self.store.writer() as conn, conn.begin():
             open_rows = self._open_in(conn, scope)
             inserts = []
@@ -175,15 +175,14 @@ class EventLog:
                     if key not in changed_keys and key not in unknown_keys
                     and not any(low <= key < high for low, high in skipped_ranges)]
             closing = set(gone)
-            excluded = {row[0] for key, row in open_rows.items() if row[0] in closing
-                        and covered is not None and not covered(from_key(key))}
-            for chunk in _chunks(gone):
-                for status in (REVERTED, EXCLUDED):
-                    ids = [i for i in chunk if (i in excluded) == (status == EXCLUDED)]
-                    if ids:
-                        conn.execute(e.update().where(e.c.id.in_(ids))
-                                     .values(status=status, last_seen=now))
-                reverted += len(chunk)
+            excluded = [row[0] for key, row in open_rows.items() if row[0] in closing
+                        and covered is not None and not covered(from_key(key))]
+            for status, ids in ((EXCLUDED, excluded),
+                                (REVERTED, sorted(closing.difference(excluded)))):
+                for chunk in _chunks(ids):
+                    conn.execute(e.update().where(e.c.id.in_(chunk))
+                                 .values(status=status, last_seen=now))
+            reverted = len(gone)
             journal(conn, "event", [*new_ids, *touched, *gone])
         return Recorded(new_ids, updated, reverted)
 

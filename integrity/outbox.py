@@ -11,11 +11,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
 from . import models
-from .severity import SEVERITIES
+from .severity import at_least
 from .store import Store, utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
@@ -31,7 +32,12 @@ class Route:
     min_severity: str
 
     def wants(self, severity: str) -> bool:
-        return SEVERITIES.index(severity) >= SEVERITIES.index(self.min_severity)
+        return at_least(severity, self.min_severity)
+
+
+def routes_of(sinks: Iterable[Any]) -> list[Route]:
+    """The routes of alert sinks (anything with `name` and `min_severity`)."""
+    return [Route(sink.name, sink.min_severity) for sink in sinks]
 
 
 @dataclass(frozen=True)

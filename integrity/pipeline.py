@@ -26,7 +26,7 @@ from .errors import ScanWarning
 from .hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, read_recent,
                      recent_since, xattr_digest, xattr_digest_at)
 from .record import FileRecord
-from .walker import WalkEntry, open_parent
+from .walker import NOT_IN_TREE, WalkEntry, open_parent
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,6 @@ class Progress:
     files: int = 0
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
-
-
-_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 def _rehash_by_path(entry: WalkEntry, want_xattrs: bool, recent: int
@@ -109,7 +106,7 @@ def _rehash_by_path(entry: WalkEntry, want_xattrs: bool, recent: int
 
 def _lost(path: bytes, operation: str, exc: OSError) -> ScanWarning:
     """The warning for a path that could not be reached again."""
-    if exc.errno in _GONE:
+    if exc.errno in NOT_IN_TREE:
         # Gone, or a directory on the way is no longer one (swapped for a symlink):
         # either way the path is no longer in the tree.
         return ScanWarning(path, operation, exc.strerror or str(exc), "vanished during scan")

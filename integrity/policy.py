@@ -248,11 +248,11 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
     for key in defaults:
         if key not in _JUDGEMENT_KEYS:
             raise fail(f"severity.{key}", "unknown key")
-    _parse_judgement(defaults, "severity", fail, Judgement())
+    base = _parse_judgement(defaults, "severity", fail, Judgement())
     rules: list[Rule] = []
     seen: set[bytes] = set()
     for index, item in enumerate(rules_data):
-        rule = _parse_rule(item, f"rule[{index}]", fail, defaults)
+        rule = _parse_rule(item, f"rule[{index}]", fail, base)
         if rule.path in seen:
             raise fail(f"rule[{index}].path", f"duplicate rule for {rule.name}")
         seen.add(rule.path)
@@ -318,7 +318,7 @@ def _parse_judgement(table: dict[str, Any], key: str, fail: Any,
 
 
 def _parse_rule(item: Any, key: str, fail: Any,
-                defaults: dict[str, Any] | None = None) -> Rule:
+                base: Judgement | None = None) -> Rule:
     if not isinstance(item, dict):
         raise fail(key, "must be a table")
     for name in item:
@@ -350,8 +350,7 @@ def _parse_rule(item: Any, key: str, fail: Any,
         if not isinstance(value, bool):
             raise fail(f"{key}.{name}", "must be true or false")
         flags[name] = value
-    judgement = _parse_judgement(
-        item, key, fail, _parse_judgement(defaults or {}, "severity", fail, Judgement()))
+    judgement = _parse_judgement(item, key, fail, base or Judgement())
     return Rule(os.fsencode(norm), check, severity, Excludes.compile(tuple(exclude)),
                 flags["recursive"], flags["one_filesystem"], judgement)
 

@@ -92,6 +92,11 @@ def _minutes(text: str) -> int:
     return hours * 60 + minutes
 
 
+def at_least(severity: str, minimum: str) -> bool:
+    """Whether `severity` reaches `minimum` (a sink's min_severity)."""
+    return SEVERITIES.index(severity) >= SEVERITIES.index(minimum)
+
+
 def raised(severity: str) -> str:
     """One step up, capped at critical: the default off-hours severity."""
     return SEVERITIES[min(SEVERITIES.index(severity) + 1, len(SEVERITIES) - 1)]

@@ -129,7 +129,7 @@ def open_parent(path: bytes, top: bytes) -> tuple[int, str]:
 
 #: A component of the way down is missing, a file, or a symlink: the path is not
 #: (or no longer) in the tree, exactly as a full walk would not find it.
-_NOT_THERE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+NOT_IN_TREE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
 def lstat_in_tree(path: bytes, top: bytes) -> os.stat_result:
@@ -154,7 +154,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
     try:
         parent_fd, name = open_parent(root, rule.path)
     except OSError as exc:
-        if exc.errno not in _NOT_THERE and not part:
+        if exc.errno not in NOT_IN_TREE and not part:
             yield ScanWarning(root, "open directory", exc.strerror or str(exc))
         return
     try:

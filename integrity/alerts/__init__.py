@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..policy import SEVERITIES
+from ..severity import at_least
 
 if TYPE_CHECKING:
     from ..policy import Policy
@@ -54,7 +54,7 @@ class Sink(Protocol):
 
 def wants(sink: Sink, event: dict[str, Any]) -> bool:
     """Whether an event is severe enough for a sink."""
-    return SEVERITIES.index(event["severity"]) >= SEVERITIES.index(sink.min_severity)
+    return at_least(event["severity"], sink.min_severity)
 
 
 def network_cause(exc: Any) -> str:

@@ -33,7 +33,7 @@ FIND_FMT = "%s %T@ %i %m %U %G\\n"
 REPO = Path(__file__).resolve().parent.parent
 WARM_RUNS = 3
 RSS_LIMIT_MB = 200
-#: integrity.hasher.RECENT_NS in seconds (not imported: this script's RSS is the floor
+#: integrity.scan.hasher.RECENT_NS in seconds (not imported: this script's RSS is the floor
 #: every child's peak RSS starts from).
 FRESH_S = 10
 

@@ -82,7 +82,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from integrity.actor import ActorListener  # noqa: E402
+from integrity.realtime.actor import ActorListener  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -134,7 +134,7 @@ print(elapsed)
 FS_READER = r'''
 import ctypes, os, resource, select, sys
 sys.path.insert(0, sys.argv[1])
-from integrity import fanotify as fan
+from integrity.realtime import fanotify as fan
 from integrity.paths import is_within
 roots = [os.fsencode(r) for r in sys.argv[2:]]
 fd = fan.init(fan.FAN_CLASS_NOTIF | fan.FAN_REPORT_DFID_NAME | fan.FAN_CLOEXEC
@@ -194,7 +194,7 @@ class InotifyReference:
 
     def __init__(self, protected: Path) -> None:
         from integrity.policy import parse
-        from integrity.watcher import Watcher
+        from integrity.realtime.watcher import Watcher
 
         policy = parse({"rule": [{"path": str(protected), "check": "config"}]})
         self.watcher = Watcher(policy, lambda _hints: None, lambda: None,

@@ -302,7 +302,7 @@ def setup_in_process(tree: Path, work: Path, dirs: int, repeat: int = 3) -> floa
     """Best seconds for Watcher.start() over the tree, in this process (watches only)."""
     sys.path.insert(0, str(REPO))
     from integrity.policy import load
-    from integrity.watcher import Watcher
+    from integrity.realtime.watcher import Watcher
 
     policy = load(work / "policy.toml")
     best = float("inf")

@@ -1,5 +1,5 @@
 """`python -m integrity`."""
 
-from .cli import main
+from integrity.cli import main
 
 main()

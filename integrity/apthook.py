@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from .errors import UsageError
+from integrity.errors import UsageError
 
 SNIPPET = "80integrity"
 DEFAULT_DIR = "/etc/apt/apt.conf.d"

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from .errors import EXIT_ERROR, IntegrityError, UsageError
-from .trust import TrustError
+from integrity import __version__
+from integrity.errors import EXIT_ERROR, IntegrityError, UsageError
+from integrity.trust import TrustError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,17 +41,17 @@ class Env:
     @property
     def policy(self) -> Any:
         if self._policy is None:
-            from .policy import default_policy_path, load
+            from integrity.policy import default_policy_path, load
             self._policy = load(self.policy_path or default_policy_path())
         return self._policy
 
     def db_url(self) -> str:
-        from .store import default_url
+        from integrity.store.engine import default_url
         return self.db_option or self.policy.database or default_url()
 
     def store(self, *, must_exist: bool = True, check_schema: bool = True) -> Any:
         if self._store is None:
-            from .store import Store
+            from integrity.store.engine import Store
             self._store = Store(self.db_url(), must_exist=must_exist,
                                 check_schema=check_schema)
         return self._store
@@ -92,7 +92,7 @@ class IntegrityGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line
-            from .store import as_database_error
+            from integrity.store.engine import as_database_error
 
             mapped = as_database_error(exc)
             if mapped is not None:
@@ -163,8 +163,8 @@ def init(env: Env, force: bool, sign_key: str | None) -> None:
 
         integrity --policy /etc/integrity/policy.toml init
     """
-    from .report import make_progress
-    from .scan import build_baseline
+    from integrity.report import make_progress
+    from integrity.ops.verify import build_baseline
 
     policy = env.policy
     progress, shown = make_progress("baseline", env.quiet)
@@ -203,17 +203,17 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
 
         integrity verify /etc/ssh --json
     """
-    from .alerts import build_sinks
-    from .delivery import deliver_after_scan
-    from .history import EventContext
-    from .outbox import routes_of
-    from .report import dump_json, make_progress, verify_json, verify_text
-    from .scan import exit_code, verify as run_verify
+    from integrity.alerts import build_sinks
+    from integrity.alerts.dispatch import deliver_after_scan
+    from integrity.store.events import EventContext
+    from integrity.store.outbox import routes_of
+    from integrity.report import dump_json, make_progress, verify_json, verify_text
+    from integrity.ops.verify import exit_code, verify as run_verify
 
     policy = env.policy
     sinks = build_sinks(policy)
     if expect_root or policy.public_key:
-        from .trust import check_baseline
+        from integrity.trust import check_baseline
         check_baseline(env.store(), policy, expect_root)
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
@@ -253,8 +253,8 @@ def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates
         integrity approve /etc/ssh/sshd_config --reason "ticket 4711"
         integrity approve --package-updates
     """
-    from .approve import Approver
-    from .report import approval_json, approval_text, dump_json
+    from integrity.ops.approve import Approver
+    from integrity.report import approval_json, approval_text, dump_json
 
     modes = sum([bool(paths), approve_all, package_updates])
     if modes != 1:
@@ -285,8 +285,8 @@ def events(env: Env, open_only: bool, since: str | None, as_json: bool) -> None:
 
         integrity events --open --since 7d
     """
-    from .history import EventLog, parse_since
-    from .report import dump_json, events_text
+    from integrity.store.events import EventLog, parse_since
+    from integrity.report import dump_json, events_text
 
     rows = EventLog(env.store()).events(
         open_only=open_only, since=parse_since(since) if since else None)
@@ -308,8 +308,8 @@ def status(env: Env, as_json: bool) -> None:
 
         integrity status --json
     """
-    from .report import dump_json, status_text
-    from .status import collect
+    from integrity.report import dump_json, status_text
+    from integrity.ops.status import collect
 
     report = collect(env.store())
     if as_json:
@@ -333,9 +333,9 @@ def watch(env: Env) -> None:
 
         integrity watch
     """
-    from .notify import Notifier
-    from .policy import default_policy_path
-    from .service import Service
+    from integrity.realtime.sdnotify import Notifier
+    from integrity.policy import default_policy_path
+    from integrity.realtime.service import Service
 
     if not env.verbose:
         handler = logging.StreamHandler(sys.stderr)
@@ -363,7 +363,7 @@ def doctor(env: Env) -> None:
 
         integrity doctor
     """
-    from .doctor import diagnose, render
+    from integrity.doctor import diagnose, render
 
     diagnosis = diagnose(env.policy)
     click.echo(render(diagnosis), nl=False)
@@ -385,8 +385,8 @@ def prune(env: Env, older_than: str) -> None:
 
         integrity prune --older-than 90d
     """
-    from .history import parse_since
-    from .ledger import check, prune as prune_events
+    from integrity.store.events import parse_since
+    from integrity.store.ledger import check, prune as prune_events
 
     report = check(env.store())
     if not report.ok:
@@ -416,8 +416,8 @@ def alert_test(env: Env) -> None:
     """
     import socket
 
-    from .alerts import build_sinks
-    from .delivery import probe_sinks
+    from integrity.alerts import build_sinks
+    from integrity.alerts.dispatch import probe_sinks
 
     sinks = build_sinks(env.policy)
     if not sinks:
@@ -448,7 +448,7 @@ def key_generate(private_key: str) -> None:
 
         integrity key generate /root/integrity-signing.key
     """
-    from .trust import generate_keypair
+    from integrity.trust import generate_keypair
 
     private, public = generate_keypair(private_key)
     click.echo(f"private key {private} (keep it off this host)\npublic key {public}")
@@ -474,7 +474,7 @@ def apt_hook_install(env: Env, directory: str) -> None:
 
         integrity apt-hook install
     """
-    from . import apthook
+    from integrity import apthook
 
     target = apthook.install(directory, apthook.render(
         apthook.executable(), env.db_option, env.policy_path))
@@ -491,7 +491,7 @@ def apt_hook_remove(directory: str) -> None:
 
         integrity apt-hook remove
     """
-    from . import apthook
+    from integrity import apthook
 
     target = apthook.remove(directory)
     click.echo(f"removed {target}" if target else "no apt hook installed")
@@ -506,7 +506,7 @@ def apt_hook_show(env: Env) -> None:
 
         integrity apt-hook show
     """
-    from . import apthook
+    from integrity import apthook
 
     click.echo(apthook.render(apthook.executable(), env.db_option, env.policy_path), nl=False)
 
@@ -535,7 +535,7 @@ def upgrade(env: Env) -> None:
 
 
 def _display(path: bytes) -> str:
-    from .paths import display
+    from integrity.paths import display
     return display(path)
 
 

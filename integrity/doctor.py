@@ -19,9 +19,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .paths import display, is_within
-from .policy import Policy
-from .walker import SkippedTree, WalkEntry, walk
+from integrity.paths import display, is_within
+from integrity.policy import Policy
+from integrity.scan.walker import SkippedTree, WalkEntry, walk
 
 Level = Literal["ok", "warn", "fail"]
 #: Anything os.fsencode() takes.
@@ -505,7 +505,7 @@ def check_permissions(policy: Policy) -> Iterator[Finding]:
 def check_fanotify(policy: Policy) -> Iterator[Finding]:
     """Whether realtime events can name their writer: one FID-mode inode mark per
     filesystem holding a rule path, as the watcher's listener places them."""
-    from . import fanotify as fan
+    from integrity.realtime import fanotify as fan
 
     if os.geteuid() != 0:
         return  # check_permissions said so already

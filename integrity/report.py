@@ -8,12 +8,12 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .compare import ADDED, MODIFIED, REMOVED, Change, change_states
-from .alerts.text import actor_text, clean
-from .paths import display
-from .policy import Rule
-from .record import json_value as value
-from .scan import Progress, ScanResult
+from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, change_states
+from integrity.alerts.text import actor_text, clean
+from integrity.paths import display
+from integrity.policy import Rule
+from integrity.record import json_value as value
+from integrity.ops.verify import Progress, ScanResult
 
 KINDS = (ADDED, REMOVED, MODIFIED)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import blake3
 
-from .errors import IntegrityError
-from .record import FileRecord
+from integrity.errors import IntegrityError
+from integrity.record import FileRecord
 
 _LEAF = b"integrity-entry-v1\x00"
 _NODE = b"integrity-node-v1\x00"

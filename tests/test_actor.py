@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from integrity.actor import ACTOR_KEYS, ActorListener
+from integrity.realtime.actor import ACTOR_KEYS, ActorListener
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 5.0
@@ -456,7 +456,7 @@ def test_helper_stops_quietly_when_the_daemon_is_killed(tree: Path) -> None:
     """kill -9 of the daemon: its helper sees stdin close (and its stdout pipe break,
     with a change still to report) and exits without a traceback in the daemon's log."""
     code = ("import os, sys\n"
-            "from integrity.actor import ActorListener\n"
+            "from integrity.realtime.actor import ActorListener\n"
             "listener = ActorListener([os.fsencode(sys.argv[1])])\n"
             "listener.start()\n"
             "print(listener.helper_pid, flush=True)\n"
@@ -488,13 +488,14 @@ def test_unprivileged_listener_says_why(world_dir: Path) -> None:
     if not setpriv or not os.access(python, os.X_OK):
         pytest.skip("needs setpriv and /usr/bin/python3")
     site = world_dir / "site" / "integrity"
-    site.mkdir(parents=True)
-    for name in ("__init__.py", "paths.py", "fanotify.py", "actor.py"):
+    (site / "realtime").mkdir(parents=True)
+    for name in ("__init__.py", "paths.py", "realtime/__init__.py", "realtime/fanotify.py",
+                 "realtime/actor.py"):
         shutil.copy(REPO / "integrity" / name, site / name)
     for path in [world_dir / "site", *(world_dir / "site").rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     code = ("import json\n"
-            "from integrity.actor import ActorListener\n"
+            "from integrity.realtime.actor import ActorListener\n"
             "listener = ActorListener([b'/tmp'])\n"
             "listener.start()\n"
             "print(json.dumps([listener.available, listener.reason, listener.helper_pid,\n"

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from integrity.alerts import build_sinks
-from integrity.delivery import Dispatcher
-from integrity.history import EventContext
-from integrity.outbox import Route, backlog, retry_now
+from integrity.alerts.dispatch import Dispatcher
+from integrity.store.events import EventContext
+from integrity.store.outbox import Route, backlog, retry_now
 from integrity.policy import load
-from integrity.scan import verify
-from integrity.status import FAILING_AFTER
-from integrity.store import Store
+from integrity.ops.verify import verify
+from integrity.ops.status import FAILING_AFTER
+from integrity.store.engine import Store
 
 from conftest import Cli, Receiver
 

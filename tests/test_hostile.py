@@ -32,13 +32,13 @@ import pytest
 
 from conftest import Cli
 from integrity.errors import ScanWarning
-from integrity.hasher import FileChanged, blake3_fd, open_at, recent_since
+from integrity.scan.hasher import FileChanged, blake3_fd, open_at, recent_since
 from integrity.paths import to_key
-from integrity.pipeline import _rehash_by_path
+from integrity.scan.records import _rehash_by_path
 from integrity.policy import parse
-from integrity.scan import ScanResult, _collect, build_baseline
-from integrity.store import Store
-from integrity.walker import WalkEntry, open_parent, walk
+from integrity.ops.verify import ScanResult, _collect, build_baseline
+from integrity.store.engine import Store
+from integrity.scan.walker import WalkEntry, open_parent, walk
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from integrity.notify import Notifier
+from integrity.realtime.sdnotify import Notifier
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def test_recovers_when_the_manager_comes_back(tmp_path: Path,
 def test_a_full_queue_does_not_stall_the_caller(listener: socket.socket,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A manager that stops reading fills the queue; sends then time out, not block."""
-    monkeypatch.setattr("integrity.notify.SEND_TIMEOUT", 0.05)
+    monkeypatch.setattr("integrity.realtime.sdnotify.SEND_TIMEOUT", 0.05)
     notifier = Notifier.from_environ()
     assert notifier.watchdog() is True
     for _ in range(100_000):  # far beyond net.unix.max_dgram_qlen

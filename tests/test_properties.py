@@ -16,12 +16,12 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from integrity.compare import diff
+from integrity.scan.compare import diff
 from integrity.errors import PolicyError
 from integrity.paths import to_key
 from integrity.policy import Policy, parse, parse_check
 from integrity.record import Attr, FileRecord, attr_names
-from integrity.walker import WalkEntry, walk
+from integrity.scan.walker import WalkEntry, walk
 
 SOURCE = "/etc/integrity/hostile.toml"
 

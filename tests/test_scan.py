@@ -9,9 +9,9 @@ import pytest
 
 from integrity.paths import to_key
 from integrity.policy import parse
-from integrity.scan import build_baseline, verify
-from integrity.store import Store
-from integrity.walker import WalkEntry, walk
+from integrity.ops.verify import build_baseline, verify
+from integrity.store.engine import Store
+from integrity.scan.walker import WalkEntry, walk
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from integrity.errors import PolicyError
-from integrity.history import EventContext, EventLog
+from integrity.store.events import EventContext, EventLog
 from integrity.policy import load, parse
-from integrity.scan import check_paths, verify
-from integrity.severity import Window, WindowError
-from integrity.store import Store
+from integrity.ops.verify import check_paths, verify
+from integrity.policy.severity import Window, WindowError
+from integrity.store.engine import Store
 
 from conftest import Cli
 

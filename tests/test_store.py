@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Cli
-from integrity.store import HEAD, REVISIONS, Store
+from integrity.store.engine import HEAD, REVISIONS, Store
 
 REPO = Path(__file__).resolve().parent.parent
 MANY = 30_000
@@ -234,7 +234,7 @@ def test_init_creates_a_new_database_at_head(run: Cli) -> None:
 def _revision_files() -> dict[str, str | None]:
     """revision -> down_revision, read from the migration scripts' assignments."""
     found: dict[str, str | None] = {}
-    for script in sorted((REPO / "migrations" / "versions").glob("*.py")):
+    for script in sorted((REPO / "integrity" / "store" / "migrations" / "versions").glob("*.py")):
         values: dict[str, object] = {}
         for node in ast.parse(script.read_text()).body:
             if (isinstance(node, ast.Assign) and len(node.targets) == 1
@@ -255,7 +255,7 @@ def test_revisions_match_the_migration_scripts() -> None:
     assert [files[r] for r in REVISIONS] == chain
     assert HEAD == REVISIONS[-1]
     # Every script text states it in the same `revision = "..."` form alembic writes.
-    for script in (REPO / "migrations" / "versions").glob("0*.py"):
+    for script in (REPO / "integrity" / "store" / "migrations" / "versions").glob("0*.py"):
         text = script.read_text()
         assert any(f'revision = "{r}"' in text for r in REVISIONS), script
 
@@ -267,7 +267,7 @@ def test_older_schema_is_refused_then_upgraded_keeping_the_baseline(run: Cli) ->
     from alembic.config import Config
     from sqlalchemy import create_engine
 
-    from integrity.store import HEAD, REVISIONS, _migrations_dir
+    from integrity.store.engine import HEAD, REVISIONS, _migrations_dir
 
     assert len(REVISIONS) >= 2
     config = Config()

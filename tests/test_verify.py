@@ -23,7 +23,7 @@ import blake3
 import pytest
 
 from conftest import Cli
-from integrity.store import Store
+from integrity.store.engine import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -553,9 +553,13 @@ def _third_party_modules() -> list[str]:
     """Top-level names of what `integrity` imports from site-packages (not the stdlib)."""
     code = (
         "import importlib, pathlib, site, sys\n"
-        "for f in sorted(pathlib.Path(sys.argv[1]).glob('*.py')):\n"
-        "    if f.stem != '__main__':\n"
-        "        importlib.import_module('integrity.' + f.stem)\n"
+        "top = pathlib.Path(sys.argv[1])\n"
+        "for f in sorted(top.rglob('*.py')):\n"
+        "    parts = f.relative_to(top.parent).with_suffix('').parts\n"
+        "    if parts[-1] == '__init__':\n"
+        "        parts = parts[:-1]\n"
+        "    if parts[-1] != '__main__' and 'migrations' not in parts:\n"
+        "        importlib.import_module('.'.join(parts))\n"
         "for name in sys.argv[2:]:\n"
         "    importlib.import_module(name)\n"
         "sites = tuple(site.getsitepackages())\n"
@@ -600,8 +604,6 @@ def _stage_imports(stage: Path) -> str:
     for child in (REPO / "integrity").iterdir():
         if child.name != "__pycache__":
             (package / child.name).symlink_to(child)
-    (package / "migrations").symlink_to(REPO / "migrations")
-    (package / "policies").symlink_to(REPO / "policies")
     for path in [stage, *stage.rglob("*")]:
         if not path.is_symlink():
             path.chmod(0o755 if path.is_dir() else 0o644)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from integrity.hasher import FileChanged, blake3_fd, digest_path, open_at
+from integrity.scan.hasher import FileChanged, blake3_fd, digest_path, open_at
 from integrity.paths import display, from_key, key_range, to_key
 from integrity.policy import parse
-from integrity.walker import SkippedTree, WalkEntry, walk
+from integrity.scan.walker import SkippedTree, WalkEntry, walk
 
 
 def entries(policy_rules: list[dict[str, object]]) -> list[bytes]:

@@ -26,7 +26,7 @@ from conftest import child_pids, wait_until as shared_wait_until
 from integrity.doctor import blind_reason, filesystem_type, is_blind
 from integrity.paths import is_within
 from integrity.policy import Policy, parse
-from integrity.watcher import Hints, Unwatched, Watcher
+from integrity.realtime.watcher import Hints, Unwatched, Watcher
 
 DEADLINE = 5.0
 INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")

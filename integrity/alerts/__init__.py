@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..severity import at_least
+from integrity.policy.severity import at_least
 
 if TYPE_CHECKING:
-    from ..policy import Policy
+    from integrity.policy import Policy
 
 
 class DeliveryError(Exception):
@@ -88,8 +88,8 @@ def build_sinks(policy: Policy) -> list[Sink]:
 
     Raises PolicyError naming the file and `alert[i].key` for a bad or unknown key.
     """
-    from . import command, jsonl, mail, syslog, webhook
-    from .options import Options
+    from integrity.alerts import command, jsonl, mail, syslog, webhook
+    from integrity.alerts.options import Options
 
     builders: dict[str, Callable[[Options], Sink]] = {
         "jsonl": jsonl.build, "syslog": syslog.build, "webhook": webhook.build,

@@ -27,9 +27,9 @@ import subprocess
 import tempfile
 from typing import Any
 
-from . import DeliveryError
-from .options import Options
-from .text import clean
+from integrity.alerts import DeliveryError
+from integrity.alerts.options import Options
+from integrity.alerts.text import clean
 
 _OURS = ("INTEGRITY_EVENT_ID", "INTEGRITY_PATH", "INTEGRITY_SEVERITY", "INTEGRITY_KIND")
 _SYSTEMD = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID",

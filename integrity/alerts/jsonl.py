@@ -25,8 +25,8 @@ import os
 import threading
 from typing import Any
 
-from . import DeliveryError
-from .options import Options
+from integrity.alerts import DeliveryError
+from integrity.alerts.options import Options
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_KEEP = 5

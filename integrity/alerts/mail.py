@@ -30,9 +30,9 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
 
-from . import DeliveryError, network_cause, read_secret
-from . import text as render
-from .options import Options
+from integrity.alerts import DeliveryError, network_cause, read_secret
+from integrity.alerts import text as render
+from integrity.alerts.options import Options
 
 log = logging.getLogger(__name__)
 

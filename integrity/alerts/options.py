@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import PolicyError
-from ..policy import SEVERITIES
+from integrity.errors import PolicyError
+from integrity.policy import SEVERITIES
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SINK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

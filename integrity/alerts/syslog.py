@@ -29,9 +29,9 @@ import socket
 import threading
 from typing import Any
 
-from . import DeliveryError
-from .options import Options
-from .text import clean, headline
+from integrity.alerts import DeliveryError
+from integrity.alerts.options import Options
+from integrity.alerts.text import clean, headline
 
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from typing import Any
 
-from ..policy import SEVERITIES
+from integrity.policy import SEVERITIES
 
 #: A digest lists at most this many events, most severe first, then "and N more".
 MAX_LINES = 200

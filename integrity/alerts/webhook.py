@@ -44,10 +44,10 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from .. import __version__
-from . import DeliveryError, network_cause, read_secret
-from . import text as render
-from .options import Options
+from integrity import __version__
+from integrity.alerts import DeliveryError, network_cause, read_secret
+from integrity.alerts import text as render
+from integrity.alerts.options import Options
 
 FORMATS = ("json", "slack", "teams")
 RETRY_AFTER_CAP = 30.0

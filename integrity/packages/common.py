@@ -7,7 +7,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from integrity import hasher
+from integrity.scan import hasher
 from integrity.paths import display
 
 SIGNED_ARCHIVE = "signed-archive"

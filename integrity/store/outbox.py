@@ -15,9 +15,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import models
-from .severity import at_least
-from .store import Store, utcnow
+from integrity.store import schema as models
+from integrity.policy.severity import at_least
+from integrity.store.engine import Store, utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
 #: for a day is tried every ten minutes, never given up on.

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from .errors import ScanWarning
-from .hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, read_recent,
+from integrity.errors import ScanWarning
+from integrity.scan.hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, read_recent,
                      recent_since, xattr_digest, xattr_digest_at)
-from .record import FileRecord
-from .walker import NOT_IN_TREE, WalkEntry, open_parent
+from integrity.record import FileRecord
+from integrity.scan.walker import NOT_IN_TREE, WalkEntry, open_parent
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import PolicyError
-from .record import ATTR_NAMES, NONE, PRESETS, Attr
-from .severity import (SEVERITIES, Judgement, WindowError, parse_processes,
+from integrity.errors import PolicyError
+from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
+from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
 
 ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")

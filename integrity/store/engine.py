@@ -17,10 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc
 
-from . import models
-from .errors import BaselineError, DatabaseError
-from .paths import display, from_key, to_key
-from .record import FileRecord
+from integrity.store import schema as models
+from integrity.errors import BaselineError, DatabaseError
+from integrity.paths import display, from_key, to_key
+from integrity.record import FileRecord
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
 REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
@@ -287,7 +287,7 @@ class Store:
 
     def recompute_root(self, baseline_id: int) -> str:
         """The Merkle root of a baseline's entries as they are in the database now."""
-        from .trust import root_of
+        from integrity.trust import root_of
         return root_of(self.iter_entries(baseline_id))
 
     def entry_owner(self, baseline_id: int, path: bytes) -> str | None:
@@ -439,7 +439,7 @@ def _require_existing(url: str) -> None:
 
 def _migrations_dir() -> str:
     from importlib import resources
-    return str(resources.files("integrity.migrations"))
+    return str(resources.files("integrity.store.migrations"))
 
 
 def as_database_error(exc: BaseException) -> DatabaseError | None:

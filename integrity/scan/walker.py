@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import ScanWarning
-from .paths import is_within, to_key
-from .policy import Policy, Rule
+from integrity.errors import ScanWarning
+from integrity.paths import is_within, to_key
+from integrity.policy import Policy, Rule
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 #: The way down to a named path: O_PATH needs only search permission, as a path

@@ -17,16 +17,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import models
-from .compare import Change, change_states
-from .errors import UsageError
-from .paths import display, from_key, key_range, to_key
-from .policy import Rule
-from .record import FileRecord
-from .store import Store, utcnow
-from .ledger import journal
-from .outbox import Route, enqueue
-from .trust import root_of, sign
+from integrity.store import schema as models
+from integrity.scan.compare import Change, change_states
+from integrity.errors import UsageError
+from integrity.paths import display, from_key, key_range, to_key
+from integrity.policy import Rule
+from integrity.record import FileRecord
+from integrity.store.engine import Store, utcnow
+from integrity.store.ledger import journal
+from integrity.store.outbox import Route, enqueue
+from integrity.trust import root_of, sign
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
 #: Closed because the policy no longer covers the path (a new exclude, a removed rule).

@@ -6,10 +6,11 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from . import ledger, outbox
-from .history import EventLog, iso
-from .policy import SEVERITIES
-from .store import Store, latest_watcher, utcnow
+from integrity.store import ledger
+from integrity.store import outbox
+from integrity.store.events import EventLog, iso
+from integrity.policy import SEVERITIES
+from integrity.store.engine import Store, latest_watcher, utcnow
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import BaselineError, ScanWarning, UsageError
-from .history import PACKAGE_UPDATE, UNEXPLAINED, EventLog, OpenEvent
-from .paths import key_range, to_key
-from .pipeline import materialize
-from .policy import Policy
-from .compare import diff
-from .record import Attr, FileRecord
-from .scan import normalize_paths, package_owner
-from .store import Store
-from .trust import check_baseline
-from .walker import WalkEntry, lstat_in_tree, walk
+from integrity.errors import BaselineError, ScanWarning, UsageError
+from integrity.store.events import PACKAGE_UPDATE, UNEXPLAINED, EventLog, OpenEvent
+from integrity.paths import key_range, to_key
+from integrity.scan.records import materialize
+from integrity.policy import Policy
+from integrity.scan.compare import diff
+from integrity.record import Attr, FileRecord
+from integrity.ops.verify import normalize_paths, package_owner
+from integrity.store.engine import Store
+from integrity.trust import check_baseline
+from integrity.scan.walker import WalkEntry, lstat_in_tree, walk
 
 if TYPE_CHECKING:
-    from .packages import PackageManagers, Verdict
+    from integrity.packages import PackageManagers, Verdict
 
 #: Attributes that change whenever a package manager replaces a file: explained by
 #: the content verdict. Mode and ownership need evidence of their own.
@@ -157,7 +157,7 @@ class Approver:
         the state that was judged: a chmod made after the verify cannot ride along
         with an upgrade.
         """
-        from .packages import PackageManagers, Verdict
+        from integrity.packages import PackageManagers, Verdict
 
         if managers is None:
             managers = PackageManagers()
@@ -198,7 +198,7 @@ class Approver:
                new: FileRecord | None, since: float) -> Verdict:
         """The package manager's verdict on how path differs from the baseline now
         (every part must hold)."""
-        from .packages import Verdict
+        from integrity.packages import Verdict
 
         if new is None and old is None:
             return Verdict(True, "no longer differs from the baseline")

@@ -18,13 +18,13 @@ from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection, Pipe
 from typing import NamedTuple
 
-from . import hasher
-from .errors import IntegrityError, ScanWarning
-from .pipeline import READAHEAD, materialize
-from .policy import Policy, Rule
-from .record import FileRecord
-from .paths import to_key
-from .walker import WalkEntry, walk
+from integrity.scan import hasher
+from integrity.errors import IntegrityError, ScanWarning
+from integrity.scan.records import READAHEAD, materialize
+from integrity.policy import Policy, Rule
+from integrity.record import FileRecord
+from integrity.paths import to_key
+from integrity.scan.walker import WalkEntry, walk
 
 _BATCH = 512
 _DONE = b"done"

@@ -62,8 +62,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import IO, Any
 
-from .fanotify import NOT_ROOT, Tracker, covering_root, normalise_roots, read_small
-from .paths import display, is_within
+from integrity.realtime.fanotify import NOT_ROOT, Tracker, covering_root, normalise_roots, read_small
+from integrity.paths import display, is_within
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def _helper_command() -> list[str]:
     """This interpreter, without site or environment, importing this very package."""
     parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (f"import sys; sys.path.insert(0, {parent!r}); "
-            "from integrity.actor import helper_main; helper_main()")
+            "from integrity.realtime.actor import helper_main; helper_main()")
     return [sys.executable or "python3", "-E", "-s", "-S", "-c", code]
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import blake3
 import sqlalchemy as sa
 
-from . import models
-from .store import Store, utcnow
+from integrity.store import schema as models
+from integrity.store.engine import Store, utcnow
 
 GENESIS = "0" * 64
 #: Columns outside the chain: informational, updated on every sighting.

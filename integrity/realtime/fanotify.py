@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .paths import display, is_within
+from integrity.paths import display, is_within
 
 # Events (what happened).
 FAN_MODIFY = 0x00000002

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any, NamedTuple
 
-from .record import Attr, FileRecord, json_value
+from integrity.record import Attr, FileRecord, json_value
 
 ADDED, REMOVED, MODIFIED = "added", "removed", "modified"
 

@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .outbox import Route, delivered, due, failed, routes_of
-from .store import Store, utcnow
+from integrity.store.outbox import Route, delivered, due, failed, routes_of
+from integrity.store.engine import Store, utcnow
 
 if TYPE_CHECKING:
-    from .alerts import Sink
+    from integrity.alerts import Sink
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Dispatcher:
         return total
 
     def _each(self, sink: Sink) -> int:
-        from .alerts import DeliveryError
+        from integrity.alerts import DeliveryError
 
         sent = 0
         while True:
@@ -136,7 +136,7 @@ class Dispatcher:
                 return sent
 
     def _digest(self, sink: Sink, flush: bool) -> int:
-        from .alerts import DeliveryError
+        from integrity.alerts import DeliveryError
 
         pending = due(self.store, sink.name)
         if not pending:
@@ -163,7 +163,7 @@ class Dispatcher:
         return len(batch)
 
     def _events(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        from .history import EventLog
+        from integrity.store.events import EventLog
 
         return {event["id"]: event for event in EventLog(self.store).events(ids=ids)}
 
@@ -183,7 +183,7 @@ def deliver_after_scan(store: Store, sinks: Sequence[Sink]) -> int:
     """A one-shot run (verify from a timer) delivers what is owed itself, unless a
     running watcher does (two deliverers would race). Failures stay in the outbox
     for the next run. Returns alerts delivered."""
-    from .status import watcher_alive
+    from integrity.ops.status import watcher_alive
 
     if not sinks or watcher_alive(store):
         return 0
@@ -198,8 +198,8 @@ def deliver_after_scan(store: Store, sinks: Sequence[Sink]) -> int:
 def probe_sinks(sinks: Sequence[Sink], host: str) -> list[tuple[str, str | None]]:
     """Send one test event straight to every sink (no outbox, no severity filter):
     (sink name, None) when it was taken, else the one-line reason."""
-    from .alerts import DeliveryError
-    from .history import iso
+    from integrity.alerts import DeliveryError
+    from integrity.store.events import iso
 
     event: dict[str, Any] = {
         "id": 0, "time": iso(utcnow()), "last_seen": iso(utcnow()),

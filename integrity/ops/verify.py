@@ -13,19 +13,19 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .compare import ADDED, MODIFIED, REMOVED, Change, compare
-from .errors import BaselineError, ScanWarning, UsageError
-from .paths import display, key_range, to_key
-from .pipeline import READAHEAD, Progress, materialize
-from .policy import Policy, Rule
-from .record import Attr, FileRecord
-from .trust import MerkleRoot, leaf, sign
-from .walker import SkippedTree, WalkEntry, walk, walk_roots
-from .worker import Hashed, ScanWorkers, worker_count
+from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, compare
+from integrity.errors import BaselineError, ScanWarning, UsageError
+from integrity.paths import display, key_range, to_key
+from integrity.scan.records import READAHEAD, Progress, materialize
+from integrity.policy import Policy, Rule
+from integrity.record import Attr, FileRecord
+from integrity.trust import MerkleRoot, leaf, sign
+from integrity.scan.walker import SkippedTree, WalkEntry, walk, walk_roots
+from integrity.scan.workers import Hashed, ScanWorkers, worker_count
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) is imported only once workers run
-    from .history import EventContext
-    from .store import BaselineInfo, Store
+    from integrity.store.events import EventContext
+    from integrity.store.engine import BaselineInfo, Store
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = Fal
 def package_owner(policy: Policy) -> Callable[[bytes], str | None] | None:
     """Who installed a path (dpkg/rpm), recorded with each entry; None when no
     package owns anything under the policy's rules (or there is no package manager)."""
-    from .packages import PackageManagers
+    from integrity.packages import PackageManagers
 
     managers = PackageManagers()
     owners = managers.owner_map([rule.path for rule in policy.rules])
@@ -205,7 +205,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
             worker.close()
     _record_events(store, result, source, ranges, context, policy)
     if source == "verify":
-        from .ledger import check
+        from integrity.store.ledger import check
         for problem in check(store).problems:
             result.warnings.append(ScanWarning(b"(event log)", "hash chain check", problem,
                                                "tampering"))
@@ -272,7 +272,7 @@ def _record_events(store: Store, result: ScanResult, source: str,
                    ranges: Sequence[tuple[bytes, bytes]],
                    context: EventContext | None = None,
                    policy: Policy | None = None) -> None:
-    from .history import EventLog
+    from integrity.store.events import EventLog
 
     result.recorded = EventLog(store).record(
         result.changes, result.rules, source, ranges,

@@ -23,11 +23,11 @@ from typing import Any
 
 from inotify_simple import INotify, flags
 
-from .doctor import blind_mounts_below, blind_reason, filesystem_type, read_mounts
-from .errors import ScanWarning
-from .paths import display, is_within
-from .policy import Policy
-from .walker import WalkEntry, walk
+from integrity.doctor import blind_mounts_below, blind_reason, filesystem_type, read_mounts
+from integrity.errors import ScanWarning
+from integrity.paths import display, is_within
+from integrity.policy import Policy
+from integrity.scan.walker import WalkEntry, walk
 
 log = logging.getLogger(__name__)
 

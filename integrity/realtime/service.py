@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from .alerts import build_sinks
-from .delivery import Dispatcher
-from .errors import IntegrityError
-from .history import EventContext
-from .paths import display
-from .policy import Policy, load
-from .pipeline import Progress
-from .scan import ScanResult, check_paths, verify
-from .store import Store, heartbeat
-from .watcher import Hints, Unwatched, Watcher
+from integrity.alerts import build_sinks
+from integrity.alerts.dispatch import Dispatcher
+from integrity.errors import IntegrityError
+from integrity.store.events import EventContext
+from integrity.paths import display
+from integrity.policy import Policy, load
+from integrity.scan.records import Progress
+from integrity.ops.verify import ScanResult, check_paths, verify
+from integrity.store.engine import Store, heartbeat
+from integrity.realtime.watcher import Hints, Unwatched, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Service:
         self.scans.put(_Task("unwatched", paths=[i.root for i in items]))
 
     def _warn(self, path: bytes, message: str, resolved: bool = False) -> None:
-        from .history import EventLog
+        from integrity.store.events import EventLog
 
         EventLog(self.store).warn(path, message, resolved=resolved,
                                   routes=self.dispatcher.routes())
@@ -147,8 +147,8 @@ class Service:
         if task.kind == "full":
             self._full_scan()
         elif task.kind == "prune" and self.policy.retention:
-            from .history import parse_since
-            from .ledger import check, prune
+            from integrity.store.events import parse_since
+            from integrity.store.ledger import check, prune
 
             if check(self.store).ok:
                 removed, _ = prune(self.store, parse_since(self.policy.retention))
@@ -252,7 +252,7 @@ class Service:
         An unchanged policy (logrotate's SIGHUP) only reopens the sinks' files and
         retries failed alerts now: no rewatch, no rescan.
         """
-        from .outbox import retry_now
+        from integrity.store.outbox import retry_now
 
         self._notify("reloading")
         try:
@@ -278,7 +278,7 @@ class Service:
             from apscheduler.triggers.cron import CronTrigger
             self.scheduler.reschedule_job("full-scan",
                                           trigger=CronTrigger.from_crontab(policy.full_scan))
-        from .history import EventLog
+        from integrity.store.events import EventLog
 
         EventLog(self.store).resolve_warnings(keep=[u.root for u in self.unwatched])
         self.scans.put(_Task("full"))
@@ -287,7 +287,7 @@ class Service:
         log.info("policy reloaded from %s", self.policy_path)
 
     def _start_dispatcher(self) -> None:
-        from .outbox import drop_unknown, retry_now
+        from integrity.store.outbox import drop_unknown, retry_now
 
         dropped = drop_unknown(self.store, [r.sink for r in self.dispatcher.routes()])
         if dropped:
@@ -299,7 +299,7 @@ class Service:
     def _restart_actors(self) -> None:
         """Listen with fanotify on the protected trees (best effort: actor.py says why
         not, and events then carry that reason)."""
-        from .actor import ActorListener
+        from integrity.realtime.actor import ActorListener
 
         if self.actors is not None:
             self.actors.close()
@@ -313,8 +313,8 @@ class Service:
 
     def run(self) -> int:
         """Run until SIGTERM; return the exit status (0)."""
-        from .history import EventLog
-        from .trust import check_baseline
+        from integrity.store.events import EventLog
+        from integrity.trust import check_baseline
 
         check_baseline(self.store, self.policy)  # refuse a baseline changed behind us
         self._install_signals()

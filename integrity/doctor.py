@@ -250,7 +250,7 @@ def suggested_limit(needed: int) -> int:
     """
     target = max(int(needed * 1.5) + 1024, 8192)
     step = 10 ** max(len(str(target)) - 2, 0)
-    return -(-target // step) * step
+    return int(-(-target // step) * step)
 
 
 def _sysctl_advice(key: str, value: int) -> str:

@@ -54,3 +54,11 @@ class ScanWarning:
     @property
     def error(self) -> str:
         return f"{self.operation} failed: {self.cause} ({self.consequence})"
+
+
+@dataclass(frozen=True)
+class Vanished(ScanWarning):
+    """A path gone from the tree (deleted, or a directory on the way replaced) when it
+    was to be read: for an entry of the baseline that is a removal, not an error."""
+
+    consequence: str = "vanished during scan"

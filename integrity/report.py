@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
-from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, change_states
 from integrity.alerts.text import actor_text, clean
 from integrity.paths import display
 from integrity.policy import Rule
 from integrity.record import json_value as value
-from integrity.ops.verify import Progress, ScanResult
+from integrity.scan import Progress
+from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, change_states
+from integrity.times import iso
+
+if TYPE_CHECKING:
+    from integrity.ops.approve import ApprovalOutcome
+    from integrity.ops.verify import Verification
+    from integrity.store.events import EventDoc
 
 KINDS = (ADDED, REMOVED, MODIFIED)
-
-
-def iso(value: dt.datetime | None) -> str | None:
-    """ISO 8601 UTC with a Z, from a naive UTC datetime."""
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
 def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
@@ -35,12 +36,11 @@ def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
     return out
 
 
-def verify_json(result: ScanResult) -> dict[str, Any]:
+def verify_json(verification: Verification) -> dict[str, Any]:
     """The whole `verify --json` document."""
-    baseline = result.baseline
+    baseline, result = verification.baseline, verification.result
     return {
-        "baseline": {"created": iso(baseline.created) if baseline else None,
-                     "entries": baseline.entries if baseline else 0},
+        "baseline": {"created": iso(baseline.created), "entries": baseline.entries},
         "summary": {"scanned": result.scanned, "added": result.count(ADDED),
                     "removed": result.count(REMOVED), "modified": result.count(MODIFIED),
                     "errors": len(result.warnings)},
@@ -52,16 +52,15 @@ def verify_json(result: ScanResult) -> dict[str, Any]:
 def _short(name: str, raw: Any) -> str:
     shown = value(name, raw)
     if name in ("content", "xattrs") and shown:
-        return shown[:16] + "…"
+        return str(shown)[:16] + "…"
     return "-" if shown is None else str(shown)
 
 
-def verify_text(result: ScanResult, out: TextIO) -> None:
+def verify_text(verification: Verification, out: TextIO) -> None:
     """Text report: a summary line, then changes grouped by kind, then errors."""
-    baseline = result.baseline
+    baseline, result = verification.baseline, verification.result
     out.write(f"{result.scanned} entries checked against the baseline of "
-              f"{iso(baseline.created) if baseline else '?'} "
-              f"({baseline.entries if baseline else 0} entries): "
+              f"{iso(baseline.created)} ({baseline.entries} entries): "
               f"{result.count(ADDED)} added, {result.count(REMOVED)} removed, "
               f"{result.count(MODIFIED)} modified, {len(result.warnings)} errors\n")
     for kind in KINDS:
@@ -128,7 +127,7 @@ def make_progress(label: str, quiet: bool) -> tuple[Progress | None, TerminalPro
     return Progress(tick=display_), display_
 
 
-def approval_json(outcome: Any) -> dict[str, Any]:
+def approval_json(outcome: ApprovalOutcome) -> dict[str, Any]:
     """An approval's outcome as JSON."""
     return {
         "approval": outcome.approval_id,
@@ -141,7 +140,7 @@ def approval_json(outcome: Any) -> dict[str, Any]:
     }
 
 
-def approval_text(outcome: Any, out: TextIO) -> None:
+def approval_text(outcome: ApprovalOutcome, out: TextIO) -> None:
     """What an approval approved, wrote and left open."""
     for a in outcome.approved:
         evidence = f" ({a.evidence})" if a.evidence else ""
@@ -161,7 +160,7 @@ def approval_text(outcome: Any, out: TextIO) -> None:
               + (f", {len(outcome.left_open)} left open" if outcome.left_open else "") + "\n")
 
 
-def events_text(rows: list[dict[str, Any]], out: TextIO) -> None:
+def events_text(rows: Sequence[EventDoc], out: TextIO) -> None:
     """One line per event, oldest first."""
     if not rows:
         out.write("no events\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import blake3
 
@@ -23,7 +22,8 @@ from integrity.record import FileRecord
 _LEAF = b"integrity-entry-v1\x00"
 _NODE = b"integrity-node-v1\x00"
 _SIGNED = b"integrity-baseline-root-v1\x00"
-_EMPTY = blake3.blake3(b"integrity-empty-v1").hexdigest()
+#: The root of an empty baseline.
+EMPTY_ROOT = blake3.blake3(b"integrity-empty-v1").hexdigest()
 
 
 class TrustError(IntegrityError):
@@ -71,7 +71,7 @@ class MerkleRoot:
     def hexdigest(self) -> str:
         """The root (a fixed digest for an empty baseline)."""
         if not self._stack:
-            return _EMPTY
+            return EMPTY_ROOT
         node = self._stack[-1][1]
         for _, left in reversed(self._stack[:-1]):
             node = blake3.blake3(_NODE + left + node).digest()
@@ -153,22 +153,3 @@ def check_signature(root: str, signature: bytes | None, public_path: str) -> Non
     except InvalidSignature:
         raise TrustError(f"baseline root {root}: signature does not verify with "
                          f"{public_path}: the baseline was changed without the key") from None
-
-
-def check_baseline(store: Any, policy: Any, expect_root: str | None = None) -> str:
-    """Refuse (TrustError, exit 2) a baseline that does not hash to its recorded root,
-    to `expect_root`, or (with the policy's public key) to a root that key signed.
-    Returns the root. Reads every entry: run before trusting a baseline."""
-    baseline = store.active_baseline()
-    if baseline is None:
-        return _EMPTY
-    actual = store.recompute_root(baseline.id)
-    if baseline.root is not None and actual != baseline.root:
-        raise TrustError(f"baseline entries hash to {actual}, not to their recorded root "
-                         f"{baseline.root}: the baseline was changed outside integrity")
-    if expect_root is not None and actual != expect_root.strip().lower():
-        raise TrustError(f"baseline root {actual} is not the expected {expect_root}: "
-                         "the baseline was replaced or changed")
-    if policy.public_key:
-        check_signature(actual, baseline.signature, policy.public_key)
-    return actual

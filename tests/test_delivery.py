@@ -16,12 +16,11 @@ import pytest
 
 from integrity.alerts import build_sinks
 from integrity.alerts.dispatch import Dispatcher
-from integrity.store.events import EventContext
-from integrity.store.outbox import Route, backlog, retry_now
+from integrity.alerts import Route
 from integrity.policy import load
-from integrity.ops.verify import verify
+from integrity.ops.verify import EventContext, verify
 from integrity.ops.status import FAILING_AFTER
-from integrity.store.engine import Store
+from integrity.store import Store
 
 from conftest import Cli, Receiver
 
@@ -90,7 +89,7 @@ def test_an_outage_loses_nothing_and_repeats_are_not_resent(
     # The webhook comes back: the owed alert arrives once, and the outbox is empty.
     receiver.status = 200
     with opened(cli) as store:
-        assert retry_now(store) == 1
+        assert store.outbox.retry_now() == 1
     assert cli("verify").exit_code == 1
     assert [body["id"] for body in receiver.bodies] == [line["id"]]
     assert cli.json("status")["alerts"] == []
@@ -106,9 +105,9 @@ def test_a_sink_that_keeps_failing_makes_status_unhealthy(
     with opened(cli) as store:
         dispatcher = Dispatcher(store, build_sinks(policy))
         for _ in range(FAILING_AFTER - 1):
-            retry_now(store)
+            store.outbox.retry_now()
             assert dispatcher.run_once() == 0
-        [owed] = backlog(store)
+        [owed] = store.outbox.backlog()
         assert owed.attempts == FAILING_AFTER
     assert receiver.attempts == FAILING_AFTER
     status = cli("status")
@@ -154,7 +153,7 @@ def test_the_dispatcher_waits_for_a_burst_to_end_then_sends_one_per_interval(
         change("second")  # one new event (the directory's is still open)
         assert dispatcher.run_once() == 1  # ... except for the machine sink
         assert len(receiver.bodies) == 1
-        assert [b.pending for b in backlog(store)] == [1]
+        assert [b.pending for b in store.outbox.backlog()] == [1]
         # ... and goes as soon as the interval has passed.
         dispatcher.last_digest = {}
         assert dispatcher.run_once() == 1
@@ -197,7 +196,7 @@ def test_a_named_sink_keeps_what_it_is_owed_when_the_tables_are_reordered(
     write_policy(rule, extra=jsonl_sink + "\n" + webhook)
     receiver.status = 200
     with opened(cli) as store:
-        retry_now(store)
+        store.outbox.retry_now()
     assert cli("verify").exit_code == 1
     assert [body["path"] for body in receiver.bodies] == [str(tree / "a.conf")]
     assert cli.json("status")["alerts"] == []

@@ -31,13 +31,15 @@ import blake3
 import pytest
 
 from conftest import Cli
-from integrity.errors import ScanWarning
+from integrity.errors import Vanished
 from integrity.scan.hasher import FileChanged, blake3_fd, open_at, recent_since
 from integrity.paths import to_key
 from integrity.scan.records import _rehash_by_path
 from integrity.policy import parse
-from integrity.ops.verify import ScanResult, _collect, build_baseline
-from integrity.store.engine import Store
+from integrity.ops.baseline import build_baseline
+from integrity.scan import Outcome
+from integrity.scan.scanner import collect
+from integrity.store import Store
 from integrity.scan.walker import WalkEntry, open_parent, walk
 
 REPO = Path(__file__).resolve().parent.parent
@@ -800,9 +802,8 @@ def test_a_new_entry_that_vanished_before_it_was_read_is_only_a_warning(
     warning (the churn below meets this by chance; here it is certain)."""
     policy = parse({"rule": [{"path": str(tmp_path), "check": "static"}]}, "hostile.toml")
     path = os.fsencode(tmp_path / "fleeting")
-    warning = ScanWarning(path, "open", "No such file or directory", "vanished during scan")
-    result = ScanResult()
-    _collect(result, iter([(None, warning, policy.rules[0], None)]), policy)
+    warning = Vanished(path, "open", "No such file or directory")
+    result = collect(iter([Outcome(None, warning, policy.rules[0], None)]), policy)
     assert result.changes == [] and result.warnings == [warning]
 
 

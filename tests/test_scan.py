@@ -9,8 +9,9 @@ import pytest
 
 from integrity.paths import to_key
 from integrity.policy import parse
-from integrity.ops.verify import build_baseline, verify
-from integrity.store.engine import Store
+from integrity.ops.baseline import build_baseline
+from integrity.ops.verify import verify
+from integrity.store import Store
 from integrity.scan.walker import WalkEntry, walk
 
 
@@ -47,12 +48,12 @@ def test_baseline_is_the_same_with_any_number_of_workers(
     build_baseline(lambda: reference, policy, parallel=0)
     store = Store(f"sqlite:///{tmp_path}/w{workers}.db")
     info = build_baseline(lambda: store, policy, parallel=workers).baseline
-    ref_info = reference.active_baseline()
+    ref_info = reference.baselines.active()
     assert ref_info is not None
-    assert list(store.iter_entries(info.id)) == list(reference.iter_entries(ref_info.id))
+    assert list(store.baselines.entries(info.id)) == list(reference.baselines.entries(ref_info.id))
     (wide_tree / "d3" / "inner" / "f5.txt").write_text("changed")
     (wide_tree / "d5" / "inner" / "f9.txt").unlink()
-    result = verify(lambda: store, policy, parallel=workers)
+    result = verify(lambda: store, policy, parallel=workers).result
     assert sorted((os.fsdecode(c.path), c.kind) for c in result.changes) == [
         (str(wide_tree / "d3" / "inner" / "f5.txt"), "modified"),
         (str(wide_tree / "d5" / "inner"), "modified"),

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 
 from integrity.errors import PolicyError
-from integrity.store.events import EventContext, EventLog
 from integrity.policy import load, parse
-from integrity.ops.verify import check_paths, verify
+from integrity.ops.verify import EventContext, check_paths, verify
 from integrity.policy.severity import Window, WindowError
-from integrity.store.engine import Store
+from integrity.store import Store
 
 from conftest import Cli
 
@@ -114,7 +113,7 @@ def test_events_carry_the_judged_severity_actor_and_classification(
         (tree / "b.bin").write_bytes(b"by scan")
         verify(lambda: store, policy, [str(tree / "b.bin")], parallel=0, source="scan",
                context=context)
-        events = {e["path"]: e for e in EventLog(store).events()}
+        events = {e["path"]: e for e in store.events.list()}
     finally:
         store.close()
     by_apt = events[str(tree / "a.conf")]

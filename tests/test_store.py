@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Cli
-from integrity.store.engine import HEAD, REVISIONS, Store
+from integrity.store import Store
+from integrity.store.engine import HEAD, REVISIONS
 
 REPO = Path(__file__).resolve().parent.parent
 MANY = 30_000
@@ -267,11 +268,11 @@ def test_older_schema_is_refused_then_upgraded_keeping_the_baseline(run: Cli) ->
     from alembic.config import Config
     from sqlalchemy import create_engine
 
-    from integrity.store.engine import HEAD, REVISIONS, _migrations_dir
+    from integrity.store.engine import HEAD, REVISIONS, migrations_dir
 
     assert len(REVISIONS) >= 2
     config = Config()
-    config.set_main_option("script_location", _migrations_dir())
+    config.set_main_option("script_location", migrations_dir())
     run.db.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(f"sqlite:///{run.db}")
     with engine.begin() as conn:

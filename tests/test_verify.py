@@ -23,7 +23,7 @@ import blake3
 import pytest
 
 from conftest import Cli
-from integrity.store.engine import Store
+from integrity.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -392,9 +392,9 @@ def test_non_utf8_path_argument(run: Cli, tree: Path) -> None:
     # The run is recorded with the path it was limited to.
     store = Store(f"sqlite:///{run.db}")
     try:
-        last = store.last_run("verify")
-        assert last is not None and last["modified"] == 1
-        assert "\\xffdir" in last["paths"]
+        last = store.runs.last("verify")
+        assert last is not None and last.modified == 1
+        assert "\\xffdir" in (last.paths or "")
     finally:
         store.close()
 
@@ -520,23 +520,23 @@ def test_runs_are_recorded(run: Cli, tree: Path) -> None:
     assert run("verify").exit_code == 0
     store = Store(url)
     try:
-        last = store.last_run("verify")
+        last = store.runs.last("verify")
         assert last is not None
-        assert (last["scanned"], last["added"], last["removed"], last["modified"],
-                last["errors"], last["exit_code"]) == (7, 0, 0, 0, 0, 0)
-        assert last["finished"] >= last["started"]
-        first_id = last["id"]
+        assert (last.scanned, last.added, last.removed, last.modified,
+                last.errors, last.exit_code) == (7, 0, 0, 0, 0, 0)
+        assert last.finished is not None and last.finished >= last.started
+        first_id = last.id
 
         (tree / "new").write_text("n")
         (tree / "b.bin").unlink()
         (tree / "a.conf").write_text("changed\n")
         assert run("verify", "--fast", str(tree)).exit_code == 1
-        last = store.last_run("verify")
-        assert last is not None and last["id"] > first_id
-        assert (last["scanned"], last["added"], last["removed"], last["errors"],
-                last["exit_code"], last["fast"]) == (7, 1, 1, 0, 1, 1)
-        assert last["modified"] >= 2  # a.conf, and the root directory's times
-        assert last["paths"] == str(tree)
+        last = store.runs.last("verify")
+        assert last is not None and last.id > first_id
+        assert (last.scanned, last.added, last.removed, last.errors,
+                last.exit_code, last.fast) == (7, 1, 1, 0, 1, True)
+        assert last.modified >= 2  # a.conf, and the root directory's times
+        assert last.paths == str(tree)
     finally:
         store.close()
 

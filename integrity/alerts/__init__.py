@@ -21,11 +21,14 @@ tables are reordered.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from collections.abc import Sequence, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from integrity.policy.severity import at_least
 
 if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
     from integrity.policy import Policy
 
 
@@ -47,12 +50,28 @@ class Sink(Protocol):
     digest: bool         # True: gets 1..N events per interval and sends one message
     interval: float      # seconds between digests (ignored when digest is False)
 
-    def deliver(self, events: list[dict[str, Any]]) -> None: ...
+    def deliver(self, events: Sequence[EventDoc]) -> None: ...
     def reopen(self) -> None: ...
     def close(self) -> None: ...
 
 
-def wants(sink: Sink, event: dict[str, Any]) -> bool:
+@dataclass(frozen=True)
+class Route:
+    """A sink as recording needs it: its name and the least severity it takes."""
+
+    sink: str
+    min_severity: str
+
+    def wants(self, severity: str) -> bool:
+        return at_least(severity, self.min_severity)
+
+
+def routes_of(sinks: Iterable[Sink]) -> list[Route]:
+    """The routes of alert sinks: what the event log owes each new event to."""
+    return [Route(sink.name, sink.min_severity) for sink in sinks]
+
+
+def wants(sink: Sink, event: EventDoc) -> bool:
     """Whether an event is severe enough for a sink."""
     return at_least(event["severity"], sink.min_severity)
 

@@ -20,16 +20,21 @@ keep us waiting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 import os
 import signal
 import subprocess
 import tempfile
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
 from integrity.alerts.text import clean
+
+if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
 
 _OURS = ("INTEGRITY_EVENT_ID", "INTEGRITY_PATH", "INTEGRITY_SEVERITY", "INTEGRITY_KIND")
 _SYSTEMD = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID",
@@ -51,12 +56,12 @@ class CommandSink:
         self.timeout = timeout
         self.env = dict(env or {})
 
-    def deliver(self, events: list[dict[str, Any]]) -> None:
+    def deliver(self, events: Sequence[EventDoc]) -> None:
         """Run the command once per event; fail on a non-zero exit or a timeout."""
         for event in events:
             self._run(event)
 
-    def _environment(self, event: dict[str, Any]) -> dict[str, str]:
+    def _environment(self, event: EventDoc) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD}
         env.update(self.env)
         env.update({"INTEGRITY_EVENT_ID": str(event.get("id")),
@@ -65,7 +70,7 @@ class CommandSink:
                     "INTEGRITY_KIND": str(event.get("kind"))})
         return env
 
-    def _run(self, event: dict[str, Any]) -> None:
+    def _run(self, event: EventDoc) -> None:
         data = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
         shown = self.command[0]
         with tempfile.TemporaryFile() as stderr:

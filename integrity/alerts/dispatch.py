@@ -16,13 +16,15 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from integrity.store.outbox import Route, delivered, due, failed, routes_of
-from integrity.store.engine import Store, utcnow
+from integrity.alerts import Route, routes_of
+from integrity.times import iso, utcnow
 
 if TYPE_CHECKING:
     from integrity.alerts import Sink
+    from integrity.store import Store
+    from integrity.store.events import EventDoc
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ class Dispatcher:
 
         sent = 0
         while True:
-            pending = due(self.store, sink.name, limit=_DELETE_EVERY)
+            pending = self.store.outbox.due(sink.name, limit=_DELETE_EVERY)
             if not pending:
                 return sent
             events = self._events([p.event_id for p in pending])
@@ -127,10 +129,10 @@ class Dispatcher:
                         sent += 1
                     done.append(item.id)
             except DeliveryError as exc:
-                delivered(self.store, done)
+                self.store.outbox.delivered(done)
                 self._failed(sink, [p.id for p in pending if p.id not in done], str(exc))
                 return sent
-            delivered(self.store, done)
+            self.store.outbox.delivered(done)
             self._recovered(sink)
             if self._stop.is_set():
                 return sent
@@ -138,7 +140,7 @@ class Dispatcher:
     def _digest(self, sink: Sink, flush: bool) -> int:
         from integrity.alerts import DeliveryError
 
-        pending = due(self.store, sink.name)
+        pending = self.store.outbox.due(sink.name)
         if not pending:
             return 0
         if not flush:
@@ -158,17 +160,15 @@ class Dispatcher:
             self._failed(sink, [p.id for p in pending], str(exc))
             return 0
         self.last_digest[sink.name] = time.monotonic()
-        delivered(self.store, [p.id for p in pending])
+        self.store.outbox.delivered([p.id for p in pending])
         self._recovered(sink)
         return len(batch)
 
-    def _events(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        from integrity.store.events import EventLog
-
-        return {event["id"]: event for event in EventLog(self.store).events(ids=ids)}
+    def _events(self, ids: Sequence[int]) -> dict[int, EventDoc]:
+        return {event["id"]: event for event in self.store.events.list(ids=ids)}
 
     def _failed(self, sink: Sink, ids: list[int], error: str) -> None:
-        retry = failed(self.store, ids, error)
+        retry = self.store.outbox.failed(ids, error)
         if self._failing.get(sink.name) != error:
             log.error("alert delivery failed: %s (%d alerts kept; next try at %s UTC)",
                       error, len(ids), retry.strftime("%H:%M:%S"))
@@ -199,9 +199,8 @@ def probe_sinks(sinks: Sequence[Sink], host: str) -> list[tuple[str, str | None]
     """Send one test event straight to every sink (no outbox, no severity filter):
     (sink name, None) when it was taken, else the one-line reason."""
     from integrity.alerts import DeliveryError
-    from integrity.store.events import iso
 
-    event: dict[str, Any] = {
+    event: EventDoc = {
         "id": 0, "time": iso(utcnow()), "last_seen": iso(utcnow()),
         "path": f"(test alert from integrity on {host})", "kind": "test", "changed": [],
         "source": "test", "rule": None, "severity": "low", "status": "resolved",

@@ -19,14 +19,19 @@ the file (the watcher and a `verify` from a timer) do not both rotate it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import fcntl
 import json
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
+
+if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_KEEP = 5
@@ -48,7 +53,7 @@ class JsonlSink:
         self._lock = threading.Lock()
         self._fd: int | None = None
 
-    def deliver(self, events: list[dict[str, Any]]) -> None:
+    def deliver(self, events: Sequence[EventDoc]) -> None:
         """Append events as lines with one write, so a line is never torn."""
         data = "".join(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
                        for event in events).encode("utf-8")

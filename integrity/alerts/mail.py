@@ -22,17 +22,22 @@ marked `Auto-Submitted: auto-generated` so vacation responders stay quiet.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import logging
 import smtplib
 import socket
 import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
 from integrity.alerts.options import Options
+
+if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,7 @@ class MailSink:
         self.timeout = timeout
         self.ca_file = ca_file
 
-    def message(self, events: list[dict[str, Any]]) -> EmailMessage:
+    def message(self, events: Sequence[EventDoc]) -> EmailMessage:
         """The e-mail for events: subject with host, count and highest severity."""
         host = socket.gethostname()
         msg = EmailMessage()
@@ -77,7 +82,7 @@ class MailSink:
         msg.set_content(f"integrity on {host}\n\n{render.body(events)}\n")
         return msg
 
-    def deliver(self, events: list[dict[str, Any]]) -> None:
+    def deliver(self, events: Sequence[EventDoc]) -> None:
         """Send one message for all events."""
         msg = self.message(events)
         password = (read_secret(self.name, self.password_file)

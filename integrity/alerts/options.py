@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from integrity.errors import PolicyError
-from integrity.policy import SEVERITIES
+from integrity.policy.severity import SEVERITIES
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SINK_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")

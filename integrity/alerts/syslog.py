@@ -21,17 +21,22 @@ restarted) is reconnected once before the delivery counts as failed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import datetime as dt
 import errno
 import os
 import re
 import socket
 import threading
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
 from integrity.alerts.text import clean, headline
+
+if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
 
 FACILITIES = {
     "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
@@ -77,7 +82,7 @@ class SyslogSink:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
-    def format(self, event: dict[str, Any]) -> bytes:
+    def format(self, event: EventDoc) -> bytes:
         """One event as an RFC 5424 message (no framing)."""
         pri = self.facility * 8 + LEVELS.get(event.get("severity", ""), 5)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -104,7 +109,7 @@ class SyslogSink:
             msg = msg[:max(room - len(marker), 0)].decode("utf-8", "ignore").encode() + marker
         return head + msg
 
-    def deliver(self, events: list[dict[str, Any]]) -> None:
+    def deliver(self, events: Sequence[EventDoc]) -> None:
         """Send each event as one message; reconnect once if the logger restarted."""
         for event in events:
             data = self.format(event)

@@ -8,11 +8,16 @@ reader sees.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
-from integrity.policy import SEVERITIES
+from integrity.policy.severity import SEVERITIES
+
+if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
 
 #: A digest lists at most this many events, most severe first, then "and N more".
 MAX_LINES = 200
@@ -51,7 +56,7 @@ def actor_text(actor: dict[str, Any] | None) -> str | None:
                  + (" (" + ", ".join(details) + ")" if details else ""))
 
 
-def headline(event: dict[str, Any]) -> str:
+def headline(event: EventDoc) -> str:
     """'modified /etc/passwd (content, mode) by ...', or a warning and its message."""
     if event.get("kind") == "warning":
         message = (event.get("new") or {}).get("warning", "")
@@ -63,7 +68,7 @@ def headline(event: dict[str, Any]) -> str:
     return clean(text + (f" {actor}" if actor else ""))
 
 
-def line(event: dict[str, Any]) -> str:
+def line(event: EventDoc) -> str:
     """One digest line: '[high] modified /etc/passwd (content) by ... [package-update]'."""
     text = f"[{event.get('severity')}] {headline(event)}"
     if (event.get("count") or 1) > 1:
@@ -78,7 +83,7 @@ def _state(value: Any) -> str:
     return text if len(text) <= _LONG else text[:_LONG] + "..."
 
 
-def details(event: dict[str, Any]) -> str:
+def details(event: EventDoc) -> str:
     """Several lines about one event: what, who, which rule, and old -> new values."""
     lines = [f"{event.get('severity')}: {headline(event)}"]
     lines.append(clean(f"rule {event.get('rule') or '-'}, source {event.get('source')}, "
@@ -98,7 +103,7 @@ def details(event: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def highest(events: list[dict[str, Any]]) -> str:
+def highest(events: Sequence[EventDoc]) -> str:
     """The most severe severity among events."""
     return max((e.get("severity", "low") for e in events), key=_rank)
 
@@ -107,13 +112,13 @@ def _rank(severity: str) -> int:
     return SEVERITIES.index(severity) if severity in SEVERITIES else -1
 
 
-def counts(events: list[dict[str, Any]]) -> str:
+def counts(events: Sequence[EventDoc]) -> str:
     """'2 critical, 5 high, 30 low': most severe first."""
     tally = Counter(e.get("severity") for e in events)
     return ", ".join(f"{tally[s]} {s}" for s in reversed(SEVERITIES) if tally[s])
 
 
-def digest(events: list[dict[str, Any]], limit: int = MAX_LINES) -> str:
+def digest(events: Sequence[EventDoc], limit: int = MAX_LINES) -> str:
     """Counts by severity, then one line per event (most severe first), capped."""
     ordered = sorted(events, key=lambda e: (-_rank(e.get("severity", "low")),
                                             str(e.get("time")), e.get("id") or 0))
@@ -125,12 +130,12 @@ def digest(events: list[dict[str, Any]], limit: int = MAX_LINES) -> str:
     return "\n".join(lines)
 
 
-def body(events: list[dict[str, Any]], limit: int = MAX_LINES) -> str:
+def body(events: Sequence[EventDoc], limit: int = MAX_LINES) -> str:
     """A single event in detail, several as a digest."""
     return details(events[0]) if len(events) == 1 else digest(events, limit)
 
 
-def subject(events: list[dict[str, Any]], host: str) -> str:
+def subject(events: Sequence[EventDoc], host: str) -> str:
     """'web1: 37 changes (2 critical)' or 'web1: high: modified /etc/passwd'."""
     if len(events) == 1:
         text = f"{host}: {events[0].get('severity')}: {headline(events[0])}"

@@ -30,6 +30,8 @@ arrived, and the dispatcher delivers it again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import email.utils
 import hashlib
 import hmac
@@ -42,12 +44,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from integrity import __version__
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
 from integrity.alerts.options import Options
+
+if TYPE_CHECKING:
+    from integrity.store.events import EventDoc
 
 FORMATS = ("json", "slack", "teams")
 RETRY_AFTER_CAP = 30.0
@@ -88,7 +93,7 @@ class WebhookSink:
         self.ca_file = ca_file
         self._shown = _shown(url) if url else f"the URL in {url_file}"
 
-    def deliver(self, events: list[dict[str, Any]]) -> None:
+    def deliver(self, events: Sequence[EventDoc]) -> None:
         """POST each event (json) or one message for all of them (slack, teams)."""
         if self.format == "json":
             for event in events:
@@ -97,7 +102,7 @@ class WebhookSink:
         else:
             self._post(json.dumps(self.message(events), ensure_ascii=False).encode("utf-8"))
 
-    def message(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+    def message(self, events: Sequence[EventDoc]) -> dict[str, Any]:
         """The chat payload for events: Slack {"text"} or a Teams MessageCard."""
         title = render.subject(events, socket.gethostname())
         body = render.body(events)

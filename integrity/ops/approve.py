@@ -9,24 +9,22 @@ returns the reason for everything it left open.
 from __future__ import annotations
 
 import calendar
-import getpass
-import os
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from integrity.errors import BaselineError, ScanWarning, UsageError
-from integrity.store.events import PACKAGE_UPDATE, UNEXPLAINED, EventLog, OpenEvent
+from integrity.errors import ScanWarning, UsageError
+from integrity.ops.baseline import package_owner
+from integrity.ops.seal import check_baseline, sealer
+from integrity.ops.who import invoking_user
 from integrity.paths import key_range, to_key
-from integrity.scan.records import materialize
 from integrity.policy import Policy
-from integrity.scan.compare import diff
 from integrity.record import Attr, FileRecord
-from integrity.ops.verify import normalize_paths, package_owner
-from integrity.store.engine import Store
-from integrity.trust import check_baseline
-from integrity.scan.walker import WalkEntry, lstat_in_tree, walk
+from integrity.scan import normalize_paths, read_state
+from integrity.scan.compare import diff
+from integrity.scan.walker import lstat_in_tree
+from integrity.store import Store
+from integrity.store.events import PACKAGE_UPDATE, UNEXPLAINED, OpenEvent
 
 if TYPE_CHECKING:
     from integrity.packages import PackageManagers, Verdict
@@ -84,33 +82,13 @@ def _unchanged_since(rec: FileRecord, policy: Policy) -> bool:
         rec.inode, rec.size, rec.mtime, rec.ctime)
 
 
-def invoking_user() -> tuple[str, str | None]:
-    """The user running us and, under sudo, the user behind it."""
-    return getpass.getuser(), os.environ.get("SUDO_USER") or None
-
-
 def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree: bool,
             ) -> tuple[list[FileRecord], list[bytes], list[ScanWarning]]:
     """Live state of one path (or its subtree) against the baseline: what to write."""
     low, high = key_range(path) if subtree else (to_key(path), to_key(path) + b"\x00")
-    old = {key: rec for key, rec in store.iter_entries(baseline_id, [(low, high)])}
-    items = ((e, None) if isinstance(e, WalkEntry) else e
-             for e in walk(policy, [path], descend=subtree))
-    upserts: list[FileRecord] = []
-    problems: list[ScanWarning] = []
-    for out in materialize(items, lambda entry, _old: entry.rule.hashes):
-        if isinstance(out, ScanWarning):
-            problems.append(out)
-            continue
-        rec, problem = out[0], out[1]
-        if problem is not None:
-            problems.append(problem)
-            continue
-        if rec is None:
-            continue
-        key = to_key(rec.path)
-        if old.pop(key, None) != rec:
-            upserts.append(rec)
+    old = dict(store.baselines.entries(baseline_id, [(low, high)]))
+    records, problems = read_state(policy, path, subtree)
+    upserts = [rec for rec in records if old.pop(to_key(rec.path), None) != rec]
     deletes = [rec.path for rec in old.values()]
     return upserts, deletes, problems
 
@@ -120,9 +98,7 @@ class Approver:
 
     def __init__(self, store: Store, policy: Policy, *, reason: str | None = None,
                  sign_key: str | None = None) -> None:
-        baseline = store.active_baseline()
-        if baseline is None:
-            raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
+        baseline = store.baselines.require()
         if policy.public_key and not sign_key:
             raise UsageError(f"{policy.source}: public_key is configured: approvals must "
                              "be signed (--sign-key FILE)")
@@ -132,7 +108,6 @@ class Approver:
         self.store = store
         self.policy = policy
         self.baseline = baseline
-        self.log = EventLog(store)
         self.reason = reason
         self.sign_key = sign_key
 
@@ -141,12 +116,12 @@ class Approver:
         targets = normalize_paths(self.policy, paths)
         if not targets:
             raise UsageError("approve: name PATHs, or use --all or --package-updates")
-        events = self.log.open_events([key_range(p) for p in targets])
+        events = self.store.events.open([key_range(p) for p in targets])
         return self._commit([(p, True) for p in targets], events, "paths")
 
     def all(self) -> ApprovalOutcome:
         """Approve every path that has an open event (each path itself)."""
-        events = self.log.open_events()
+        events = self.store.events.open()
         return self._commit([(e.path, False) for e in events], events, "all")
 
     def package_updates(self, managers: PackageManagers | None = None) -> ApprovalOutcome:
@@ -167,16 +142,14 @@ class Approver:
         left: list[LeftOpen] = []
         upserts: list[FileRecord] = []
         deletes: list[bytes] = []
-        for event in self.log.open_events():
+        for event in self.store.events.open():
             ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
                                           event.path, False)
             if problems:
                 left.append(LeftOpen(event.path, event.kind, f"cannot read: "
                                      f"{problems[0].operation} failed: {problems[0].cause}"))
                 continue
-            old = next((rec for _, rec in self.store.iter_entries(
-                self.baseline.id, [(to_key(event.path), to_key(event.path) + b"\x00")])),
-                None)
+            old = self.store.baselines.entry(self.baseline.id, event.path)
             new = ups[0] if ups else None
             verdict = self._vouch(managers, event.path, old, new, since)
             if (verdict.vouched and new is not None
@@ -205,7 +178,7 @@ class Approver:
         if new is None:
             assert old is not None
             return managers.check_removed(
-                path, since, self.store.entry_owner(self.baseline.id, path))
+                path, since, self.store.baselines.owner_of(self.baseline.id, path))
         changed = set(diff(old, new, _ALL)) if old is not None else {"added"}
         if not changed:
             return Verdict(True, "no longer differs from the baseline")
@@ -259,12 +232,10 @@ class Approver:
         if not upserts and not deletes and not closing:
             return outcome
         user, sudo_user = invoking_user()
-        outcome.approval_id = self.log.approve(
+        outcome.approval_id, outcome.root = self.store.approvals.apply(
             self.baseline.id, upserts=upserts, deletes=deletes, events=closing,
             user=user, sudo_user=sudo_user, reason=self.reason, mode=mode,
-            classification=classification, owner=owner, sign_key=self.sign_key)
+            classification=classification, owner=owner, seal=sealer(self.sign_key))
         outcome.written = sorted([r.path for r in upserts] + deletes, key=to_key)
-        baseline = self.store.active_baseline()
-        outcome.root = baseline.root if baseline else None
         outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id)) for e in events]
         return outcome

@@ -6,11 +6,10 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from integrity.store import ledger
-from integrity.store import outbox
-from integrity.store.events import EventLog, iso
-from integrity.policy import SEVERITIES
-from integrity.store.engine import Store, latest_watcher, utcnow
+from integrity.policy.severity import SEVERITIES
+from integrity.store import Store
+from integrity.store.runs import WatcherInfo
+from integrity.times import iso, utcnow
 
 
 @dataclass(frozen=True)
@@ -26,17 +25,17 @@ class StatusReport:
 FAILING_AFTER = 4
 
 
-def watcher_liveness(watcher: dict[str, Any] | None, now: dt.datetime) -> tuple[bool, bool]:
+def watcher_liveness(watcher: WatcherInfo | None, now: dt.datetime) -> tuple[bool, bool]:
     """(alive, stale): stale when the heartbeat is older than three intervals."""
-    if watcher is None or watcher["state"] == "stopped":
+    if watcher is None or watcher.state == "stopped":
         return False, False
-    fresh = (now - watcher["heartbeat"]).total_seconds() <= 3 * watcher["interval"]
-    return fresh and watcher["state"] == "running", not fresh
+    fresh = (now - watcher.heartbeat).total_seconds() <= 3 * watcher.interval
+    return fresh and watcher.state == "running", not fresh
 
 
 def watcher_alive(store: Store) -> bool:
     """Whether a watcher is running on this database now (and delivering alerts)."""
-    return watcher_liveness(latest_watcher(store), utcnow())[0]
+    return watcher_liveness(store.runs.latest_watcher(), utcnow())[0]
 
 
 def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
@@ -45,16 +44,16 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
 
     A watcher whose heartbeat is older than three intervals is stale: unhealthy.
     """
-    baseline = store.active_baseline()
-    counts = EventLog(store).open_counts()
-    run = store.last_run("verify", "scan")
-    watcher = latest_watcher(store)
+    baseline = store.baselines.active()
+    counts = store.events.open_counts()
+    run = store.runs.last("verify", "scan")
+    watcher = store.runs.latest_watcher()
     now = now or utcnow()
     alive, stale = watcher_liveness(watcher, now)
-    backlog = outbox.backlog(store)
+    backlog = store.outbox.backlog()
     failing = [b for b in backlog if b.attempts >= FAILING_AFTER]
     open_total = sum(counts.values())
-    chain = ledger.check(store)
+    chain = store.ledger.check()
     data: dict[str, Any] = {
         "baseline": None if baseline is None else {
             "id": baseline.id, "created": iso(baseline.created),
@@ -64,21 +63,21 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
             "policy": baseline.policy_source},
         "events": {"open": open_total, **{s: counts.get(s, 0) for s in SEVERITIES}},
         "watcher": {
-            "pid": watcher["pid"] if watcher else None,
-            "host": watcher["host"] if watcher else None,
-            "heartbeat": iso(watcher["heartbeat"]) if watcher else None,
+            "pid": watcher.pid if watcher else None,
+            "host": watcher.host if watcher else None,
+            "heartbeat": iso(watcher.heartbeat) if watcher else None,
             "alive": alive, "stale": stale,
-            "state": watcher["state"] if watcher else None,
-            "watches": watcher["watches"] if watcher else None,
-            "unwatched": watcher["unwatched"].splitlines()
-            if watcher and watcher["unwatched"] else []},
+            "state": watcher.state if watcher else None,
+            "watches": watcher.watches if watcher else None,
+            "unwatched": watcher.unwatched.splitlines()
+            if watcher and watcher.unwatched else []},
         "chain": {"ok": chain.ok, "head": chain.head, "rows": chain.rows,
                   "problems": chain.problems},
         "last_scan": None if run is None else {
-            "time": iso(run["finished"]), "source": run["command"],
-            "fast": bool(run["fast"]), "scanned": run["scanned"], "added": run["added"],
-            "removed": run["removed"], "modified": run["modified"],
-            "errors": run["errors"]},
+            "time": iso(run.finished), "source": run.command,
+            "fast": run.fast, "scanned": run.scanned, "added": run.added,
+            "removed": run.removed, "modified": run.modified,
+            "errors": run.errors},
         "alerts": [{"sink": b.sink, "undelivered": b.pending, "since": iso(b.oldest),
                     "attempts": b.attempts, "last_error": b.last_error,
                     "failing": b.attempts >= FAILING_AFTER} for b in backlog],

@@ -1,377 +1,152 @@
-"""One scan: walker -> hasher -> compare -> store, full or limited to some paths.
+"""Verify and record: compare the live trees with the baseline, and make events of it.
 
-`init` and full `verify` walk and hash in a forked worker (worker.py) while this
-process reads the baseline, compares and writes; `verify --fast` must consult the
-baseline before deciding what to hash, so it runs the pipeline in-process.
+The use case behind `integrity verify`, the watcher's scheduled and catch-up scans and
+its realtime re-checks: scan (integrity.scan), judge each change under its rule (when,
+by whom), record it in the event log with the alerts it is owed, and keep the run's
+counts. The scan itself never touches the database.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, compare
-from integrity.errors import BaselineError, ScanWarning, UsageError
-from integrity.paths import display, key_range, to_key
-from integrity.scan.records import READAHEAD, Progress, materialize
-from integrity.policy import Policy, Rule
-from integrity.record import Attr, FileRecord
-from integrity.trust import MerkleRoot, leaf, sign
-from integrity.scan.walker import SkippedTree, WalkEntry, walk, walk_roots
-from integrity.scan.workers import Hashed, ScanWorkers, worker_count
+from integrity.errors import ScanWarning
+from integrity.paths import key_range, to_key
+from integrity.policy import Policy
+from integrity.scan import Progress, ScanResult, TreeScan, check_entries, normalize_paths
+from integrity.scan.compare import Change, change_states
+from integrity.scan.walker import SkippedTree
+from integrity.times import utcnow
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) is imported only once workers run
-    from integrity.store.events import EventContext
-    from integrity.store.engine import BaselineInfo, Store
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScanResult:
-    """What a scan found: changes, per-file warnings and counts."""
-
-    scanned: int = 0
-    changes: list[Change] = field(default_factory=list)
-    warnings: list[ScanWarning] = field(default_factory=list)
-    rules: dict[bytes, Rule] = field(default_factory=dict)
-    baseline: BaselineInfo | None = None
-    run_id: int | None = None
-    #: Events this scan recorded (history.Recorded), once recorded.
-    recorded: Any = None
-
-    def count(self, kind: str) -> int:
-        return sum(1 for c in self.changes if c.kind == kind)
-
-
-# -- init ----------------------------------------------------------------------
-
-@dataclass
-class InitResult:
-    """A freshly written baseline and the warnings met on the way."""
-
-    baseline: BaselineInfo
-    warnings: list[ScanWarning]
-
+    from integrity.store import BaselineInfo, Store
+    from integrity.store.events import Actor, Recorded
+    from integrity.store.outbox import Route
 
 StoreOpener = Callable[[], "Store"]
 
 
-def _workers(parallel: bool | int | None) -> int:
-    """How many hashing workers to fork: 0 means hash in this process."""
-    if parallel is None:
-        return worker_count() if (os.cpu_count() or 1) > 1 else 0
-    return int(parallel) if not isinstance(parallel, bool) else (worker_count() if parallel else 0)
+@dataclass(frozen=True)
+class EventContext:
+    """What the watcher adds to recording: who made a change, and whom to tell.
 
-
-def build_baseline(open_store: StoreOpener, policy: Policy, *, force: bool = False,
-                   actor: str | None = None, progress: Progress | None = None,
-                   parallel: bool | int | None = None,
-                   sign_key: str | None = None) -> InitResult:
-    """Walk and hash every rule's tree and make it the baseline, atomically.
-
-    `open_store` is called after the scanning worker has started, so opening the
-    database (and importing SQLAlchemy) overlaps with the first files' hashing.
+    `actor_of` is asked for realtime changes only (a scan cannot know the writer);
+    `routes` are the alert sinks that are owed each new event.
     """
-    warnings: list[ScanWarning] = []
-    workers = ScanWorkers(policy, None, _workers(parallel)) if _workers(parallel) else None
-    live: Iterator[Hashed | ScanWarning] = (
-        iter(workers) if workers is not None else _in_process(policy, None))
-    try:
-        store = open_store()
-        owner = package_owner(policy)
-        merkle = MerkleRoot()
 
-        def seal() -> tuple[str, bytes | None]:
-            root = merkle.hexdigest()
-            return root, sign(root, sign_key) if sign_key else None
-
-        def records() -> Iterator[FileRecord]:
-            for item in live:
-                if isinstance(item, ScanWarning):
-                    warnings.append(item)
-                    continue
-                if item.problem is not None:
-                    warnings.append(item.problem)
-                if item.record is not None:
-                    if progress is not None:
-                        _tick(progress, item.record)
-                    merkle.add(leaf(to_key(item.path), item.record))
-                    yield item.record
-
-        info = store.write_baseline(records(), policy_source=policy.source,
-                                    policy_digest=policy.digest, actor=actor, force=force,
-                                    owner=owner, seal=seal)
-    finally:
-        if workers is not None:
-            workers.close()
-    return InitResult(info, warnings)
+    actor_of: Callable[[bytes], Actor | None] | None = None
+    routes: Sequence[Route] = ()
 
 
-def package_owner(policy: Policy) -> Callable[[bytes], str | None] | None:
-    """Who installed a path (dpkg/rpm), recorded with each entry; None when no
-    package owns anything under the policy's rules (or there is no package manager)."""
-    from integrity.packages import PackageManagers
+@dataclass
+class Verification:
+    """A scan against a baseline, and what recording it did."""
 
-    managers = PackageManagers()
-    owners = managers.owner_map([rule.path for rule in policy.rules])
-    if not owners:
-        return None
-    canonical = managers.canonical
-    return lambda path: owners.get(canonical(path))
+    baseline: BaselineInfo
+    result: ScanResult
+    recorded: Recorded
 
-
-def _tick(progress: Progress, rec: FileRecord) -> None:
-    progress.files += 1
-    progress.bytes += rec.size
-    if progress.tick is not None and progress.files % progress.every == 0:
-        progress.tick(progress)
-
-
-def _in_process(policy: Policy, roots: list[bytes] | None, descend: bool = True
-                ) -> Iterator[Hashed | ScanWarning]:
-    """The worker's stream, produced in this process (one core, or by request)."""
-    items = ((e, None) if isinstance(e, WalkEntry) else e
-             for e in walk(policy, roots, descend=descend))
-    for out in materialize(items, lambda entry, _old: entry.rule.hashes, None, READAHEAD):
-        if isinstance(out, ScanWarning):
-            yield out
-        else:
-            rec, problem, entry, _ = out
-            assert entry is not None
-            yield Hashed(entry.path, rec, problem, entry.rule)
-
-
-# -- verify --------------------------------------------------------------------
-
-def normalize_paths(policy: Policy, paths: Sequence[str | bytes]) -> list[bytes]:
-    """Absolute, normalized byte paths, each covered by a rule (UsageError if not)."""
-    result = []
-    for raw in paths:
-        path = os.fsencode(raw)
-        path = os.path.normpath(os.path.abspath(path))
-        if policy.rule_for(path) is None:
-            raise UsageError(f"{display(path)}: not covered by any rule of {policy.source}")
-        result.append(path)
-    return result
-
-
-def _fast_reason(st: os.stat_result, old: FileRecord) -> str | None:
-    """Why --fast must rehash a file (borg's file_known_and_unchanged), or None."""
-    if old.content is None:
-        return "no digest in the baseline"
-    if st.st_size != old.size:
-        return "file size has changed"
-    if st.st_mtime_ns != old.mtime:
-        return "file mtime has changed"
-    if st.st_ctime_ns != old.ctime:
-        return "file ctime has changed"
-    if st.st_ino != old.inode:
-        return "file inode has changed"
-    return None
+    @property
+    def exit_code(self) -> int:
+        return self.result.exit_code
 
 
 def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes] = (),
            *, fast: bool = False, progress: Progress | None = None,
            parallel: bool | int | None = None, source: str = "verify",
-           context: EventContext | None = None) -> ScanResult:
+           context: EventContext | None = None) -> Verification:
     """Compare the live trees (or just `paths`) with the baseline; record run and events.
 
-    `source` names who asks: "verify" (a person or timer) or "scan" (the watcher's
-    scheduled and catch-up scans).
+    `source` names who asks: "verify" (a person or timer), "scan" (the watcher's
+    scheduled and catch-up scans) or "realtime" (a subtree the watcher saw appear).
+    `open_store` is called once the scan's workers run, so opening the database
+    overlaps with the first files' hashing.
     """
     wanted = normalize_paths(policy, paths)
-    roots = walk_roots(policy, wanted or None)
-    count = 0 if fast else _workers(parallel)
-    worker = ScanWorkers(policy, roots, count) if count else None
-    try:
+    with TreeScan(policy, wanted or None, fast=fast, parallel=parallel) as scan:
         store = open_store()
-        baseline = _baseline(store)
-        result = ScanResult(baseline=baseline)
-        result.run_id = store.start_run(source, baseline.id, wanted, fast)
-        ranges = [key_range(r) for r in roots]
-        base = store.iter_entries(baseline.id, ranges)
-        if fast:
-            outcomes = _fast_outcomes(policy, roots, base, progress)
-        else:
-            live = iter(worker) if worker is not None else _in_process(policy, roots)
-            outcomes = _full_outcomes(_merge(live, base, policy), progress)
-        _collect(result, outcomes, policy)
-    finally:
-        if worker is not None:
-            worker.close()
-    _record_events(store, result, source, ranges, context, policy)
+        baseline = store.baselines.require()
+        run_id = store.runs.start(source, baseline.id, wanted, fast)
+        ranges = [key_range(r) for r in scan.roots]
+        result = scan.compare(store.baselines.entries(baseline.id, ranges), progress)
+    recorded = record(store, policy, result, source, ranges, context)
     if source == "verify":
-        from integrity.store.ledger import check
-        for problem in check(store).problems:
+        for problem in store.ledger.check().problems:
             result.warnings.append(ScanWarning(b"(event log)", "hash chain check", problem,
                                                "tampering"))
-    store.finish_run(result.run_id, scanned=result.scanned, added=result.count(ADDED),
-                     removed=result.count(REMOVED), modified=result.count(MODIFIED),
-                     errors=len(result.warnings), exit_code=exit_code(result))
-    return result
+    store.runs.finish(run_id, scanned=result.scanned, errors=len(result.warnings),
+                      exit_code=result.exit_code, **result.counts())
+    return Verification(baseline, result, recorded)
 
 
-def check_paths(store: Store, policy: Policy, paths: Iterable[bytes],
+def check_paths(store: Store, policy: Policy, paths: Sequence[bytes],
                 source: str = "realtime", context: EventContext | None = None
-                ) -> ScanResult:
+                ) -> Verification:
     """Targeted rehash: compare just these entries (not their subtrees) with the
     baseline and record what really changed. The watcher's hints end up here."""
+    baseline = store.baselines.require()
     wanted = sorted({p for p in paths if policy.rule_for(p) is not None}, key=to_key)
-    result = ScanResult(baseline=_baseline(store))
-    if not wanted:
-        return result
     ranges = [(key, key + b"\x00") for key in map(to_key, wanted)]
-    base = store.iter_entries(result.baseline.id, ranges)  # type: ignore[union-attr]
-    live = _in_process(policy, wanted, descend=False)
-    _collect(result, _full_outcomes(_merge(live, base, policy), None), policy)
-    _record_events(store, result, source, ranges, context, policy)
-    return result
+    result = ScanResult()
+    if wanted:
+        result = check_entries(policy, wanted, store.baselines.entries(baseline.id, ranges))
+    return Verification(baseline, result,
+                        record(store, policy, result, source, ranges, context))
 
 
-def _baseline(store: Store) -> BaselineInfo:
-    baseline = store.active_baseline()
-    if baseline is None:
-        raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
-    return baseline
+def record(store: Store, policy: Policy, result: ScanResult, source: str,
+           scope: Sequence[tuple[bytes, bytes]], context: EventContext | None = None
+           ) -> Recorded:
+    """Judge each change under its rule (when, and for realtime changes by whom) and
+    record it; open events in `scope` that no longer differ are closed."""
+    from integrity.store.events import Sighting, UNEXPLAINED
 
-
-def _collect(result: ScanResult, outcomes: Iterator[Outcome | ScanWarning],
-             policy: Policy) -> None:
-    """Compare each outcome under its rule; gather changes and warnings."""
-    for item in outcomes:
-        if isinstance(item, ScanWarning):
-            result.warnings.append(item)
-            continue
-        new, problem, rule, old = item
-        if problem is not None:
-            result.warnings.append(problem)
-        if new is not None or problem is not None:
-            result.scanned += 1
-        rule = rule or policy.rule_for(old.path)  # type: ignore[union-attr]
-        if rule is None:
-            continue
-        attrs = rule.check
-        if problem is not None and new is not None and new.content is None:
-            attrs &= ~Attr.CONTENT
-        if problem is not None and new is None and (
-                old is None or problem.consequence != "vanished during scan"):
-            # Not in the baseline and gone before it could be read: the warning is
-            # all there is to say. Otherwise unreadable: an error, not a removal.
-            continue
-        change = compare(old, new, attrs)
-        if change is not None:
-            result.changes.append(change)
-            result.rules[change.path] = rule
-
-
-def _record_events(store: Store, result: ScanResult, source: str,
-                   ranges: Sequence[tuple[bytes, bytes]],
-                   context: EventContext | None = None,
-                   policy: Policy | None = None) -> None:
-    from integrity.store.events import EventLog
-
-    result.recorded = EventLog(store).record(
-        result.changes, result.rules, source, ranges,
+    context = context or EventContext()
+    actor_of = context.actor_of if source == "realtime" else None
+    now = utcnow()
+    sightings = []
+    for change in result.changes:
+        rule = result.rules.get(change.path)
+        actor = actor_of(change.path) if actor_of is not None else None
+        severity, classification = (
+            rule.judgement.judge(rule.severity, actor, _when(change, now))
+            if rule else ("medium", UNEXPLAINED))
+        old, new = change_states(change)
+        sightings.append(Sighting(change.path, change.kind, change.changed, old, new,
+                                  rule.name if rule else None, severity, classification,
+                                  actor))
+    return store.events.record(
+        sightings, source, scope,
         unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
         skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)],
-        context=context, covered=policy.covers if policy is not None else None)
+        routes=context.routes, covered=policy.covers)
 
 
-Outcome = tuple[FileRecord | None, ScanWarning | None, Rule | None, FileRecord | None]
+def _when(change: Change, now: dt.datetime) -> dt.datetime:
+    """Local time of a change for off-hours rules: the new state's ctime (which a
+    writer cannot set) when there is one, else the time we saw it."""
+    if change.new is not None:
+        return dt.datetime.fromtimestamp(change.new.ctime / 1e9)
+    return now.replace(tzinfo=dt.timezone.utc).astimezone().replace(tzinfo=None)
 
 
-def _full_outcomes(pairs: Iterator[tuple[Hashed | None, FileRecord | None] | ScanWarning],
-                   progress: Progress | None) -> Iterator[Outcome | ScanWarning]:
-    """Merged pairs of a full verify: every live file was hashed by the worker."""
-    for item in pairs:
-        if isinstance(item, ScanWarning):
-            yield item
-            continue
-        live, old = item
-        if live is None:
-            yield None, None, None, old
-            continue
-        if progress is not None and live.record is not None:
-            _tick(progress, live.record)
-        yield live.record, live.problem, live.rule, old
+def verify_and_alert(open_store: StoreOpener, policy: Policy,
+                     paths: Sequence[str | bytes] = (), *, fast: bool = False,
+                     progress: Progress | None = None,
+                     expect_root: str | None = None) -> Verification:
+    """`integrity verify`: check the seal where the operator pinned it (or signing is
+    on), verify and record, and deliver the alerts owed unless a watcher does."""
+    from integrity.alerts import build_sinks, routes_of
+    from integrity.alerts.dispatch import deliver_after_scan
+    from integrity.ops.seal import check_baseline
 
-
-def _fast_outcomes(policy: Policy, roots: list[bytes],
-                   base: Iterator[tuple[bytes, FileRecord]],
-                   progress: Progress | None) -> Iterator[Outcome | ScanWarning]:
-    """--fast: merge first, then hash only files whose stat moved (borg's rule)."""
-    verbose = log.isEnabledFor(logging.DEBUG)
-
-    def want_hash(entry: WalkEntry, old: FileRecord | None) -> bool:
-        if not entry.rule.hashes:
-            return False
-        if old is None or old.type != "file":
-            return True
-        reason = _fast_reason(entry.st, old)
-        if reason and verbose:
-            log.debug("rehashing %s: %s", display(entry.path), reason)
-        return reason is not None
-
-    pairs = _merge(walk(policy, roots), base, policy)
-    for out in materialize(pairs, want_hash, progress, READAHEAD):  # type: ignore[arg-type]
-        if isinstance(out, ScanWarning):
-            yield out
-            continue
-        new, problem, entry, old = out
-        yield new, problem, entry.rule if entry is not None else None, old
-
-
-def exit_code(result: ScanResult) -> int:
-    """SPEC: 0 no changes, 1 changes or unreadable entries."""
-    return 1 if result.changes or result.warnings else 0
-
-
-LiveItem = TypeVar("LiveItem", WalkEntry, Hashed)
-
-
-def _merge(live: Iterator[LiveItem | ScanWarning],
-           base: Iterator[tuple[bytes, FileRecord]],
-           policy: Policy) -> Iterator[tuple[LiveItem | None, FileRecord | None] | ScanWarning]:
-    """Pair live entries with baseline records by key: one streaming pass.
-
-    Baseline entries the policy no longer covers are dropped, not called removed;
-    entries below a directory that could not be listed are unknown, not removed.
-    """
-    old_key: bytes | None
-    old_key, old = next(base, (None, None))  # type: ignore[assignment]
-
-    def advance() -> None:
-        nonlocal old, old_key
-        old_key, old = next(base, (None, None))  # type: ignore[assignment]
-
-    for item in live:
-        key = to_key(item.path)
-        while old_key is not None and old_key < key:
-            if policy.covers(old.path):  # type: ignore[union-attr]
-                yield None, old
-            advance()
-        if isinstance(item, ScanWarning):
-            if isinstance(item, SkippedTree):
-                # Nothing below it could be seen: it is unknown, not removed.
-                low, high = key + b"\x00", key + b"\x01"
-                while old_key is not None and old_key < high:
-                    if old_key < low and old_key != key:
-                        break
-                    advance()
-            elif old_key == key:
-                advance()  # unreadable now: an error, not a removal
-            yield item
-            continue
-        if old_key == key:
-            yield item, old
-            advance()
-        else:
-            yield item, None
-    while old is not None:
-        if policy.covers(old.path):
-            yield None, old
-        advance()
+    sinks = build_sinks(policy)
+    if expect_root or policy.public_key:
+        check_baseline(open_store(), policy, expect_root)
+    verification = verify(open_store, policy, paths, fast=fast, progress=progress,
+                          context=EventContext(routes=routes_of(sinks)))
+    deliver_after_scan(open_store(), sinks)
+    return verification

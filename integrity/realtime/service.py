@@ -22,13 +22,12 @@ from typing import Any
 from integrity.alerts import build_sinks
 from integrity.alerts.dispatch import Dispatcher
 from integrity.errors import IntegrityError
-from integrity.store.events import EventContext
+from integrity.ops.verify import EventContext, Verification, check_paths, verify
 from integrity.paths import display
 from integrity.policy import Policy, load
-from integrity.scan.records import Progress
-from integrity.ops.verify import ScanResult, check_paths, verify
-from integrity.store.engine import Store, heartbeat
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
+from integrity.scan import Progress
+from integrity.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +87,8 @@ class Service:
         self.scans.put(_Task("unwatched", paths=[i.root for i in items]))
 
     def _warn(self, path: bytes, message: str, resolved: bool = False) -> None:
-        from integrity.store.events import EventLog
-
-        EventLog(self.store).warn(path, message, resolved=resolved,
-                                  routes=self.dispatcher.routes())
+        self.store.events.warn(path, message, resolved=resolved,
+                               routes=self.dispatcher.routes())
         self.dispatcher.wake()
 
     # -- work --------------------------------------------------------------------
@@ -103,19 +100,19 @@ class Service:
         return EventContext(actor_of=actors.actor_for if actors is not None else None,
                             routes=self.dispatcher.routes())
 
-    def _alert(self, result: ScanResult) -> None:
-        recorded = result.recorded
-        if recorded is not None and recorded.new:
+    def _alert(self, verification: Verification) -> None:
+        if verification.recorded.new:
             self.dispatcher.wake()  # the outbox rows were written with the events
 
     def _full_scan(self, source: str = "scan", progress: Progress | None = None
-                   ) -> ScanResult:
-        result = verify(lambda: self.store, self.policy, parallel=0, source=source,
-                        progress=progress, context=self._context())
-        self._alert(result)
+                   ) -> Verification:
+        verification = verify(lambda: self.store, self.policy, parallel=0, source=source,
+                              progress=progress, context=self._context())
+        self._alert(verification)
+        result = verification.result
         log.info("%s: %d entries, %d changes, %d errors", source, result.scanned,
                  len(result.changes), len(result.warnings))
-        return result
+        return verification
 
     def _run_queue(self, tasks: queue.Queue[_Task | None],
                    handle: Callable[[_Task], None]) -> None:
@@ -135,7 +132,7 @@ class Service:
         assert hints is not None
         context = self._context(realtime=True)
         if hints.paths:
-            self._alert(check_paths(self.store, self.policy, hints.paths,
+            self._alert(check_paths(self.store, self.policy, sorted(hints.paths),
                                     context=context))
         for root in sorted(hints.subtrees):
             if self.policy.rule_for(root) is None:
@@ -147,15 +144,11 @@ class Service:
         if task.kind == "full":
             self._full_scan()
         elif task.kind == "prune" and self.policy.retention:
-            from integrity.store.events import parse_since
-            from integrity.store.ledger import check, prune
+            from integrity.ops.maintenance import prune
 
-            if check(self.store).ok:
-                removed, _ = prune(self.store, parse_since(self.policy.retention))
-                log.info("pruned %d closed events older than %s", removed,
-                         self.policy.retention)
-            else:
-                log.error("event log hash chain is broken; not pruning")
+            removed, _ = prune(self.store, self.policy.retention)
+            log.info("pruned %d closed events older than %s", removed,
+                     self.policy.retention)
         elif task.kind == "overflow":
             message = ("inotify queue overflowed: events were lost; a full rescan "
                        "reports every change")
@@ -183,9 +176,9 @@ class Service:
     def _beat(self, state: str) -> None:
         watches = len(self.watcher.wd_path) if self.watcher else 0
         unwatched = "\n".join(f"{display(u.root)}: {u.reason}" for u in self.unwatched)
-        self.watcher_id = heartbeat(self.store, self.watcher_id,
-                                    interval=self.heartbeat_seconds, state=state,
-                                    watches=watches, unwatched=unwatched or None)
+        self.watcher_id = self.store.runs.heartbeat(
+            self.watcher_id, interval=self.heartbeat_seconds, state=state,
+            watches=watches, unwatched=unwatched or None)
 
     def _install_signals(self) -> None:
         def on_term(_signum: int, _frame: FrameType | None) -> None:
@@ -252,8 +245,6 @@ class Service:
         An unchanged policy (logrotate's SIGHUP) only reopens the sinks' files and
         retries failed alerts now: no rewatch, no rescan.
         """
-        from integrity.store.outbox import retry_now
-
         self._notify("reloading")
         try:
             policy = load(self.policy_path)
@@ -264,7 +255,7 @@ class Service:
             return
         for sink in self.dispatcher.replace(sinks):
             sink.close()
-        retry_now(self.store)
+        self.store.outbox.retry_now()
         if policy.digest == self.policy.digest:
             self._notify("ready", "alert sinks reopened")
             log.info("policy unchanged; alert sinks reopened")
@@ -278,22 +269,18 @@ class Service:
             from apscheduler.triggers.cron import CronTrigger
             self.scheduler.reschedule_job("full-scan",
                                           trigger=CronTrigger.from_crontab(policy.full_scan))
-        from integrity.store.events import EventLog
-
-        EventLog(self.store).resolve_warnings(keep=[u.root for u in self.unwatched])
+        self.store.events.resolve_warnings(keep=[u.root for u in self.unwatched])
         self.scans.put(_Task("full"))
         watches = len(self.watcher.wd_path) if self.watcher else 0
         self._notify("ready", f"policy reloaded; watching {watches} directories")
         log.info("policy reloaded from %s", self.policy_path)
 
     def _start_dispatcher(self) -> None:
-        from integrity.store.outbox import drop_unknown, retry_now
-
-        dropped = drop_unknown(self.store, [r.sink for r in self.dispatcher.routes()])
+        dropped = self.store.outbox.drop_unknown([r.sink for r in self.dispatcher.routes()])
         if dropped:
             log.warning("dropped %d undelivered alerts for sinks no longer in the policy",
                         dropped)
-        retry_now(self.store)  # a restart is the moment to try failed sinks again
+        self.store.outbox.retry_now()  # a restart is the moment to try failed sinks again
         self.dispatcher.start()
 
     def _restart_actors(self) -> None:
@@ -313,13 +300,12 @@ class Service:
 
     def run(self) -> int:
         """Run until SIGTERM; return the exit status (0)."""
-        from integrity.store.events import EventLog
-        from integrity.trust import check_baseline
+        from integrity.ops.seal import check_baseline
 
         check_baseline(self.store, self.policy)  # refuse a baseline changed behind us
         self._install_signals()
         self._beat("starting")
-        EventLog(self.store).resolve_warnings()  # a new start re-establishes them
+        self.store.events.resolve_warnings()  # a new start re-establishes them
         self._start_dispatcher()
         self._restart_actors()
         for name, tasks, handler in (("realtime", self.realtime, self._handle_realtime),
@@ -335,7 +321,7 @@ class Service:
         self._beat("running")
         watches = len(self.watcher.wd_path) if self.watcher else 0
         self._notify("ready", f"watching {watches} directories; catch-up scan found "
-                              f"{len(catch_up.changes)} changes")
+                              f"{len(catch_up.result.changes)} changes")
         interval = min(self.heartbeat_seconds,
                        getattr(self.notifier, "watchdog_interval", None) or 1e9)
         while True:

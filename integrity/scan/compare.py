@@ -12,7 +12,7 @@ ADDED, REMOVED, MODIFIED = "added", "removed", "modified"
 
 #: (attribute, name, FileRecord field index) for every comparable attribute.
 _FIELDS: tuple[tuple[Attr, str, int], ...] = tuple(
-    (attr, attr.name.lower(), FileRecord._fields.index(attr.name.lower()))  # type: ignore[union-attr]
+    (attr, attr.name.lower(), FileRecord._fields.index(attr.name.lower()))
     for attr in Attr if attr.name and attr.name.lower() in FileRecord._fields)
 
 _plans: dict[Attr, tuple[Callable[[FileRecord], Any], tuple[tuple[str, int], ...]]] = {}

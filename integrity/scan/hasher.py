@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 
@@ -43,6 +43,8 @@ RECENT_NS = 10 * 1_000_000_000
 
 _BASE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _flags = _BASE_FLAGS | getattr(os, "O_NOATIME", 0)
+
+T = TypeVar("T")
 
 
 class FileChanged(Exception):
@@ -176,7 +178,7 @@ def blake3_fd(fd: int, expected: os.stat_result, recent: int | None = None) -> b
     return digest
 
 
-def read_twice(fd: int, digest: Callable[[], Any]) -> Any:
+def read_twice(fd: int, digest: Callable[[], T]) -> T:
     """`digest()` of a recently changed file, settled and taken twice from offset 0;
     raises FileChanged when the two disagree."""
     settle(fd)

@@ -19,14 +19,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import blake3
 
-from integrity.errors import ScanWarning
+from integrity.errors import ScanWarning, Vanished
 from integrity.scan.hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, read_recent,
                      recent_since, xattr_digest, xattr_digest_at)
 from integrity.record import FileRecord
-from integrity.scan.walker import NOT_IN_TREE, WalkEntry, open_parent
+from integrity.policy import Policy, Rule
+from integrity.scan.walker import NOT_IN_TREE, WalkEntry, open_parent, walk
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,13 @@ class Progress:
     files: int = 0
     bytes: int = 0
     started: float = field(default_factory=time.monotonic)
+
+    def add(self, size: int) -> None:
+        """Count one entry of `size` bytes; tick every `every` entries."""
+        self.files += 1
+        self.bytes += size
+        if self.tick is not None and self.files % self.every == 0:
+            self.tick(self)
 
 
 def _rehash_by_path(entry: WalkEntry, want_xattrs: bool, recent: int
@@ -109,7 +118,7 @@ def _lost(path: bytes, operation: str, exc: OSError) -> ScanWarning:
     if exc.errno in NOT_IN_TREE:
         # Gone, or a directory on the way is no longer one (swapped for a symlink):
         # either way the path is no longer in the tree.
-        return ScanWarning(path, operation, exc.strerror or str(exc), "vanished during scan")
+        return Vanished(path, operation, exc.strerror or str(exc))
     return ScanWarning(path, operation, exc.strerror or str(exc))
 
 
@@ -131,21 +140,70 @@ def _xattrs_fd(fd: int, wanted: bool) -> bytes | None:
         return None
 
 
-Item = tuple[WalkEntry | None, FileRecord | None]
-Out = tuple[FileRecord | None, ScanWarning | None, WalkEntry | None, FileRecord | None]
+#: A live walk entry and the baseline record of the same path (either may be None).
+Pair = tuple[WalkEntry | None, FileRecord | None]
 
 
-def materialize(items: Iterable[Item | ScanWarning],
+class Materialized(NamedTuple):
+    """What became of a Pair: the live record (None when the entry could not be read
+    or is gone), the problem met on the way, and the pair it came from."""
+
+    record: FileRecord | None
+    problem: ScanWarning | None
+    entry: WalkEntry | None
+    old: FileRecord | None
+
+
+class Hashed(NamedTuple):
+    """A live entry as a full scan saw it: its record or the problem that stopped it."""
+
+    path: bytes
+    record: FileRecord | None
+    problem: ScanWarning | None
+    rule: Rule
+
+
+def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True,
+              share: tuple[int, int] | None = None) -> Iterator[Hashed | ScanWarning]:
+    """Walk and hash everything the rules hash, in walk order (see walker.walk for
+    `descend` and `share`): the stream a baseline is built from."""
+    pairs = ((e, None) if isinstance(e, WalkEntry) else e
+             for e in walk(policy, roots, descend=descend, share=share))
+    for out in materialize(pairs, _hash_all, None, READAHEAD):
+        if isinstance(out, ScanWarning):
+            yield out
+        else:
+            entry = out.entry
+            assert entry is not None
+            yield Hashed(entry.path, out.record, out.problem, entry.rule)
+
+
+def _hash_all(entry: WalkEntry, _old: FileRecord | None) -> bool:
+    return entry.rule.hashes
+
+
+class _Opened(NamedTuple):
+    """An entry waiting in the read-ahead window: its file is open (fd) or not (-1)."""
+
+    entry: WalkEntry | None
+    old: FileRecord | None
+    fd: int
+    link: bytes | None
+    xattrs: bytes | None
+    problem: ScanWarning | None
+
+
+def materialize(items: Iterable[Pair | ScanWarning],
                 want_hash: Callable[[WalkEntry, FileRecord | None], bool],
                 progress: Progress | None = None, readahead: int = READAHEAD,
-                ) -> Iterator[Out | ScanWarning]:
+                ) -> Iterator[Materialized | ScanWarning]:
     """Turn walk entries into FileRecords, hashing where `want_hash` says so.
 
     Each input is (live entry or None, baseline record or None), passed through
     alongside the result; warnings pass through unchanged. Order is preserved.
     """
-    window: deque[tuple[WalkEntry | None, FileRecord | None, int, bytes | None,
-                        bytes | None, ScanWarning | None]] = deque()
+    # Warnings wait in the window too, so they leave in the order they came.
+    window: deque[_Opened | ScanWarning] = deque()
     recent = recent_since()
     # Read-ahead costs ~5 µs a file on a warm cache and halves a cold run, so it
     # starts off and is switched on when a sampled file takes disk-like time.
@@ -158,7 +216,7 @@ def materialize(items: Iterable[Item | ScanWarning],
         if isinstance(item, ScanWarning):
             if window:
                 # Keep order: hold warnings until the entries before them are out.
-                window.append((None, None, -2, None, None, item))
+                window.append(item)
             else:
                 yield item
             continue
@@ -173,8 +231,7 @@ def materialize(items: Iterable[Item | ScanWarning],
                 try:
                     fd = open_at(entry.name, entry.dir_fd)
                 except FileNotFoundError:
-                    problem = ScanWarning(entry.path, "open", "No such file or directory",
-                                          "vanished during scan")
+                    problem = Vanished(entry.path, "open", "No such file or directory")
                 except OSError as exc:
                     problem = ScanWarning(entry.path, "open", exc.strerror or str(exc),
                                           "content not checked")
@@ -188,22 +245,22 @@ def materialize(items: Iterable[Item | ScanWarning],
                     problem = ScanWarning(entry.path, "readlink", exc.strerror or str(exc),
                                           "target not checked")
             if fd < 0 and entry.rule.wants_xattrs and (
-                    problem is None or problem.consequence != "vanished during scan"):
+                    not isinstance(problem, Vanished)):
                 # Now, while entry.dir_fd is still the walk's: _finish may run after
                 # the walk has moved on (read-ahead) and closed it.
                 xattrs = _xattrs_unopened(entry, old)
-        window.append((entry, old, fd, link, xattrs, problem))
+        window.append(_new(_Opened, (entry, old, fd, link, xattrs, problem)))
         if depth == 0 and fd >= 0 and entry.st.st_size <= _SAMPLE_SIZE:  # type: ignore[union-attr]
             sample += 1
             if sample % _SAMPLE_EVERY == 0:
                 started = time.perf_counter()
-                out = _finish(*window.popleft(), recent)
+                out = _finish(window.popleft(), recent)
                 if time.perf_counter() - started > _COLD_SECONDS:
                     depth = readahead
                     log.debug("cold cache: reading ahead %d files", depth)
                 yield out
         while len(window) > max(depth, 0):
-            yield _finish(*window.popleft(), recent)
+            yield _finish(window.popleft(), recent)
         if tick is not None:
             n += 1
             if entry is not None:
@@ -212,7 +269,7 @@ def materialize(items: Iterable[Item | ScanWarning],
             if n % every == 0:
                 tick(progress)  # type: ignore[arg-type]
     while window:
-        yield _finish(*window.popleft(), recent)
+        yield _finish(window.popleft(), recent)
 
 
 def _xattrs_unopened(entry: WalkEntry, old: FileRecord | None) -> bytes | None:
@@ -224,20 +281,18 @@ def _xattrs_unopened(entry: WalkEntry, old: FileRecord | None) -> bytes | None:
     return _xattrs_at(entry.dir_fd, entry.name, entry.path, True)
 
 
-def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: bytes | None,
-            xattrs: bytes | None, problem: ScanWarning | None, recent: int,
-            ) -> Out | ScanWarning:
+def _finish(item: _Opened | ScanWarning, recent: int) -> Materialized | ScanWarning:
     """Hash an opened file (or record a non-file) and build its FileRecord.
 
     A file whose ctime is at or after `recent` may be mid-write and is read twice
     (see hasher's docstring). The small-file case is spelled out inline: it runs
     once per file of a scan.
     """
-    if fd == -2:
-        assert problem is not None
-        return problem
+    if isinstance(item, ScanWarning):
+        return item
+    entry, old, fd, link, xattrs, problem = item
     if entry is None:
-        return None, None, None, old
+        return _new(Materialized, (None, None, None, old))
     want_xattrs = entry.rule.wants_xattrs
     st = entry.st
     mode = st.st_mode
@@ -261,23 +316,26 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
         except FileChanged:
             _close(fd)
             rec, problem = _rehash_by_path(entry, want_xattrs, recent)
-            return rec, problem, entry, old
+            return _new(Materialized, (rec, problem, entry, old))
         except OSError as exc:
             _close(fd)
-            return (FileRecord.from_stat(entry.path, st, None, None, None),
-                    ScanWarning(entry.path, "read", exc.strerror or str(exc),
-                                "content not checked"), entry, old)
+            return _new(Materialized, (
+                FileRecord.from_stat(entry.path, st, None, None, None),
+                ScanWarning(entry.path, "read", exc.strerror or str(exc),
+                            "content not checked"), entry, old))
         _close(fd)
-        return _new(FileRecord, (
+        return _new(Materialized, (_new(FileRecord, (
             entry.path, "file", digest, size, mode & 0o7777, st.st_uid, st.st_gid,
             st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns, None, xattrs,
-            st.st_dev)), None, entry, old
-    if problem is not None and problem.consequence == "vanished during scan":
-        return None, problem, entry, old
+            st.st_dev)), None, entry, old))
+    if isinstance(problem, Vanished):
+        return _new(Materialized, (None, problem, entry, old))
     if problem is None and old is not None and _S_ISREG(mode):
         # --fast, unchanged stat: keep the baseline digest.
-        return FileRecord.from_stat(entry.path, st, old.content, None, xattrs), None, entry, old
-    return FileRecord.from_stat(entry.path, st, None, link, xattrs), problem, entry, old
+        return _new(Materialized, (
+            FileRecord.from_stat(entry.path, st, old.content, None, xattrs), None, entry, old))
+    return _new(Materialized, (
+        FileRecord.from_stat(entry.path, st, None, link, xattrs), problem, entry, old))
 
 
 _read, _fstat, _close, _listxattr = os.read, os.fstat, os.close, os.listxattr

@@ -16,27 +16,15 @@ import pickle
 import signal
 from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection, Pipe
-from typing import NamedTuple
 
-from integrity.scan import hasher
 from integrity.errors import IntegrityError, ScanWarning
-from integrity.scan.records import READAHEAD, materialize
-from integrity.policy import Policy, Rule
-from integrity.record import FileRecord
 from integrity.paths import to_key
-from integrity.scan.walker import WalkEntry, walk
+from integrity.policy import Policy
+from integrity.scan import hasher
+from integrity.scan.records import Hashed, hash_tree
 
 _BATCH = 512
 _DONE = b"done"
-
-
-class Hashed(NamedTuple):
-    """A live entry as the worker saw it: its record or the problem that stopped it."""
-
-    path: bytes
-    record: FileRecord | None
-    problem: ScanWarning | None
-    rule: Rule
 
 
 class WorkerFailed(IntegrityError):
@@ -47,16 +35,11 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
            conn: Connection) -> None:
     index = {rule.path: i for i, rule in enumerate(policy.rules)}
     batch: list[object] = []
-    items = ((e, None) if isinstance(e, WalkEntry) else e
-             for e in walk(policy, roots, share=(part, parts)))
-    for out in materialize(items, lambda entry, _old: entry.rule.hashes,
-                           None, READAHEAD):
-        if isinstance(out, ScanWarning):
-            batch.append(out)
-        else:
-            rec, problem, entry, _ = out
-            assert entry is not None
-            batch.append((entry.path, rec, problem, index[entry.rule.path]))
+    for item in hash_tree(policy, roots, share=(part, parts)):
+        if isinstance(item, ScanWarning):
+            batch.append(item)
+        else:  # rules travel as their index: the parent has the same policy
+            batch.append((item.path, item.record, item.problem, index[item.rule.path]))
         if len(batch) >= _BATCH:
             conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
             batch = []

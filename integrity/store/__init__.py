@@ -1,0 +1,33 @@
+"""The store: the only code that speaks SQL.
+
+`Store` opens one database and hands out a typed view per table family: baselines
+and their entries, events, approvals, the ledger (hash chain), the alert outbox, and
+runs with watcher heartbeats. Nothing outside this package imports SQLAlchemy; the
+statements are portable Core, so SQLite and PostgreSQL run the same code.
+"""
+
+from __future__ import annotations
+
+from integrity.store.approvals import Approvals
+from integrity.store.baseline import BaselineInfo, Baselines
+from integrity.store.engine import Database, default_url
+from integrity.store.events import Events
+from integrity.store.ledger import Ledger
+from integrity.store.outbox import Outbox
+from integrity.store.runs import Runs
+
+__all__ = ["Store", "BaselineInfo", "default_url"]
+
+
+class Store(Database):
+    """An open integrity database, with one accessor per table family."""
+
+    def __init__(self, url: str, *, must_exist: bool = False,
+                 check_schema: bool = True) -> None:
+        super().__init__(url, must_exist=must_exist, check_schema=check_schema)
+        self.baselines = Baselines(self)
+        self.events = Events(self)
+        self.approvals = Approvals(self)
+        self.ledger = Ledger(self)
+        self.outbox = Outbox(self)
+        self.runs = Runs(self)

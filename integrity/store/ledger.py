@@ -21,7 +21,8 @@ import blake3
 import sqlalchemy as sa
 
 from integrity.store import schema as models
-from integrity.store.engine import Store, utcnow
+from integrity.store.engine import Database, chunks
+from integrity.times import utcnow
 
 GENESIS = "0" * 64
 #: Columns outside the chain: informational, updated on every sighting.
@@ -60,8 +61,7 @@ def journal(conn: sa.Connection, kind: str, ids: Iterable[int]) -> None:
     prev = _head(conn)
     now = utcnow()
     rows = []
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start:start + 500]
+    for chunk in chunks(wanted):
         for row in conn.execute(sa.select(table).where(table.c.id.in_(chunk))
                                 .order_by(table.c.id)):
             content = _snapshot(row)
@@ -86,76 +86,85 @@ class ChainReport:
         return not self.problems
 
 
-def check(store: Store, limit: int = 20) -> ChainReport:
-    """Walk the chain and compare it with the event and approval tables."""
-    report = ChainReport()
-    latest: dict[tuple[str, int], str] = {}
-    identity: dict[tuple[str, int], tuple[object, ...]] = {}
-    led = models.ledger
-    with store.engine.connect() as conn:
-        prev = None
-        for seq, kind, ref, content, row_prev, digest in conn.execute(
-                sa.select(led.c.seq, led.c.kind, led.c.ref, led.c.content, led.c.prev,
-                          led.c.digest).order_by(led.c.seq)):
-            report.rows += 1
-            if prev is not None and row_prev != prev:
-                report.problems.append(f"ledger row {seq}: does not follow row before it "
-                                       "(a ledger row was deleted or edited)")
-            if _digest(row_prev, kind, ref, content) != digest:
-                report.problems.append(f"ledger row {seq}: digest does not match its "
-                                       "content (edited)")
-            prev = digest
-            if kind in _TABLES:
-                latest[(kind, ref)] = content
-                try:
-                    fields = json.loads(content)
-                    ident = tuple(fields.get(name) for name in _IDENTITY[kind])
-                except (ValueError, AttributeError):
-                    ident = ()
-                first = identity.setdefault((kind, ref), ident)
-                if first != ident:
-                    report.problems.append(f"{kind} {ref}: deleted, and its id reused by "
-                                           f"another {kind} (ledger row {seq})")
-        report.head = prev or GENESIS
-        for kind, table in _TABLES.items():
-            for row in conn.execute(sa.select(table).order_by(table.c.id)):
-                recorded = latest.pop((kind, row.id), None)
-                if recorded is None:
-                    report.problems.append(f"{kind} {row.id}: not in the ledger "
-                                           "(inserted behind integrity's back)")
-                elif recorded != _snapshot(row):
-                    report.problems.append(f"{kind} {row.id}: differs from its last "
-                                           "recorded state (edited)")
-        for kind, ref in sorted(latest):
-            report.problems.append(f"{kind} {ref}: in the ledger but gone (deleted)")
-    if len(report.problems) > limit:
-        more = len(report.problems) - limit
-        report.problems = report.problems[:limit] + [f"... and {more} more"]
-    return report
+class Ledger:
+    """The ledger table of one database: its check, head and pruning."""
 
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-def prune(store: Store, older_than: dt.datetime) -> tuple[int, str]:
-    """Delete closed events last seen before `older_than` (and approvals none of
-    whose events remain), leaving a chained checkpoint; return (events removed,
-    new head)."""
-    e, a, led = models.event, models.approval, models.ledger
-    with store.writer() as conn, conn.begin():
-        old_head = _head(conn)
-        gone = list(conn.execute(sa.select(e.c.id).where(
-            e.c.status != "open", e.c.last_seen < older_than)).scalars())
-        for start in range(0, len(gone), 500):
-            conn.execute(e.delete().where(e.c.id.in_(gone[start:start + 500])))
-        referenced = sa.select(e.c.approval_id).where(e.c.approval_id.is_not(None))
-        conn.execute(a.delete().where(a.c.time < older_than, a.c.id.not_in(referenced)))
-        conn.execute(led.delete())
-        content = json.dumps({"checkpoint": utcnow().isoformat(), "previous_head": old_head,
-                              "pruned_events": len(gone),
-                              "older_than": older_than.isoformat()}, sort_keys=True)
-        conn.execute(led.insert().values(time=utcnow(), kind="checkpoint", ref=0,
-                                         content=content, prev=old_head,
-                                         digest=_digest(old_head, "checkpoint", 0, content)))
-        for kind, table in _TABLES.items():
-            journal(conn, kind, conn.execute(sa.select(table.c.id)).scalars())
-        head = _head(conn)
-    return len(gone), head
+    def head(self) -> str:
+        """The digest of the newest ledger row (GENESIS for an empty chain)."""
+        with self.db.reader() as conn:
+            return _head(conn)
 
+    def check(self, limit: int = 20) -> ChainReport:
+        """Walk the chain and compare it with the event and approval tables."""
+        report = ChainReport()
+        latest: dict[tuple[str, int], str] = {}
+        identity: dict[tuple[str, int], tuple[object, ...]] = {}
+        led = models.ledger
+        with self.db.reader() as conn:
+            prev = None
+            for seq, kind, ref, content, row_prev, digest in conn.execute(
+                    sa.select(led.c.seq, led.c.kind, led.c.ref, led.c.content, led.c.prev,
+                              led.c.digest).order_by(led.c.seq)):
+                report.rows += 1
+                if prev is not None and row_prev != prev:
+                    report.problems.append(f"ledger row {seq}: does not follow row before it "
+                                           "(a ledger row was deleted or edited)")
+                if _digest(row_prev, kind, ref, content) != digest:
+                    report.problems.append(f"ledger row {seq}: digest does not match its "
+                                           "content (edited)")
+                prev = digest
+                if kind in _TABLES:
+                    latest[(kind, ref)] = content
+                    try:
+                        fields = json.loads(content)
+                        ident = tuple(fields.get(name) for name in _IDENTITY[kind])
+                    except (ValueError, AttributeError):
+                        ident = ()
+                    first = identity.setdefault((kind, ref), ident)
+                    if first != ident:
+                        report.problems.append(f"{kind} {ref}: deleted, and its id reused by "
+                                               f"another {kind} (ledger row {seq})")
+            report.head = prev or GENESIS
+            for kind, table in _TABLES.items():
+                for row in conn.execute(sa.select(table).order_by(table.c.id)):
+                    recorded = latest.pop((kind, row.id), None)
+                    if recorded is None:
+                        report.problems.append(f"{kind} {row.id}: not in the ledger "
+                                               "(inserted behind integrity's back)")
+                    elif recorded != _snapshot(row):
+                        report.problems.append(f"{kind} {row.id}: differs from its last "
+                                               "recorded state (edited)")
+            for kind, ref in sorted(latest):
+                report.problems.append(f"{kind} {ref}: in the ledger but gone (deleted)")
+        if len(report.problems) > limit:
+            more = len(report.problems) - limit
+            report.problems = report.problems[:limit] + [f"... and {more} more"]
+        return report
+
+    def prune(self, older_than: dt.datetime) -> tuple[int, str]:
+        """Delete closed events last seen before `older_than` (and approvals none of
+        whose events remain), leaving a chained checkpoint; return (events removed,
+        new head)."""
+        e, a, led = models.event, models.approval, models.ledger
+        with self.db.writer() as conn, conn.begin():
+            old_head = _head(conn)
+            gone = list(conn.execute(sa.select(e.c.id).where(
+                e.c.status != "open", e.c.last_seen < older_than)).scalars())
+            for chunk in chunks(gone):
+                conn.execute(e.delete().where(e.c.id.in_(chunk)))
+            referenced = sa.select(e.c.approval_id).where(e.c.approval_id.is_not(None))
+            conn.execute(a.delete().where(a.c.time < older_than, a.c.id.not_in(referenced)))
+            conn.execute(led.delete())
+            content = json.dumps({"checkpoint": utcnow().isoformat(), "previous_head": old_head,
+                                  "pruned_events": len(gone),
+                                  "older_than": older_than.isoformat()}, sort_keys=True)
+            conn.execute(led.insert().values(time=utcnow(), kind="checkpoint", ref=0,
+                                             content=content, prev=old_head,
+                                             digest=_digest(old_head, "checkpoint", 0, content)))
+            for kind, table in _TABLES.items():
+                journal(conn, kind, conn.execute(sa.select(table.c.id)).scalars())
+            head = _head(conn)
+        return len(gone), head

@@ -2,7 +2,7 @@
 
 Rows are written in the transaction that records their event, so an event is never
 recorded without its alerts (nor alerted without being recorded); the dispatcher
-(delivery.py) deletes a row once its sink took it and pushes `next_attempt` back
+(alerts/dispatch.py) deletes a row once its sink took it and pushes `next_attempt` back
 after a failure. What is left in here after a while is what `status` reports.
 """
 
@@ -11,33 +11,26 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import sqlalchemy as sa
 
 from integrity.store import schema as models
-from integrity.policy.severity import at_least
-from integrity.store.engine import Store, utcnow
+from integrity.store.engine import Database, chunks
+from integrity.times import utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
 #: for a day is tried every ten minutes, never given up on.
 BACKOFF = (15, 30, 60, 120, 300, 600)
 
 
-@dataclass(frozen=True)
-class Route:
-    """A sink as recording needs it: its name and the least severity it takes."""
+class Route(Protocol):
+    """A sink as recording needs it (alerts.Route): its name, and which severities
+    it takes."""
 
-    sink: str
-    min_severity: str
-
-    def wants(self, severity: str) -> bool:
-        return at_least(severity, self.min_severity)
-
-
-def routes_of(sinks: Iterable[Any]) -> list[Route]:
-    """The routes of alert sinks (anything with `name` and `min_severity`)."""
-    return [Route(sink.name, sink.min_severity) for sink in sinks]
+    @property
+    def sink(self) -> str: ...
+    def wants(self, severity: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -74,77 +67,78 @@ def enqueue(conn: sa.Connection, routes: Sequence[Route],
     return len(rows)
 
 
-def due(store: Store, sink: str, limit: int = 500,
-        now: dt.datetime | None = None) -> list[Pending]:
-    """A sink's alerts whose time has come, oldest first."""
-    o = models.outbox
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(o.c.id, o.c.event_id, o.c.created, o.c.attempts)
-            .where(o.c.sink == sink, o.c.next_attempt <= (now or utcnow()))
-            .order_by(o.c.id).limit(limit)).all()
-    return [Pending(*row) for row in rows]
+class Outbox:
+    """The outbox table: what the dispatcher delivers, retries and reports."""
 
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-def delivered(store: Store, ids: Sequence[int]) -> None:
-    """Forget alerts the sink took."""
-    if not ids:
-        return
-    o = models.outbox
-    with store.writer() as conn, conn.begin():
-        for start in range(0, len(ids), 500):
-            conn.execute(o.delete().where(o.c.id.in_(ids[start:start + 500])))
+    def due(self, sink: str, limit: int = 500,
+            now: dt.datetime | None = None) -> list[Pending]:
+        """A sink's alerts whose time has come, oldest first."""
+        o = models.outbox
+        with self.db.reader() as conn:
+            rows = conn.execute(
+                sa.select(o.c.id, o.c.event_id, o.c.created, o.c.attempts)
+                .where(o.c.sink == sink, o.c.next_attempt <= (now or utcnow()))
+                .order_by(o.c.id).limit(limit)).all()
+        return [Pending(*row) for row in rows]
 
+    def delivered(self, ids: Sequence[int]) -> None:
+        """Forget alerts the sink took."""
+        if not ids:
+            return
+        o = models.outbox
+        with self.db.writer() as conn, conn.begin():
+            for chunk in chunks(ids):
+                conn.execute(o.delete().where(o.c.id.in_(chunk)))
 
-def failed(store: Store, ids: Sequence[int], error: str) -> dt.datetime:
-    """Count a failed attempt and schedule the next; returns when that is."""
-    o = models.outbox
-    now = utcnow()
-    with store.writer() as conn, conn.begin():
-        attempts = conn.execute(sa.select(sa.func.max(o.c.attempts))
-                                .where(o.c.id.in_(ids))).scalar() or 0
-        retry = now + dt.timedelta(seconds=BACKOFF[min(attempts, len(BACKOFF) - 1)])
-        for start in range(0, len(ids), 500):
-            conn.execute(o.update().where(o.c.id.in_(ids[start:start + 500])).values(
-                attempts=o.c.attempts + 1, next_attempt=retry, last_error=error[:2000]))
-    return retry
+    def failed(self, ids: Sequence[int], error: str) -> dt.datetime:
+        """Count a failed attempt and schedule the next; returns when that is."""
+        o = models.outbox
+        now = utcnow()
+        with self.db.writer() as conn, conn.begin():
+            attempts = conn.execute(sa.select(sa.func.max(o.c.attempts))
+                                    .where(o.c.id.in_(ids))).scalar() or 0
+            retry = now + dt.timedelta(seconds=BACKOFF[min(attempts, len(BACKOFF) - 1)])
+            for chunk in chunks(ids):
+                conn.execute(o.update().where(o.c.id.in_(chunk)).values(
+                    attempts=o.c.attempts + 1, next_attempt=retry, last_error=error[:2000]))
+        return retry
 
+    def retry_now(self, sink: str | None = None) -> int:
+        """Make failed alerts due at once (a reload or a restart: the operator may have
+        fixed the sink). Returns how many."""
+        o = models.outbox
+        query = o.update().where(o.c.attempts > 0)
+        if sink is not None:
+            query = query.where(o.c.sink == sink)
+        with self.db.writer() as conn, conn.begin():
+            return conn.execute(query.values(next_attempt=utcnow())).rowcount
 
-def retry_now(store: Store, sink: str | None = None) -> int:
-    """Make failed alerts due at once (a reload or a restart: the operator may have
-    fixed the sink). Returns how many."""
-    o = models.outbox
-    query = o.update().where(o.c.attempts > 0)
-    if sink is not None:
-        query = query.where(o.c.sink == sink)
-    with store.writer() as conn, conn.begin():
-        return conn.execute(query.values(next_attempt=utcnow())).rowcount
+    def backlog(self) -> list[SinkBacklog]:
+        """Per sink: undelivered alerts, the oldest, the most attempts and the last error."""
+        o = models.outbox
+        with self.db.reader() as conn:
+            rows = conn.execute(
+                sa.select(o.c.sink, sa.func.count(), sa.func.min(o.c.created),
+                          sa.func.max(o.c.attempts))
+                .group_by(o.c.sink).order_by(o.c.sink)).all()
+            result = []
+            for sink, count, oldest, attempts in rows:
+                error = conn.execute(
+                    sa.select(o.c.last_error).where(o.c.sink == sink,
+                                                    o.c.last_error.is_not(None))
+                    .order_by(o.c.id.desc()).limit(1)).scalar()
+                result.append(SinkBacklog(sink, count, oldest, attempts, error))
+        return result
 
-
-def backlog(store: Store) -> list[SinkBacklog]:
-    """Per sink: undelivered alerts, the oldest, the most attempts and the last error."""
-    o = models.outbox
-    with store.engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(o.c.sink, sa.func.count(), sa.func.min(o.c.created),
-                      sa.func.max(o.c.attempts))
-            .group_by(o.c.sink).order_by(o.c.sink)).all()
-        result = []
-        for sink, count, oldest, attempts in rows:
-            error = conn.execute(
-                sa.select(o.c.last_error).where(o.c.sink == sink,
-                                                o.c.last_error.is_not(None))
-                .order_by(o.c.id.desc()).limit(1)).scalar()
-            result.append(SinkBacklog(sink, count, oldest, attempts, error))
-    return result
-
-
-def drop_unknown(store: Store, sinks: Iterable[str]) -> int:
-    """Discard alerts owed to sinks the policy no longer has; returns how many."""
-    o = models.outbox
-    names = list(sinks)
-    query = o.delete()
-    if names:
-        query = query.where(o.c.sink.not_in(names))
-    with store.writer() as conn, conn.begin():
-        return conn.execute(query).rowcount
+    def drop_unknown(self, sinks: Iterable[str]) -> int:
+        """Discard alerts owed to sinks the policy no longer has; returns how many."""
+        o = models.outbox
+        names = list(sinks)
+        query = o.delete()
+        if names:
+            query = query.where(o.c.sink.not_in(names))
+        with self.db.writer() as conn, conn.begin():
+            return conn.execute(query).rowcount

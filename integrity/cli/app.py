@@ -1,0 +1,156 @@
+"""The command group, its shared state and the one error boundary.
+
+`IntegrityGroup.invoke` turns every IntegrityError into a single stderr line and its
+exit status; commands never catch errors themselves. Commands live in the modules
+beside this one, grouped by what they act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from functools import update_wrapper
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from integrity import __version__
+from integrity.errors import EXIT_ERROR, IntegrityError
+
+if TYPE_CHECKING:
+    from integrity.policy import Policy
+    from integrity.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Env:
+    """What every command shares: options, and the policy and store opened lazily."""
+
+    def __init__(self, db: str | None, policy_path: str | None, verbose: int,
+                 quiet: bool) -> None:
+        self.db_option = db
+        self.policy_path = policy_path
+        self.verbose = verbose
+        self.quiet = quiet
+        self._policy: Policy | None = None
+        self._store: Store | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The policy, loaded (and validated whole) on first use."""
+        if self._policy is None:
+            from integrity.policy import default_policy_path, load
+            self._policy = load(self.policy_path or default_policy_path())
+        return self._policy
+
+    def db_url(self) -> str:
+        from integrity.store import default_url
+        return self.db_option or self.policy.database or default_url()
+
+    def store(self, *, must_exist: bool = True, check_schema: bool = True) -> Store:
+        """The database, opened once (the first caller's options decide)."""
+        if self._store is None:
+            from integrity.store import Store
+            self._store = Store(self.db_url(), must_exist=must_exist,
+                                check_schema=check_schema)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def pass_env(func: F) -> F:
+    """Hand the command its Env (sqlite-utils / borg style shared state)."""
+    @click.pass_context
+    def wrapper(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        return ctx.invoke(func, ctx.obj, *args, **kwargs)
+    return update_wrapper(wrapper, func)  # type: ignore[return-value]
+
+
+class IntegrityGroup(click.Group):
+    """The one error boundary: IntegrityError becomes a stderr line and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IntegrityError as exc:
+            _fail(ctx, str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail(ctx, "interrupted", 130)
+        except OSError as exc:
+            where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+            _fail(ctx, f"{where}{exc.strerror or exc}", EXIT_ERROR)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line
+            from integrity.store.engine import as_database_error
+
+            mapped = as_database_error(exc)
+            if mapped is not None:
+                _fail(ctx, str(mapped), mapped.exit_code)
+            _fail(ctx, f"internal error: {type(exc).__name__}: {exc} "
+                       "(run with -vv for the traceback)", EXIT_ERROR)
+
+
+def _fail(ctx: click.Context, message: str, code: int) -> None:
+    env = ctx.obj
+    if isinstance(env, Env) and env.verbose > 1:
+        traceback.print_exc()
+    click.echo(f"integrity: {message}", err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=IntegrityGroup, context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version")
+@click.option("--db", envvar="INTEGRITY_DB", metavar="URL",
+              help="Database URL (env INTEGRITY_DB); overrides the policy's `database`.")
+@click.option("--policy", "policy_path", envvar="INTEGRITY_POLICY", metavar="FILE",
+              help="Policy file (env INTEGRITY_POLICY); default /etc/integrity/policy.toml "
+                   "if it exists, else the shipped default policy.")
+@click.option("-v", "--verbose", count=True, help="Log details (why entries are re-read); "
+              "-vv adds tracebacks to errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: int,
+        quiet: bool) -> None:
+    """integrity: a file integrity monitor for Linux servers.
+
+    Build a baseline of the trees your policy protects, then verify the live system
+    against it.
+
+    Example:
+
+        integrity init && integrity verify
+    """
+    env = Env(db, policy_path, verbose, quiet)
+    ctx.obj = env
+    ctx.call_on_close(env.close)
+    logger = logging.getLogger("integrity")
+    for old in [h for h in logger.handlers if getattr(h, "integrity_cli", False)]:
+        logger.removeHandler(old)  # repeated in-process runs (tests) add none twice
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.integrity_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    else:
+        logger.setLevel(logging.WARNING)
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        cli.main(args=argv, prog_name="integrity")
+    except BrokenPipeError:
+        # Output closed early (`integrity events | head`): not an error of ours.
+        sys.stderr.close()
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,129 @@
+"""Commands on the baseline: build it, verify the live system against it, approve."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from integrity.cli.app import Env, cli, pass_env
+from integrity.errors import UsageError
+from integrity.paths import display
+
+
+@cli.command()
+@click.option("--force", is_flag=True, help="Replace an existing baseline.")
+@click.option("--sign-key", metavar="FILE",
+              help="Ed25519 private key (from 'integrity key generate') to sign the root.")
+@pass_env
+def init(env: Env, force: bool, sign_key: str | None) -> None:
+    """Build the baseline for every rule of the policy.
+
+    The new baseline replaces the old one atomically at the end: an interrupted
+    init leaves the previous baseline in force. Refuses (exit 2) when a baseline
+    exists, unless --force.
+
+    Example:
+
+        integrity --policy /etc/integrity/policy.toml init
+    """
+    from integrity.ops.baseline import build_baseline
+    from integrity.ops.who import invoking_label
+    from integrity.report import make_progress
+
+    policy = env.policy
+    progress, shown = make_progress("baseline", env.quiet)
+    try:
+        result = build_baseline(lambda: env.store(must_exist=False), policy, force=force,
+                                actor=invoking_label(), progress=progress,
+                                sign_key=sign_key)
+    finally:
+        if shown:
+            shown.done()
+    for w in result.warnings:
+        click.echo(f"warning: {w.operation} failed for '{display(w.path)}': {w.cause} "
+                   f"({w.consequence})", err=True)
+    click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
+               f"{policy.source} into {env.store().name()}"
+               + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
+    click.echo(f"root {result.baseline.root}"
+               + (" (signed)" if result.baseline.signature else ""))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (SPEC format).")
+@click.option("--fast", is_flag=True,
+              help="Rehash only files whose size, mtime, ctime or inode changed.")
+@click.option("--expect-root", metavar="DIGEST",
+              help="Refuse (exit 2) a baseline whose entries do not hash to this root.")
+@pass_env
+def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
+           expect_root: str | None) -> None:
+    """Compare the live trees (or just PATHS) with the baseline.
+
+    Exit status: 0 no changes, 1 changes or unreadable entries, 2 could not run.
+    Without --fast every regular file is rehashed, because mtime can be forged.
+
+    Example:
+
+        integrity verify /etc/ssh --json
+    """
+    from integrity.ops.verify import verify_and_alert
+    from integrity.report import dump_json, make_progress, verify_json, verify_text
+
+    progress, shown = make_progress("verify", env.quiet or as_json)
+    try:
+        verification = verify_and_alert(env.store, env.policy, paths, fast=fast,
+                                        progress=progress, expect_root=expect_root)
+    finally:
+        if shown:
+            shown.done()
+    if as_json:
+        dump_json(verify_json(verification), sys.stdout)
+    else:
+        verify_text(verification, sys.stdout)
+    sys.exit(verification.exit_code)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))
+@click.option("--all", "approve_all", is_flag=True, help="Approve every path with an open event.")
+@click.option("--package-updates", is_flag=True,
+              help="Approve only what dpkg/rpm vouch for; list what is left open and why.")
+@click.option("--reason", metavar="TEXT", help="Why: recorded with the approval.")
+@click.option("--sign-key", metavar="FILE", help="Ed25519 private key to sign the new root.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@pass_env
+def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates: bool,
+            reason: str | None, sign_key: str | None, as_json: bool) -> None:
+    """Accept the current state of PATHS (with their subtrees) into the baseline.
+
+    Re-reads only the paths it approves, writes them into the baseline and closes
+    their open events, in one transaction, recording who (and the sudo user behind
+    them), when and why. --package-updates approves exactly the open changes that
+    the package manager's records explain.
+
+    Example:
+
+        integrity approve /etc/ssh/sshd_config --reason "ticket 4711"
+        integrity approve --package-updates
+    """
+    from integrity.ops.approve import Approver
+    from integrity.report import approval_json, approval_text, dump_json
+
+    modes = sum([bool(paths), approve_all, package_updates])
+    if modes != 1:
+        raise UsageError("approve: name PATHs, or use --all, or --package-updates "
+                         "(exactly one of them)")
+    approver = Approver(env.store(), env.policy, reason=reason, sign_key=sign_key)
+    if package_updates:
+        outcome = approver.package_updates()
+    elif approve_all:
+        outcome = approver.all()
+    else:
+        outcome = approver.paths(paths)
+    if as_json:
+        dump_json(approval_json(outcome), sys.stdout)
+    else:
+        approval_text(outcome, sys.stdout)

@@ -46,6 +46,8 @@ def verify_json(verification: Verification) -> dict[str, Any]:
                     "errors": len(result.warnings)},
         "changes": [change_json(c, result.rules.get(c.path)) for c in result.changes],
         "errors": [{"path": display(w.path), "error": w.error} for w in result.warnings],
+        "policy": {"sealed": not verification.policy_changes,
+                   "differences": verification.policy_changes},
     }
 
 
@@ -77,6 +79,11 @@ def verify_text(verification: Verification, out: TextIO) -> None:
             for name in change.changed:
                 out.write(f"      {name}: {_short(name, getattr(change.old, name))} -> "
                           f"{_short(name, getattr(change.new, name))}\n")
+    if verification.policy_changes:
+        out.write("\nPolicy: the policy file differs from the sealed policy, which was "
+                  "verified instead (accept it with 'integrity approve --policy'):\n")
+        for difference in verification.policy_changes:
+            out.write(f"  {difference}\n")
     if result.warnings:
         out.write(f"\nErrors ({len(result.warnings)}):\n")
         for w in result.warnings:
@@ -185,8 +192,24 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
     else:
         out.write(f"baseline: {baseline['entries']} entries, created {baseline['created']}"
                   f" ({_age(baseline['age_seconds'])} ago) from {baseline['policy']}\n")
-        if baseline.get("root"):
-            out.write(f"root digest: {baseline['root']}\n")
+        seal = baseline["seal"]
+        if seal["valid"]:
+            signed = (f", signed by {seal['signer']}" if baseline["signed"] else
+                      ", not signed")
+            out.write(f"root digest: {baseline['root']} (seal verified, generation "
+                      f"{seal['generation']}{signed})\n")
+            if seal["version"] < 2:
+                out.write("  a version 1 seal: it covers the entries but not the policy; "
+                          "seal the policy in with 'integrity approve --policy'\n")
+        else:
+            out.write(f"root digest: TAMPERING: {seal['problem']}\n")
+    policy = data.get("policy") or {}
+    if policy.get("error"):
+        out.write(f"policy: INVALID: {policy['error']}\n")
+    if policy.get("differences"):
+        out.write(f"policy: {policy['source']} DIFFERS from the sealed policy (verify "
+                  "follows the sealed one until 'approve --policy'): "
+                  + "; ".join(policy["differences"]) + "\n")
     events = data["events"]
     by = ", ".join(f"{events[s]} {s}" for s in ("critical", "high", "medium", "low")
                    if events[s])

@@ -1,26 +1,37 @@
-"""Tamper evidence for the baseline: a Merkle root over its entries, and signatures.
+"""Tamper evidence for the baseline: Merkle leaves and roots, seals, signatures, keys.
 
-The root is one BLAKE3 digest that summarises every entry (sorted by key), so an
-operator can keep 64 hex characters off the host (a ticket, a vault, another server)
-and `verify --expect-root` refuses a baseline that no longer hashes to it. With a
-public key configured, `verify` and `watch` also refuse a baseline whose root is not
-signed by the matching private key, which `init`/`approve --sign-key` use and which
-need not stay on the host.
+Pure functions over bytes. The *root* an operator keeps off the host seals, in one
+BLAKE3 digest: the Merkle root of every entry column (package owner included), the
+digest of the effective policy, the baseline's generation number and its creation
+time (`seal`). A signature, when signing is on, signs that same root; a key is named
+by its OpenSSH-style fingerprint so that it too can be pinned off the host.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
 from integrity.errors import IntegrityError
 from integrity.record import FileRecord
 
-_LEAF = b"integrity-entry-v1\x00"
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+#: Seal versions: 1 sealed the entries' attributes alone; 2 seals every column with
+#: the policy, the generation and the creation time.
+SEAL_VERSION = 2
+_LEAF_V1 = b"integrity-entry-v1\x00"
+_LEAF = b"integrity-entry-v2\x00"
 _NODE = b"integrity-node-v1\x00"
+_SEAL = b"integrity-seal-v2\x00"
 _SIGNED = b"integrity-baseline-root-v1\x00"
 #: The root of an empty baseline.
 EMPTY_ROOT = blake3.blake3(b"integrity-empty-v1").hexdigest()
@@ -40,10 +51,31 @@ def _field(value: object) -> bytes:
     return b"s" + str(value).encode()
 
 
-def leaf(key: bytes, rec: FileRecord) -> bytes:
-    """Digest of one entry: its key and every recorded attribute."""
-    return blake3.blake3(_LEAF + b"\x00".join(
+def leaf_v1(key: bytes, rec: FileRecord) -> bytes:
+    """Digest of one entry as seal version 1 made it (attributes, no package)."""
+    return blake3.blake3(_LEAF_V1 + b"\x00".join(
         [_field(key), *(_field(v) for v in rec[1:])])).digest()
+
+
+def leaf(key: bytes, rec: FileRecord, package: str | None) -> bytes:
+    """Digest of one entry: its key, every recorded attribute and its package owner.
+
+    The row is encoded by `repr` of a tuple of bytes, ints, None and ASCII strings
+    (types and package names), which is unambiguous and done in C: this runs once
+    per entry whenever a baseline is written or checked.
+    """
+    return _blake3(_LEAF + repr((key, *rec[1:], package)).encode()).digest()
+
+
+_blake3 = blake3.blake3
+
+
+def seal(entries_root: str, policy_digest: str, generation: int,
+         created: dt.datetime) -> str:
+    """The baseline's root: entries, effective policy, generation and creation time."""
+    statement = f"{entries_root}\x00{policy_digest}\x00{generation}\x00" \
+                f"{created.replace(microsecond=0).isoformat()}"
+    return blake3.blake3(_SEAL + statement.encode()).hexdigest()
 
 
 class MerkleRoot:
@@ -78,11 +110,19 @@ class MerkleRoot:
         return node.hex()
 
 
-def root_of(entries: Iterable[tuple[bytes, FileRecord]]) -> str:
-    """Merkle root of (key, record) pairs given in key order."""
+def root_of(entries: Iterable[tuple[bytes, FileRecord, str | None]]) -> str:
+    """Merkle root of (key, record, package) given in key order."""
     merkle = MerkleRoot()
-    for key, rec in entries:
-        merkle.add(leaf(key, rec))
+    for key, rec, package in entries:
+        merkle.add(leaf(key, rec, package))
+    return merkle.hexdigest()
+
+
+def root_of_v1(entries: Iterable[tuple[bytes, FileRecord, str | None]]) -> str:
+    """Merkle root as seal version 1 computed it."""
+    merkle = MerkleRoot()
+    for key, rec, _package in entries:
+        merkle.add(leaf_v1(key, rec))
     return merkle.hexdigest()
 
 
@@ -113,26 +153,18 @@ def generate_keypair(private_path: str) -> tuple[str, str]:
     return private_path, public_path
 
 
-def sign(root: str, private_path: str) -> bytes:
-    """Ed25519 signature of a baseline root."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    try:
-        key = serialization.load_pem_private_key(Path(private_path).read_bytes(), None)
-    except OSError as exc:
-        raise IntegrityError(f"{private_path}: cannot read signing key: "
-                             f"{exc.strerror}") from None
-    except (ValueError, TypeError):
-        raise IntegrityError(f"{private_path}: not an unencrypted PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise IntegrityError(f"{private_path}: not an Ed25519 private key")
-    return key.sign(_SIGNED + root.encode())
+def fingerprint(raw_public_key: bytes) -> str:
+    """A key's fingerprint as ssh-keygen prints it: SHA256 of the OpenSSH public key
+    blob, base64 without padding."""
+    def field(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+    blob = field(b"ssh-ed25519") + field(raw_public_key)
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"
 
 
-def check_signature(root: str, signature: bytes | None, public_path: str) -> None:
-    """Raise TrustError unless `signature` signs `root` for the key at public_path."""
-    from cryptography.exceptions import InvalidSignature
+def public_key_bytes(public_path: str) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key file (PEM)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -145,11 +177,58 @@ def check_signature(root: str, signature: bytes | None, public_path: str) -> Non
         raise IntegrityError(f"{public_path}: not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
         raise IntegrityError(f"{public_path}: not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def signer_of(private_path: str) -> bytes:
+    """The raw public key of a private signing key: recorded beside its signature."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = _private_key(private_path)
+    return key.public_key().public_bytes(serialization.Encoding.Raw,
+                                         serialization.PublicFormat.Raw)
+
+
+def _private_key(private_path: str) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(Path(private_path).read_bytes(), None)
+    except OSError as exc:
+        raise IntegrityError(f"{private_path}: cannot read signing key: "
+                             f"{exc.strerror}") from None
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{private_path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IntegrityError(f"{private_path}: not an Ed25519 private key")
+    return key
+
+
+def sign(root: str, private_path: str) -> bytes:
+    """Ed25519 signature of a baseline root."""
+    return _private_key(private_path).sign(_SIGNED + root.encode())
+
+
+def signature_valid(root: str, signature: bytes, raw_public_key: bytes) -> bool:
+    """Whether `signature` signs `root` for this raw Ed25519 public key."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_public_key).verify(
+            signature, _SIGNED + root.encode())
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def check_signature(root: str, signature: bytes | None, public_path: str) -> None:
+    """Raise TrustError unless `signature` signs `root` for the key at public_path."""
+    raw = public_key_bytes(public_path)
     if signature is None:
         raise TrustError(f"baseline root {root} is not signed, but {public_path} is "
                          "configured: sign it with 'init/approve --sign-key'")
-    try:
-        key.verify(signature, _SIGNED + root.encode())
-    except InvalidSignature:
+    if not signature_valid(root, signature, raw):
         raise TrustError(f"baseline root {root}: signature does not verify with "
-                         f"{public_path}: the baseline was changed without the key") from None
+                         f"{public_path}: the baseline was changed without the key")

@@ -224,11 +224,16 @@ def test_an_event_the_policy_no_longer_covers_is_closed_as_excluded(
     (tree / "a.conf").write_text("changed\n")
     (tree / "sub" / "c.txt").write_text("changed\n")
     assert run("verify").exit_code == 1
-    # The operator decides a.conf is not worth watching: its event is closed as
-    # excluded (the change is still there), not as reverted; c.txt's stays open.
+    # The operator decides a.conf is not worth watching. Until the edited policy is
+    # accepted, the sealed one is verified: a.conf still shows, beside the policy
+    # change. Once accepted, its event is closed as excluded (the change is still
+    # there), not as reverted; c.txt's stays open.
     write_policy({"path": str(tree), "check": "config", "exclude": ["a.conf"]})
     assert run("verify").exit_code == 1
-    status = {r["path"]: r["status"] for r in events(run)}
+    assert {r["path"]: r["status"] for r in events(run)}[str(tree / "a.conf")] == "open"
+    assert run("approve", "--policy").exit_code == 0
+    assert run("verify").exit_code == 1
+    status = {r["path"]: r["status"] for r in events(run) if r["kind"] != "policy"}
     assert status[str(tree / "a.conf")] == "excluded"
     assert status[str(tree / "sub" / "c.txt")] == "open"
 

@@ -54,7 +54,8 @@ def test_chain_is_intact_after_normal_use(history: Cli) -> None:
     ("UPDATE event SET status = 'approved' WHERE status = 'open'", "(edited)"),
     ("UPDATE approval SET reason = 'nothing to see'", "approval"),
     ("DELETE FROM ledger WHERE seq = 2", "does not follow"),
-    ("UPDATE ledger SET content = replace(content, 'open', 'shut') WHERE seq = 1",
+    ("UPDATE ledger SET content = replace(content, 'open', 'shut') WHERE seq = "
+         "(SELECT min(seq) FROM ledger WHERE kind = 'event')",
      "digest does not match"),
     ("INSERT INTO event (key, kind, changed, source, severity, classification, status, "
      "count, first_seen, last_seen) VALUES (x'00', 'added', '', 'verify', 'low', "

@@ -590,3 +590,37 @@ def test_systemd_notify_protocol(site: Site, start: Callable[..., Daemon],
     assert notify_socket.next("STOPPING", STOP_SECONDS)["STOPPING"] == "1"
     assert daemon.proc.wait(timeout=STOP_SECONDS) == 0
     assert_no_crash(site)
+
+
+# -- a root attacker against the running watcher -----------------------------------------
+
+def test_a_digest_planted_in_the_baseline_before_the_write_is_caught_in_real_time(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    """Trust issue, row 10: the attacker writes the malicious file's digest into its
+    baseline row first, so that the realtime re-check would find nothing changed.
+    The watcher re-checks the rows it reads against the seal it verified at start:
+    the planted row is caught, recorded as tampering (critical) and alerted."""
+    import blake3
+    import sqlite3
+
+    from integrity.paths import to_key
+
+    daemon = start()
+    target = site.tree / "a.conf"
+    payload = b"PermitRootLogin yes\n"
+    with sqlite3.connect(site.db) as conn:
+        assert conn.execute("UPDATE entry SET content = ?, size = ? WHERE key = ?",
+                            (blake3.blake3(payload).digest(), len(payload),
+                             to_key(os.fsencode(target)))).rowcount == 1
+    rewrite(target, payload)
+
+    def tampering() -> list[dict[str, Any]]:
+        return [e for e in site.cli.json("events") if e["classification"] == "tampering"]
+    [event] = wait_until(tampering, "a tampering event", REALTIME_SECONDS + 3)
+    assert event["severity"] == "critical" and "tampering" in event["new"]["warning"]
+    assert str(target) in event["new"]["warning"]
+    wait_until(lambda: [a for a in site.alert_lines()
+                        if a["classification"] == "tampering"],
+               "the tampering alert", REALTIME_SECONDS + 6)
+    assert daemon.terminate()[0] == 0
+    assert_no_crash(site)

@@ -11,6 +11,7 @@ import pytest
 
 from integrity.errors import PolicyError
 from integrity.policy import load, parse
+from integrity.ops.seal import SealedIndex
 from integrity.ops.verify import EventContext, check_paths, verify
 from integrity.policy.severity import Window, WindowError
 from integrity.store import Store
@@ -106,8 +107,10 @@ def test_events_carry_the_judged_severity_actor_and_classification(
         context = EventContext(actor_of=actors.get)
         (tree / "a.conf").write_text("by apt\n")
         (tree / "sub" / "c.txt").write_text("by someone\n")
+        index = SealedIndex.build(store, policy)
+        assert index is not None
         check_paths(store, policy, [str(tree / "a.conf").encode(),
-                                    str(tree / "sub" / "c.txt").encode()],
+                                    str(tree / "sub" / "c.txt").encode()], index,
                     context=context)
         # A scan cannot know who changed a file, whatever context it is given.
         (tree / "b.bin").write_bytes(b"by scan")

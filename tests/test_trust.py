@@ -24,21 +24,25 @@ def record(path: bytes, size: int = 1, content: bytes | None = b"\x01" * 32) -> 
 
 
 def test_root_is_deterministic_and_covers_every_field() -> None:
-    entries = [(to_key(p), record(p)) for p in (b"/a", b"/a/b", b"/c")]
+    entries = [(to_key(p), record(p), "base-files") for p in (b"/a", b"/a/b", b"/c")]
     assert root_of(entries) == root_of(list(entries))
     for index in range(1, len(FileRecord._fields)):
         rec = list(entries[1][1])
         rec[index] = b"\x02" * 32 if isinstance(rec[index], bytes) else (
             "dir" if isinstance(rec[index], str) else (rec[index] or 0) + 1)
-        changed = [entries[0], (entries[1][0], FileRecord(*rec)), entries[2]]
+        changed = [entries[0], (entries[1][0], FileRecord(*rec), "base-files"), entries[2]]
         assert root_of(changed) != root_of(entries), FileRecord._fields[index]
+    # The package owner is sealed too: --package-updates decides by it.
+    for package in (None, "coreutils"):
+        changed = [entries[0], (entries[1][0], entries[1][1], package), entries[2]]
+        assert root_of(changed) != root_of(entries), package
     assert root_of(entries[:2]) != root_of(entries)          # a removed entry shows
     assert root_of([entries[1], entries[0], entries[2]]) != root_of(entries)  # order counts
     assert root_of([]) == root_of([]) != root_of(entries[:1])
 
 
 def test_streaming_root_matches_a_plain_merkle_tree() -> None:
-    leaves = [leaf(to_key(b"/%d" % i), record(b"/%d" % i)) for i in range(13)]
+    leaves = [leaf(to_key(b"/%d" % i), record(b"/%d" % i), None) for i in range(13)]
     merkle = MerkleRoot()
     for digest in leaves:
         merkle.add(digest)
@@ -62,10 +66,10 @@ def _root(run: Cli) -> str:
     return str(json.loads(run("status", "--json").stdout)["baseline"]["root"])
 
 
-def _tamper(db: Path, path: Path) -> None:
+def _tamper(db: Path, path: Path, back: bool = False) -> None:
     with sqlite3.connect(db) as conn:
-        changed = conn.execute("UPDATE entry SET size = size + 1 WHERE key = ?",
-                               (to_key(os.fsencode(path)),)).rowcount
+        changed = conn.execute("UPDATE entry SET size = size + ? WHERE key = ?",
+                               (-1 if back else 1, to_key(os.fsencode(path)))).rowcount
     assert changed == 1
 
 
@@ -142,8 +146,9 @@ def test_signed_baselines(run: Cli, tree: Path, keys: tuple[Path, Path],
     approved = signed("approve", str(tree / "a.conf"), "--sign-key", str(private))
     assert approved.exit_code == 0, approved.output
     assert signed("verify").exit_code == 0
-    # An unsigned baseline (here: init without the key) is refused by verify.
-    assert signed("init", "--force").exit_code == 0
+    # An unsigned baseline (init under a policy without the key) is refused by a
+    # verify whose policy names the key: a key in the file is enforced at once.
+    assert run("init", "--force").exit_code == 0
     refused = signed("verify")
     assert refused.exit_code == 2 and "is not signed" in refused.stderr
     assert signed("init", "--force", "--sign-key", str(private)).exit_code == 0
@@ -166,3 +171,39 @@ def test_public_key_must_be_an_absolute_path(run: Cli, tree: Path) -> None:
     run.policy.write_text('public_key = "relative.pub"\n' + run.policy.read_text())
     result = run("verify")
     assert result.exit_code == 2 and "public_key" in result.stderr
+
+
+def test_a_version_1_seal_still_verifies_and_approve_policy_seals_it_anew(
+        run: Cli, tree: Path) -> None:
+    """Baselines written before sealed policies carry a root over their entries
+    alone: verify still checks that, and `approve --policy` seals the policy in."""
+    from integrity.store import Store
+    from integrity.trust import root_of_v1
+
+    assert run("init").exit_code == 0
+    store = Store(f"sqlite:///{run.db}")
+    try:
+        info = store.baselines.require()
+        old_root = root_of_v1(store.baselines.entries(info.id))
+    finally:
+        store.close()
+    with sqlite3.connect(run.db) as conn:
+        conn.execute("UPDATE baseline SET seal_version = 1, policy = NULL, root = ?",
+                     (old_root,))
+        conn.execute("DELETE FROM ledger")  # as 0008's migration found it: then re-entered
+    from integrity.store.ledger import journal
+    store = Store(f"sqlite:///{run.db}")
+    try:
+        with store.writer() as conn, conn.begin():
+            journal(conn, "baseline", [info.id])
+    finally:
+        store.close()
+    assert run("verify").exit_code == 0
+    assert "version 1 seal" in run("status").stdout
+    _tamper(run.db, tree / "a.conf")
+    assert run("verify").exit_code == 2  # a version 1 root still catches an edit
+    _tamper(run.db, tree / "a.conf", back=True)
+    assert run("approve", "--policy").exit_code == 0
+    status = json.loads(run("status", "--json").stdout)
+    assert status["baseline"]["seal"]["version"] == 2 and status["baseline"]["root"] != old_root
+    assert run("verify").exit_code == 0

@@ -27,7 +27,7 @@ from integrity.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 
-TOP_KEYS = {"baseline", "summary", "changes", "errors"}
+TOP_KEYS = {"baseline", "summary", "changes", "errors", "policy"}
 SUMMARY_KEYS = {"scanned", "added", "removed", "modified", "errors"}
 CHANGE_KEYS = {"path", "kind", "rule", "severity", "changed", "old", "new"}
 

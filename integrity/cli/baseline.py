@@ -56,26 +56,40 @@ def init(env: Env, force: bool, sign_key: str | None) -> None:
 @click.option("--fast", is_flag=True,
               help="Rehash only files whose size, mtime, ctime or inode changed.")
 @click.option("--expect-root", metavar="DIGEST",
-              help="Refuse (exit 2) a baseline whose entries do not hash to this root.")
+              help="Refuse (exit 2) a baseline whose root is not this one.")
+@click.option("--expect-key", metavar="FINGERPRINT",
+              help="Refuse (exit 2) a baseline not signed by this key (SHA256:...).")
+@click.option("--expect-head", metavar="DIGEST",
+              help="Refuse (exit 2) an event chain that does not contain this head.")
 @pass_env
 def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
-           expect_root: str | None) -> None:
+           expect_root: str | None, expect_key: str | None,
+           expect_head: str | None) -> None:
     """Compare the live trees (or just PATHS) with the baseline.
 
-    Exit status: 0 no changes, 1 changes or unreadable entries, 2 could not run.
-    Without --fast every regular file is rehashed, because mtime can be forged.
+    The baseline's seal (its entries, the sealed policy, generation and time) is
+    checked every time; the --expect options check it against what you keep off
+    this host. A policy file that differs from the sealed one is reported (exit 1)
+    and the sealed policy is verified, until 'approve --policy'.
+
+    Exit status: 0 no changes, 1 changes or unreadable entries, 2 could not run
+    (tampering included). Without --fast every regular file is rehashed, because
+    mtime can be forged.
 
     Example:
 
         integrity verify /etc/ssh --json
+        integrity verify --expect-root 8ccc... --expect-head 41d0...
     """
+    from integrity.ops.seal import Pins
     from integrity.ops.verify import verify_and_alert
     from integrity.report import dump_json, make_progress, verify_json, verify_text
 
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
         verification = verify_and_alert(env.store, env.policy, paths, fast=fast,
-                                        progress=progress, expect_root=expect_root)
+                                        progress=progress,
+                                        pins=Pins(expect_root, expect_key, expect_head))
     finally:
         if shown:
             shown.done()
@@ -91,33 +105,40 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
 @click.option("--all", "approve_all", is_flag=True, help="Approve every path with an open event.")
 @click.option("--package-updates", is_flag=True,
               help="Approve only what dpkg/rpm vouch for; list what is left open and why.")
+@click.option("--policy", "accept_policy", is_flag=True,
+              help="Seal the policy file as the baseline's policy (after editing it).")
 @click.option("--reason", metavar="TEXT", help="Why: recorded with the approval.")
 @click.option("--sign-key", metavar="FILE", help="Ed25519 private key to sign the new root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @pass_env
 def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates: bool,
-            reason: str | None, sign_key: str | None, as_json: bool) -> None:
+            accept_policy: bool, reason: str | None, sign_key: str | None,
+            as_json: bool) -> None:
     """Accept the current state of PATHS (with their subtrees) into the baseline.
 
     Re-reads only the paths it approves, writes them into the baseline and closes
     their open events, in one transaction, recording who (and the sudo user behind
     them), when and why. --package-updates approves exactly the open changes that
-    the package manager's records explain.
+    the package manager's records explain. --policy accepts an edited policy file:
+    paths it newly covers are read in, paths it no longer covers are dropped.
 
     Example:
 
         integrity approve /etc/ssh/sshd_config --reason "ticket 4711"
         integrity approve --package-updates
+        integrity approve --policy --reason "CHG-2001: protect /srv/app"
     """
     from integrity.ops.approve import Approver
     from integrity.report import approval_json, approval_text, dump_json
 
-    modes = sum([bool(paths), approve_all, package_updates])
+    modes = sum([bool(paths), approve_all, package_updates, accept_policy])
     if modes != 1:
-        raise UsageError("approve: name PATHs, or use --all, or --package-updates "
-                         "(exactly one of them)")
+        raise UsageError("approve: name PATHs, or use --all, --package-updates or "
+                         "--policy (exactly one of them)")
     approver = Approver(env.store(), env.policy, reason=reason, sign_key=sign_key)
-    if package_updates:
+    if accept_policy:
+        outcome = approver.accept_policy()
+    elif package_updates:
         outcome = approver.package_updates()
     elif approve_all:
         outcome = approver.all()

@@ -7,6 +7,7 @@ import sys
 import click
 
 from integrity.cli.app import Env, cli, pass_env
+from integrity.errors import PolicyError
 
 
 @cli.command()
@@ -34,20 +35,30 @@ def events(env: Env, open_only: bool, since: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (SPEC format).")
+@click.option("--expect-head", metavar="DIGEST",
+              help="Refuse (exit 2) an event chain that does not contain this head.")
 @pass_env
-def status(env: Env, as_json: bool) -> None:
-    """Baseline size and age, open events by severity, watcher and last scan.
+def status(env: Env, as_json: bool, expect_head: str | None) -> None:
+    """Baseline size, age and seal, open events by severity, watcher and last scan.
 
-    Exit status: 0 healthy; 1 degraded (open events, no baseline, a stale watcher).
+    The baseline's seal and signature are checked before its root is shown.
+
+    Exit status: 0 healthy; 1 degraded (open events, no baseline, a stale watcher, a
+    broken seal or chain, a policy file that differs from the sealed one); 2 when the
+    chain does not contain the --expect-head digest.
 
     Example:
 
         integrity status --json
     """
-    from integrity.report import dump_json, status_text
     from integrity.ops.status import collect
+    from integrity.report import dump_json, status_text
 
-    report = collect(env.store())
+    try:
+        policy, problem = env.policy, None
+    except PolicyError as exc:  # status still reports, from the sealed policy
+        policy, problem = None, str(exc)
+    report = collect(env.store(), policy, expect_head=expect_head, policy_error=problem)
     if as_json:
         dump_json(report.data, sys.stdout)
     else:

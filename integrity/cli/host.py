@@ -85,6 +85,24 @@ def key_generate(private_key: str) -> None:
     click.echo(f"private key {private} (keep it off this host)\npublic key {public}")
 
 
+@key.command("fingerprint")
+@click.argument("key_file", metavar="FILE")
+def key_fingerprint(key_file: str) -> None:
+    """Print a signing key's fingerprint (SHA256:..., as ssh-keygen -l prints it).
+
+    FILE may be the public or the private key. Keep the fingerprint off the host and
+    check with `verify --expect-key FINGERPRINT`: a baseline signed by any other key
+    is refused, whatever public key the host holds.
+
+    Example:
+
+        integrity key fingerprint /etc/integrity/integrity.key.pub
+    """
+    from integrity.ops.seal import describe_key
+
+    click.echo(describe_key(key_file))
+
+
 @cli.group("apt-hook")
 def apt_hook() -> None:
     """The opt-in apt hook that approves package updates after every dpkg run."""

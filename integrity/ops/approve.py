@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from integrity.errors import ScanWarning, UsageError
+from integrity.errors import BaselineError, ScanWarning, UsageError
 from integrity.ops.baseline import package_owner
-from integrity.ops.seal import check_baseline, sealer
+from integrity.ops.seal import (approval_sealer, check_baseline, check_pins,
+                                effective_policy, verify_seal)
 from integrity.ops.who import invoking_user
 from integrity.paths import key_range, to_key
 from integrity.policy import Policy
@@ -23,8 +24,10 @@ from integrity.record import Attr, FileRecord
 from integrity.scan import normalize_paths, read_state
 from integrity.scan.compare import diff
 from integrity.scan.walker import lstat_in_tree
-from integrity.store import Store
+from integrity.store import BaselineInfo, Store
+from integrity.store.baseline import Entries
 from integrity.store.events import PACKAGE_UPDATE, UNEXPLAINED, OpenEvent
+from integrity.trust import signer_of
 
 if TYPE_CHECKING:
     from integrity.packages import PackageManagers, Verdict
@@ -86,7 +89,7 @@ def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree
             ) -> tuple[list[FileRecord], list[bytes], list[ScanWarning]]:
     """Live state of one path (or its subtree) against the baseline: what to write."""
     low, high = key_range(path) if subtree else (to_key(path), to_key(path) + b"\x00")
-    old = dict(store.baselines.entries(baseline_id, [(low, high)]))
+    old = {key: rec for key, rec, _ in store.baselines.entries(baseline_id, [(low, high)])}
     records, problems = read_state(policy, path, subtree)
     upserts = [rec for rec in records if old.pop(to_key(rec.path), None) != rec]
     deletes = [rec.path for rec in old.values()]
@@ -99,14 +102,16 @@ class Approver:
     def __init__(self, store: Store, policy: Policy, *, reason: str | None = None,
                  sign_key: str | None = None) -> None:
         baseline = store.baselines.require()
-        if policy.public_key and not sign_key:
+        #: What is approved follows the policy sealed with the baseline; the policy
+        #: file, if it differs, is only accepted by `approve --policy`.
+        self.file_policy = policy
+        self.policy = effective_policy(baseline, policy)
+        if (self.policy.public_key or policy.public_key) and not sign_key:
             raise UsageError(f"{policy.source}: public_key is configured: approvals must "
                              "be signed (--sign-key FILE)")
-        # Approving re-roots (and re-signs) the baseline: never launder entries that
-        # were changed behind our back, nor a root the key did not sign.
-        check_baseline(store, policy)
+        if sign_key:
+            signer_of(sign_key)  # a bad key fails now, before anything is re-read
         self.store = store
-        self.policy = policy
         self.baseline = baseline
         self.reason = reason
         self.sign_key = sign_key
@@ -123,6 +128,41 @@ class Approver:
         """Approve every path that has an open event (each path itself)."""
         events = self.store.events.open()
         return self._commit([(e.path, False) for e in events], events, "all")
+
+    def accept_policy(self) -> ApprovalOutcome:
+        """Seal the policy file as the baseline's policy (`approve --policy`).
+
+        Entries the new policy covers and the sealed one did not are read in (as
+        init would), entries it no longer covers are dropped, and the open policy
+        events are closed. Every other difference stays open: accepting a policy
+        never approves a change of a file both policies protect.
+        """
+        from integrity.ops.seal import SealCheck
+        from integrity.policy.sealed import sealed_text
+        from integrity.scan import TreeScan
+        from integrity.scan.compare import ADDED
+
+        new, old = self.file_policy, self.policy
+        text = sealed_text(new)
+        if self.baseline.policy == text and self.baseline.seal_version >= 2:
+            return ApprovalOutcome()
+        with TreeScan(new) as scan:
+            sealing = SealCheck(self.baseline)
+            result = scan.compare(sealing.stream(
+                self.store.baselines.entries(self.baseline.id)))
+            sealing.finish()
+        unread = {w.path for w in result.warnings}
+        upserts = [c.new for c in result.changes if c.kind == ADDED and c.new is not None
+                   and not old.covers(c.path) and c.path not in unread]
+        deletes = [rec.path for _, rec, _ in self.store.baselines.entries(self.baseline.id)
+                   if not new.covers(rec.path)]
+        events = self.store.events.open_policy_changes()
+        outcome = self._write(upserts, deletes, events, {}, "policy", UNEXPLAINED,
+                              package_owner(new), policy=text)
+        outcome.left_open = [LeftOpen(w.path, "unreadable", f"{w.operation} failed: "
+                                      f"{w.cause}") for w in result.warnings
+                             if not old.covers(w.path)]
+        return outcome
 
     def package_updates(self, managers: PackageManagers | None = None) -> ApprovalOutcome:
         """Approve exactly the open changes a package manager vouches for.
@@ -149,9 +189,10 @@ class Approver:
                 left.append(LeftOpen(event.path, event.kind, f"cannot read: "
                                      f"{problems[0].operation} failed: {problems[0].cause}"))
                 continue
-            old = self.store.baselines.entry(self.baseline.id, event.path)
+            entry = self.store.baselines.entry(self.baseline.id, event.path)
+            old, package = (entry[1], entry[2]) if entry is not None else (None, None)
             new = ups[0] if ups else None
-            verdict = self._vouch(managers, event.path, old, new, since)
+            verdict = self._vouch(managers, event.path, old, new, since, package)
             if (verdict.vouched and new is not None
                     and not _unchanged_since(new, self.policy)):
                 verdict = Verdict(False, "changed again while it was being approved")
@@ -168,17 +209,16 @@ class Approver:
         return outcome
 
     def _vouch(self, managers: PackageManagers, path: bytes, old: FileRecord | None,
-               new: FileRecord | None, since: float) -> Verdict:
+               new: FileRecord | None, since: float, package: str | None) -> Verdict:
         """The package manager's verdict on how path differs from the baseline now
-        (every part must hold)."""
+        (every part must hold); `package` is the owner the baseline recorded."""
         from integrity.packages import Verdict
 
         if new is None and old is None:
             return Verdict(True, "no longer differs from the baseline")
         if new is None:
             assert old is not None
-            return managers.check_removed(
-                path, since, self.store.baselines.owner_of(self.baseline.id, path))
+            return managers.check_removed(path, since, package)
         changed = set(diff(old, new, _ALL)) if old is not None else {"added"}
         if not changed:
             return Verdict(True, "no longer differs from the baseline")
@@ -222,20 +262,35 @@ class Approver:
         outcome.left_open = left
         return outcome
 
+    def _check_seal(self, info: BaselineInfo, entries: Entries) -> None:
+        """Inside the approval's write transaction: the rows it is about to re-root
+        still match their seal, and the baseline is still the one the changes were
+        read against (an init may have replaced it meanwhile)."""
+        if info.id != self.baseline.id:
+            raise BaselineError("the baseline was replaced while approving (a new init); "
+                                "nothing was approved: run the approval again")
+        verify_seal(info, entries)
+        check_pins(info, effective_policy(info, self.file_policy),
+                   current=self.file_policy)
+
     def _write(self, upserts: list[FileRecord], deletes: list[bytes],
                events: Sequence[OpenEvent], evidence: dict[int, str | None], mode: str,
                classification: str, owner: Callable[[bytes], str | None] | None,
-               ) -> ApprovalOutcome:
+               policy: str | None = None) -> ApprovalOutcome:
         """One transaction: baseline rows, the approval, its events."""
         outcome = ApprovalOutcome()
         closing = {e.id: evidence.get(e.id) for e in events}
-        if not upserts and not deletes and not closing:
+        if not upserts and not deletes and not closing and policy is None:
+            check_baseline(self.store, self.file_policy)  # nothing to do, on a sound seal
             return outcome
         user, sudo_user = invoking_user()
-        outcome.approval_id, outcome.root = self.store.approvals.apply(
-            self.baseline.id, upserts=upserts, deletes=deletes, events=closing,
-            user=user, sudo_user=sudo_user, reason=self.reason, mode=mode,
-            classification=classification, owner=owner, seal=sealer(self.sign_key))
+        with self.store.exclusive():
+            outcome.approval_id, after = self.store.approvals.apply(
+                upserts=upserts, deletes=deletes, events=closing, user=user,
+                sudo_user=sudo_user, reason=self.reason, mode=mode,
+                check=self._check_seal, seal=approval_sealer(self.sign_key),
+                policy=policy, classification=classification, owner=owner)
+        outcome.root = after.root
         outcome.written = sorted([r.path for r in upserts] + deletes, key=to_key)
         outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id)) for e in events]
         return outcome

@@ -1,8 +1,11 @@
 """Init: walk and hash every rule's tree into a new baseline generation, sealed.
 
-The workers start hashing before the database is opened; the root is computed from
-the records as they stream into the store, and the generation becomes the baseline
-in force only once every row is written (store.baselines.write).
+The workers start hashing before the database is opened; the entries' Merkle root is
+computed from the records as they stream into the store, and the generation becomes
+the baseline in force only once every row is written, sealed with the policy, its
+generation number and its activation time (store.baselines.write). Inits and
+approvals of one database take turns (store.exclusive): two at once never leave it
+without a baseline.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from integrity.errors import ScanWarning
+from integrity.errors import ScanWarning, UsageError
+from integrity.ops.seal import init_sealer
 from integrity.paths import to_key
 from integrity.policy import Policy
+from integrity.policy.sealed import sealed_text
 from integrity.record import FileRecord
 from integrity.scan import Progress, TreeScan
-from integrity.trust import MerkleRoot, leaf, sign
+from integrity.trust import MerkleRoot, leaf, signer_of
 
 if TYPE_CHECKING:
     from integrity.store import BaselineInfo, Store
@@ -35,33 +40,39 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                    progress: Progress | None = None, parallel: bool | int | None = None,
                    sign_key: str | None = None) -> InitResult:
     """Walk and hash every rule's tree and make it the baseline, atomically."""
+    if policy.public_key and not sign_key:
+        raise UsageError(f"{policy.source}: public_key is configured: the baseline must "
+                         "be signed (--sign-key FILE)")
+    if sign_key:
+        signer_of(sign_key)  # a bad key fails now, not after the whole scan
     warnings: list[ScanWarning] = []
     with TreeScan(policy, parallel=parallel) as scan:
         live = scan.live()
         store = open_store()
         owner = package_owner(policy)
         merkle = MerkleRoot()
+        text = sealed_text(policy)
 
-        def seal() -> tuple[str, bytes | None]:
-            root = merkle.hexdigest()
-            return root, sign(root, sign_key) if sign_key else None
-
-        def records() -> Iterator[FileRecord]:
+        def records() -> Iterator[tuple[FileRecord, str | None]]:
             for item in live:
                 if isinstance(item, ScanWarning):
                     warnings.append(item)
                     continue
                 if item.problem is not None:
                     warnings.append(item.problem)
-                if item.record is not None:
+                rec = item.record
+                if rec is not None:
                     if progress is not None:
-                        progress.add(item.record.size)
-                    merkle.add(leaf(to_key(item.path), item.record))
-                    yield item.record
+                        progress.add(rec.size)
+                    package = owner(rec.path) if owner is not None else None
+                    merkle.add(leaf(to_key(rec.path), rec, package))
+                    yield rec, package
 
-        info = store.baselines.write(records(), policy_source=policy.source,
-                                     policy_digest=policy.digest, actor=actor,
-                                     force=force, owner=owner, seal=seal)
+        with store.exclusive():
+            info = store.baselines.write(
+                records(), policy_source=policy.source, policy_digest=policy.digest,
+                sealed_policy=text, actor=actor, force=force,
+                seal=init_sealer(sign_key, merkle, text))
     return InitResult(info, warnings)
 
 

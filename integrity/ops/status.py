@@ -6,10 +6,15 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from integrity.errors import IntegrityError
+from integrity.ops.seal import check_head, check_pins, effective_policy, verify_seal
+from integrity.policy import Policy
+from integrity.policy.sealed import differences, sealed_text
 from integrity.policy.severity import SEVERITIES
-from integrity.store import Store
+from integrity.store import BaselineInfo, Store
 from integrity.store.runs import WatcherInfo
 from integrity.times import iso, utcnow
+from integrity.trust import fingerprint, signature_valid
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,43 @@ def watcher_alive(store: Store) -> bool:
     return watcher_liveness(store.runs.latest_watcher(), utcnow())[0]
 
 
-def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
+def seal_state(store: Store, policy: Policy | None, info: BaselineInfo | None
+               ) -> dict[str, Any]:
+    """Whether the baseline status prints is the one that was sealed: its rows
+    against the root, the signature against the signer and the sealed policy's key."""
+    if info is None:
+        return {"valid": False, "problem": "no baseline", "signed": False}
+    state: dict[str, Any] = {"valid": True, "problem": None, "version": info.seal_version,
+                             "generation": info.generation,
+                             "signer": fingerprint(info.signer) if info.signer else None}
+    try:
+        verify_seal(info, store.baselines.entries(info.id))
+        check_pins(info, effective_policy(info, policy), current=policy)
+    except IntegrityError as exc:
+        state.update(valid=False, problem=str(exc))
+    state["signed"] = bool(state["valid"] and info.signature and info.signer
+                           and signature_valid(info.root or "", info.signature,
+                                               info.signer))
+    return state
+
+
+def collect(store: Store, policy: Policy | None, now: dt.datetime | None = None,
+            expect_head: str | None = None, policy_error: str | None = None
+            ) -> StatusReport:
     """Gather status; unhealthy when there is no baseline, changes are open, the
-    event log's hash chain is broken (tampering) or an alert sink keeps failing.
+    baseline fails its seal, the policy file differs from the sealed one, the event
+    log's hash chain is broken (tampering) or an alert sink keeps failing.
 
     A watcher whose heartbeat is older than three intervals is stale: unhealthy.
+    A kept head the chain does not contain is refused (TrustError, exit 2).
     """
+    check_head(store, expect_head)
     baseline = store.baselines.active()
+    seal = seal_state(store, policy, baseline)
+    current = sealed_text(policy) if policy is not None else None
+    drift = (differences(baseline.policy, current)
+             if baseline is not None and baseline.policy is not None
+             and current is not None and baseline.policy != current else [])
     counts = store.events.open_counts()
     run = store.runs.last("verify", "scan")
     watcher = store.runs.latest_watcher()
@@ -59,8 +94,10 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
             "id": baseline.id, "created": iso(baseline.created),
             "age_seconds": int((now - baseline.created).total_seconds()),
             "entries": baseline.entries, "root": baseline.root,
-            "signed": baseline.signature is not None,
-            "policy": baseline.policy_source},
+            "generation": baseline.generation, "signed": seal["signed"],
+            "seal": seal, "policy": baseline.policy_source},
+        "policy": {"source": policy.source if policy is not None else None,
+                   "sealed": not drift, "differences": drift, "error": policy_error},
         "events": {"open": open_total, **{s: counts.get(s, 0) for s in SEVERITIES}},
         "watcher": {
             "pid": watcher.pid if watcher else None,
@@ -83,5 +120,5 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
                     "failing": b.attempts >= FAILING_AFTER} for b in backlog],
     }
     healthy = (baseline is not None and open_total == 0 and not stale and chain.ok
-               and not failing)
+               and not failing and seal["valid"] and not drift and not policy_error)
     return StatusReport(data, healthy)

@@ -8,18 +8,25 @@ counts. The scan itself never touches the database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from integrity.errors import ScanWarning
+from integrity.errors import ScanWarning, UsageError
+from integrity.ops.seal import (Pins, SealCheck, SealedIndex, check_head, check_pins,
+                                effective_policy, verify_seal)
 from integrity.paths import key_range, to_key
 from integrity.policy import Policy
+from integrity.policy.sealed import differences, sealed_text
+from integrity.record import FileRecord
 from integrity.scan import Progress, ScanResult, TreeScan, check_entries, normalize_paths
 from integrity.scan.compare import Change, change_states
 from integrity.scan.walker import SkippedTree
 from integrity.times import utcnow
+from integrity.trust import TrustError
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) is imported only once workers run
     from integrity.store import BaselineInfo, Store
@@ -48,53 +55,137 @@ class Verification:
     baseline: BaselineInfo
     result: ScanResult
     recorded: Recorded
+    #: How the policy file differs from the policy sealed with the baseline (which
+    #: was verified instead); empty when they are the same.
+    policy_changes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return self.result.exit_code
+        return 1 if self.policy_changes else self.result.exit_code
 
 
 def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes] = (),
            *, fast: bool = False, progress: Progress | None = None,
            parallel: bool | int | None = None, source: str = "verify",
-           context: EventContext | None = None) -> Verification:
+           context: EventContext | None = None, pins: Pins = Pins(),
+           index: SealedIndex | None = None) -> Verification:
     """Compare the live trees (or just `paths`) with the baseline; record run and events.
 
     `source` names who asks: "verify" (a person or timer), "scan" (the watcher's
     scheduled and catch-up scans) or "realtime" (a subtree the watcher saw appear).
-    `open_store` is called once the scan's workers run, so opening the database
-    overlaps with the first files' hashing.
+    The baseline's seal is checked over the rows the scan reads (or, for the watcher,
+    against its `index`), with the operator's `pins`; a baseline that fails is
+    recorded as tampering (critical) and refused (TrustError). The scan follows the
+    policy sealed with the baseline: a policy file that differs is reported, never
+    obeyed. `open_store` is called once the scan's workers run, so opening the
+    database overlaps with the first files' hashing.
     """
-    wanted = normalize_paths(policy, paths)
-    with TreeScan(policy, wanted or None, fast=fast, parallel=parallel) as scan:
+    context = context or EventContext()
+    scan = _early_scan(policy, paths, fast, parallel)
+    try:
         store = open_store()
-        baseline = store.baselines.require()
-        run_id = store.runs.start(source, baseline.id, wanted, fast)
+        info = store.baselines.require()
+        effective = effective_policy(info, policy)
+        if scan is None or effective is not policy:
+            if scan is not None:
+                scan.close()
+            store.close()  # no connection crosses the fork; the engine reconnects
+            scan = TreeScan(effective, normalize_paths(effective, paths) or None,
+                            fast=fast, parallel=parallel)
+        run_id = store.runs.start(source, info.id, scan.wanted, fast)
         ranges = [key_range(r) for r in scan.roots]
-        result = scan.compare(store.baselines.entries(baseline.id, ranges), progress)
-    recorded = record(store, policy, result, source, ranges, context)
+        with _tampering_recorded(store, source, context):
+            check_head(store, pins.head)
+            if index is not None:
+                base: Iterator[tuple[bytes, FileRecord]] = (
+                    (k, r) for k, r, _ in index.entries(store, ranges))
+                result = scan.compare(base, progress)
+            elif scan.wanted:
+                verify_seal(info, store.baselines.entries(info.id))
+                result = scan.compare(
+                    ((k, r) for k, r, _ in store.baselines.entries(info.id, ranges)),
+                    progress)
+            else:  # every entry is read anyway: the seal is checked on the way
+                sealing = SealCheck(info)
+                result = scan.compare(sealing.stream(store.baselines.entries(info.id)),
+                                      progress)
+                sealing.finish()
+            check_pins(info, effective, pins, policy)
+    finally:
+        if scan is not None:
+            scan.close()
+    recorded = record(store, effective, result, source, ranges, context)
+    changes = _policy_changes(store, info, policy, source, context)
     if source == "verify":
         for problem in store.ledger.check().problems:
             result.warnings.append(ScanWarning(b"(event log)", "hash chain check", problem,
                                                "tampering"))
+    verification = Verification(info, result, recorded, changes)
     store.runs.finish(run_id, scanned=result.scanned, errors=len(result.warnings),
-                      exit_code=result.exit_code, **result.counts())
-    return Verification(baseline, result, recorded)
+                      exit_code=verification.exit_code, **result.counts())
+    return verification
 
 
-def check_paths(store: Store, policy: Policy, paths: Sequence[bytes],
+def _early_scan(policy: Policy, paths: Sequence[str | bytes], fast: bool,
+                parallel: bool | int | None) -> TreeScan | None:
+    """The scan as the policy file asks for it, forked before the database opens;
+    None when the file does not cover a path (the sealed policy may)."""
+    try:
+        wanted = normalize_paths(policy, paths)
+    except UsageError:
+        return None
+    return TreeScan(policy, wanted or None, fast=fast, parallel=parallel)
+
+
+@contextlib.contextmanager
+def _tampering_recorded(store: Store, source: str, context: EventContext
+                        ) -> Iterator[None]:
+    """A baseline or chain that fails its seal or a pin is an event in its own right:
+    recorded (critical, alerted) before the refusal goes up."""
+    try:
+        yield
+    except TrustError as exc:
+        store.events.warn(os.fsencode(store.name()), str(exc), source=source,
+                          severity="critical", routes=context.routes,
+                          classification="tampering")
+        raise
+
+
+def _policy_changes(store: Store, info: BaselineInfo, policy: Policy, source: str,
+                    context: EventContext) -> list[str]:
+    """Report (or settle) a policy file that differs from the sealed policy."""
+    from integrity.store.events import RESOLVED
+
+    if info.policy is None:
+        return []
+    current = sealed_text(policy)
+    if current == info.policy:
+        store.events.close_policy_changes(RESOLVED)
+        return []
+    changes = differences(info.policy, current) or ["policy changed"]
+    store.events.policy_changed(os.fsencode(policy.source), changes, source=source,
+                                routes=context.routes)
+    return changes
+
+
+def check_paths(store: Store, policy: Policy, paths: Sequence[bytes], index: SealedIndex,
                 source: str = "realtime", context: EventContext | None = None
                 ) -> Verification:
     """Targeted rehash: compare just these entries (not their subtrees) with the
-    baseline and record what really changed. The watcher's hints end up here."""
-    baseline = store.baselines.require()
-    wanted = sorted({p for p in paths if policy.rule_for(p) is not None}, key=to_key)
+    baseline, whose rows `index` vouches for, and record what really changed. The
+    watcher's hints end up here."""
+    context = context or EventContext()
+    info = index.info
+    effective = effective_policy(info, policy)
+    wanted = sorted({p for p in paths if effective.rule_for(p) is not None}, key=to_key)
     ranges = [(key, key + b"\x00") for key in map(to_key, wanted)]
     result = ScanResult()
     if wanted:
-        result = check_entries(policy, wanted, store.baselines.entries(baseline.id, ranges))
-    return Verification(baseline, result,
-                        record(store, policy, result, source, ranges, context))
+        with _tampering_recorded(store, source, context):
+            base = [(k, r) for k, r, _ in index.entries(store, ranges)]
+        result = check_entries(effective, wanted, iter(base))
+    return Verification(info, result,
+                        record(store, effective, result, source, ranges, context))
 
 
 def record(store: Store, policy: Policy, result: ScanResult, source: str,
@@ -135,18 +226,17 @@ def _when(change: Change, now: dt.datetime) -> dt.datetime:
 
 def verify_and_alert(open_store: StoreOpener, policy: Policy,
                      paths: Sequence[str | bytes] = (), *, fast: bool = False,
-                     progress: Progress | None = None,
-                     expect_root: str | None = None) -> Verification:
-    """`integrity verify`: check the seal where the operator pinned it (or signing is
-    on), verify and record, and deliver the alerts owed unless a watcher does."""
+                     progress: Progress | None = None, pins: Pins = Pins()
+                     ) -> Verification:
+    """`integrity verify`: verify and record against the sealed baseline and the
+    operator's pins, and deliver the alerts owed (tampering included) unless a
+    watcher does."""
     from integrity.alerts import build_sinks, routes_of
     from integrity.alerts.dispatch import deliver_after_scan
-    from integrity.ops.seal import check_baseline
 
     sinks = build_sinks(policy)
-    if expect_root or policy.public_key:
-        check_baseline(open_store(), policy, expect_root)
-    verification = verify(open_store, policy, paths, fast=fast, progress=progress,
-                          context=EventContext(routes=routes_of(sinks)))
-    deliver_after_scan(open_store(), sinks)
-    return verification
+    try:
+        return verify(open_store, policy, paths, fast=fast, progress=progress,
+                      context=EventContext(routes=routes_of(sinks)), pins=pins)
+    finally:
+        deliver_after_scan(open_store(), sinks)

@@ -168,6 +168,8 @@ class Policy:
     public_key: str | None = None
     #: `[retention] events = "90d"`: the watcher prunes closed events older than this.
     retention: str | None = None
+    #: The validated mapping this policy was parsed from: what a seal keeps of it.
+    data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
@@ -292,7 +294,7 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
                                or not re.fullmatch(r"\d+[hdw]", events.strip())):
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
-                  full_scan, tuple(alerts), digest, public_key, events)
+                  full_scan, tuple(alerts), digest, public_key, events, dict(data))
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,

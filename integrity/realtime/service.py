@@ -11,6 +11,7 @@ in short transactions: SIGTERM can stop us at any point without half-written row
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -22,12 +23,14 @@ from typing import Any
 from integrity.alerts import build_sinks
 from integrity.alerts.dispatch import Dispatcher
 from integrity.errors import IntegrityError
+from integrity.ops.seal import SealedIndex
 from integrity.ops.verify import EventContext, Verification, check_paths, verify
 from integrity.paths import display
 from integrity.policy import Policy, load
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
 from integrity.scan import Progress
 from integrity.store import Store
+from integrity.trust import TrustError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class Service:
         self.watcher: Watcher | None = None
         self.unwatched: list[Unwatched] = []
         self.watcher_id: int | None = None
+        #: The verified baseline's block digests (ops.seal.SealedIndex).
+        self.index: SealedIndex | None = None
         self.scheduler: Any = None
         self.threads: list[threading.Thread] = []
 
@@ -127,18 +132,44 @@ class Service:
             except Exception:  # noqa: BLE001 - a bug must not kill the daemon silently
                 log.exception("unexpected error while handling %s", task.kind)
 
+    def _sealed_index(self) -> SealedIndex | None:
+        """The index of the baseline's verified rows, rebuilt (the seal checked again)
+        when an approval or init changed the baseline. A baseline that fails is
+        recorded as tampering and alerted, and no re-check trusts its rows."""
+        if self.index is not None and self.index.current(self.store):
+            return self.index
+        try:
+            self.index = SealedIndex.build(self.store, self.policy)
+        except TrustError as exc:
+            self.index = None
+            self.store.events.warn(os.fsencode(self.store.name()), str(exc),
+                                   source="realtime", severity="critical",
+                                   routes=self.dispatcher.routes(),
+                                   classification="tampering")
+            self.dispatcher.wake()
+            raise
+        return self.index
+
     def _handle_realtime(self, task: _Task) -> None:
         hints = task.hints
         assert hints is not None
         context = self._context(realtime=True)
-        if hints.paths:
-            self._alert(check_paths(self.store, self.policy, sorted(hints.paths),
-                                    context=context))
-        for root in sorted(hints.subtrees):
-            if self.policy.rule_for(root) is None:
-                continue
-            self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
-                               source="realtime", context=context))
+        index = self._sealed_index()
+        if index is None:
+            return  # no baseline yet: nothing to compare with
+        try:
+            if hints.paths:
+                self._alert(check_paths(self.store, self.policy, sorted(hints.paths),
+                                        index, context=context))
+            for root in sorted(hints.subtrees):
+                if self.policy.rule_for(root) is None:
+                    continue
+                self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
+                                   source="realtime", context=context, index=index))
+        except TrustError:
+            self.index = None  # rows changed behind us: the seal is checked again next
+            self.dispatcher.wake()
+            raise
 
     def _handle_scan(self, task: _Task) -> None:
         if task.kind == "full":
@@ -300,9 +331,8 @@ class Service:
 
     def run(self) -> int:
         """Run until SIGTERM; return the exit status (0)."""
-        from integrity.ops.seal import check_baseline
-
-        check_baseline(self.store, self.policy)  # refuse a baseline changed behind us
+        # Refuse a baseline changed behind us; keep what was verified for re-checks.
+        self.index = SealedIndex.build(self.store, self.policy)
         self._install_signals()
         self._beat("starting")
         self.store.events.resolve_warnings()  # a new start re-establishes them

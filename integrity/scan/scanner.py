@@ -95,6 +95,8 @@ class TreeScan:
     def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None, *,
                  fast: bool = False, parallel: bool | int | None = None) -> None:
         self.policy = policy
+        #: The paths asked for (empty: the whole policy).
+        self.wanted = list(roots) if roots is not None else []
         self.roots = walk_roots(policy, roots)
         self.fast = fast
         count = 0 if fast else worker_processes(parallel)

@@ -22,6 +22,8 @@ from integrity.paths import from_key, to_key
 from integrity.record import FileRecord
 from integrity.store import schema
 from integrity.store.engine import Database, cause, inserted_id
+from integrity.store.ledger import forget, journal
+from integrity.trust import SEAL_VERSION
 from integrity.times import utcnow
 
 #: Rows per executemany while a baseline is written.
@@ -29,23 +31,44 @@ BATCH = 5000
 
 #: Who installed a path (dpkg/rpm), recorded with each entry.
 Owner = Callable[[bytes], "str | None"]
-#: Seals a baseline from its entries as stored: returns (root, signature or None).
-Seal = Callable[[Iterator[tuple[bytes, FileRecord]]], tuple[str, "bytes | None"]]
-#: The stream of a baseline's entries, (key, record) in key order.
-Entries = Iterator[tuple[bytes, FileRecord]]
+#: One stored entry: (key, record, package owner).
+Entry = tuple[bytes, FileRecord, "str | None"]
+#: The stream of a baseline's entries in key order.
+Entries = Iterator[Entry]
+#: (root, signature or None, signer's raw public key or None)
+Sealed = tuple[str, "bytes | None", "bytes | None"]
 
 
 @dataclass(frozen=True)
 class BaselineInfo:
-    """The active (or just written) baseline generation."""
+    """The active (or just written) baseline generation and its seal."""
 
     id: int
+    #: When the generation became the baseline in force (sealed).
     created: dt.datetime
     entries: int
     policy_source: str
     policy_digest: str
     root: str | None
-    signature: bytes | None = None
+    signature: bytes | None
+    generation: int
+    #: The sealed part of the policy (policy/sealed.py); None before seal version 2.
+    policy: str | None
+    signer: bytes | None
+    seal_version: int
+
+
+_INFO = (schema.baseline.c.id, schema.baseline.c.activated, schema.baseline.c.entries,
+         schema.baseline.c.policy_source, schema.baseline.c.policy_digest,
+         schema.baseline.c.root, schema.baseline.c.signature,
+         schema.baseline.c.generation, schema.baseline.c.policy,
+         schema.baseline.c.signer, schema.baseline.c.seal_version)
+
+
+def active_in(conn: sa.Connection) -> BaselineInfo | None:
+    """The baseline in force, read on an open connection."""
+    row = conn.execute(sa.select(*_INFO).where(schema.baseline.c.state == "active")).first()
+    return BaselineInfo(*row) if row else None
 
 
 class Baselines:
@@ -56,14 +79,8 @@ class Baselines:
 
     def active(self) -> BaselineInfo | None:
         """The baseline in force, or None before the first init."""
-        b = schema.baseline
         with self.db.reader() as conn:
-            row = conn.execute(
-                sa.select(b.c.id, b.c.activated, b.c.entries, b.c.policy_source,
-                          b.c.policy_digest, b.c.root, b.c.signature)
-                .where(b.c.state == "active")
-            ).first()
-        return BaselineInfo(*row) if row else None
+            return active_in(conn)
 
     def require(self) -> BaselineInfo:
         """The baseline in force; BaselineError before the first init."""
@@ -72,15 +89,18 @@ class Baselines:
             raise BaselineError(f"{self.db.name()}: no baseline yet: run 'integrity init'")
         return info
 
-    def write(self, records: Iterable[FileRecord], *, policy_source: str,
-              policy_digest: str, actor: str | None, force: bool,
-              owner: Owner | None = None,
-              seal: Callable[[], tuple[str, bytes | None]] | None = None,
-              ) -> BaselineInfo:
-        """Store a new generation from `records` (in key order) and switch to it.
+    def write(self, records: Iterable[tuple[FileRecord, str | None]], *,
+              policy_source: str, policy_digest: str, sealed_policy: str,
+              actor: str | None, force: bool,
+              seal: Callable[[int, dt.datetime], Sealed]) -> BaselineInfo:
+        """Store a new generation from (record, package owner) pairs in key order and
+        switch to it.
 
-        `seal` is called once every record is written, for the root and signature
-        the new generation is activated with.
+        `seal(generation, activated)` is called once every record is written, for the
+        root, signature and signer the new generation is activated with; the
+        generation number continues from the baseline it replaces. The switch is
+        entered in the ledger: a chain that does not name the baseline in force was
+        rewritten.
         """
         b, e = schema.baseline, schema.entry
         with self.db.writer() as conn, conn.begin():
@@ -98,21 +118,28 @@ class Baselines:
             positional = writer.positional
             columns = e.c.keys()
             batch: list[object] = []
-            for rec in records:
-                row = (new_id, to_key(rec[0]), *rec[1:], owner(rec[0]) if owner else None)
+            for rec, package in records:
+                row = (new_id, to_key(rec[0]), *rec[1:], package)
                 batch.append(row if positional else dict(zip(columns, row)))
                 if len(batch) >= BATCH:
                     writer.put(batch)
                     batch = []
             writer.put(batch)
             count = writer.close()
-            root, signature = seal() if seal else (None, None)
             with self.db.writer() as conn, conn.begin():
-                conn.execute(b.update().where(b.c.state == "active")
-                             .values(state="retired"))
+                previous = active_in(conn)
+                generation = previous.generation + 1 if previous else 1
+                activated = utcnow().replace(microsecond=0)
+                root, signature, signer = seal(generation, activated)
+                if previous is not None:
+                    conn.execute(b.update().where(b.c.id == previous.id)
+                                 .values(state="retired"))
+                    forget(conn, "baseline", [previous.id])
                 conn.execute(b.update().where(b.c.id == new_id).values(
-                    state="active", activated=utcnow(), entries=count, root=root,
-                    signature=signature))
+                    state="active", activated=activated, entries=count, root=root,
+                    signature=signature, generation=generation, policy=sealed_policy,
+                    signer=signer, seal_version=SEAL_VERSION))
+                journal(conn, "baseline", [new_id])
         except BaseException:
             writer.abort()
             self._discard(new_id)
@@ -138,25 +165,17 @@ class Baselines:
         with self.db.reader() as conn:
             yield from entries_in(conn, baseline_id, ranges)
 
-    def entry(self, baseline_id: int, path: bytes) -> FileRecord | None:
-        """One path's baseline record, if it has one."""
+    def entry(self, baseline_id: int, path: bytes) -> Entry | None:
+        """One path's baseline entry, if it has one."""
         key = to_key(path)
-        return next((rec for _, rec in self.entries(baseline_id, [(key, key + b"\x00")])),
-                    None)
-
-    def owner_of(self, baseline_id: int, path: bytes) -> str | None:
-        """The package recorded as owning path in a baseline, if any."""
-        e = schema.entry
-        with self.db.reader() as conn:
-            return conn.execute(sa.select(e.c.package).where(
-                e.c.baseline_id == baseline_id, e.c.key == to_key(path))).scalar()
+        return next(self.entries(baseline_id, [(key, key + b"\x00")]), None)
 
 
 def entries_in(conn: sa.Connection, baseline_id: int,
                ranges: Sequence[tuple[bytes, bytes]] | None = None) -> Entries:
     """(key, record) of a baseline in key order, on an open connection."""
     e = schema.entry
-    cols = [e.c[name] for name in schema.ENTRY_COLUMNS]
+    cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package]
     bounds: Sequence[tuple[bytes | None, bytes | None]] = ranges or [(None, None)]
     for low, high in bounds:
         query = sa.select(*cols).where(e.c.baseline_id == baseline_id)
@@ -166,7 +185,7 @@ def entries_in(conn: sa.Connection, baseline_id: int,
             .execute(query.order_by(e.c.key))
         for row in result:
             key = row[0]
-            yield key, FileRecord(from_key(key), *row[1:])
+            yield key, FileRecord(from_key(key), *row[1:14]), row[14]
 
 
 def _sweep(conn: sa.Connection) -> None:

@@ -8,6 +8,7 @@ keep `verify` on a small tree quick to start.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from sqlalchemy import event, exc as sa_exc
 from integrity.errors import DatabaseError
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
 HEAD = REVISIONS[-1]
 #: Rows per statement where a list of ids or keys goes into one IN (...): under
 #: SQLite's default limit of bound parameters, whatever the build.
@@ -117,6 +118,39 @@ class Database:
         """A connection whose transaction holds the write lock from its start."""
         return self.engine.connect().execution_options(write=True)
 
+    @contextlib.contextmanager
+    def exclusive(self, timeout: float = 600.0) -> Iterator[None]:
+        """Hold the baseline lock: inits and approvals of one database take turns.
+
+        A baseline is written in many transactions (batches, then the switch), so
+        the database's own write lock cannot keep two writers apart. SQLite: an flock
+        on `<database>.lock` beside the file; other databases: an advisory lock.
+        Waits up to `timeout` seconds for the holder, then fails with one line.
+        """
+        database = self.engine.url.database or ""
+        if self.engine.dialect.name == "sqlite":
+            if database in ("", ":memory:") or database.startswith("file:"):
+                yield
+                return
+            with _file_lock(database + ".lock", timeout, self.name()):
+                yield
+            return
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql(f"SET lock_timeout = '{int(timeout * 1000)}ms'")
+                try:
+                    conn.exec_driver_sql("SELECT pg_advisory_lock(7243011)")
+                except sa_exc.DBAPIError:
+                    raise DatabaseError(f"{self.name()}: another init or approve holds "
+                                        f"the baseline lock (waited {timeout:.0f} s)") from None
+                try:
+                    yield
+                finally:
+                    conn.exec_driver_sql("SELECT pg_advisory_unlock(7243011)")
+            return
+        raise DatabaseError(f"{self.name()}: no baseline lock for the "
+                            f"{self.engine.dialect.name} dialect")
+
     # -- schema -----------------------------------------------------------------
 
     def revision(self) -> str | None:
@@ -182,6 +216,32 @@ class Database:
         except sa_exc.DatabaseError as exc:
             raise DatabaseError(f"{self.name()}: migration failed: {cause(exc)}") from None
         return before, HEAD
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, timeout: float, name: str) -> Iterator[None]:
+    """An exclusive flock on `path` (created 0600), waited for up to `timeout` s."""
+    import fcntl
+    import time
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DatabaseError(f"{path}: cannot open the baseline lock: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DatabaseError(f"{name}: another init or approve holds the "
+                                        f"baseline lock (waited {timeout:.0f} s)") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _require_existing(url: str) -> None:

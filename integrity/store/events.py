@@ -19,14 +19,17 @@ import sqlalchemy as sa
 from integrity.paths import display, from_key, key_range, to_key
 from integrity.store import schema
 from integrity.store.engine import Database, chunks, inserted_id
-from integrity.store.ledger import journal
+from integrity.store.ledger import Ledger, journal
 from integrity.store.outbox import Route, enqueue
 from integrity.times import iso, utcnow
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
 #: Closed because the policy no longer covers the path (a new exclude, a removed rule).
 EXCLUDED = "excluded"
-WARNING = "warning"
+#: Kinds that are not changes of an entry: the watcher could not see something, and
+#: the policy file differs from the sealed one. Scans neither update nor revert them.
+WARNING, POLICY = "warning", "policy"
+NOTICES = (WARNING, POLICY)
 UNEXPLAINED, PACKAGE_UPDATE = "unexplained", "package-update"
 
 #: Who made a change, as the fanotify listener tells (pid, exe, cmdline, uid, ...).
@@ -53,6 +56,9 @@ class EventDoc(TypedDict):
     new: dict[str, Any] | None
     approval: int | None
     evidence: str | None
+    #: The digest of the ledger row that holds the event's latest state: a place in
+    #: the chain that an alert carries off the host (`--expect-head` accepts it).
+    chain: str | None
 
 
 @dataclass(frozen=True)
@@ -167,33 +173,61 @@ class Events:
 
     def warn(self, path: bytes, message: str, *, source: str = "realtime",
              severity: str = "high", resolved: bool = False,
-             routes: Sequence[Route] = ()) -> int:
-        """Record that the watcher could not see something (an open warning until it
-        is resolved); a repeat of an open warning for the same path updates it and
+             routes: Sequence[Route] = (), classification: str = "watcher") -> int:
+        """Record that something could not be seen or trusted (an open warning until
+        it is resolved); a repeat of an open warning for the same path updates it and
         is not alerted again, its resolution is."""
+        return self._notice(path, WARNING, "", {"warning": message}, source=source,
+                            severity=severity, resolved=resolved, routes=routes,
+                            classification=classification)
+
+    def policy_changed(self, path: bytes, differences: Sequence[str], *, source: str,
+                       routes: Sequence[Route] = ()) -> int:
+        """Record that the policy file differs from the one sealed with the baseline
+        (critical; open until `approve --policy`, resolved if the file is put back)."""
+        return self._notice(path, POLICY, "policy", {"differences": list(differences)},
+                            source=source, severity="critical", resolved=False,
+                            routes=routes, classification=UNEXPLAINED)
+
+    def _notice(self, path: bytes, kind: str, changed: str, state: dict[str, Any], *,
+                source: str, severity: str, resolved: bool, routes: Sequence[Route],
+                classification: str) -> int:
         e = schema.event
         now = utcnow()
         key = to_key(path)
         with self.db.writer() as conn, conn.begin():
             existing = conn.execute(sa.select(e.c.id).where(
-                e.c.status == OPEN, e.c.kind == WARNING, e.c.key == key)).scalar()
+                e.c.status == OPEN, e.c.kind == kind, e.c.key == key)).scalar()
             status = RESOLVED if resolved else OPEN
+            new_state = json.dumps(state)
             if existing is not None:
-                conn.execute(e.update().where(e.c.id == existing).values(
-                    count=e.c.count + 1, last_seen=now, status=status,
-                    new=json.dumps({"warning": message})))
                 event_id = int(existing)
+                conn.execute(e.update().where(e.c.id == event_id).values(
+                    count=e.c.count + 1, last_seen=now, status=status, new=new_state))
                 if resolved:
                     enqueue(conn, routes, [(event_id, severity)])
             else:
                 event_id = inserted_id(conn.execute(e.insert().values(
-                    key=key, kind=WARNING, changed="", source=source, rule=None,
-                    severity=severity, classification="watcher", status=status, count=1,
-                    first_seen=now, last_seen=now, old=None,
-                    new=json.dumps({"warning": message}), actor=None)))
+                    key=key, kind=kind, changed=changed, source=source, rule=None,
+                    severity=severity, classification=classification, status=status,
+                    count=1, first_seen=now, last_seen=now, old=None, new=new_state,
+                    actor=None)))
                 enqueue(conn, routes, [(event_id, severity)])
             journal(conn, "event", [event_id])
             return event_id
+
+    def close_policy_changes(self, status: str, approval_id: int | None = None) -> int:
+        """Close open policy events: approved with the policy, or resolved because
+        the file matches the sealed policy again."""
+        e = schema.event
+        with self.db.writer() as conn, conn.begin():
+            ids = list(conn.execute(sa.select(e.c.id).where(
+                e.c.status == OPEN, e.c.kind == POLICY)).scalars())
+            for chunk in chunks(ids):
+                conn.execute(e.update().where(e.c.id.in_(chunk)).values(
+                    status=status, last_seen=utcnow(), approval_id=approval_id))
+            journal(conn, "event", ids)
+            return len(ids)
 
     def resolve_warnings(self, keep: Iterable[bytes] = ()) -> int:
         """Close open warnings, except those for paths in `keep`; return how many."""
@@ -215,13 +249,23 @@ class Events:
         """Open changes (in key order; not warnings), optionally within key ranges."""
         e = schema.event
         query = sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed, e.c.severity).where(
-            e.c.status == OPEN, e.c.kind != WARNING)
+            e.c.status == OPEN, e.c.kind.not_in(NOTICES))
         if scope is not None:
             query = query.where(sa.or_(*[sa.and_(e.c.key >= low, e.c.key < high)
                                          for low, high in scope]) if scope else sa.false())
         with self.db.reader() as conn:
             rows = conn.execute(query.order_by(e.c.key)).all()
         return [OpenEvent(i, from_key(k), kind, tuple(c.split(",")) if c else (), sev)
+                for i, k, kind, c, sev in rows]
+
+    def open_policy_changes(self) -> list[OpenEvent]:
+        """Open events saying the policy file differs from the sealed one."""
+        e = schema.event
+        with self.db.reader() as conn:
+            rows = conn.execute(sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed,
+                                          e.c.severity).where(
+                e.c.status == OPEN, e.c.kind == POLICY).order_by(e.c.id)).all()
+        return [OpenEvent(i, from_key(k), kind, (c,) if c else (), sev)
                 for i, k, kind, c, sev in rows]
 
     def open_counts(self) -> dict[str, int]:
@@ -249,6 +293,9 @@ class Events:
                     q.order_by(e.c.first_seen, e.c.id)).mappings()]
         if ids is not None:
             docs.sort(key=lambda d: (d["time"] or "", d["id"]))
+        places = Ledger(self.db).digest_of("event", [d["id"] for d in docs])
+        for doc in docs:
+            doc["chain"] = places.get(doc["id"])
         return docs
 
 
@@ -263,7 +310,7 @@ def _doc(row: sa.RowMapping) -> EventDoc:
         "count": row["count"], "actor": json.loads(row["actor"]) if row["actor"] else None,
         "old": json.loads(row["old"]) if row["old"] else None,
         "new": json.loads(row["new"]) if row["new"] else None,
-        "approval": row["approval_id"], "evidence": row["evidence"],
+        "approval": row["approval_id"], "evidence": row["evidence"], "chain": None,
     }
 
 
@@ -273,7 +320,7 @@ def _open_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]]
     found: dict[bytes, tuple[int, str | None, str]] = {}
     for low, high in scope:
         rows = conn.execute(sa.select(e.c.key, e.c.id, e.c.new, e.c.kind).where(
-            e.c.status == OPEN, e.c.kind != WARNING, e.c.key >= low, e.c.key < high))
+            e.c.status == OPEN, e.c.kind.not_in(NOTICES), e.c.key >= low, e.c.key < high))
         for key, event_id, new_state, kind in rows:
             found[key] = (event_id, new_state, kind)
     return found

@@ -1,12 +1,16 @@
-"""The hash chain over events and approvals, its check, and pruning with a checkpoint.
+"""The hash chain over every record a decision or an alert rests on, its check, and
+pruning with a checkpoint.
 
-Every state an event or approval row takes is appended to the ledger with the digest
-of the previous ledger row. The check walks the chain and compares the newest
-snapshot of each row with the row as it is now: a deleted, edited or smuggled-in
-event or approval shows, as does a deleted or edited ledger row. (Without a secret,
-someone who can rewrite the whole database can rewrite the chain too: keep the head
-digest `status` prints off the host, as with the baseline root.) Pruning replaces the
-ledger with a checkpoint that names the previous head, then the surviving rows.
+Every state an event, approval, owed alert (outbox row) or active baseline takes is
+appended to the ledger with the digest of the previous ledger row; a row integrity
+deletes itself (a delivered alert, a swept baseline) gets a tombstone. The check walks
+the chain and compares the newest snapshot of each row with the row as it is now: a
+deleted, edited or smuggled-in record shows, as does a deleted or edited ledger row,
+and an active baseline the chain does not name (a wiped ledger). Someone who can
+rewrite the whole database can rewrite the chain too: keep the head digest `status`
+prints off the host (`--expect-head`), as with the baseline root. Pruning replaces the
+ledger with a checkpoint that names the previous head, then the surviving rows; the
+digests it removes are archived, so a head kept before a prune is still an ancestor.
 """
 
 from __future__ import annotations
@@ -25,18 +29,25 @@ from integrity.store.engine import Database, chunks
 from integrity.times import utcnow
 
 GENESIS = "0" * 64
-#: Columns outside the chain: informational, updated on every sighting.
-_UNCHAINED = {"last_seen"}
-_TABLES = {"event": models.event, "approval": models.approval}
+_TABLES = {"event": models.event, "approval": models.approval,
+           "outbox": models.outbox, "baseline": models.baseline}
+#: Columns outside the chain: informational or retry bookkeeping.
+_UNCHAINED = {"event": {"last_seen"}, "approval": set(),
+              "outbox": {"attempts", "next_attempt", "last_error"},
+              # `state` moves building -> active -> retired; only active rows are checked.
+              "baseline": {"state", "activated"}}
 #: Fields a row keeps for life: a later snapshot with others means its id was reused
 #: after the row was deleted.
-_IDENTITY = {"event": ("key", "first_seen"), "approval": ("time",)}
+_IDENTITY = {"event": ("key", "first_seen"), "approval": ("time",),
+             "outbox": ("created", "event_id", "sink"), "baseline": ("created",)}
+_TOMBSTONE = '{"deleted":true}'
 
 
-def _snapshot(row: Any) -> str:
+def _snapshot(kind: str, row: Any) -> str:
+    skip = _UNCHAINED[kind]
     data = {k: (v.isoformat() if isinstance(v, dt.datetime) else
                 v.hex() if isinstance(v, bytes) else v)
-            for k, v in row._mapping.items() if k not in _UNCHAINED}
+            for k, v in row._mapping.items() if k not in skip}
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -51,26 +62,39 @@ def _head(conn: sa.Connection) -> str:
     return str(row) if row else GENESIS
 
 
+def _append(conn: sa.Connection, entries: list[tuple[str, int, str]],
+            prev: str | None = None) -> None:
+    """Chain entries after the head (or after `prev`: a checkpoint names the head of
+    the ledger it replaces)."""
+    prev = prev if prev is not None else _head(conn)
+    now = utcnow()
+    rows = []
+    for kind, ref, content in entries:
+        digest = _digest(prev, kind, ref, content)
+        rows.append({"time": now, "kind": kind, "ref": ref, "content": content,
+                     "prev": prev, "digest": digest})
+        prev = digest
+    if rows:
+        conn.execute(models.ledger.insert(), rows)
+
+
 def journal(conn: sa.Connection, kind: str, ids: Iterable[int]) -> None:
     """Append the current state of these rows to the chain (inside the writer's
     transaction, which holds the write lock: the chain never forks)."""
     table = _TABLES[kind]
     wanted = sorted(set(ids))
-    if not wanted:
-        return
-    prev = _head(conn)
-    now = utcnow()
-    rows = []
+    entries: list[tuple[str, int, str]] = []
     for chunk in chunks(wanted):
         for row in conn.execute(sa.select(table).where(table.c.id.in_(chunk))
                                 .order_by(table.c.id)):
-            content = _snapshot(row)
-            digest = _digest(prev, kind, row.id, content)
-            rows.append({"time": now, "kind": kind, "ref": row.id, "content": content,
-                         "prev": prev, "digest": digest})
-            prev = digest
-    if rows:
-        conn.execute(models.ledger.insert(), rows)
+            entries.append((kind, row.id, _snapshot(kind, row)))
+    _append(conn, entries)
+
+
+def forget(conn: sa.Connection, kind: str, ids: Iterable[int]) -> None:
+    """Record that integrity itself removed these rows (a delivered alert, a swept
+    baseline), so their absence is not taken for tampering."""
+    _append(conn, [(kind, ref, _TOMBSTONE) for ref in sorted(set(ids))])
 
 
 @dataclass
@@ -97,8 +121,34 @@ class Ledger:
         with self.db.reader() as conn:
             return _head(conn)
 
+    def contains(self, digest: str) -> bool:
+        """Whether `digest` is the head or an ancestor of it (pruned rows included)."""
+        digest = digest.strip().lower()
+        if digest == GENESIS:
+            return True
+        led, arc = models.ledger, models.ledger_archive
+        with self.db.reader() as conn:
+            return (conn.execute(sa.select(led.c.seq).where(led.c.digest == digest)
+                                 .limit(1)).first() is not None
+                    or conn.execute(sa.select(arc.c.digest).where(arc.c.digest == digest)
+                                    ).first() is not None)
+
+    def digest_of(self, kind: str, refs: Iterable[int]) -> dict[int, str]:
+        """The digest of each row's newest ledger entry: its place in the chain."""
+        led = models.ledger
+        found: dict[int, str] = {}
+        with self.db.reader() as conn:
+            for chunk in chunks(sorted(set(refs))):
+                newest = (sa.select(sa.func.max(led.c.seq))
+                          .where(led.c.kind == kind, led.c.ref.in_(chunk))
+                          .group_by(led.c.ref))
+                for ref, digest in conn.execute(
+                        sa.select(led.c.ref, led.c.digest).where(led.c.seq.in_(newest))):
+                    found[ref] = digest
+        return found
+
     def check(self, limit: int = 20) -> ChainReport:
-        """Walk the chain and compare it with the event and approval tables."""
+        """Walk the chain and compare it with the tables it covers."""
         report = ChainReport()
         latest: dict[tuple[str, int], str] = {}
         identity: dict[tuple[str, int], tuple[object, ...]] = {}
@@ -106,39 +156,50 @@ class Ledger:
         with self.db.reader() as conn:
             prev = None
             for seq, kind, ref, content, row_prev, digest in conn.execute(
-                    sa.select(led.c.seq, led.c.kind, led.c.ref, led.c.content, led.c.prev,
-                              led.c.digest).order_by(led.c.seq)):
+                    sa.select(led.c.seq, led.c.kind, led.c.ref, led.c.content,
+                              led.c.prev, led.c.digest).order_by(led.c.seq)):
                 report.rows += 1
                 if prev is not None and row_prev != prev:
-                    report.problems.append(f"ledger row {seq}: does not follow row before it "
-                                           "(a ledger row was deleted or edited)")
+                    report.problems.append(f"ledger row {seq}: does not follow row before "
+                                           "it (a ledger row was deleted or edited)")
                 if _digest(row_prev, kind, ref, content) != digest:
                     report.problems.append(f"ledger row {seq}: digest does not match its "
                                            "content (edited)")
                 prev = digest
-                if kind in _TABLES:
-                    latest[(kind, ref)] = content
-                    try:
-                        fields = json.loads(content)
-                        ident = tuple(fields.get(name) for name in _IDENTITY[kind])
-                    except (ValueError, AttributeError):
-                        ident = ()
-                    first = identity.setdefault((kind, ref), ident)
-                    if first != ident:
-                        report.problems.append(f"{kind} {ref}: deleted, and its id reused by "
-                                               f"another {kind} (ledger row {seq})")
+                if kind not in _TABLES:
+                    continue
+                latest[(kind, ref)] = content
+                if content == _TOMBSTONE:
+                    identity.pop((kind, ref), None)
+                    continue
+                try:
+                    fields = json.loads(content)
+                    ident = tuple(fields.get(name) for name in _IDENTITY[kind])
+                except (ValueError, AttributeError):
+                    ident = ()
+                first = identity.setdefault((kind, ref), ident)
+                if first != ident:
+                    report.problems.append(f"{kind} {ref}: deleted, and its id reused by "
+                                           f"another {kind} (ledger row {seq})")
             report.head = prev or GENESIS
             for kind, table in _TABLES.items():
-                for row in conn.execute(sa.select(table).order_by(table.c.id)):
+                query = sa.select(table).order_by(table.c.id)
+                if kind == "baseline":
+                    query = query.where(table.c.state == "active")
+                for row in conn.execute(query):
                     recorded = latest.pop((kind, row.id), None)
-                    if recorded is None:
-                        report.problems.append(f"{kind} {row.id}: not in the ledger "
-                                               "(inserted behind integrity's back)")
-                    elif recorded != _snapshot(row):
+                    if recorded is None or recorded == _TOMBSTONE:
+                        what = ("the active baseline is not in the ledger (the chain was "
+                                "wiped or rewritten)" if kind == "baseline" else
+                                "not in the ledger (inserted behind integrity's back)")
+                        report.problems.append(f"{kind} {row.id}: {what}")
+                    elif recorded != _snapshot(kind, row):
                         report.problems.append(f"{kind} {row.id}: differs from its last "
                                                "recorded state (edited)")
-            for kind, ref in sorted(latest):
-                report.problems.append(f"{kind} {ref}: in the ledger but gone (deleted)")
+            for (kind, ref), content in sorted(latest.items()):
+                if content != _TOMBSTONE and kind != "baseline":
+                    report.problems.append(f"{kind} {ref}: in the ledger but gone "
+                                           "(deleted)")
         if len(report.problems) > limit:
             more = len(report.problems) - limit
             report.problems = report.problems[:limit] + [f"... and {more} more"]
@@ -147,7 +208,7 @@ class Ledger:
     def prune(self, older_than: dt.datetime) -> tuple[int, str]:
         """Delete closed events last seen before `older_than` (and approvals none of
         whose events remain), leaving a chained checkpoint; return (events removed,
-        new head)."""
+        new head). The digests of the ledger rows it replaces are archived."""
         e, a, led = models.event, models.approval, models.ledger
         with self.db.writer() as conn, conn.begin():
             old_head = _head(conn)
@@ -156,15 +217,21 @@ class Ledger:
             for chunk in chunks(gone):
                 conn.execute(e.delete().where(e.c.id.in_(chunk)))
             referenced = sa.select(e.c.approval_id).where(e.c.approval_id.is_not(None))
-            conn.execute(a.delete().where(a.c.time < older_than, a.c.id.not_in(referenced)))
+            conn.execute(a.delete().where(a.c.time < older_than,
+                                          a.c.id.not_in(referenced)))
+            archive = models.ledger_archive
+            known = sa.select(archive.c.digest)
+            conn.execute(archive.insert().from_select(
+                ["digest"], sa.select(led.c.digest).where(led.c.digest.not_in(known))))
             conn.execute(led.delete())
-            content = json.dumps({"checkpoint": utcnow().isoformat(), "previous_head": old_head,
-                                  "pruned_events": len(gone),
+            content = json.dumps({"checkpoint": utcnow().isoformat(),
+                                  "previous_head": old_head, "pruned_events": len(gone),
                                   "older_than": older_than.isoformat()}, sort_keys=True)
-            conn.execute(led.insert().values(time=utcnow(), kind="checkpoint", ref=0,
-                                             content=content, prev=old_head,
-                                             digest=_digest(old_head, "checkpoint", 0, content)))
+            _append(conn, [("checkpoint", 0, content)], prev=old_head)
             for kind, table in _TABLES.items():
-                journal(conn, kind, conn.execute(sa.select(table.c.id)).scalars())
+                query = sa.select(table.c.id)
+                if kind == "baseline":
+                    query = query.where(table.c.state == "active")
+                journal(conn, kind, conn.execute(query).scalars())
             head = _head(conn)
         return len(gone), head

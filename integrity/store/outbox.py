@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from integrity.store import schema as models
 from integrity.store.engine import Database, chunks
+from integrity.store.ledger import forget, journal
 from integrity.times import utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
@@ -63,7 +64,12 @@ def enqueue(conn: sa.Connection, routes: Sequence[Route],
              "next_attempt": now, "last_error": None}
             for event_id, severity in events for route in routes if route.wants(severity)]
     if rows:
-        conn.execute(models.outbox.insert(), rows)
+        o = models.outbox
+        before = conn.execute(sa.select(sa.func.max(o.c.id))).scalar() or 0
+        conn.execute(o.insert(), rows)
+        # Owed alerts are chained: one deleted before it was sent is tampering.
+        journal(conn, "outbox", conn.execute(sa.select(o.c.id).where(o.c.id > before))
+                .scalars())
     return len(rows)
 
 
@@ -92,6 +98,7 @@ class Outbox:
         with self.db.writer() as conn, conn.begin():
             for chunk in chunks(ids):
                 conn.execute(o.delete().where(o.c.id.in_(chunk)))
+            forget(conn, "outbox", ids)
 
     def failed(self, ids: Sequence[int], error: str) -> dt.datetime:
         """Count a failed attempt and schedule the next; returns when that is."""
@@ -137,8 +144,10 @@ class Outbox:
         """Discard alerts owed to sinks the policy no longer has; returns how many."""
         o = models.outbox
         names = list(sinks)
-        query = o.delete()
-        if names:
-            query = query.where(o.c.sink.not_in(names))
+        which = o.c.sink.not_in(names) if names else sa.true()
         with self.db.writer() as conn, conn.begin():
-            return conn.execute(query).rowcount
+            ids = list(conn.execute(sa.select(o.c.id).where(which)).scalars())
+            for chunk in chunks(ids):
+                conn.execute(o.delete().where(o.c.id.in_(chunk)))
+            forget(conn, "outbox", ids)
+            return len(ids)

@@ -31,6 +31,15 @@ baseline = Table(
     Column("root", String(64)),
     Column("actor", String(128)),
     Column("signature", LargeBinary),
+    # Grows by one with every init and approval: sealed, so a rolled-back database
+    # shows against a kept root.
+    Column("generation", Integer, nullable=False, server_default="1"),
+    # The sealed part of the policy (policy/sealed.py) the baseline is verified with.
+    Column("policy", Text),
+    # The raw Ed25519 public key that made `signature`, so a pinned fingerprint can
+    # be checked whatever key file the host holds.
+    Column("signer", LargeBinary),
+    Column("seal_version", Integer, nullable=False, server_default="1"),
 )
 
 #: One recorded path. `key` is the path with '/' stored as NUL (paths.to_key), so
@@ -145,6 +154,13 @@ ledger = Table(
     Column("content", Text, nullable=False),
     Column("prev", String(64), nullable=False),
     Column("digest", String(64), nullable=False),
+)
+
+#: Digests of chain rows removed by pruning: a head kept off the host before a prune
+#: is still recognised as an ancestor of the chain.
+ledger_archive = Table(
+    "ledger_archive", metadata,
+    Column("digest", String(64), primary_key=True),
 )
 
 #: Alerts not yet delivered: one row per (sink, event), written in the transaction

@@ -461,14 +461,14 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
     log.touch()
     system_log.touch()
 
-    class TestLogManagers(PackageManagers):
+    class OwnLogManagers(PackageManagers):
         """The real package managers, reading the test's own dpkg log."""
 
         def __init__(self, **paths: Any) -> None:
             super().__init__(**{"dpkg_log": str(system_log), **paths})
 
     # The in-process CLI looks the class up here each time it needs one.
-    monkeypatch.setattr(integrity.packages, "PackageManagers", TestLogManagers)
+    monkeypatch.setattr(integrity.packages, "PackageManagers", OwnLogManagers)
     state = Host(log, system_log, Cli(tmp_path / "state" / "integrity.db",
                                       policy_for(tmp_path)))
     with owned(PKG, log, (*OWN_DIRS, CONF), scratch=OWN_DIRS):

@@ -1,9 +1,16 @@
-"""Shared fixtures: isolated state, real trees under tmp_path, a CLI runner."""
+"""Shared fixtures and helpers: isolated state, real trees under tmp_path, a CLI runner.
+
+Test modules import the helpers as `from conftest import ...` (and the package builders
+as `from debs import ...`): pytest puts tests/ on sys.path for its rootdir conftest, and
+this spelling keeps one module object, so there is one copy of each helper.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
+import sys
 import textwrap
 import threading
 import time
@@ -15,17 +22,107 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+import integrity.policy
+import integrity.store.engine
 from integrity.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- no test touches the host's integrity state (STYLE 9) ---------------------------------
+
+#: Root's defaults (SPEC): the database under /var/lib/integrity, the policy (and
+#: anything beside it) under /etc/integrity.
+HOST_STATE = ("/var/lib/integrity", "/etc/integrity")
+#: The product's own defaults, kept before clean_env points them into tmp_path.
+HOST_DEFAULT_URL = integrity.store.engine.default_url
+HOST_POLICY = integrity.policy.SYSTEM_POLICY
+
+
+class HostStateTouched(PermissionError):
+    """Raised into the code that reached for the host's integrity state."""
+
+
+class HostGuard:
+    """An audit hook (PEP 578) that refuses, and remembers, any access of this process
+    to HOST_STATE while a test runs.
+
+    Refusing stops a host write; remembering fails the test even when the code under
+    test catches the refusal (as the CLI's error boundary would). Audit hooks cannot
+    be removed, so the hook stays installed and `armed` says whether a test is running.
+    """
+
+    #: Audit events whose first argument is a path, and sqlite3's connect.
+    EVENTS = frozenset({"open", "os.mkdir", "os.listdir", "os.scandir", "os.remove",
+                        "os.rmdir", "os.rename", "os.link", "os.symlink", "os.chmod",
+                        "os.chown", "os.utime", "os.truncate", "os.chdir", "os.chroot",
+                        "shutil.rmtree", "shutil.copyfile", "sqlite3.connect"})
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.touched: list[str] = []
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.armed or event not in self.EVENTS or not args:
+            return
+        path = args[0]
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not isinstance(path, str):
+            return  # a file descriptor
+        if path.startswith("file:"):  # an SQLite URI
+            path = path[5:].split("?", 1)[0]
+        if not path.startswith("/"):
+            return  # relative: the way into a guarded tree was absolute, and caught
+        path = os.path.normpath(path)
+        if any(path == top or path.startswith(top + "/") for top in HOST_STATE):
+            self.touched.append(f"{event} {path}")
+            raise HostStateTouched(f"test touched the host's integrity state: {event} {path}")
+
+
+HOST_GUARD = HostGuard()
+sys.addaudithook(HOST_GUARD)
+
+
+@pytest.fixture
+def host_guard() -> HostGuard:
+    """The guard itself, for the test that checks it."""
+    return HOST_GUARD
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reads the host's policy, database or home (borg's clean_env)."""
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No test reads or writes the host's policy, database or home (borg's clean_env).
+
+    The defaults a command falls back to without --db/--policy point into tmp_path
+    (the database of `default_url`, the system policy `default_policy_path` prefers),
+    and the guard fails a test whose process reaches for HOST_STATE. Child processes
+    are not audited: a test whose children create HOST_STATE fails afterwards.
+    """
     for key in list(os.environ):
         if key.startswith("INTEGRITY_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    default_db = tmp_path / "var-lib-integrity" / "integrity.db"
+    monkeypatch.setattr(integrity.store.engine, "default_url",
+                        lambda: f"sqlite:///{default_db}")
+    monkeypatch.setattr(integrity.policy, "SYSTEM_POLICY",
+                        str(tmp_path / "etc-integrity" / "policy.toml"))
+    existed = {top: os.path.lexists(top) for top in HOST_STATE}
+    HOST_GUARD.armed = True
+    try:
+        yield
+    finally:
+        HOST_GUARD.armed = False
+    touched, HOST_GUARD.touched = HOST_GUARD.touched, []
+    if touched:
+        pytest.fail("test touched the host's integrity state: " + "; ".join(touched))
+    created = [top for top in HOST_STATE if os.path.lexists(top) and not existed[top]]
+    if created:
+        pytest.fail(f"test created the host's integrity state: {', '.join(created)}")
 
 
 @pytest.fixture
@@ -80,6 +177,39 @@ def run(tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> Cli:
     """CLI bound to a temp database and a policy protecting `tree` (check=static)."""
     policy = write_policy({"path": str(tree), "check": "static", "severity": "high"})
     return Cli(tmp_path / "state" / "integrity.db", policy)
+
+
+@pytest.fixture
+def config_run(tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> Cli:
+    """A CLI with a baseline of `tree` under the `config` preset (no inode, no times:
+    writing the old bytes back is a revert), in a database of its own."""
+    policy = write_policy({"path": str(tree), "check": "config", "severity": "critical"},
+                          name="config.toml")
+    config = Cli(tmp_path / "state" / "config.db", policy)
+    assert config("init").exit_code == 0
+    return config
+
+
+def one_line(text: str) -> str:
+    """The single line a fatal error must be, failing the test if there are more."""
+    lines = text.splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def ro(db: Path) -> sqlite3.Connection:
+    """A read-only connection that never creates or changes the file."""
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+
+
+def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The rows of one query, read from outside the product."""
+    conn = ro(db)
+    try:
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
 
 
 @pytest.fixture

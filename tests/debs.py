@@ -1,15 +1,30 @@
-"""Build small real packages for tests: .debs with dpkg-deb, .rpms with rpmbuild.
+"""Small real packages for tests: .debs built with dpkg-deb and installed with dpkg,
+.rpms built with rpmbuild.
 
 Real packages, not mocks: what dpkg and rpm record about them is what the tests check.
+The tests that install packages into the live system share one lock (`owned`), log
+dpkg's actions to files of their own, and purge what they installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+#: One test per machine at a time may own the test packages: two runs at once (a
+#: developer's and CI's, or two sessions sharing a machine) would otherwise install
+#: and purge the same package under each other.
+LOCK = Path(tempfile.gettempdir()) / "integrity-test-pkg.lock"
+#: How long to wait for dpkg's own lock, held by an apt or dpkg run outside our lock.
+DPKG_LOCK_WAIT = 300.0
 
 #: path -> content, or (content, mode); directories are created 0755.
 Files = Mapping[str, "bytes | tuple[bytes, int]"]
@@ -88,3 +103,60 @@ def build_rpm(workdir: Path, name: str, version: str, files: Files) -> Path:
                     "_build_id_links none", "-bb", str(spec_file)],
                    check=True, capture_output=True)
     return next((top / "RPMS" / "noarch").glob(f"{name}-{version}-1*.rpm"))
+
+
+@contextlib.contextmanager
+def exclusive() -> Iterator[None]:
+    """Hold the machine-wide lock on the test packages."""
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def dpkg_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run a dpkg tool (dpkg, dpkg-divert, dpkg-statoverride), waiting while another
+    process holds dpkg's lock: other test runs and apt share this machine, and dpkg
+    refuses at once (exit 2) instead of waiting. A failure raises with dpkg's stderr."""
+    deadline = time.monotonic() + DPKG_LOCK_WAIT
+    while True:
+        proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL)
+        if (proc.returncode == 2 and b"locked by another process" in proc.stderr
+                and time.monotonic() < deadline):
+            time.sleep(0.2)
+            continue
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}: "
+                                 f"{proc.stderr.decode(errors='replace').strip()}")
+        return proc
+
+
+def dpkg(log: Path, *args: str) -> None:
+    """dpkg ARGS with its log in `log`, never the host's /var/log/dpkg.log; conffile
+    questions answered without a terminal."""
+    dpkg_tool("dpkg", f"--log={log}", "--force-confdef", "--force-confold", *args)
+
+
+@contextlib.contextmanager
+def owned(package: str, log: Path, paths: Iterable[str],
+          scratch: Iterable[str] = ()) -> Iterator[None]:
+    """Hold the lock, with `package` purged before (a previous run's leftover) and
+    after; afterwards none of `paths` may be left.
+
+    `scratch` are the package's directories that tests also write into by hand: they
+    are removed after the purge. The purge itself must remove everything else.
+    """
+    paths, scratch = list(paths), list(scratch)
+
+    def purge() -> None:
+        dpkg(log, "--purge", package)  # a no-op (exit 0) when it is not installed
+        for directory in scratch:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    with exclusive():
+        purge()
+        try:
+            yield
+        finally:
+            purge()
+            left = [path for path in paths if os.path.lexists(path)]
+            assert not left, f"purge left the package's files behind: {left}"

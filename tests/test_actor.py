@@ -28,7 +28,7 @@ import pytest
 
 from integrity.realtime.actor import ACTOR_KEYS, ActorListener
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
 DEADLINE = 5.0
 NOBODY = 65534
 SH = os.path.realpath(shutil.which("sh") or "/bin/sh")
@@ -51,7 +51,8 @@ def open_fds() -> dict[int, str]:
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
+def actor_tree(tmp_path: Path) -> Path:
+    """A tree of this file's own (conftest's `tree` is the scanners' one)."""
     root = tmp_path / "tree"
     (root / "sub").mkdir(parents=True)
     (root / "conf").write_text("alpha\n")
@@ -59,12 +60,12 @@ def tree(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def listen(tree: Path) -> Iterator[Callable[..., ActorListener]]:
+def listen(actor_tree: Path) -> Iterator[Callable[..., ActorListener]]:
     """Start listeners (on the tree unless told otherwise); close them all at the end."""
     started: list[ActorListener] = []
 
     def make(*roots: Path, **kwargs: Any) -> ActorListener:
-        listener = ActorListener([b(r) for r in roots or (tree,)], **kwargs)
+        listener = ActorListener([b(r) for r in roots or (actor_tree,)], **kwargs)
         started.append(listener)
         listener.start()
         return listener
@@ -135,10 +136,10 @@ def frozen(listener: ActorListener) -> Iterator[None]:
 
 # -- who wrote -------------------------------------------------------------------------
 
-def test_shell_writer_is_named(listen: Callable[..., ActorListener], tree: Path) -> None:
+def test_shell_writer_is_named(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     listener = listen()
     assert listener.available and listener.reason is None and listener.mode == "fid"
-    target = tree / "sub" / "written"
+    target = actor_tree / "sub" / "written"
     with Writer('echo x > "$1"', str(target)) as writer:
         actor = wait_for(listener, target)
         with open(f"/proc/{writer.pid}/loginuid") as handle:
@@ -158,9 +159,9 @@ def test_shell_writer_is_named(listen: Callable[..., ActorListener], tree: Path)
     assert set(parent) == {"pid", "exe", "cmdline", "comm"}
 
 
-def test_chmod_has_an_actor(listen: Callable[..., ActorListener], tree: Path) -> None:
+def test_chmod_has_an_actor(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     listener = listen()
-    target = tree / "conf"
+    target = actor_tree / "conf"
     with Writer("import os, sys; os.chmod(sys.argv[1], 0o600)", str(target),
                 python=True) as writer:
         actor = wait_for(listener, target)
@@ -188,11 +189,11 @@ def test_unprivileged_writer(listen: Callable[..., ActorListener],
     assert target.stat().st_uid == NOBODY
 
 
-def test_login_uid_survives(listen: Callable[..., ActorListener], tree: Path) -> None:
+def test_login_uid_survives(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     """A child sets its audit login uid (root may, once per process where it is
     immutable); the actor carries it, as /proc/<child>/loginuid says independently."""
     listener = listen()
-    target = tree / "as-login"
+    target = actor_tree / "as-login"
     script = ('if echo 65534 > /proc/self/loginuid 2>/dev/null; then echo set; '
               'else echo kept; fi; echo x > "$1"')
     with Writer(script, str(target)) as writer:
@@ -210,11 +211,11 @@ def test_login_uid_survives(listen: Callable[..., ActorListener], tree: Path) ->
 
 
 def test_replace_by_rename_and_new_directories(listen: Callable[..., ActorListener],
-                                               tree: Path) -> None:
+                                               actor_tree: Path) -> None:
     """`sed -i`-style replacement names the renamer; a new directory is marked as it
     appears, so a file written in it afterwards has an actor too."""
     listener = listen()
-    target = tree / "conf"
+    target = actor_tree / "conf"
     script = ("import os, sys\n"
               "tmp = sys.argv[1] + '.tmp'\n"
               "open(tmp, 'w').write('beta')\n"
@@ -223,7 +224,7 @@ def test_replace_by_rename_and_new_directories(listen: Callable[..., ActorListen
               "print('made', flush=True)\n"
               "sys.stdin.readline()\n"
               "open(os.path.join(sys.argv[2], 'late'), 'w').write('x')")
-    new_dir = tree / "new"
+    new_dir = actor_tree / "new"
     with Writer(script, str(target), str(new_dir), python=True) as writer:
         assert writer.output() == "made"
         assert wait_for(listener, target)["pid"] == writer.pid
@@ -235,23 +236,23 @@ def test_replace_by_rename_and_new_directories(listen: Callable[..., ActorListen
 
 
 def test_renamed_directory_is_followed(listen: Callable[..., ActorListener],
-                                       tree: Path) -> None:
+                                       actor_tree: Path) -> None:
     listener = listen()
-    moved = tree / "moved"
-    with Writer('mv "$1" "$2"; echo x > "$2/after"', str(tree / "sub"),
+    moved = actor_tree / "moved"
+    with Writer('mv "$1" "$2"; echo x > "$2/after"', str(actor_tree / "sub"),
                 str(moved)) as writer:
         actor = wait_for(listener, moved / "after")
-        before = listener.actor_for(b(tree / "sub" / "after"))
+        before = listener.actor_for(b(actor_tree / "sub" / "after"))
     assert actor["pid"] == writer.pid, actor
     assert before["unknown"].startswith("no fanotify event"), before
 
 
 def test_removed_and_recreated_directory(listen: Callable[..., ActorListener],
-                                         tree: Path) -> None:
+                                         actor_tree: Path) -> None:
     """rmdir forgets the directory's mark; the new one of the same name gets its own.
     Two writers, so that the actor of "sub" tells which of the two events was filed."""
     listener = listen()
-    sub = tree / "sub"
+    sub = actor_tree / "sub"
     with Writer("import shutil, sys; shutil.rmtree(sys.argv[1])", str(sub),
                 python=True) as remover:
         assert wait_for(listener, sub)["pid"] == remover.pid
@@ -268,11 +269,11 @@ def test_removed_and_recreated_directory(listen: Callable[..., ActorListener],
 
 
 def test_roots_that_do_not_exist_yet(listen: Callable[..., ActorListener],
-                                     tree: Path, tmp_path: Path) -> None:
+                                     actor_tree: Path, tmp_path: Path) -> None:
     """A missing root with a parent is watched through the parent, and marked when it
     appears; one without a parent is reported per root, the others still work."""
     later, nowhere = tmp_path / "later", tmp_path / "no" / "such"
-    listener = listen(tree, later, nowhere)
+    listener = listen(actor_tree, later, nowhere)
     assert listener.available and listener.mode == "fid"
     assert listener.root_reasons == {
         b(nowhere): f"'{nowhere}' and its parent do not exist"}
@@ -287,9 +288,9 @@ def test_roots_that_do_not_exist_yet(listen: Callable[..., ActorListener],
     assert actor["pid"] == writer.pid, actor
 
 
-def test_non_utf8_name(listen: Callable[..., ActorListener], tree: Path) -> None:
+def test_non_utf8_name(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     listener = listen()
-    target = b(tree) + b"/caf\xe9-\xff\x01"
+    target = b(actor_tree) + b"/caf\xe9-\xff\x01"
     script = "import sys, os; open(os.fsencode(sys.argv[1]), 'w').write('x')"
     with Writer(script, os.fsdecode(target), python=True) as writer:
         actor = wait_for(listener, target)
@@ -297,41 +298,41 @@ def test_non_utf8_name(listen: Callable[..., ActorListener], tree: Path) -> None
 
 
 def test_file_root_and_its_siblings(listen: Callable[..., ActorListener],
-                                    tree: Path) -> None:
+                                    actor_tree: Path) -> None:
     """A root that is a file: its parent is marked, the parent's other entries are not
     ours."""
-    listener = listen(tree / "conf")
-    with Writer('echo x >> "$1"; echo y > "$2"', str(tree / "conf"),
-                str(tree / "sibling")) as writer:
-        actor = wait_for(listener, tree / "conf")
+    listener = listen(actor_tree / "conf")
+    with Writer('echo x >> "$1"; echo y > "$2"', str(actor_tree / "conf"),
+                str(actor_tree / "sibling")) as writer:
+        actor = wait_for(listener, actor_tree / "conf")
     assert actor["pid"] == writer.pid, actor
-    assert "not in a tree" in listener.actor_for(b(tree / "sibling"))["unknown"]
+    assert "not in a tree" in listener.actor_for(b(actor_tree / "sibling"))["unknown"]
 
 
 # -- who did not -----------------------------------------------------------------------
 
-def test_unknown_paths_say_why(listen: Callable[..., ActorListener], tree: Path) -> None:
+def test_unknown_paths_say_why(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     listener = listen(window=12.5)
-    quiet = listener.actor_for(b(tree / "conf"))
+    quiet = listener.actor_for(b(actor_tree / "conf"))
     assert quiet == {**dict.fromkeys(ACTOR_KEYS),
                      "unknown": "no fanotify event for this path within 12.5 s"}
     outside = listener.actor_for(b"/etc/hostname")
     assert outside["unknown"] == "'/etc/hostname' is not in a tree fanotify watches"
 
 
-def test_own_writes_are_ignored(listen: Callable[..., ActorListener], tree: Path) -> None:
+def test_own_writes_are_ignored(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     listener = listen()
-    (tree / "mine").write_text("ours\n")
-    with Writer('echo x > "$1"', str(tree / "theirs")) as writer:
+    (actor_tree / "mine").write_text("ours\n")
+    with Writer('echo x > "$1"', str(actor_tree / "theirs")) as writer:
         # Events are queued in order: once theirs is filed, ours has been read too.
-        assert wait_for(listener, tree / "theirs")["pid"] == writer.pid
-    assert listener.actor_for(b(tree / "mine"))["unknown"].startswith("no fanotify event")
+        assert wait_for(listener, actor_tree / "theirs")["pid"] == writer.pid
+    assert listener.actor_for(b(actor_tree / "mine"))["unknown"].startswith("no fanotify event")
 
 
 def test_writer_gone_before_it_is_read(listen: Callable[..., ActorListener],
-                                       tree: Path) -> None:
+                                       actor_tree: Path) -> None:
     listener = listen()
-    target = tree / "fleeting"
+    target = actor_tree / "fleeting"
     with frozen(listener):
         child = subprocess.Popen(["sh", "-c", 'echo x > "$1"', "sh", str(target)])
         assert child.wait() == 0  # reaped: its /proc entry is gone before the helper looks
@@ -341,10 +342,10 @@ def test_writer_gone_before_it_is_read(listen: Callable[..., ActorListener],
 
 
 def test_zombie_writer_still_gives_its_users(listen: Callable[..., ActorListener],
-                                             tree: Path) -> None:
+                                             actor_tree: Path) -> None:
     """Exited but not yet reaped: exe and cmdline are gone, its uid is not."""
     listener = listen()
-    target = tree / "zombie"
+    target = actor_tree / "zombie"
     script = ("import os, sys\n"
               "pid = os.fork()\n"
               "if pid == 0:\n"
@@ -382,35 +383,35 @@ def fanotify_queue(limit: int) -> Iterator[None]:
 
 
 def test_queue_overflow_makes_actors_unknown(listen: Callable[..., ActorListener],
-                                             tree: Path) -> None:
+                                             actor_tree: Path) -> None:
     with fanotify_queue(32):
         listener = listen()
-    with Writer('echo x > "$1"', str(tree / "early")) as writer:
-        assert wait_for(listener, tree / "early")["pid"] == writer.pid
+    with Writer('echo x > "$1"', str(actor_tree / "early")) as writer:
+        assert wait_for(listener, actor_tree / "early")["pid"] == writer.pid
     with frozen(listener):
         subprocess.run(["sh", "-c", 'for i in $(seq 200); do echo $i > "$1/f$i"; done',
-                        "sh", str(tree / "sub")], check=True)
-    actor = wait_for(listener, tree / "early",
+                        "sh", str(actor_tree / "sub")], check=True)
+    actor = wait_for(listener, actor_tree / "early",
                      done=lambda a: "overflow" in str(a.get("unknown")))
     assert actor["unknown"] == ("fanotify queue overflowed: the writers of that moment "
                                 "were lost")
     # Events after the overflow are filed as usual.
-    with Writer('echo x > "$1"', str(tree / "later")) as writer:
-        later = wait_for(listener, tree / "later", done=lambda a: a["pid"] is not None)
+    with Writer('echo x > "$1"', str(actor_tree / "later")) as writer:
+        later = wait_for(listener, actor_tree / "later", done=lambda a: a["pid"] is not None)
         assert later["pid"] == writer.pid, later
 
 
 def test_classic_mode_says_what_it_cannot_see(listen: Callable[..., ActorListener],
-                                              tree: Path) -> None:
+                                              actor_tree: Path) -> None:
     listener = listen(fid=False)
     assert listener.available and listener.mode == "classic"
-    why = listener.root_reasons[b(tree)]
+    why = listener.root_reasons[b(actor_tree)]
     assert "attribute changes" in why and listener.reason and why in listener.reason
-    with Writer('echo x > "$1"', str(tree / "sub" / "w")) as writer:
-        assert wait_for(listener, tree / "sub" / "w")["pid"] == writer.pid
-    with Writer("import os, sys; os.chmod(sys.argv[1], 0o640)", str(tree / "conf"),
+    with Writer('echo x > "$1"', str(actor_tree / "sub" / "w")) as writer:
+        assert wait_for(listener, actor_tree / "sub" / "w")["pid"] == writer.pid
+    with Writer("import os, sys; os.chmod(sys.argv[1], 0o640)", str(actor_tree / "conf"),
                 python=True):
-        quiet = listener.actor_for(b(tree / "conf"))
+        quiet = listener.actor_for(b(actor_tree / "conf"))
     assert quiet["unknown"].startswith("no fanotify event for this path within 30 s (")
     assert "attribute changes" in quiet["unknown"]
 
@@ -436,10 +437,10 @@ def test_filesystem_without_decodable_handles(listen: Callable[..., ActorListene
 
 # -- life cycle ------------------------------------------------------------------------
 
-def test_close_leaves_nothing_behind(tree: Path) -> None:
+def test_close_leaves_nothing_behind(actor_tree: Path) -> None:
     before = open_fds()
     threads = set(threading.enumerate())
-    listener = ActorListener([b(tree)])
+    listener = ActorListener([b(actor_tree)])
     listener.start()
     helper = listener.helper_pid
     assert helper is not None and os.path.exists(f"/proc/{helper}")
@@ -449,10 +450,10 @@ def test_close_leaves_nothing_behind(tree: Path) -> None:
     assert open_fds() == before
     assert set(threading.enumerate()) == threads
     assert not os.path.exists(f"/proc/{helper}")
-    assert listener.actor_for(b(tree / "conf"))["unknown"] == "fanotify listener stopped"
+    assert listener.actor_for(b(actor_tree / "conf"))["unknown"] == "fanotify listener stopped"
 
 
-def test_helper_stops_quietly_when_the_daemon_is_killed(tree: Path) -> None:
+def test_helper_stops_quietly_when_the_daemon_is_killed(actor_tree: Path) -> None:
     """kill -9 of the daemon: its helper sees stdin close (and its stdout pipe break,
     with a change still to report) and exits without a traceback in the daemon's log."""
     code = ("import os, sys\n"
@@ -461,7 +462,7 @@ def test_helper_stops_quietly_when_the_daemon_is_killed(tree: Path) -> None:
             "listener.start()\n"
             "print(listener.helper_pid, flush=True)\n"
             "sys.stdin.readline()\n")
-    daemon = subprocess.Popen([sys.executable, "-c", code, str(tree)], text=True,
+    daemon = subprocess.Popen([sys.executable, "-c", code, str(actor_tree)], text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
     assert daemon.stdin and daemon.stdout and daemon.stderr
@@ -470,7 +471,7 @@ def test_helper_stops_quietly_when_the_daemon_is_killed(tree: Path) -> None:
     try:
         daemon.kill()
         daemon.wait()
-        subprocess.run(["sh", "-c", 'echo x > "$1"', "sh", str(tree / "orphan")],
+        subprocess.run(["sh", "-c", 'echo x > "$1"', "sh", str(actor_tree / "orphan")],
                        check=True)
     finally:
         os.kill(helper, signal.SIGCONT)
@@ -513,11 +514,11 @@ def test_unprivileged_listener_says_why(world_dir: Path) -> None:
     assert actor == {**dict.fromkeys(ACTOR_KEYS), "unknown": reason}
 
 
-def test_start_twice_and_close_unstarted(tree: Path) -> None:
-    idle = ActorListener([b(tree)])
+def test_start_twice_and_close_unstarted(actor_tree: Path) -> None:
+    idle = ActorListener([b(actor_tree)])
     idle.close()
-    assert idle.actor_for(b(tree / "conf"))["unknown"] == "fanotify listener not started"
-    listener = ActorListener([b(tree)])
+    assert idle.actor_for(b(actor_tree / "conf"))["unknown"] == "fanotify listener not started"
+    listener = ActorListener([b(actor_tree)])
     listener.start()
     helper = listener.helper_pid
     listener.start()

@@ -5,15 +5,15 @@ written, what was closed and what was left alone. The second half installs real
 `.deb` packages with dpkg, upgrades them, tampers with files by hand and checks that
 `approve --package-updates` approves exactly what dpkg vouches for, and leaves open
 everything else with its reason. Those tests own the package `integrity-test-upg`
-and always purge it again; they share tests/test_packages.py's lock, so two runs on
-one machine never install and purge under each other.
+and always purge it again; they take the test packages' lock (tests/debs.py), so two
+runs on one machine never install and purge under each other. The CLI's package
+evidence reads a dpkg log of the test's own, never the host's /var/log/dpkg.log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import pwd
@@ -21,8 +21,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +28,11 @@ from typing import Any
 
 import pytest
 
-from conftest import Cli
-from tests.debs import build_deb
+import integrity.packages
+from integrity.packages import PackageManagers
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def one_line(text: str) -> str:
-    """The single line a fatal error must be, failing the test if there are more."""
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert "Traceback" not in text
-    return lines[0]
+from conftest import REPO, Cli, one_line
+from debs import build_deb, dpkg, owned
 
 
 def events(run: Cli, *args: str) -> dict[str, dict[str, Any]]:
@@ -423,34 +414,22 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for version in ("1.0", "1.1")}
 
 
-@contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
-    """The lock tests/test_packages.py takes: one package test per machine at a time."""
-    with open(Path(tempfile.gettempdir()) / "integrity-test-pkg.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 @dataclass
 class Host:
     """Installs the test package; undoes everything a test did to the system.
 
-    dpkg logs to a temporary file, except for `upgrade(..., logged=True)`: the CLI's
-    package evidence reads /var/log/dpkg.log, and an upgrade logged there is what
-    explains the files the new version no longer ships.
+    dpkg logs to `log`, except for `install(..., logged=True)`: that goes to
+    `system_log`, the log the CLI's package evidence reads in place of
+    /var/log/dpkg.log (what explains the files the new version no longer ships).
     """
 
     log: Path
+    system_log: Path
     cli: Cli
     cleanups: list[Callable[[], object]] = field(default_factory=list)
 
-    def dpkg(self, *args: str, logged: bool = False) -> None:
-        log = [] if logged else [f"--log={self.log}"]
-        subprocess.run(["dpkg", *log, "--force-confdef", "--force-confold", *args],
-                       check=True, capture_output=True, stdin=subprocess.DEVNULL)
-
     def install(self, deb: Path, logged: bool = False) -> None:
-        self.dpkg("-i", str(deb), logged=logged)
+        dpkg(self.system_log if logged else self.log, "-i", str(deb))
 
     def create(self, path: str, content: bytes) -> None:
         self.cleanups.append(lambda: os.unlink(path))
@@ -460,13 +439,6 @@ class Host:
 def _write(path: str, content: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(content)
-
-
-def _purge(log: Path) -> None:
-    subprocess.run(["dpkg", f"--log={log}", "--purge", PKG], capture_output=True,
-                   stdin=subprocess.DEVNULL)
-    for directory in OWN_DIRS:
-        shutil.rmtree(directory, ignore_errors=True)  # what a test left in our dirs
 
 
 def policy_for(tmp_path: Path, *, exclude_link: bool = True) -> Path:
@@ -484,21 +456,28 @@ def policy_for(tmp_path: Path, *, exclude_link: bool = True) -> Path:
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    log = tmp_path / "dpkg.log"
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    log, system_log = tmp_path / "dpkg.log", tmp_path / "system-dpkg.log"
     log.touch()
-    state = Host(log, Cli(tmp_path / "state" / "integrity.db", policy_for(tmp_path)))
-    with _exclusive():
-        _purge(log)  # a previous run's leftovers
+    system_log.touch()
+
+    class OwnLogManagers(PackageManagers):
+        """The real package managers, reading the test's own dpkg log."""
+
+        def __init__(self, **paths: Any) -> None:
+            super().__init__(**{"dpkg_log": str(system_log), **paths})
+
+    # The in-process CLI looks the class up here each time it needs one.
+    monkeypatch.setattr(integrity.packages, "PackageManagers", OwnLogManagers)
+    state = Host(log, system_log, Cli(tmp_path / "state" / "integrity.db",
+                                      policy_for(tmp_path)))
+    with owned(PKG, log, (*OWN_DIRS, CONF), scratch=OWN_DIRS):
         try:
             yield state
         finally:
             for cleanup in reversed(state.cleanups):
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
                     cleanup()
-            _purge(log)
-            assert not any(os.path.lexists(p) for p in (*OWN_DIRS, CONF)), \
-                "purge left the package's files behind"
 
 
 def _left(doc: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -602,13 +581,6 @@ def test_removing_a_file_no_package_ever_owned_is_not_explained_by_an_upgrade(
     assert _left(doc)[local][0] == "removed"
 
 
-def _wait_for_a_quiet_dpkg_log() -> None:
-    """Removal evidence counts whole seconds of /var/log/dpkg.log before the baseline."""
-    with contextlib.suppress(OSError):
-        while time.time() - os.stat("/var/log/dpkg.log").st_mtime < 2.1:
-            time.sleep(0.2)
-
-
 @dataclass(frozen=True)
 class Reason:
     """A change made by hand and what --package-updates must say about it."""
@@ -684,7 +656,6 @@ def test_each_left_open_reason(host: Host, debs: dict[str, Path], tmp_path: Path
     host.install(debs["1.1"])
     if case.setup is not None:
         case.setup(host)
-    _wait_for_a_quiet_dpkg_log()
     assert run("init").exit_code == 0
     case.perturb(host)
     changes = changed_paths(run, expect=1)

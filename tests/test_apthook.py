@@ -5,13 +5,11 @@ The apt run uses a private apt configuration (APT_CONFIG naming a file whose
 Dir::Etc::parts is a temporary directory holding only our snippet), so none of the
 host's apt hooks run and the host's apt configuration is not touched. Local .deb
 installs need no network. The test owns the package `integrity-test-upg`, purges it
-afterwards and takes tests/test_packages.py's lock while it does.
+afterwards and takes the test packages' lock (tests/debs.py) while it does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -21,7 +19,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,19 +28,10 @@ from click.testing import CliRunner
 from integrity import __version__
 from integrity.cli import cli
 
-from conftest import Cli
-from tests.debs import build_deb
+from conftest import REPO, Cli, one_line
+from debs import build_deb, dpkg, owned
 
-REPO = Path(__file__).resolve().parent.parent
 MARKER = "// integrity apt hook"
-
-
-def one_line(text: str) -> str:
-    """The single line a fatal error must be, failing the test if there are more."""
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert "Traceback" not in text
-    return lines[0]
 
 
 def integrity_command() -> str:
@@ -253,21 +241,6 @@ def _files(version: str) -> dict[str, bytes | tuple[bytes, int]]:
     return files
 
 
-@contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
-    """The lock tests/test_packages.py takes: one package test per machine at a time."""
-    with open(Path(tempfile.gettempdir()) / "integrity-test-pkg.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _purge(log: Path) -> None:
-    subprocess.run(["dpkg", f"--log={log}", "--purge", PKG], capture_output=True,
-                   stdin=subprocess.DEVNULL)
-    for directory in (SHARE, LIB):
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.fixture
 def upgradable(tmp_path: Path) -> Iterator[dict[str, Path]]:
     """Version 1.0 installed (dpkg logging to a temporary file), 1.1 ready as a .deb;
@@ -277,15 +250,9 @@ def upgradable(tmp_path: Path) -> Iterator[dict[str, Path]]:
         pytest.skip("installs real packages: needs root, dpkg and apt-get")
     debs = {v: build_deb(tmp_path, PKG, v, _files(v), [CONF]) for v in ("1.0", "1.1")}
     log = tmp_path / "dpkg.log"
-    with _exclusive():
-        _purge(log)
-        try:
-            subprocess.run(["dpkg", f"--log={log}", "-i", str(debs["1.0"])], check=True,
-                           capture_output=True, stdin=subprocess.DEVNULL)
-            yield debs
-        finally:
-            _purge(log)
-            assert not any(os.path.lexists(p) for p in (SHARE, LIB, CONF))
+    with owned(PKG, log, (SHARE, LIB, CONF), scratch=(SHARE, LIB)):
+        dpkg(log, "-i", str(debs["1.0"]))
+        yield debs
 
 
 def test_apt_get_install_runs_the_hook_and_approves_the_upgrade(
@@ -308,7 +275,9 @@ def test_apt_get_install_runs_the_hook_and_approves_the_upgrade(
 
     apt = subprocess.run(
         ["apt-get", "install", "-y", "--no-install-recommends",
-         "-o", "Dpkg::Options::=--force-confold", str(upgradable["1.1"])],
+         "-o", "Dpkg::Options::=--force-confold",
+         # Wait for dpkg's lock while another run on this machine holds it.
+         "-o", "DPkg::Lock::Timeout=300", str(upgradable["1.1"])],
         capture_output=True, text=True, timeout=300, env=private_apt(tmp_path, parts),
         stdin=subprocess.DEVNULL)
     assert apt.returncode == 0, apt.stdout + apt.stderr

@@ -27,7 +27,7 @@ from integrity.store import Store
 from integrity.store.ledger import journal
 from integrity.trust import MerkleRoot, leaf, sign, signer_of
 
-from tests.conftest import Cli
+from conftest import Cli
 
 
 def sql(db: Path, statement: str, *args: object) -> int:

@@ -18,25 +18,17 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+import integrity.policy
 from integrity import __version__
 from integrity.cli import cli
 
-from conftest import Cli
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import (HOST_DEFAULT_URL, HOST_POLICY, HOST_STATE, REPO, Cli, HostGuard,
+                      one_line)
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     """The CLI without the `run` fixture's --db/--policy (help, version, environment)."""
     return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-
-
-def one_line(text: str) -> str:
-    """The single line a fatal error must be, failing the test if there are more."""
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert "Traceback" not in text
-    return lines[0]
 
 
 def subprocess_cli(*args: str, env: dict[str, str] | None = None,
@@ -282,8 +274,41 @@ def test_policy_database_setting_is_used_without_db_option(
     assert invoke("-q", "--policy", str(policy), "verify").exit_code == 0
 
 
-def test_no_test_state_leaks_to_the_host(run: Cli) -> None:
-    """The fixtures keep the database under tmp_path (STYLE 9)."""
-    assert run("init").exit_code == 0
-    assert run.db.exists()
-    assert str(run.db).startswith(os.environ["XDG_STATE_HOME"])
+def test_no_test_state_leaks_to_the_host(tmp_path: Path, tree: Path,
+                                         host_guard: HostGuard) -> None:
+    """Without --db and --policy the CLI falls back to root's defaults: clean_env points
+    them into tmp_path, and the guard refuses the host's own (STYLE 9)."""
+    # The guard stands over the defaults the product really has.
+    if os.geteuid() == 0:
+        assert HOST_DEFAULT_URL() == "sqlite:////var/lib/integrity/integrity.db"
+    else:
+        assert HOST_DEFAULT_URL() == f"sqlite:///{tmp_path}/state/integrity/integrity.db"
+    assert HOST_POLICY == "/etc/integrity/policy.toml"
+    assert any(HOST_POLICY.startswith(top + "/") for top in HOST_STATE)
+
+    # A command given neither option uses the system policy and the default database,
+    # both under tmp_path.
+    system_policy = Path(integrity.policy.SYSTEM_POLICY)
+    assert system_policy.is_relative_to(tmp_path)
+    system_policy.parent.mkdir(parents=True)
+    system_policy.write_text(f'[[rule]]\npath = "{tree}"\n')
+    result = invoke("-q", "init")
+    assert result.exit_code == 0, result.stderr
+    default_db = tmp_path / "var-lib-integrity" / "integrity.db"
+    assert default_db.exists()
+    assert str(default_db) in result.stdout and str(system_policy) in result.stdout
+    assert invoke("-q", "verify").exit_code == 0
+    assert host_guard.touched == []
+
+    # Naming the host's files explicitly is refused, and remembered even though the
+    # CLI turns the refusal into its one-line error (reads only: harmless if the guard
+    # ever failed).
+    result = invoke("-q", "--db", "sqlite:////var/lib/integrity/integrity.db",
+                    "--policy", HOST_POLICY, "verify")
+    assert result.exit_code == 2
+    assert HOST_POLICY in one_line(result.stderr)
+    assert host_guard.touched == [f"open {HOST_POLICY}"]
+    with pytest.raises(PermissionError, match="host's integrity state"):
+        sqlite3.connect("file:/var/lib/integrity/integrity.db?mode=ro", uri=True)
+    assert host_guard.touched[-1] == "sqlite3.connect /var/lib/integrity/integrity.db"
+    host_guard.touched.clear()  # what this test did on purpose must not fail it

@@ -28,29 +28,15 @@ from typing import Any
 import blake3
 import pytest
 
-from conftest import Cli, wait_until
+from conftest import REPO, Cli, ro, rows, wait_until
 from integrity.paths import from_key, key_range, to_key
 
-REPO = Path(__file__).resolve().parent.parent
 SEED = 20261122
 
 Policy = Callable[..., Path]
 
 
 # -- helpers --------------------------------------------------------------------------
-
-def ro(db: Path) -> sqlite3.Connection:
-    """A read-only connection that never creates or changes the file."""
-    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-
-
-def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = ro(db)
-    try:
-        return list(conn.execute(sql, params))
-    finally:
-        conn.close()
-
 
 def integrity_ok(db: Path) -> None:
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
@@ -263,6 +249,24 @@ def start_watcher(db: Path, policy: Path, log: Path) -> subprocess.Popen[bytes]:
         kill9(proc)
         raise
     return proc
+
+
+def watcher_caught_up(db: Path, root: Path) -> None:
+    """Return once the watcher has recorded every change made in `root` so far.
+
+    inotify delivers in order to the watcher's one reader, which hands its batches to
+    one realtime queue, and each batch is recorded in one transaction. So when the
+    event for a first marker written now is visible, every earlier change was handed
+    on in that batch or before it; a second marker's event, written after that, is
+    recorded by a batch that starts after all of those were recorded.
+    """
+    for name in ("caught-up-1", "caught-up-2"):
+        marker = root / name
+        marker.write_text("written after every other change\n")
+        key = to_key(os.fsencode(str(marker)))
+        wait_until(lambda: rows(db, "SELECT 1 FROM event WHERE key = ? AND source = "
+                                    "'realtime'", (key,)),
+                   f"the watcher to record {marker}", 60)
 
 
 def event_rows(db: Path) -> list[dict[str, Any]]:
@@ -485,7 +489,7 @@ def test_concurrent_verify_approve_and_watch_share_the_database(
         assert any(code == 1 for name, code, _ in results if name == "verify")
         # Quiet now: let the watcher record the last changes, record anything else,
         # then approve everything.
-        time.sleep(1.5)
+        watcher_caught_up(db, root)
         last = integrity(db, policy, "verify")
         clean_stderr(last.stderr)
         assert last.returncode in (0, 1)

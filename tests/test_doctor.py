@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -377,14 +376,21 @@ def test_non_root_is_warned(tmp_path: Path, world_dir: Path) -> None:
             " (nothing below it can be checked)"]
 
 
-def test_clean_diagnosis_exits_zero(tmp_path: Path) -> None:
+def test_clean_diagnosis_exits_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if os.geteuid() != 0:
         pytest.skip("as a non-root user doctor always warns")
+    # Roomy limits of the test's own: the host's are shared with other test runs,
+    # which lower them for a while and hold watches of their own.
+    sysctl = tmp_path / "sysctl"
+    sysctl.mkdir()
+    for name, value in (("max_user_watches", ROOMY.max_user_watches),
+                        ("max_user_instances", ROOMY.max_user_instances),
+                        ("max_queued_events", ROOMY.max_queued_events)):
+        (sysctl / name).write_text(f"{value}\n")
+    read_limits = doctor.inotify_limits
+    monkeypatch.setattr(doctor, "inotify_limits", lambda: read_limits(str(sysctl)))
     make_dirs(tmp_path / "tree", 4)
     diagnosis = diagnose(policy_for({"path": str(tmp_path / "tree")}))
-    limits = doctor.inotify_limits()
-    if limits.max_user_watches is not None and limits.max_user_watches < 10_000:
-        pytest.skip("this host's inotify limits are already tight")
     assert [f.level for f in diagnosis.findings] == ["ok", "ok", "ok", "ok"], \
         render(diagnosis)
     assert "fanotify: realtime events name the process" in render(diagnosis)
@@ -406,12 +412,49 @@ def test_render_shows_level_details_and_advice() -> None:
         "1 check needs attention\n")
 
 
+HOLDER = """
+import sys
+from inotify_simple import INotify, flags
+inotify = INotify()
+for path in sys.argv[1:]:
+    inotify.add_watch(path, flags.CREATE)
+print("watching", flush=True)
+sys.stdin.read()
+"""
+
+
 def test_holders_survive_processes_exiting_mid_scan(tmp_path: Path) -> None:
-    """Processes come and go while /proc is read; none of that may raise."""
-    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.05)"])
-             for _ in range(10)]
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        inotify_holders()
-    for p in procs:
-        p.wait(timeout=10)
+    """Processes come and go while /proc is read; none of that may raise, and only the
+    live holder is listed.
+
+    A /proc of our own (the `proc` argument) holds links to the real /proc entries of
+    three children, each in a state the real /proc shows at some moment of an exit:
+    one still holding an inotify instance with two watches, a zombie (its status is
+    still there, its descriptors are gone) and one already reaped (its entry vanished
+    after the listing).
+    """
+    for name in ("w1", "w2"):
+        (tmp_path / name).mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "w1"),
+                               str(tmp_path / "w2")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "watching\n"
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        reaped.wait()
+        proc = tmp_path / "proc"
+        proc.mkdir()
+        for child in (holder, zombie, reaped):
+            os.symlink(f"/proc/{child.pid}", proc / str(child.pid))
+        assert Path(f"/proc/{zombie.pid}/status").exists()
+        assert not (proc / str(reaped.pid)).exists()
+
+        comm = Path(f"/proc/{holder.pid}/comm").read_text().strip()
+        assert inotify_holders(proc=str(proc)) == [InotifyHolder(holder.pid, comm, 1, 2)]
+    finally:
+        holder.kill()
+        holder.communicate()
+        zombie.wait()
+        reaped.wait()

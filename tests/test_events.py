@@ -21,20 +21,12 @@ import pytest
 
 from integrity.paths import to_key
 
-from conftest import Cli
+from conftest import Cli, one_line
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 #: The keys SPEC requires of every object of `events --json`.
 EVENT_KEYS = {"id", "time", "path", "kind", "changed", "source", "severity", "status",
               "classification", "count", "actor"}
-
-
-def one_line(text: str) -> str:
-    """The single line a fatal error must be, failing the test if there are more."""
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert "Traceback" not in text
-    return lines[0]
 
 
 def events(run: Cli, *args: str) -> list[dict[str, Any]]:
@@ -67,14 +59,6 @@ def event_rows(db: Path) -> int:
 
 def utc_iso(when: dt.datetime) -> str:
     return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@pytest.fixture
-def config_run(tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> Cli:
-    """A `config` rule (no inode or times): writing the old bytes back is a revert."""
-    policy = write_policy({"path": str(tree), "check": "config", "severity": "medium"},
-                          name="config.toml")
-    return Cli(tmp_path / "state" / "integrity.db", policy)
 
 
 # -- recording --------------------------------------------------------------------------
@@ -169,8 +153,8 @@ def test_a_further_change_while_open_updates_the_same_event(run: Cli, tree: Path
 
 
 def test_reverting_to_the_baseline_closes_the_event(config_run: Cli, tree: Path) -> None:
+    """Under a `config` rule (no inode or times) writing the old bytes back is a revert."""
     run = config_run
-    assert run("init").exit_code == 0
     (tree / "a.conf").write_text("changed\n")
     saved = (tree / "sub" / "c.txt").read_bytes()
     mode = (tree / "sub" / "c.txt").stat().st_mode & 0o7777
@@ -201,7 +185,6 @@ def test_reverting_to_the_baseline_closes_the_event(config_run: Cli, tree: Path)
 
 def test_verify_of_some_paths_leaves_other_events_alone(config_run: Cli, tree: Path) -> None:
     run = config_run
-    assert run("init").exit_code == 0
     (tree / "a.conf").write_text("changed\n")
     assert run("verify").exit_code == 1
     [event] = events(run)

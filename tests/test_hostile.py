@@ -30,7 +30,7 @@ from typing import Any
 import blake3
 import pytest
 
-from conftest import Cli
+from conftest import REPO, Cli, ro
 from integrity.errors import Vanished
 from integrity.scan.hasher import FileChanged, blake3_fd, open_at, recent_since
 from integrity.paths import to_key
@@ -42,7 +42,6 @@ from integrity.scan.scanner import collect
 from integrity.store import Store
 from integrity.scan.walker import WalkEntry, open_parent, walk
 
-REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 #: SPEC's warning shape: "operation failed: cause (consequence)".
 ERROR_SHAPE = re.compile(r"^[a-z][a-z ]* failed: .+ \(.+\)$")
@@ -53,11 +52,6 @@ Policy = Callable[..., Path]
 
 
 # -- helpers --------------------------------------------------------------------------
-
-def ro(db: Path) -> sqlite3.Connection:
-    """A read-only connection that never creates or changes the file."""
-    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-
 
 def entry(db: Path, path: bytes) -> dict[str, Any] | None:
     """The active baseline's row for path, as a dict (None if not recorded)."""

@@ -11,7 +11,7 @@ import pytest
 
 from integrity.errors import PolicyError
 from integrity.policy import parse
-from tests.conftest import Cli
+from conftest import Cli
 
 
 def sql(db: Path, statement: str, *args: object) -> int:

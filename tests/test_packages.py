@@ -9,15 +9,12 @@ actions they made; apt's archive cache and lists are temporary directories, so t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import lzma
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from integrity.packages import PackageManagers
-from tests.debs import build_deb, build_rpm, packages_stanza, sha256
+from debs import (build_deb, build_rpm, dpkg, dpkg_tool, exclusive, owned, packages_stanza,
+                  sha256)
 
 PKG = "integrity-test-pkg"
 SHARE = "/usr/share/integrity-test"
@@ -75,8 +73,7 @@ class System:
     cleanups: list[Callable[[], object]] = field(default_factory=list)
 
     def dpkg(self, *args: str) -> None:
-        subprocess.run(["dpkg", f"--log={self.log}", "--force-confdef", "--force-confold",
-                        *args], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+        dpkg(self.log, *args)
 
     def install(self, deb: Path) -> None:
         self.dpkg("-i", str(deb))
@@ -95,41 +92,21 @@ class System:
         target.write_bytes(gzip.compress(stanza) if list_name.endswith(".gz") else stanza)
 
 
-@contextlib.contextmanager
-def _exclusive() -> Iterator[None]:
-    """One test at a time per machine may own the test packages.
-
-    Two test runs at once (a developer's and CI's, or two sessions sharing a machine)
-    would otherwise install and purge the same package under each other.
-    """
-    with open(Path(tempfile.gettempdir()) / f"{PKG}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 @pytest.fixture
 def system(tmp_path: Path) -> Iterator[System]:
     for sub in ("apt", "lists"):
         (tmp_path / sub).mkdir()
     state = System(tmp_path / "dpkg.log", tmp_path / "apt", tmp_path / "lists")
     state.log.touch()
-    with _exclusive():
-        yield from _installed(state)
-
-
-def _installed(state: System) -> Iterator[System]:
-    subprocess.run(["dpkg", f"--log={state.log}", "--purge", PKG],
-                   capture_output=True)  # a previous run's leftover
-    try:
-        yield state
-    finally:
-        for cleanup in reversed(state.cleanups):
-            try:
-                cleanup()
-            except (OSError, subprocess.SubprocessError):
-                pass
-        subprocess.run(["dpkg", f"--log={state.log}", "--purge", PKG], capture_output=True)
-        assert not os.path.exists(SHARE), "purge left the package's files behind"
+    with owned(PKG, state.log, [SHARE]):
+        try:
+            yield state
+        finally:
+            for cleanup in reversed(state.cleanups):
+                try:
+                    cleanup()
+                except (OSError, subprocess.SubprocessError, AssertionError):
+                    pass
 
 
 def _write(path: str, content: bytes) -> None:
@@ -251,10 +228,8 @@ def test_symlink_targets_need_the_verified_deb(system: System,
 
 def test_statoverride_states_attributes(system: System, debs: dict[str, Path]) -> None:
     system.install(debs["1.1"])
-    subprocess.run(["dpkg-statoverride", "--update", "--add", "root", "root", "0700", TOOL],
-                   check=True, capture_output=True)
-    system.cleanups.append(lambda: subprocess.run(
-        ["dpkg-statoverride", "--remove", TOOL], check=True, capture_output=True))
+    dpkg_tool("dpkg-statoverride", "--update", "--add", "root", "root", "0700", TOOL)
+    system.cleanups.append(lambda: dpkg_tool("dpkg-statoverride", "--remove", TOOL))
     assert os.stat(TOOL).st_mode & 0o7777 == 0o700
     managers = system.managers()
     verdict = managers.check_attributes(TOOL.encode(), 0o700, 0, 0)
@@ -361,11 +336,9 @@ def test_purged_package_explains_its_files(system: System, debs: dict[str, Path]
 def test_local_diversion_moves_ownership(system: System, debs: dict[str, Path]) -> None:
     system.install(debs["1.1"])
     diverted = NOTES + ".distrib"
-    subprocess.run(["dpkg-divert", "--local", "--rename", "--divert", diverted, "--add",
-                    NOTES], check=True, capture_output=True)
-    system.cleanups.append(lambda: subprocess.run(
-        ["dpkg-divert", "--local", "--rename", "--remove", NOTES], check=True,
-        capture_output=True))
+    dpkg_tool("dpkg-divert", "--local", "--rename", "--divert", diverted, "--add", NOTES)
+    system.cleanups.append(
+        lambda: dpkg_tool("dpkg-divert", "--local", "--rename", "--remove", NOTES))
     managers = system.managers()
     moved = managers.check_content(diverted.encode())
     assert moved.vouched and moved.package == PKG
@@ -448,7 +421,7 @@ def test_rpm_digests_and_attributes(tmp_path: Path) -> None:
     if subprocess.run(["rpm", "--help"], capture_output=True,
                       text=True).stdout.count("--force-debian"):
         install.insert(-1, "--force-debian")
-    with _exclusive():
+    with exclusive():
         subprocess.run(install, check=True, capture_output=True)
         try:
             _check_rpm(tmp_path, db, path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
+import integrity.policy
 from integrity.errors import PolicyError
 from integrity.policy import default_policy_path, load, parse, parse_check
 from integrity.record import PRESETS, Attr
@@ -88,9 +90,23 @@ def test_non_recursive_rule_covers_direct_children_only() -> None:
     assert not policy.covers(b"/srv/dir/file")
 
 
+SHIPPED = str(resources.files("integrity.policies").joinpath("default.toml"))
+
+
 def test_shipped_default_policy_is_valid() -> None:
-    policy = load(default_policy_path())
+    policy = load(SHIPPED)
     paths = {r.name for r in policy.rules}
     assert {"/etc", "/usr/bin", "/usr/sbin", "/etc/ssh", "/etc/sudoers", "/boot"} <= paths
     assert policy.rule_for(b"/etc/ssh/sshd_config").severity == "critical"  # type: ignore[union-attr]
     assert not policy.covers(b"/etc/mtab")
+
+
+def test_the_system_policy_wins_over_the_shipped_default(tmp_path: Path) -> None:
+    """clean_env put the system policy's place under tmp_path: absent, then present."""
+    system = Path(integrity.policy.SYSTEM_POLICY)
+    assert system.is_relative_to(tmp_path) and not system.exists()
+    assert default_policy_path() == SHIPPED
+    system.parent.mkdir(parents=True)
+    system.write_text('[[rule]]\npath = "/srv"\n')
+    assert default_policy_path() == str(system)
+    assert [r.name for r in load(default_policy_path()).rules] == ["/srv"]

@@ -19,32 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cli
+from conftest import REPO, Cli, one_line, ro, rows
 from integrity.store import Store
 from integrity.store.engine import HEAD, REVISIONS
 
-REPO = Path(__file__).resolve().parent.parent
 MANY = 30_000
-
-
-def ro(db: Path) -> sqlite3.Connection:
-    """A read-only connection that never creates or changes the file."""
-    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-
-
-def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = ro(db)
-    try:
-        return list(conn.execute(sql))
-    finally:
-        conn.close()
-
-
-def one_line(text: str) -> str:
-    lines = text.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {lines!r}"
-    assert "Traceback" not in text
-    return lines[0]
 
 
 # -- interrupted init ------------------------------------------------------------------

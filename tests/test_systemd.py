@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
+from conftest import REPO
+
+UNIT_DIR = REPO / "systemd"
 UNITS = ("integrity.service", "integrity-verify.service", "integrity-verify.timer")
 SHIPPED_EXEC = "/usr/local/bin/integrity"
 

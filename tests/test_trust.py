@@ -16,7 +16,7 @@ from integrity.paths import to_key
 from integrity.record import FileRecord
 from integrity.trust import MerkleRoot, leaf, root_of
 
-from tests.conftest import Cli
+from conftest import Cli
 
 
 def record(path: bytes, size: int = 1, content: bytes | None = b"\x01" * 32) -> FileRecord:

@@ -22,10 +22,8 @@ from typing import Any
 import blake3
 import pytest
 
-from conftest import Cli
+from conftest import REPO, Cli
 from integrity.store import Store
-
-REPO = Path(__file__).resolve().parent.parent
 
 TOP_KEYS = {"baseline", "summary", "changes", "errors", "policy"}
 SUMMARY_KEYS = {"scanned", "added", "removed", "modified", "errors"}
@@ -74,16 +72,6 @@ def by_path(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def only_change(doc: dict[str, Any]) -> dict[str, Any]:
     assert len(doc["changes"]) == 1, doc["changes"]
     return doc["changes"][0]
-
-
-@pytest.fixture
-def config_run(tmp_path: Path, tree: Path, write_policy: Policy) -> Cli:
-    """A CLI whose policy checks `tree` with the `config` preset (no times, no inode)."""
-    policy = write_policy({"path": str(tree), "check": "config", "severity": "critical"},
-                          name="config.toml")
-    cli = Cli(tmp_path / "state" / "config.db", policy)
-    assert cli("init").exit_code == 0
-    return cli
 
 
 # -- clean -----------------------------------------------------------------------------

@@ -50,8 +50,8 @@ class Env:
         return self._policy
 
     def db_url(self) -> str:
-        from integrity.store import default_url
-        return self.db_option or self.policy.database or default_url()
+        from integrity.store import engine
+        return self.db_option or self.policy.database or engine.default_url()
 
     def store(self, *, must_exist: bool = True, check_schema: bool = True) -> Store:
         """The database, opened once (the first caller's options decide)."""

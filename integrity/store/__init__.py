@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from integrity.store.approvals import Approvals
 from integrity.store.baseline import BaselineInfo, Baselines
-from integrity.store.engine import Database, default_url
+from integrity.store.engine import Database
 from integrity.store.events import Events
 from integrity.store.ledger import Ledger
 from integrity.store.outbox import Outbox
 from integrity.store.runs import Runs
 
-__all__ = ["Store", "BaselineInfo", "default_url"]
+__all__ = ["Store", "BaselineInfo"]
 
 
 class Store(Database):

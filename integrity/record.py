@@ -27,6 +27,8 @@ class Attr(enum.Flag):
     DEV = enum.auto()
     # Not an attribute of its own: "size may only grow" (log files).
     GROWING = enum.auto()
+    # Not compared either: keep the content of small text files for diffs and restore.
+    DIFF = enum.auto()
 
 
 NONE = Attr(0)
@@ -38,7 +40,7 @@ PRESETS: dict[str, Attr] = {
     "static": Attr.TYPE | Attr.CONTENT | Attr.SIZE | Attr.MODE | Attr.UID | Attr.GID
     | Attr.INODE | Attr.NLINK | Attr.LINK | Attr.XATTRS | Attr.MTIME | Attr.CTIME,
     "config": Attr.TYPE | Attr.CONTENT | Attr.SIZE | Attr.MODE | Attr.UID | Attr.GID
-    | Attr.LINK | Attr.XATTRS,
+    | Attr.LINK | Attr.XATTRS | Attr.DIFF,
     "perms": Attr.TYPE | Attr.MODE | Attr.UID | Attr.GID | Attr.LINK | Attr.XATTRS,
     "log": Attr.TYPE | Attr.MODE | Attr.UID | Attr.GID | Attr.GROWING,
 }

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 KINDS = (ADDED, REMOVED, MODIFIED)
 
 
-def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
-    """One change as SPEC's JSON object."""
+def change_json(change: Change, rule: Rule | None, diff: str | None = None
+                ) -> dict[str, Any]:
+    """One change as SPEC's JSON object (with `diff` for a kept text)."""
     out: dict[str, Any] = {
         "path": display(change.path), "kind": change.kind,
         "rule": rule.name if rule else None,
@@ -33,6 +34,8 @@ def change_json(change: Change, rule: Rule | None) -> dict[str, Any]:
         "changed": list(change.changed),
     }
     out["old"], out["new"] = change_states(change)
+    if diff is not None:
+        out["diff"] = diff
     return out
 
 
@@ -44,7 +47,8 @@ def verify_json(verification: Verification) -> dict[str, Any]:
         "summary": {"scanned": result.scanned, "added": result.count(ADDED),
                     "removed": result.count(REMOVED), "modified": result.count(MODIFIED),
                     "errors": len(result.warnings)},
-        "changes": [change_json(c, result.rules.get(c.path)) for c in result.changes],
+        "changes": [change_json(c, result.rules.get(c.path), verification.diffs.get(c.path))
+                    for c in result.changes],
         "errors": [{"path": display(w.path), "error": w.error} for w in result.warnings],
         "policy": {"sealed": not verification.policy_changes,
                    "differences": verification.policy_changes},
@@ -79,6 +83,9 @@ def verify_text(verification: Verification, out: TextIO) -> None:
             for name in change.changed:
                 out.write(f"      {name}: {_short(name, getattr(change.old, name))} -> "
                           f"{_short(name, getattr(change.new, name))}\n")
+            diff = verification.diffs.get(change.path)
+            if diff:
+                out.write("".join(f"      {line}\n" for line in diff.splitlines()))
     if verification.policy_changes:
         out.write("\nPolicy: the policy file differs from the sealed policy, which was "
                   "verified instead (accept it with 'integrity approve --policy'):\n")

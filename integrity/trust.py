@@ -57,14 +57,15 @@ def leaf_v1(key: bytes, rec: FileRecord) -> bytes:
         [_field(key), *(_field(v) for v in rec[1:])])).digest()
 
 
-def leaf(key: bytes, rec: FileRecord, package: str | None) -> bytes:
-    """Digest of one entry: its key, every recorded attribute and its package owner.
+def leaf(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None) -> bytes:
+    """Digest of one entry: its key, every recorded attribute, its package owner and
+    the digest of the text kept for it.
 
     The row is encoded by `repr` of a tuple of bytes, ints, None and ASCII strings
     (types and package names), which is unambiguous and done in C: this runs once
     per entry whenever a baseline is written or checked.
     """
-    return _blake3(_LEAF + repr((key, *rec[1:], package)).encode()).digest()
+    return _blake3(_LEAF + repr((key, *rec[1:], package, kept)).encode()).digest()
 
 
 _blake3 = blake3.blake3
@@ -110,18 +111,19 @@ class MerkleRoot:
         return node.hex()
 
 
-def root_of(entries: Iterable[tuple[bytes, FileRecord, str | None]]) -> str:
-    """Merkle root of (key, record, package) given in key order."""
+def root_of(entries: Iterable[tuple[bytes, FileRecord, str | None, bytes | None]]) -> str:
+    """Merkle root of (key, record, package, kept) given in key order."""
     merkle = MerkleRoot()
-    for key, rec, package in entries:
-        merkle.add(leaf(key, rec, package))
+    for key, rec, package, kept in entries:
+        merkle.add(leaf(key, rec, package, kept))
     return merkle.hexdigest()
 
 
-def root_of_v1(entries: Iterable[tuple[bytes, FileRecord, str | None]]) -> str:
+def root_of_v1(entries: Iterable[tuple[bytes, FileRecord, str | None, bytes | None]]
+               ) -> str:
     """Merkle root as seal version 1 computed it."""
     merkle = MerkleRoot()
-    for key, rec, _package in entries:
+    for key, rec, _package, _kept in entries:
         merkle.add(leaf_v1(key, rec))
     return merkle.hexdigest()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import sys
 import textwrap
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 from click.testing import CliRunner, Result
 
 import integrity.policy
@@ -306,3 +309,54 @@ def receiver() -> Iterator[Receiver]:
     server = Receiver()
     yield server
     server.close()
+
+
+# -- a real SMTP server on loopback (e-mail alerts) ----------------------------------------
+
+class Smtp(Controller):
+    """aiosmtpd on 127.0.0.1, on a port the kernel picked (bound before start)."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        super().__init__(handler, hostname="127.0.0.1",
+                         port=self.listener.getsockname()[1], **kwargs)
+
+    def _create_server(self) -> Any:
+        return self.loop.create_server(self._factory_invoker, sock=self.listener,
+                                       ssl=self.ssl_context)
+
+
+class Inbox:
+    """Keeps what the SMTP server accepted, with how the session got there."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.logins: list[tuple[str, bytes, bool]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append({"from": envelope.mail_from, "to": envelope.rcpt_tos,
+                              "content": envelope.content, "starttls": session.ssl is not None,
+                              "authenticated": session.authenticated})
+        return "250 OK"
+
+    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                     auth_data: Any) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and \
+            (auth_data.login, auth_data.password) == (b"fim", b"hunter2")
+        self.logins.append((mechanism, auth_data.login, ok))
+        return AuthResult(success=ok, handled=False)
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[Any]:
+    servers: list[Smtp] = []
+
+    def start(inbox: Inbox, **kwargs: Any) -> Smtp:
+        server = Smtp(inbox, **kwargs)
+        server.start()
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.stop()

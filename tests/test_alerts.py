@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,7 +38,7 @@ from integrity.alerts import webhook
 from integrity.errors import PolicyError
 from integrity.policy import load
 
-from conftest import REPO, wait_until
+from conftest import REPO, Inbox, wait_until
 
 HOST = socket.gethostname()
 
@@ -595,55 +593,6 @@ def test_chat_webhooks_send_one_digest_message(tmp_path: Path, hook: Hook) -> No
 
 
 # -- email -----------------------------------------------------------------------------
-
-class Smtp(Controller):
-    """aiosmtpd on 127.0.0.1, on a port the kernel picked (bound before start)."""
-
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        super().__init__(handler, hostname="127.0.0.1",
-                         port=self.listener.getsockname()[1], **kwargs)
-
-    def _create_server(self) -> Any:
-        return self.loop.create_server(self._factory_invoker, sock=self.listener,
-                                       ssl=self.ssl_context)
-
-
-class Inbox:
-    """Keeps what the SMTP server accepted, with how the session got there."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.logins: list[tuple[str, bytes, bool]] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append({"from": envelope.mail_from, "to": envelope.rcpt_tos,
-                              "content": envelope.content, "starttls": session.ssl is not None,
-                              "authenticated": session.authenticated})
-        return "250 OK"
-
-    def authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
-                     auth_data: Any) -> AuthResult:
-        ok = isinstance(auth_data, LoginPassword) and \
-            (auth_data.login, auth_data.password) == (b"fim", b"hunter2")
-        self.logins.append((mechanism, auth_data.login, ok))
-        return AuthResult(success=ok, handled=False)
-
-
-@pytest.fixture
-def smtp_server() -> Iterator[Any]:
-    servers: list[Smtp] = []
-
-    def start(inbox: Inbox, **kwargs: Any) -> Smtp:
-        server = Smtp(inbox, **kwargs)
-        server.start()
-        servers.append(server)
-        return server
-    yield start
-    for server in servers:
-        server.stop()
-
 
 def _mail(tmp_path: Path, port: int, **options: Any) -> Any:
     return sink_for(tmp_path, type="email", host="127.0.0.1", port=port,

@@ -70,8 +70,8 @@ def reseal(db: Path, private: Path | None, policy_text: str | None = None) -> st
     try:
         info = store.baselines.require()
         merkle = MerkleRoot()
-        for key, rec, package in store.baselines.entries(info.id):
-            merkle.add(leaf(key, rec, package))
+        for entry in store.baselines.entries(info.id):
+            merkle.add(leaf(*entry))
     finally:
         store.close()
     with sqlite3.connect(db) as conn:

@@ -24,17 +24,19 @@ def record(path: bytes, size: int = 1, content: bytes | None = b"\x01" * 32) -> 
 
 
 def test_root_is_deterministic_and_covers_every_field() -> None:
-    entries = [(to_key(p), record(p), "base-files") for p in (b"/a", b"/a/b", b"/c")]
+    entries = [(to_key(p), record(p), "base-files", None) for p in (b"/a", b"/a/b", b"/c")]
     assert root_of(entries) == root_of(list(entries))
     for index in range(1, len(FileRecord._fields)):
         rec = list(entries[1][1])
         rec[index] = b"\x02" * 32 if isinstance(rec[index], bytes) else (
             "dir" if isinstance(rec[index], str) else (rec[index] or 0) + 1)
-        changed = [entries[0], (entries[1][0], FileRecord(*rec), "base-files"), entries[2]]
+        changed = [entries[0], (entries[1][0], FileRecord(*rec), "base-files", None),
+                   entries[2]]
         assert root_of(changed) != root_of(entries), FileRecord._fields[index]
-    # The package owner is sealed too: --package-updates decides by it.
-    for package in (None, "coreutils"):
-        changed = [entries[0], (entries[1][0], entries[1][1], package), entries[2]]
+    # The package owner is sealed too (--package-updates decides by it), and the
+    # digest of the kept text (diff and restore read it).
+    for package, kept in ((None, None), ("coreutils", None), ("base-files", b"\x03" * 32)):
+        changed = [entries[0], (entries[1][0], entries[1][1], package, kept), entries[2]]
         assert root_of(changed) != root_of(entries), package
     assert root_of(entries[:2]) != root_of(entries)          # a removed entry shows
     assert root_of([entries[1], entries[0], entries[2]]) != root_of(entries)  # order counts
@@ -42,7 +44,7 @@ def test_root_is_deterministic_and_covers_every_field() -> None:
 
 
 def test_streaming_root_matches_a_plain_merkle_tree() -> None:
-    leaves = [leaf(to_key(b"/%d" % i), record(b"/%d" % i), None) for i in range(13)]
+    leaves = [leaf(to_key(b"/%d" % i), record(b"/%d" % i), None, None) for i in range(13)]
     merkle = MerkleRoot()
     for digest in leaves:
         merkle.add(digest)

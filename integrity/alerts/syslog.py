@@ -34,6 +34,10 @@ from typing import Any, TYPE_CHECKING
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
 from integrity.alerts.text import clean, headline
+from integrity.content.diff import shorten
+
+#: What of a diff one syslog message carries (rsyslog's default line is 8 KiB).
+DIFF_BYTES = 1024
 
 if TYPE_CHECKING:
     from integrity.store.events import EventDoc
@@ -102,7 +106,10 @@ class SyslogSink:
         # No BOM before MSG: RFC 5424 allows plain MSG-ANY, and journald and many
         # readers show a BOM as garbage.
         head = (header + sd + " ").encode("utf-8")
-        msg = f"{event.get('severity')}: {headline(event)}".encode("utf-8")
+        text = f"{event.get('severity')}: {headline(event)}"
+        if event.get("diff"):  # one line: the diff's newlines show as \x0a
+            text += " diff: " + clean(shorten(event["diff"] or "", DIFF_BYTES))
+        msg = text.encode("utf-8")
         room = MAX_MESSAGE - len(head)
         if len(msg) > room:
             marker = b"..."

@@ -14,6 +14,7 @@ import re
 from collections import Counter
 from typing import Any, TYPE_CHECKING
 
+from integrity.content.diff import shorten
 from integrity.policy.severity import SEVERITIES
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 #: A digest lists at most this many events, most severe first, then "and N more".
 MAX_LINES = 200
+#: What of a diff one event's text carries; in a digest, each event's share.
+DIFF_BYTES, DIGEST_DIFF_BYTES = 8192, 2048
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _LONG = 100  # attribute values longer than this (digests) are shortened
 
@@ -100,7 +103,17 @@ def details(event: EventDoc) -> str:
                          f"{_state(new.get(name, '-'))}")
     if event.get("evidence"):
         lines.append(clean(f"evidence: {event['evidence']}"))
+    lines += diff_lines(event, DIFF_BYTES)
     return "\n".join(lines)
+
+
+def diff_lines(event: EventDoc, limit: int) -> list[str]:
+    """The event's diff (kept texts), each line escaped, cut at `limit` bytes with a
+    note: what changed inside the file, at a glance."""
+    diff = event.get("diff")
+    if not diff:
+        return []
+    return ["diff:", *(f"  {clean(line)}" for line in shorten(diff, limit).splitlines())]
 
 
 def highest(events: Sequence[EventDoc]) -> str:
@@ -127,6 +140,9 @@ def digest(events: Sequence[EventDoc], limit: int = MAX_LINES) -> str:
     lines += [line(event) for event in ordered[:limit]]
     if len(ordered) > limit:
         lines.append(f"and {len(ordered) - limit} more")
+    for event in ordered[:limit]:
+        if event.get("diff"):
+            lines += ["", clean(f"{event.get('path')}:"), *diff_lines(event, DIGEST_DIFF_BYTES)]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from integrity.errors import BaselineError, ScanWarning, UsageError
 from integrity.ops.baseline import package_owner
+from integrity.ops.content import ContentKeeper
 from integrity.ops.seal import (approval_sealer, check_baseline, check_pins,
                                 effective_policy, verify_seal)
 from integrity.ops.who import invoking_user
@@ -89,7 +90,7 @@ def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree
             ) -> tuple[list[FileRecord], list[bytes], list[ScanWarning]]:
     """Live state of one path (or its subtree) against the baseline: what to write."""
     low, high = key_range(path) if subtree else (to_key(path), to_key(path) + b"\x00")
-    old = {key: rec for key, rec, _ in store.baselines.entries(baseline_id, [(low, high)])}
+    old = {key: rec for key, rec, _, _ in store.baselines.entries(baseline_id, [(low, high)])}
     records, problems = read_state(policy, path, subtree)
     upserts = [rec for rec in records if old.pop(to_key(rec.path), None) != rec]
     deletes = [rec.path for rec in old.values()]
@@ -154,7 +155,7 @@ class Approver:
         unread = {w.path for w in result.warnings}
         upserts = [c.new for c in result.changes if c.kind == ADDED and c.new is not None
                    and not old.covers(c.path) and c.path not in unread]
-        deletes = [rec.path for _, rec, _ in self.store.baselines.entries(self.baseline.id)
+        deletes = [rec.path for _, rec, _, _ in self.store.baselines.entries(self.baseline.id)
                    if not new.covers(rec.path)]
         events = self.store.events.open_policy_changes()
         outcome = self._write(upserts, deletes, events, {}, "policy", UNEXPLAINED,
@@ -284,12 +285,20 @@ class Approver:
             check_baseline(self.store, self.file_policy)  # nothing to do, on a sound seal
             return outcome
         user, sudo_user = invoking_user()
+        keeper = ContentKeeper(self.store, self.policy if policy is None else
+                               self.file_policy)
+        rules = self.policy if policy is None else self.file_policy
+        kept = {}
+        for rec in upserts:
+            text = keeper.keep(rec, rules.rule_for(rec.path))
+            if text is not None:
+                kept[rec.path] = (text.digest, text.text, text.redacted)
         with self.store.exclusive():
             outcome.approval_id, after = self.store.approvals.apply(
                 upserts=upserts, deletes=deletes, events=closing, user=user,
                 sudo_user=sudo_user, reason=self.reason, mode=mode,
                 check=self._check_seal, seal=approval_sealer(self.sign_key),
-                policy=policy, classification=classification, owner=owner)
+                policy=policy, classification=classification, owner=owner, kept=kept)
         outcome.root = after.root
         outcome.written = sorted([r.path for r in upserts] + deletes, key=to_key)
         outcome.approved = [Approved(e.path, e.kind, evidence.get(e.id)) for e in events]

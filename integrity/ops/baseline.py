@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from integrity.errors import ScanWarning, UsageError
+from integrity.content.keep import Kept
+from integrity.ops.content import ContentKeeper, texts
 from integrity.ops.seal import init_sealer
 from integrity.paths import to_key
 from integrity.policy import Policy
@@ -52,8 +54,10 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
         owner = package_owner(policy)
         merkle = MerkleRoot()
         text = sealed_text(policy)
+        keeper = ContentKeeper(store, policy)
+        pending: dict[bytes, Kept] = {}
 
-        def records() -> Iterator[tuple[FileRecord, str | None]]:
+        def records() -> Iterator[tuple[FileRecord, str | None, bytes | None]]:
             for item in live:
                 if isinstance(item, ScanWarning):
                     warnings.append(item)
@@ -65,8 +69,19 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                     if progress is not None:
                         progress.add(rec.size)
                     package = owner(rec.path) if owner is not None else None
-                    merkle.add(leaf(to_key(rec.path), rec, package))
-                    yield rec, package
+                    kept = keeper.keep(rec, item.rule) if keeper.wants(rec, item.rule) \
+                        else None
+                    if kept is not None:
+                        # Stored ahead of the switch that makes the entries name them
+                        # (swept if this init never gets there).
+                        pending[kept.digest] = kept
+                        if len(pending) >= 256:
+                            store.contents.put(texts(pending))
+                            pending.clear()
+                    digest = kept.digest if kept is not None else None
+                    merkle.add(leaf(to_key(rec.path), rec, package, digest))
+                    yield rec, package, digest
+            store.contents.put(texts(pending))
 
         with store.exclusive():
             info = store.baselines.write(

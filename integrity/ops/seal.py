@@ -50,16 +50,21 @@ class SealCheck:
         self.info = info
         self._merkle = MerkleRoot()
         self._leaf_v2 = info.seal_version >= 2
+        #: The kept text digest of each entry that has one, by key (for diffs).
+        self.kept: dict[bytes, bytes] = {}
 
     def stream(self, entries: Entries) -> Iterator[tuple[bytes, FileRecord]]:
         """The (key, record) pairs the scan wants, each entering the root on the way."""
         add = self._merkle.add
+        kept = self.kept
         if self._leaf_v2:
-            for key, rec, package in entries:
-                add(leaf(key, rec, package))
+            for key, rec, package, text in entries:
+                add(leaf(key, rec, package, text))
+                if text is not None:
+                    kept[key] = text
                 yield key, rec
         else:
-            for key, rec, _package in entries:
+            for key, rec, _package, _text in entries:
                 add(leaf_v1(key, rec))
                 yield key, rec
 
@@ -177,8 +182,8 @@ def approval_sealer(sign_key: str | None
     def make(entries: Entries, generation: int, activated: dt.datetime,
              policy_text: str) -> Sealed:
         merkle = MerkleRoot()
-        for key, rec, package in entries:
-            merkle.add(leaf(key, rec, package))
+        for entry in entries:
+            merkle.add(leaf(*entry))
         root = seal(merkle.hexdigest(), sealed_digest(policy_text), generation, activated)
         return _signed(root, sign_key)
     return make
@@ -215,8 +220,8 @@ class SealedIndex:
         v2 = info.seal_version >= 2
         block = blake3.blake3()
         count = 0
-        for key, rec, package in store.baselines.entries(info.id):
-            digest = leaf(key, rec, package)
+        for key, rec, package, kept in store.baselines.entries(info.id):
+            digest = leaf(key, rec, package, kept)
             merkle.add(digest if v2 else leaf_v1(key, rec))
             if count % cls.BLOCK == 0:
                 if count:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ from integrity.trust import TrustError
 
 if TYPE_CHECKING:  # the store (and SQLAlchemy) is imported only once workers run
     from integrity.store import BaselineInfo, Store
+    from integrity.store.baseline import Entry
     from integrity.store.events import Actor, Recorded
     from integrity.store.outbox import Route
 
@@ -58,6 +59,8 @@ class Verification:
     #: How the policy file differs from the policy sealed with the baseline (which
     #: was verified instead); empty when they are the same.
     policy_changes: list[str] = field(default_factory=list)
+    #: Unified diffs of kept texts that changed, by path.
+    diffs: dict[bytes, str] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -94,33 +97,33 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
                             fast=fast, parallel=parallel)
         run_id = store.runs.start(source, info.id, scan.wanted, fast)
         ranges = [key_range(r) for r in scan.roots]
+        kept: dict[bytes, bytes] = {}
         with _tampering_recorded(store, source, context):
             check_head(store, pins.head)
             if index is not None:
-                base: Iterator[tuple[bytes, FileRecord]] = (
-                    (k, r) for k, r, _ in index.entries(store, ranges))
-                result = scan.compare(base, progress)
+                result = scan.compare(_pairs(index.entries(store, ranges), kept), progress)
             elif scan.wanted:
                 verify_seal(info, store.baselines.entries(info.id))
                 result = scan.compare(
-                    ((k, r) for k, r, _ in store.baselines.entries(info.id, ranges)),
-                    progress)
+                    _pairs(store.baselines.entries(info.id, ranges), kept), progress)
             else:  # every entry is read anyway: the seal is checked on the way
                 sealing = SealCheck(info)
                 result = scan.compare(sealing.stream(store.baselines.entries(info.id)),
                                       progress)
                 sealing.finish()
+                kept = sealing.kept
             check_pins(info, effective, pins, policy)
     finally:
         if scan is not None:
             scan.close()
-    recorded = record(store, effective, result, source, ranges, context)
+    diffs = content_diffs(store, effective, result, kept)
+    recorded = record(store, effective, result, source, ranges, context, diffs)
     changes = _policy_changes(store, info, policy, source, context)
     if source == "verify":
         for problem in store.ledger.check().problems:
             result.warnings.append(ScanWarning(b"(event log)", "hash chain check", problem,
                                                "tampering"))
-    verification = Verification(info, result, recorded, changes)
+    verification = Verification(info, result, recorded, changes, diffs)
     store.runs.finish(run_id, scanned=result.scanned, errors=len(result.warnings),
                       exit_code=verification.exit_code, **result.counts())
     return verification
@@ -180,24 +183,48 @@ def check_paths(store: Store, policy: Policy, paths: Sequence[bytes], index: Sea
     wanted = sorted({p for p in paths if effective.rule_for(p) is not None}, key=to_key)
     ranges = [(key, key + b"\x00") for key in map(to_key, wanted)]
     result = ScanResult()
+    kept: dict[bytes, bytes] = {}
     if wanted:
         with _tampering_recorded(store, source, context):
-            base = [(k, r) for k, r, _ in index.entries(store, ranges)]
+            base = list(_pairs(index.entries(store, ranges), kept))
         result = check_entries(effective, wanted, iter(base))
+    diffs = content_diffs(store, effective, result, kept)
     return Verification(info, result,
-                        record(store, effective, result, source, ranges, context))
+                        record(store, effective, result, source, ranges, context, diffs),
+                        diffs=diffs)
+
+
+def _pairs(entries: Iterable[Entry], kept: dict[bytes, bytes]
+           ) -> Iterator[tuple[bytes, FileRecord]]:
+    """(key, record) for the scan, noting the kept text digests on the way (diffs)."""
+    for key, rec, _package, text in entries:
+        if text is not None:
+            kept[key] = text
+        yield key, rec
+
+
+def content_diffs(store: Store, policy: Policy, result: ScanResult,
+                  kept: Mapping[bytes, bytes]) -> dict[bytes, str]:
+    """Diffs of the modified files whose text the baseline kept (`kept`: entry key ->
+    text digest)."""
+    if not any(c.kind == "modified" for c in result.changes):
+        return {}
+    from integrity.ops.content import ContentKeeper
+
+    return ContentKeeper(store, policy).diffs(result.changes, result.rules, kept)
 
 
 def record(store: Store, policy: Policy, result: ScanResult, source: str,
-           scope: Sequence[tuple[bytes, bytes]], context: EventContext | None = None
-           ) -> Recorded:
+           scope: Sequence[tuple[bytes, bytes]], context: EventContext | None = None,
+           diffs: Mapping[bytes, str] | None = None) -> Recorded:
     """Judge each change under its rule (when, and for realtime changes by whom) and
-    record it; open events in `scope` that no longer differ are closed."""
+    record it with its diff; open events in `scope` that no longer differ are closed."""
     from integrity.store.events import Sighting, UNEXPLAINED
 
     context = context or EventContext()
     actor_of = context.actor_of if source == "realtime" else None
     now = utcnow()
+    diffs = diffs or {}
     sightings = []
     for change in result.changes:
         rule = result.rules.get(change.path)
@@ -208,7 +235,7 @@ def record(store: Store, policy: Policy, result: ScanResult, source: str,
         old, new = change_states(change)
         sightings.append(Sighting(change.path, change.kind, change.changed, old, new,
                                   rule.name if rule else None, severity, classification,
-                                  actor))
+                                  actor, diffs.get(change.path)))
     return store.events.record(
         sightings, source, scope,
         unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],

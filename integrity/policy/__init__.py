@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from integrity.errors import PolicyError
+from integrity.policy.content import ContentPolicy, parse_content
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
@@ -26,7 +27,7 @@ DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
 _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
-             "severity"}
+             "severity", "content"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem",
@@ -170,6 +171,8 @@ class Policy:
     retention: str | None = None
     #: The validated mapping this policy was parsed from: what a seal keeps of it.
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: `[content]`: what is kept for diffs and restore, and what never is.
+    content: ContentPolicy = field(default_factory=ContentPolicy, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
@@ -293,8 +296,9 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
     if events is not None and (not isinstance(events, str)
                                or not re.fullmatch(r"\d+[hdw]", events.strip())):
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
+    content = parse_content(data.get("content"), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
-                  full_scan, tuple(alerts), digest, public_key, events, dict(data))
+                  full_scan, tuple(alerts), digest, public_key, events, dict(data), content)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,

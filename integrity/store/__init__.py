@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from integrity.store.approvals import Approvals
 from integrity.store.baseline import BaselineInfo, Baselines
+from integrity.store.contents import Contents
 from integrity.store.engine import Database
 from integrity.store.events import Events
 from integrity.store.ledger import Ledger
@@ -31,3 +32,4 @@ class Store(Database):
         self.ledger = Ledger(self)
         self.outbox = Outbox(self)
         self.runs = Runs(self)
+        self.contents = Contents(self)

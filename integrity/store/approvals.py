@@ -19,7 +19,9 @@ from integrity.errors import BaselineError
 from integrity.paths import to_key
 from integrity.record import FileRecord
 from integrity.store import schema
-from integrity.store.baseline import BaselineInfo, Entries, Owner, Sealed, active_in, entries_in
+from integrity.store.baseline import (BaselineInfo, Entries, Owner, Sealed, active_in,
+                                      entries_in, sweep_contents)
+from integrity.store.contents import Text, put_in
 from integrity.store.engine import Database, chunks, inserted_id
 from integrity.store.events import APPROVED, OPEN, UNEXPLAINED
 from integrity.store.ledger import journal
@@ -42,13 +44,17 @@ class Approvals:
               events: Mapping[int, str | None], user: str, sudo_user: str | None,
               reason: str | None, mode: str, check: SealCheck, seal: Reseal,
               policy: str | None = None, classification: str = UNEXPLAINED,
-              owner: Owner | None = None) -> tuple[int, BaselineInfo]:
+              owner: Owner | None = None,
+              kept: Mapping[bytes, Text] | None = None) -> tuple[int, BaselineInfo]:
         """Write paths' current state into the baseline in force and close their events.
 
         `events` maps event id to the evidence it rested on (None for a person's
-        word); `policy`, when given, is the sealed policy the new generation takes.
+        word); `policy`, when given, is the sealed policy the new generation takes;
+        `kept` maps upserted paths to the text kept for them, stored in the same
+        transaction (texts no entry names any more are swept).
         Returns (approval id, the baseline as sealed now).
         """
+        kept = kept or {}
         b, en, e, a = schema.baseline, schema.entry, schema.event, schema.approval
         with self.db.writer() as conn, conn.begin():
             info = active_in(conn)
@@ -61,11 +67,14 @@ class Approvals:
                 conn.execute(en.delete().where(en.c.baseline_id == info.id,
                                                en.c.key.in_(chunk)))
             if upserts:
+                put_in(conn, kept.values())
                 conn.execute(en.insert(), [
                     {"baseline_id": info.id, "key": to_key(rec.path),
                      **{name: getattr(rec, name) for name in schema.ENTRY_COLUMNS[1:]},
-                     "package": owner(rec.path) if owner else None}
+                     "package": owner(rec.path) if owner else None,
+                     "kept": kept[rec.path][0] if rec.path in kept else None}
                     for rec in upserts])
+            sweep_contents(conn)
             count = conn.execute(sa.select(sa.func.count()).select_from(en).where(
                 en.c.baseline_id == info.id)).scalar_one()
             sealed_policy = policy if policy is not None else info.policy

@@ -31,8 +31,8 @@ BATCH = 5000
 
 #: Who installed a path (dpkg/rpm), recorded with each entry.
 Owner = Callable[[bytes], "str | None"]
-#: One stored entry: (key, record, package owner).
-Entry = tuple[bytes, FileRecord, "str | None"]
+#: One stored entry: (key, record, package owner, digest of its kept text).
+Entry = tuple[bytes, FileRecord, "str | None", "bytes | None"]
 #: The stream of a baseline's entries in key order.
 Entries = Iterator[Entry]
 #: (root, signature or None, signer's raw public key or None)
@@ -89,12 +89,13 @@ class Baselines:
             raise BaselineError(f"{self.db.name()}: no baseline yet: run 'integrity init'")
         return info
 
-    def write(self, records: Iterable[tuple[FileRecord, str | None]], *,
+    def write(self, records: Iterable[tuple[FileRecord, str | None, bytes | None]], *,
               policy_source: str, policy_digest: str, sealed_policy: str,
               actor: str | None, force: bool,
               seal: Callable[[int, dt.datetime], Sealed]) -> BaselineInfo:
-        """Store a new generation from (record, package owner) pairs in key order and
-        switch to it.
+        """Store a new generation from (record, package owner, kept text digest) in key
+        order and switch to it. The kept texts must be in the contents table already
+        (ops puts them there as the scan goes; unreferenced ones are swept here).
 
         `seal(generation, activated)` is called once every record is written, for the
         root, signature and signer the new generation is activated with; the
@@ -118,8 +119,8 @@ class Baselines:
             positional = writer.positional
             columns = e.c.keys()
             batch: list[object] = []
-            for rec, package in records:
-                row = (new_id, to_key(rec[0]), *rec[1:], package)
+            for rec, package, kept in records:
+                row = (new_id, to_key(rec[0]), *rec[1:], package, kept)
                 batch.append(row if positional else dict(zip(columns, row)))
                 if len(batch) >= BATCH:
                     writer.put(batch)
@@ -146,6 +147,7 @@ class Baselines:
             raise
         with self.db.writer() as conn, conn.begin():
             _sweep(conn)
+            sweep_contents(conn)
         return self.require()
 
     def _discard(self, baseline_id: int) -> None:
@@ -175,7 +177,7 @@ def entries_in(conn: sa.Connection, baseline_id: int,
                ranges: Sequence[tuple[bytes, bytes]] | None = None) -> Entries:
     """(key, record) of a baseline in key order, on an open connection."""
     e = schema.entry
-    cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package]
+    cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
     bounds: Sequence[tuple[bytes | None, bytes | None]] = ranges or [(None, None)]
     for low, high in bounds:
         query = sa.select(*cols).where(e.c.baseline_id == baseline_id)
@@ -185,7 +187,14 @@ def entries_in(conn: sa.Connection, baseline_id: int,
             .execute(query.order_by(e.c.key))
         for row in result:
             key = row[0]
-            yield key, FileRecord(from_key(key), *row[1:14]), row[14]
+            yield key, FileRecord(from_key(key), *row[1:14]), row[14], row[15]
+
+
+def sweep_contents(conn: sa.Connection) -> None:
+    """Delete kept texts no entry names any more."""
+    c, e = schema.content, schema.entry
+    conn.execute(c.delete().where(c.c.digest.not_in(
+        sa.select(e.c.kept).where(e.c.kept.is_not(None)))))
 
 
 def _sweep(conn: sa.Connection) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy import event, exc as sa_exc
 from integrity.errors import DatabaseError
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009")
 HEAD = REVISIONS[-1]
 #: Rows per statement where a list of ids or keys goes into one IN (...): under
 #: SQLite's default limit of bound parameters, whatever the build.
@@ -109,6 +109,15 @@ class Database:
     def close(self) -> None:
         """Release all connections."""
         self.engine.dispose()
+
+    def sidecar(self, name: str) -> str:
+        """A file of ours kept beside the database, not in it (a copy of the database
+        alone does not carry it): `<database>.<name>` for SQLite."""
+        database = self.engine.url.database or ""
+        if self.engine.dialect.name == "sqlite" and database not in ("", ":memory:") \
+                and not database.startswith("file:"):
+            return f"{database}.{name}"
+        return os.path.join(os.path.dirname(default_url().split(":///", 1)[1]), name)
 
     def reader(self) -> sa.Connection:
         """A connection for reading (its own consistent snapshot per transaction)."""

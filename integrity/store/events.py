@@ -24,6 +24,8 @@ from integrity.store.outbox import Route, enqueue
 from integrity.times import iso, utcnow
 
 OPEN, APPROVED, REVERTED, RESOLVED = "open", "approved", "reverted", "resolved"
+#: Closed by `integrity restore` putting the file back; the act is an event of its own.
+RESTORED, RESTORED_KIND = "restored", "restored"
 #: Closed because the policy no longer covers the path (a new exclude, a removed rule).
 EXCLUDED = "excluded"
 #: Kinds that are not changes of an entry: the watcher could not see something, and
@@ -56,6 +58,8 @@ class EventDoc(TypedDict):
     new: dict[str, Any] | None
     approval: int | None
     evidence: str | None
+    #: A modification of a kept text: the unified diff, baseline -> live (redacted).
+    diff: str | None
     #: The digest of the ledger row that holds the event's latest state: a place in
     #: the chain that an alert carries off the host (`--expect-head` accepts it).
     chain: str | None
@@ -75,6 +79,7 @@ class Sighting:
     severity: str
     classification: str
     actor: Actor | None = None
+    diff: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class Events:
                     "kind": sighting.kind, "changed": ",".join(sighting.changed),
                     "source": source, "rule": sighting.rule, "last_seen": now,
                     "old": json.dumps(sighting.old), "new": new_state,
+                    "diff": sighting.diff,
                 }
                 actor = json.dumps(sighting.actor) if sighting.actor else None
                 existing = open_rows.get(key)
@@ -214,6 +220,28 @@ class Events:
                     actor=None)))
                 enqueue(conn, routes, [(event_id, severity)])
             journal(conn, "event", [event_id])
+            return event_id
+
+    def restored(self, path: bytes, actor: Actor, *, routes: Sequence[Route] = ()) -> int:
+        """Record that `integrity restore` put a file back (with who did it), and close
+        its open events as restored, in one transaction."""
+        e = schema.event
+        now = utcnow()
+        key = to_key(path)
+        with self.db.writer() as conn, conn.begin():
+            closed = list(conn.execute(sa.select(e.c.id).where(
+                e.c.status == OPEN, e.c.key == key, e.c.kind.not_in(NOTICES))).scalars())
+            for chunk in chunks(closed):
+                conn.execute(e.update().where(e.c.id.in_(chunk))
+                             .values(status=RESTORED, last_seen=now))
+            event_id = inserted_id(conn.execute(e.insert().values(
+                key=key, kind=RESTORED_KIND, changed="", source="restore", rule=None,
+                severity="low", classification="restore", status=RESOLVED, count=1,
+                first_seen=now, last_seen=now, old=None,
+                new=json.dumps({"restored": True, "closed": closed}),
+                actor=json.dumps(actor))))
+            enqueue(conn, routes, [(event_id, "low")])
+            journal(conn, "event", [*closed, event_id])
             return event_id
 
     def close_policy_changes(self, status: str, approval_id: int | None = None) -> int:
@@ -310,7 +338,8 @@ def _doc(row: sa.RowMapping) -> EventDoc:
         "count": row["count"], "actor": json.loads(row["actor"]) if row["actor"] else None,
         "old": json.loads(row["old"]) if row["old"] else None,
         "new": json.loads(row["new"]) if row["new"] else None,
-        "approval": row["approval_id"], "evidence": row["evidence"], "chain": None,
+        "approval": row["approval_id"], "evidence": row["evidence"],
+        "diff": row["diff"], "chain": None,
     }
 
 

@@ -65,6 +65,8 @@ entry = Table(
     # Which package installed the path when it was recorded (dpkg/rpm), so that its
     # later removal can be explained by that package's removal or upgrade only.
     Column("package", String(255)),
+    # The digest of the text kept for it (the content table), when one is kept.
+    Column("kept", LargeBinary),
 )
 
 #: Entry columns in FileRecord field order (after baseline_id).
@@ -111,6 +113,8 @@ event = Table(
     Column("actor", Text),
     Column("approval_id", Integer, ForeignKey("approval.id")),
     Column("evidence", String(32)),
+    # A modification of a kept text: the unified diff, baseline -> live, redacted.
+    Column("diff", Text),
     Index("ix_event_status_key", "status", "key"),
     Index("ix_event_last_seen", "last_seen"),
 )
@@ -154,6 +158,17 @@ ledger = Table(
     Column("content", Text, nullable=False),
     Column("prev", String(64), nullable=False),
     Column("digest", String(64), nullable=False),
+)
+
+#: Texts kept for diffs and restore, by the BLAKE3 digest of the stored text (which
+#: is the file's own digest unless values were redacted), zlib-compressed. Rows no
+#: entry names any more are deleted when a baseline is written or approved.
+content = Table(
+    "content", metadata,
+    Column("digest", LargeBinary, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("redacted", Integer, nullable=False),
 )
 
 #: Digests of chain rows removed by pruning: a head kept off the host before a prune

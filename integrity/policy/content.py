@@ -1,0 +1,69 @@
+"""`[content]`: which file contents a baseline keeps for diffs and restore, and which
+it must never keep.
+
+Content is kept for rules whose check has `diff` (the `config` preset has it), for
+text files up to `max_diff_size`. A file matching a `secret` glob (the defaults name
+shadow files, ssh host keys and `*.key`; the policy adds more) or holding a private
+key block is never kept, whatever its name; in kept files the values of lines that
+look like credentials are replaced before they are stored (`redact` adds regexes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from integrity.errors import PolicyError
+
+DEFAULT_MAX_DIFF_SIZE = 256 << 10
+DEFAULT_SECRETS = ("/etc/shadow", "/etc/gshadow", "*shadow-", "/etc/ssh/ssh_host_*_key",
+                   "*.key")
+#: `name = value`, `name: value` and `export NAME=value` where the name says secret.
+DEFAULT_REDACT = (
+    r"(?i)^(?P<keep>\s*(?:export\s+)?[\w.\-]*(?:password|passwd|passphrase|secret|token"
+    r"|api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key|credentials?)[\w.\-]*\s*"
+    r"[:=]\s*)(?P<value>\S.*?)\s*$",
+    # user:password@ in URLs (database and proxy URLs)
+    r"(?P<keep>[a-z][a-z0-9+.\-]*://[^/\s:@]+:)(?P<value>[^@\s/]+)(?=@)",
+)
+_KEYS = {"max_diff_size", "secret", "redact"}
+
+
+@dataclass(frozen=True)
+class ContentPolicy:
+    """The `[content]` table, validated."""
+
+    max_diff_size: int = DEFAULT_MAX_DIFF_SIZE
+    secrets: tuple[str, ...] = DEFAULT_SECRETS
+    redact: tuple[re.Pattern[str], ...] = field(
+        default_factory=lambda: tuple(re.compile(p, re.MULTILINE) for p in DEFAULT_REDACT))
+
+
+def parse_content(table: Any, fail: Callable[[str, str], PolicyError]) -> ContentPolicy:
+    """Validate `[content]`; `secret` and `redact` add to the defaults."""
+    if table is None:
+        return ContentPolicy()
+    if not isinstance(table, dict):
+        raise fail("content", "must be a table (max_diff_size, secret, redact)")
+    for key in table:
+        if key not in _KEYS:
+            raise fail(f"content.{key}", "unknown key")
+    size = table.get("max_diff_size", DEFAULT_MAX_DIFF_SIZE)
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= 16 << 20:
+        raise fail("content.max_diff_size", "must be a number of bytes from 0 to 16 MiB")
+    secrets = table.get("secret", [])
+    if not isinstance(secrets, list) or not all(isinstance(s, str) and s for s in secrets):
+        raise fail("content.secret", "must be a list of globs")
+    patterns = table.get("redact", [])
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise fail("content.redact", "must be a list of regular expressions")
+    compiled = []
+    for index, pattern in enumerate([*DEFAULT_REDACT, *patterns]):
+        try:
+            compiled.append(re.compile(pattern, re.MULTILINE))
+        except re.error as exc:
+            raise fail(f"content.redact[{index - len(DEFAULT_REDACT)}]",
+                       f"not a regular expression: {exc}") from None
+    return ContentPolicy(size, (*DEFAULT_SECRETS, *secrets), tuple(compiled))

@@ -1,0 +1,251 @@
+"""Kept content: diffs of config files in verify, events and every sink; restore; and
+secrets never kept, redacted values nowhere."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import os
+import sqlite3
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Cli, Inbox, Receiver, one_line, rows
+from integrity.store import Store
+
+MARKER = "s3cr3t-MARKER-4711"
+PRIVATE = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA" + MARKER
+           + "\n-----END OPENSSH PRIVATE KEY-----\n")
+
+
+@pytest.fixture
+def etc(tmp_path: Path) -> Path:
+    """A config tree: an sshd_config, a file with a password, secrets by name and by
+    content, a binary, and a file over max_diff_size."""
+    root = tmp_path / "etc"
+    (root / "ssh").mkdir(parents=True)
+    (root / "ssh" / "sshd_config").write_text("Port 22\nPermitRootLogin no\nUsePAM yes\n")
+    (root / "app.conf").write_text(f"user = app\npassword = {MARKER}\nurl = "
+                                   f"postgresql://app:{MARKER}@db/app\n")
+    (root / "shadow").write_text(f"root:{MARKER}:19000:0:99999:7:::\n")
+    (root / "ssh" / "ssh_host_ed25519_key").write_text(PRIVATE)
+    (root / "deploy.txt").write_text("notes\n" + PRIVATE)          # secret by content
+    (root / "server.key").write_text(f"{MARKER}\n")
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02" + MARKER.encode())
+    (root / "large.conf").write_text("x" * (300 << 10))
+    return root
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, etc: Path, write_policy: Callable[..., Path]) -> Cli:
+    policy = write_policy({"path": str(etc), "check": "config", "severity": "high"},
+                          extra=f'\n[content]\nsecret = ["{etc}/shadow"]\n')
+    cli = Cli(tmp_path / "state" / "integrity.db", policy)
+    result = cli("init")
+    assert result.exit_code == 0, result.output
+    return cli
+
+
+def kept_texts(db: Path) -> list[bytes]:
+    """Every text the database keeps, read back through the store."""
+    store = Store(f"sqlite:///{db}")
+    try:
+        found = []
+        for (digest,) in rows(db, "SELECT digest FROM content"):
+            got = store.contents.get(bytes(digest))
+            assert got is not None
+            found.append(got[0])
+        return found
+    finally:
+        store.close()
+
+
+def database_bytes(db: Path) -> bytes:
+    """The database file and its WAL as bytes, blobs decompressed where they are zlib."""
+    raw = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+    blobs = [zlib.decompress(bytes(data)) for (data,) in rows(db, "SELECT data FROM content")]
+    return raw + b"".join(blobs)
+
+
+def test_secrets_are_never_kept_and_redacted_values_appear_nowhere(
+        cfg: Cli, etc: Path) -> None:
+    texts = kept_texts(cfg.db)
+    assert any(b"PermitRootLogin no" in t for t in texts)
+    assert not any(MARKER.encode() in t for t in texts)
+    assert MARKER.encode() not in database_bytes(cfg.db)
+    [app] = [t for t in texts if b"user = app" in t]
+    assert b"password = <redacted:" in app and b"postgresql://app:<redacted:" in app
+    # Which files kept nothing: the secrets (by glob, by name, by content), a binary,
+    # and a file over max_diff_size.
+    kept = {os.fsdecode(bytes(k)).replace("\x00", "/") for (k,) in rows(
+        cfg.db, "SELECT key FROM entry WHERE kept IS NOT NULL")}
+    assert kept == {str(etc / "ssh" / "sshd_config"), str(etc / "app.conf")}
+
+
+def test_a_config_change_shows_as_a_diff_everywhere(
+        tmp_path: Path, etc: Path, write_policy: Callable[..., Path], receiver: Receiver,
+        smtp_server: Any) -> None:
+    inbox = Inbox()
+    server = smtp_server(inbox)
+    alerts = tmp_path / "alerts.jsonl"
+    policy = write_policy(
+        {"path": str(etc), "check": "config", "severity": "high"},
+        extra=f'''
+        [content]
+        secret = ["{etc}/shadow"]
+
+        [[alert]]
+        type = "jsonl"
+        path = "{alerts}"
+
+        [[alert]]
+        type = "webhook"
+        url = "{receiver.url}"
+
+        [[alert]]
+        type = "email"
+        host = "127.0.0.1"
+        port = {server.port}
+        security = "none"
+        from = "integrity@web1.example"
+        to = ["ops@example.org"]
+        ''')
+    cli = Cli(tmp_path / "state" / "integrity.db", policy)
+    assert cli("init").exit_code == 0
+    (etc / "ssh" / "sshd_config").write_text("Port 22\nPermitRootLogin yes\nUsePAM yes\n")
+    (etc / "app.conf").write_text(f"user = app\npassword = {MARKER}-new\nurl = "
+                                  f"postgresql://app:{MARKER}@db/app\n")
+    result = cli("verify")
+    assert result.exit_code == 1
+    assert "-PermitRootLogin no" in result.stdout and "+PermitRootLogin yes" in result.stdout
+    # A changed password shows as a changed line, its value nowhere.
+    assert "-password = <redacted:" in result.stdout and "+password = <redacted:" in result.stdout
+    report = json.loads(cli("verify", "--json").stdout)
+    by_path = {c["path"]: c for c in report["changes"]}
+    assert "+PermitRootLogin yes" in by_path[str(etc / "ssh" / "sshd_config")]["diff"]
+    events = {e["path"]: e for e in cli.json("events")}
+    sshd = events[str(etc / "ssh" / "sshd_config")]
+    assert "-PermitRootLogin no\n+PermitRootLogin yes\n" in sshd["diff"]
+    # The sinks: the jsonl line, the webhook's JSON body, the e-mail's text.
+    lines = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert any("+PermitRootLogin yes" in (a.get("diff") or "") for a in lines)
+    assert any("+PermitRootLogin yes" in (b.get("diff") or "") for b in receiver.bodies)
+    [message] = inbox.messages
+    text = email.message_from_bytes(message["content"], policy=email.policy.default)
+    body = text.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
+    assert "+PermitRootLogin yes" in body and "-PermitRootLogin no" in body
+    everything = (result.stdout + json.dumps(report) + json.dumps(events) + alerts.read_text()
+                  + json.dumps(receiver.bodies) + body)
+    assert MARKER not in everything
+    assert MARKER.encode() not in database_bytes(cli.db)
+
+
+def test_a_large_file_changes_without_a_diff_and_a_secret_says_so(
+        cfg: Cli, etc: Path) -> None:
+    (etc / "large.conf").write_text("y" * (300 << 10))
+    (etc / "server.key").write_text("another\n")
+    report = json.loads(cfg("verify", "--json").stdout)
+    by_path = {c["path"]: c for c in report["changes"]}
+    assert "content" in by_path[str(etc / "large.conf")]["changed"]
+    assert "diff" not in by_path[str(etc / "large.conf")]
+    assert by_path[str(etc / "server.key")]["diff"] == "content not kept (secret)"
+    shown = cfg("diff", str(etc / "server.key"))
+    assert shown.exit_code == 2 and "content not kept (secret)" in one_line(shown.stderr)
+
+
+def test_password_hashes_are_secret_whatever_the_file_is_called(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "users.db.txt").write_text("alice:$6$rounds=5000$abcdefgh$" + "x" * 86 + ":19000::\n")
+    (root / "plain.txt").write_text("nothing to hide\n")
+    cli = Cli(tmp_path / "h.db", write_policy({"path": str(root), "check": "config"}))
+    assert cli("init").exit_code == 0
+    texts = kept_texts(cli.db)
+    assert texts == [b"nothing to hide\n"]
+
+
+def test_diff_command_shows_baseline_against_live(cfg: Cli, etc: Path) -> None:
+    assert cfg("diff", str(etc / "ssh" / "sshd_config")).exit_code == 0
+    (etc / "ssh" / "sshd_config").write_text("Port 2222\nPermitRootLogin no\nUsePAM yes\n")
+    shown = cfg("diff", str(etc / "ssh" / "sshd_config"))
+    assert shown.exit_code == 1
+    assert "-Port 22\n+Port 2222\n" in shown.stdout
+    binary = cfg("diff", str(etc / "blob.bin"))
+    assert binary.exit_code == 2 and "content not kept" in one_line(binary.stderr)
+
+
+def test_restore_puts_back_bytes_mode_and_owner_and_records_it(
+        cfg: Cli, etc: Path) -> None:
+    target = etc / "ssh" / "sshd_config"
+    original = target.read_bytes()
+    target.chmod(0o644)
+    os.chown(target, 0, 0)
+    assert cfg("approve", str(target)).exit_code == 0
+    target.write_text("PermitRootLogin yes\n")
+    target.chmod(0o600)
+    os.chown(target, 1234, 1234)
+    assert cfg("verify").exit_code == 1
+    [opened] = [e for e in cfg.json("events", "--open") if e["path"] == str(target)]
+    refused = cfg("restore", str(target))  # no terminal, no --yes
+    assert refused.exit_code == 2 and "--yes" in one_line(refused.stderr)
+    done = cfg("restore", "--yes", str(target))
+    assert done.exit_code == 0, done.output
+    st = target.stat()
+    assert target.read_bytes() == original
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o644, 0, 0)
+    assert not list(etc.glob("ssh/.*integrity-restore*"))
+    events = {e["id"]: e for e in cfg.json("events")}
+    assert events[opened["id"]]["status"] == "restored"
+    [restored] = [e for e in events.values() if e["kind"] == "restored"]
+    assert restored["actor"]["user"] == "root" and restored["chain"]
+    assert cfg("verify").exit_code == 0
+    assert cfg("status").exit_code == 0  # the chain holds the restore
+
+
+def test_restore_refuses_what_was_not_kept_or_was_redacted(cfg: Cli, etc: Path) -> None:
+    for name, reason in (("blob.bin", "no content was kept"),
+                         ("shadow", "no content was kept"),
+                         ("app.conf", "redacted")):
+        (etc / name).write_bytes(b"tampered\n")
+        refused = cfg("restore", "--yes", str(etc / name))
+        assert refused.exit_code == 2 and reason in one_line(refused.stderr), name
+        assert (etc / name).read_bytes() == b"tampered\n"
+
+
+def test_restore_never_writes_a_text_planted_in_the_database(cfg: Cli, etc: Path) -> None:
+    target = etc / "ssh" / "sshd_config"
+    target.write_text("changed\n")
+    with sqlite3.connect(cfg.db) as conn:
+        conn.execute("UPDATE content SET data = ?", (zlib.compress(b"PermitRootLogin yes\n"),))
+    refused = cfg("restore", "--yes", str(target))
+    assert refused.exit_code == 2 and "tampering" in one_line(refused.stderr)
+    assert target.read_text() == "changed\n"
+
+
+def test_kept_texts_follow_approvals_and_unused_ones_are_swept(cfg: Cli, etc: Path) -> None:
+    before = kept_texts(cfg.db)
+    (etc / "ssh" / "sshd_config").write_text("Port 2200\n")
+    assert cfg("verify").exit_code == 1
+    assert cfg("approve", "--all").exit_code == 0
+    after = kept_texts(cfg.db)
+    assert b"Port 2200\n" in after and not any(b"PermitRootLogin no" in t for t in after)
+    assert len(after) == len(before)
+    (etc / "ssh" / "sshd_config").write_text("Port 2222\n")
+    shown = cfg("diff", str(etc / "ssh" / "sshd_config"))
+    assert "-Port 2200\n+Port 2222\n" in shown.stdout
+
+
+def test_content_settings_are_validated(tmp_path: Path, etc: Path,
+                                        write_policy: Callable[..., Path]) -> None:
+    for extra, key in (("[content]\nmax_diff_size = -1\n", "content.max_diff_size"),
+                       ("[content]\nredact = [\"(\"]\n", "content.redact[0]"),
+                       ("[content]\nsecrets = []\n", "content.secrets")):
+        policy = write_policy({"path": str(etc), "check": "config"}, extra=extra)
+        result = Cli(tmp_path / "v.db", policy)("init")
+        assert result.exit_code == 2 and key in one_line(result.stderr), extra

@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 from inotify_simple import INotify, flags
 
-from integrity import doctor
-from integrity.doctor import (Finding, InotifyHolder, InotifyLimits, Mount, check_filesystems,
-                              check_inotify, check_permissions, diagnose, filesystem_type,
-                              inotify_holders, is_blind, partial_note, read_mounts, render,
-                              suggested_limit, unwatchable, watches_needed)
+from integrity.doctor import diagnose, render
+from integrity.doctor.filesystems import check_filesystems
+from integrity.doctor.findings import Diagnosis, Finding
+from integrity.doctor.inotify import (InotifyHolder, InotifyLimits, check_inotify,
+                                      inotify_holders, inotify_limits, suggested_limit,
+                                      watches_needed)
+from integrity.doctor.permissions import check_permissions
+from integrity.realtime.mounts import (Mount, blind_reason, filesystem_type, is_blind,
+                                       partial_note, read_mounts, unwatchable)
 from integrity.policy import Policy, parse
 
 MAX_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
@@ -235,7 +239,7 @@ def test_suggested_limit_is_round_and_roomy() -> None:
                                     "glusterfs", "gfs2", "proc", "sysfs"])
 def test_blind_filesystem_types(fstype: str) -> None:
     assert is_blind(fstype)
-    assert doctor.blind_reason(fstype)
+    assert blind_reason(fstype)
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs",
@@ -382,7 +386,7 @@ def test_clean_diagnosis_exits_zero(tmp_path: Path) -> None:
         pytest.skip("as a non-root user doctor always warns")
     make_dirs(tmp_path / "tree", 4)
     diagnosis = diagnose(policy_for({"path": str(tmp_path / "tree")}))
-    limits = doctor.inotify_limits()
+    limits = inotify_limits()
     if limits.max_user_watches is not None and limits.max_user_watches < 10_000:
         pytest.skip("this host's inotify limits are already tight")
     assert [f.level for f in diagnosis.findings] == ["ok", "ok", "ok", "ok"], \
@@ -393,7 +397,7 @@ def test_clean_diagnosis_exits_zero(tmp_path: Path) -> None:
 
 
 def test_render_shows_level_details_and_advice() -> None:
-    diagnosis = doctor.Diagnosis([
+    diagnosis = Diagnosis([
         Finding("ok", "fine"),
         Finding("warn", "hmm", "do this", ("detail one",)),
     ])

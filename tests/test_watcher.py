@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from conftest import child_pids, wait_until as shared_wait_until
-from integrity.doctor import blind_reason, filesystem_type, is_blind
 from integrity.paths import is_within
 from integrity.policy import Policy, parse
+from integrity.realtime.mounts import blind_reason, filesystem_type, is_blind
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
 
 DEADLINE = 5.0

@@ -135,11 +135,12 @@ FS_READER = r'''
 import ctypes, os, resource, select, sys
 sys.path.insert(0, sys.argv[1])
 from integrity.realtime import fanotify as fan
+from integrity.realtime.marks import DIR_MASK
 from integrity.paths import is_within
 roots = [os.fsencode(r) for r in sys.argv[2:]]
 fd = fan.init(fan.FAN_CLASS_NOTIF | fan.FAN_REPORT_DFID_NAME | fan.FAN_CLOEXEC
               | fan.FAN_NONBLOCK, os.O_RDONLY | os.O_CLOEXEC)
-mask = fan.DIR_MASK & ~fan.FAN_EVENT_ON_CHILD
+mask = DIR_MASK & ~fan.FAN_EVENT_ON_CHILD
 fan.mark(fd, fan.FAN_MARK_ADD | fan.FAN_MARK_FILESYSTEM, mask, path=roots[0])
 libc = ctypes.CDLL(None, use_errno=True)
 libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]

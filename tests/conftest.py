@@ -259,15 +259,28 @@ def child_pids() -> set[int]:
     return found
 
 
+def inotify_fds() -> set[int]:
+    """This process's open inotify descriptors."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                found.add(int(fd))
+        except OSError:
+            continue  # the descriptor listing the directory, closed by now
+    return found
+
+
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
-    """No thread or child process outlives its test (STYLE.md 9); modules with
-    long-running parts use it autouse."""
-    threads, children = set(threading.enumerate()), child_pids()
+    """No thread, child process or inotify instance outlives its test (STYLE.md 9);
+    modules with long-running parts use it for every test."""
+    threads, children, fds = set(threading.enumerate()), child_pids(), inotify_fds()
     yield
     leaked = [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
     assert not leaked, f"threads left running: {leaked}"
     assert child_pids() <= children, "child processes left behind"
+    assert inotify_fds() <= fds, "inotify descriptors left open"
 
 
 class Receiver:

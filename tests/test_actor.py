@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from integrity.realtime.actor import ACTOR_KEYS, ActorListener
+from integrity.realtime.actor import ActorListener
+from integrity.realtime.processes import ACTOR_KEYS
 
 from conftest import REPO
 DEADLINE = 5.0
@@ -490,8 +491,9 @@ def test_unprivileged_listener_says_why(world_dir: Path) -> None:
         pytest.skip("needs setpriv and /usr/bin/python3")
     site = world_dir / "site" / "integrity"
     (site / "realtime").mkdir(parents=True)
-    for name in ("__init__.py", "paths.py", "realtime/__init__.py", "realtime/fanotify.py",
-                 "realtime/actor.py"):
+    for name in ("__init__.py", "paths.py", "realtime/__init__.py", "realtime/actor.py",
+                 "realtime/fanotify.py", "realtime/helper.py", "realtime/marks.py",
+                 "realtime/mounts.py", "realtime/processes.py", "realtime/procfs.py"):
         shutil.copy(REPO / "integrity" / name, site / name)
     for path in [world_dir / "site", *(world_dir / "site").rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
@@ -512,6 +514,18 @@ def test_unprivileged_listener_says_why(world_dir: Path) -> None:
     assert available is False and helper is None
     assert reason.startswith("fanotify unavailable: not running as root")
     assert actor == {**dict.fromkeys(ACTOR_KEYS), "unknown": reason}
+
+
+def test_helper_starts_from_any_directory(listen: Callable[..., ActorListener],
+                                          actor_tree: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper (python -E -s -S) finds our package by its own path, not the working
+    directory: systemd starts the daemon in /, far from the source tree."""
+    monkeypatch.chdir(tmp_path)
+    listener = listen()
+    assert listener.available, listener.reason
+    with Writer('echo x > "$1"', str(actor_tree / "conf")) as writer:
+        assert wait_for(listener, actor_tree / "conf")["pid"] == writer.pid
 
 
 def test_start_twice_and_close_unstarted(actor_tree: Path) -> None:

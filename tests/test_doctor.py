@@ -13,10 +13,15 @@ import pytest
 from inotify_simple import INotify, flags
 
 from integrity import doctor
-from integrity.doctor import (Finding, InotifyHolder, InotifyLimits, Mount, check_filesystems,
-                              check_inotify, check_permissions, diagnose, filesystem_type,
-                              inotify_holders, is_blind, partial_note, read_mounts, render,
-                              suggested_limit, unwatchable, watches_needed)
+from integrity.doctor import diagnose, render
+from integrity.doctor.filesystems import check_filesystems
+from integrity.doctor.findings import Diagnosis, Finding
+from integrity.doctor.inotify import (InotifyHolder, InotifyLimits, check_inotify,
+                                      inotify_holders, suggested_limit,
+                                      watches_needed)
+from integrity.doctor.permissions import check_permissions
+from integrity.realtime.mounts import (Mount, blind_reason, filesystem_type, is_blind,
+                                       partial_note, read_mounts, unwatchable)
 from integrity.policy import Policy, parse
 
 MAX_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
@@ -234,7 +239,7 @@ def test_suggested_limit_is_round_and_roomy() -> None:
                                     "glusterfs", "gfs2", "proc", "sysfs"])
 def test_blind_filesystem_types(fstype: str) -> None:
     assert is_blind(fstype)
-    assert doctor.blind_reason(fstype)
+    assert blind_reason(fstype)
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs",
@@ -399,7 +404,7 @@ def test_clean_diagnosis_exits_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_render_shows_level_details_and_advice() -> None:
-    diagnosis = doctor.Diagnosis([
+    diagnosis = Diagnosis([
         Finding("ok", "fine"),
         Finding("warn", "hmm", "do this", ("detail one",)),
     ])

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 from integrity.alerts import build_sinks
 from integrity.alerts.dispatch import Dispatcher
@@ -27,10 +27,16 @@ from integrity.ops.seal import SealedIndex
 from integrity.ops.verify import EventContext, Verification, check_paths, verify
 from integrity.paths import display
 from integrity.policy import Policy, load
+from integrity.realtime.sdnotify import Notifier
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
 from integrity.scan import Progress
 from integrity.store import Store
 from integrity.trust import TrustError
+
+if TYPE_CHECKING:  # imported when first used: not every command needs them
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from integrity.realtime.actor import ActorListener
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +57,13 @@ class Service:
 
     def __init__(self, store: Store, policy_path: str, *,
                  heartbeat_seconds: int = HEARTBEAT_SECONDS,
-                 notifier: Any = None) -> None:
+                 notifier: Notifier | None = None) -> None:
         self.store = store
         self.policy_path = policy_path
         self.policy: Policy = load(policy_path)
         self.dispatcher = Dispatcher(store, build_sinks(self.policy))
         #: fanotify's answer to "who changed it?" (actor.py); started by run().
-        self.actors: Any = None
+        self.actors: ActorListener | None = None
         self.heartbeat_seconds = heartbeat_seconds
         self.notifier = notifier
         self.stop = threading.Event()
@@ -72,7 +78,7 @@ class Service:
         self.watcher_id: int | None = None
         #: The verified baseline's block digests (ops.seal.SealedIndex).
         self.index: SealedIndex | None = None
-        self.scheduler: Any = None
+        self.scheduler: BackgroundScheduler | None = None
         self.threads: list[threading.Thread] = []
 
     # -- callbacks from the watcher ------------------------------------------------
@@ -102,7 +108,9 @@ class Service:
         """Recording's view of us: the sinks owed alerts, and for realtime changes
         the process fanotify saw writing the path."""
         actors = self.actors if realtime else None
-        return EventContext(actor_of=actors.actor_for if actors is not None else None,
+        # Recording takes a plain dict (and stores it as JSON), not the TypedDict.
+        return EventContext(actor_of=(lambda path: dict(actors.actor_for(path)))
+                            if actors is not None else None,
                             routes=self.dispatcher.routes())
 
     def _alert(self, verification: Verification) -> None:
@@ -200,7 +208,8 @@ class Service:
 
     # -- life cycle --------------------------------------------------------------
 
-    def _notify(self, method: str, *args: Any) -> None:
+    def _notify(self, method: Literal["ready", "status", "watchdog", "stopping", "reloading",
+                                      "extend_timeout"], *args: str | float) -> None:
         if self.notifier is not None:
             getattr(self.notifier, method)(*args)
 

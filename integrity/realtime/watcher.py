@@ -19,14 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from inotify_simple import INotify, flags
 
-from integrity.doctor import blind_mounts_below, blind_reason, filesystem_type, read_mounts
 from integrity.errors import ScanWarning
 from integrity.paths import display, is_within
 from integrity.policy import Policy
+from integrity.realtime.mounts import (blind_mounts_below, blind_reason, filesystem_type,
+                                       read_mounts)
+from integrity.realtime.procfs import read_int
 from integrity.scan.walker import WalkEntry, walk
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,21 @@ WATCH_MASK = (flags.CLOSE_WRITE | flags.ATTRIB | flags.MOVED_TO | flags.MOVED_FR
               | flags.CREATE | flags.DELETE | flags.DELETE_SELF | flags.MOVE_SELF
               | flags.DONT_FOLLOW | flags.ONLYDIR | flags.EXCL_UNLINK)
 _SHAPE = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
+MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
+
+
+class InotifyEvent(Protocol):
+    """One event as inotify_simple reads it (its `Event` named tuple)."""
+
+    @property
+    def wd(self) -> int: ...
+    @property
+    def mask(self) -> int: ...
+    @property
+    def cookie(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+
 
 @dataclass
 class Hints:
@@ -60,18 +77,21 @@ class Watcher:
 
     `on_hints(Hints)` receives coalesced paths to re-check, `on_overflow()` is called
     after IN_Q_OVERFLOW (everything must be rescanned), `on_unwatched(list)` when
-    subtrees could not be watched (watch limit, remote filesystem).
+    subtrees could not be watched (watch limit, remote filesystem). Hints are handed
+    on once the burst they belong to is `window` seconds old by `clock` (a monotonic
+    clock in seconds; tests give one they move by hand).
     """
 
     def __init__(self, policy: Policy, on_hints: Callable[[Hints], None],
                  on_overflow: Callable[[], None],
                  on_unwatched: Callable[[list[Unwatched]], None],
-                 window: float = 0.1) -> None:
+                 window: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.on_hints = on_hints
         self.on_overflow = on_overflow
         self.on_unwatched = on_unwatched
         self.window = window
+        self.clock = clock
         self.inotify = INotify()
         self.wd_path: dict[int, bytes] = {}
         self.path_wd: dict[bytes, int] = {}
@@ -195,10 +215,8 @@ class Watcher:
 
     def _limit_reason(self) -> str:
         needed = sum(1 for e in walk(self.policy, dirs_only=True) if isinstance(e, WalkEntry))
-        try:
-            with open("/proc/sys/fs/inotify/max_user_watches") as handle:
-                limit = int(handle.read())
-        except OSError:
+        limit = read_int(MAX_USER_WATCHES)
+        if limit is None:
             limit = -1
         return (f"inotify watch limit reached (fs.inotify.max_user_watches={limit}, "
                 f"this policy needs {needed} plus what other programs hold): raise it "
@@ -223,10 +241,10 @@ class Watcher:
             self._flush()
         self._flush(force=True)
 
-    def handle(self, events: Iterable[Any]) -> None:
+    def handle(self, events: Iterable[InotifyEvent]) -> None:
         """Turn raw events into hints and watch-map updates."""
         overflow = False
-        now = time.monotonic()
+        now = self.clock()
         for event in events:
             wd, mask, cookie, name = event.wd, event.mask, event.cookie, event.name
             if mask & flags.Q_OVERFLOW:
@@ -335,7 +353,7 @@ class Watcher:
         """Hand on the hints once the burst they belong to is `window` old."""
         if not self._pending:
             return
-        if not force and time.monotonic() - self._first_pending < self.window:
+        if not force and self.clock() - self._first_pending < self.window:
             return
         hints, self._pending = self._pending, Hints()
         for root in hints.subtrees:

@@ -43,7 +43,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.debs import build_deb, packages_stanza, sha256  # noqa: E402
+from tests.debs import build_deb, dpkg, packages_stanza, sha256  # noqa: E402
 
 PKG = "integrity-bench-synth"
 PYDIR = "/usr/lib/python3/dist-packages/integrity_bench_synth"
@@ -52,7 +52,7 @@ ALT_LINK = f"/usr/bin/{PKG}"
 ALT_MAN = f"/usr/share/man/man1/{PKG}.1.gz"
 REINSTALL = ["python3-jwt", "libgdk-pixbuf-2.0-0", "libglib2.0-0"]
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=120"]
-DPKG = ["dpkg", "--force-confdef", "--force-confold"]
+DPKG_OPTS = ("--force-confdef", "--force-confold")
 #: issue 12: approving ~3,600 changes takes at most this long.
 TARGET_S = 10.0
 MODULES_PER_PACKAGE = 40
@@ -68,6 +68,14 @@ def run(argv: list[str], ok: tuple[int, ...] = (0,), **kw: Any) -> subprocess.Co
         raise BenchError(f"{' '.join(argv)} exited {proc.returncode}: "
                          f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc
+
+
+def dpkg_run(*args: str, ok: tuple[int, ...] = (0,)) -> None:
+    """dpkg, waiting for its lock like apt's DPkg::Lock::Timeout."""
+    proc = dpkg(*DPKG_OPTS, *args, check=False)
+    if proc.returncode not in ok:
+        raise BenchError(f"dpkg {' '.join(args)} exited {proc.returncode}: "
+                         f"{proc.stderr.decode(errors='replace').strip()[-2000:]}")
 
 
 def synthetic_files(version: str, modules: int, data: int) -> dict[str, bytes | tuple[bytes, int]]:
@@ -111,11 +119,11 @@ def synthetic_package(work: Path, modules: int, data: int) -> Iterator[dict[str,
     """Build 1.0 and 1.1; purge the package (and its alternatives) at the end."""
     debs = {v: build_deb(work, PKG, v, synthetic_files(v, modules, data),
                          scripts=synthetic_scripts(v)) for v in ("1.0", "1.1")}
-    run(DPKG + ["--purge", PKG])
+    dpkg_run("--purge", PKG)
     try:
         yield debs
     finally:
-        run(DPKG + ["--purge", PKG], ok=(0, 1))
+        dpkg_run("--purge", PKG, ok=(0, 1))
 
 
 def private_apt(work: Path, deb: Path) -> tuple[Path, Path]:
@@ -221,7 +229,7 @@ def main() -> int:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         run(APT + ["install", *REINSTALL], env=env)
         with synthetic_package(work, args.modules, args.data) as debs:
-            run(DPKG + ["-i", str(debs["1.0"])])
+            dpkg_run("-i", str(debs["1.0"]))
             policy = write_policy(work, not args.no_usr_lib)
             start = time.perf_counter()
             out = integrity(work, policy, "init")
@@ -236,7 +244,7 @@ def main() -> int:
                 "reinstall (" + " ".join(REINSTALL) + ", CLI)",
                 time.perf_counter() - start, changes, doc)
 
-            run(DPKG + ["-i", str(debs["1.1"])])
+            dpkg_run("-i", str(debs["1.1"]))
             archives, lists = private_apt(work, debs["1.1"])
             changes = verify_count(work, policy)
             seconds, doc = approve_in_process(work, policy, archives, lists)

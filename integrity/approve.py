@@ -90,10 +90,15 @@ def invoking_user() -> tuple[str, str | None]:
 
 
 def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree: bool,
+            known: dict[bytes, FileRecord] | None = None,
             ) -> tuple[list[FileRecord], list[bytes], list[ScanWarning]]:
-    """Live state of one path (or its subtree) against the baseline: what to write."""
+    """Live state of one path (or its subtree) against the baseline: what to write.
+    `known` holds the baseline's entries of paths already fetched (path alone only)."""
     low, high = key_range(path) if subtree else (to_key(path), to_key(path) + b"\x00")
-    old = {key: rec for key, rec in store.iter_entries(baseline_id, [(low, high)])}
+    if known is not None and not subtree:
+        old = {low: known[path]} if path in known else {}
+    else:
+        old = {key: rec for key, rec in store.iter_entries(baseline_id, [(low, high)])}
     items = ((e, None) if isinstance(e, WalkEntry) else e
              for e in walk(policy, [path], descend=subtree))
     upserts: list[FileRecord] = []
@@ -158,6 +163,7 @@ class Approver:
         with an upgrade.
         """
         from .packages import PackageManagers, Verdict
+        from .packages.derived import Change, rejudge
 
         if managers is None:
             managers = PackageManagers()
@@ -167,18 +173,25 @@ class Approver:
         left: list[LeftOpen] = []
         upserts: list[FileRecord] = []
         deletes: list[bytes] = []
-        for event in self.log.open_events():
+        judged: list[tuple[OpenEvent, list[FileRecord], list[bytes], Change]] = []
+        events = self.log.open_events()
+        known = self.store.entries_at(self.baseline.id, [e.path for e in events])
+        for event in events:
             ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
-                                          event.path, False)
+                                          event.path, False, known)
             if problems:
                 left.append(LeftOpen(event.path, event.kind, f"cannot read: "
                                      f"{problems[0].operation} failed: {problems[0].cause}"))
                 continue
-            old = next((rec for _, rec in self.store.iter_entries(
-                self.baseline.id, [(to_key(event.path), to_key(event.path) + b"\x00")])),
-                None)
+            old = known.get(event.path)
             new = ups[0] if ups else None
-            verdict = self._vouch(managers, event.path, old, new, since)
+            judged.append((event, ups, dels, Change(
+                event.path, old, new, self._vouch(managers, event.path, old, new, since))))
+        # Derived files (bytecode, alternatives, trigger caches...) are judged as a
+        # batch: a .pyc needs its source's verdict, a cache is made once.
+        verdicts = rejudge(managers, [change for *_, change in judged])
+        for (event, ups, dels, change), verdict in zip(judged, verdicts):
+            new = change.new
             if (verdict.vouched and new is not None
                     and not _unchanged_since(new, self.policy)):
                 verdict = Verdict(False, "changed again while it was being approved")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -92,3 +93,20 @@ def build_rpm(workdir: Path, name: str, version: str, files: Files) -> Path:
                     "_build_id_links none", "-bb", str(spec_file)],
                    check=True, capture_output=True)
     return next((top / "RPMS" / "noarch").glob(f"{name}-{version}-1*.rpm"))
+
+
+def dpkg(*args: str, timeout: float = 120.0, check: bool = True,
+         ) -> subprocess.CompletedProcess[bytes]:
+    """Run dpkg, waiting up to `timeout` s while another dpkg or apt holds its lock
+    (other test runs on the machine may be installing packages)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = subprocess.run(["dpkg", *args], capture_output=True, stdin=subprocess.DEVNULL)
+        locked = proc.returncode == 2 and b"lock" in proc.stderr
+        if not locked or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if check and proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, ["dpkg", *args], proc.stdout,
+                                            proc.stderr)
+    return proc

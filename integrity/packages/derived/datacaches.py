@@ -73,6 +73,8 @@ class TreeCache:
                 continue
             for change in members:
                 rel = os.path.relpath(change.path, unit)
+                if rel == b".":
+                    dirs.add(rel)  # the tree's own directory, which the tool writes into
                 if rel in dirs or (change.new is not None and change.new.type == "dir"):
                     verdicts[change.path] = dir_verdict(change, rel in dirs, self.name, how)
                 else:
@@ -146,7 +148,7 @@ def _icons(kind: TreeCache, unit: bytes, ctx: Context) -> Tree:
 
 
 def _font_unit(path: bytes) -> bytes | None:
-    return FONTS if path.startswith(FONTS + b"/") else None
+    return FONTS if path == FONTS or path.startswith(FONTS + b"/") else None
 
 
 def _fonts(kind: TreeCache, unit: bytes, ctx: Context) -> Tree:

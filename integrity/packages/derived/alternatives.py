@@ -158,8 +158,8 @@ class Alternatives:
                            "a changed selection is a person's choice, not a package's")
         target = choice.path if slave is None else choice.slaves.get(slave)
         if target is not None and change.new is not None and not ctx.owners(target):
-            return Verdict(False, f"{display(target)}, which {why.split(';')[0]}, is not "
-                           "installed by any package")
+            return Verdict(False, f"{display(target)} is not installed by any package "
+                           f"({why})")
         return link_verdict(change, target, TOOL, why, NAME)
 
 

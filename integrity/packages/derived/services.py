@@ -97,6 +97,10 @@ class SystemdLinks:
         reasons = []
         for unit in units:
             path = _find_unit(instance, unit)
+            if not path.startswith(b"/"):
+                reasons.append(f"no unit file {display(unit)} is installed to derive it "
+                               "from")
+                continue
             verdict = ctx.vouched(path)
             if not verdict.vouched:
                 reasons.append(not_vouched("the unit file", path, verdict).reason)

@@ -342,3 +342,35 @@ def test_tools_run_without_network_and_only_when_vouched(tmp_path: Path) -> None
             sandbox.tool(str(script))
     finally:
         sandbox.close()
+
+
+def test_every_evidence_fits_the_event_column() -> None:
+    from integrity import models
+    from integrity.packages.derived import evidence, kinds
+
+    width = models.event.c.evidence.type.length
+    names = {k.name for k in kinds()}
+    assert {"python-bytecode", "alternatives", "ldconfig", "deb-systemd-helper"} <= names
+    assert all(len(evidence(name)) <= width for name in names)
+
+
+@needs_root
+def test_a_cache_tool_never_loads_a_module_no_package_ships() -> None:
+    """gio-querymodules runs the modules it describes: one planted beside them keeps the
+    cache open, and the tool is not run at all."""
+    modules = next(p for p in listed("libglib2.0-0") if p.endswith("/gio/modules"))
+    cache = os.fsencode(os.path.join(modules, "giomodule.cache"))
+    planted = os.path.join(modules, "libintegrity-test-planted.so")
+    st = os.lstat(cache)
+    live = FileRecord.from_stat(cache, st)
+    before = live._replace(inode=live.inode + 1)
+    with exclusive():
+        Path(planted).write_bytes(b"not a library\n")
+        try:
+            [verdict] = rejudge(PackageManagers(), [
+                Change(cache, before, live, Verdict(False, "not owned by any package"))])
+        finally:
+            os.unlink(planted)
+    assert verdict == Verdict(False, f"cannot make {modules}/giomodule.cache again: "
+                              f"gio-querymodules would load {planted}, which is not "
+                              "vouched for: not owned by any package")

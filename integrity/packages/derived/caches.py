@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 
 from integrity.packages.common import Verdict
-from integrity.packages.derived.common import Change, Context, file_verdict, not_vouched
+from integrity.packages.derived.common import Change, Context, file_verdict
 from integrity.packages.derived.sandbox import Mount, ToolError, unusable
 from integrity.paths import display
 
@@ -77,7 +77,8 @@ class TriggerCache:
         for path in paths:
             verdict = ctx.vouched(os.path.realpath(path))
             if not verdict.vouched:
-                raise ToolError(not_vouched(f"{self.name} would load", path, verdict).reason)
+                raise ToolError(f"{self.name} would load {display(path)}, which is not "
+                                f"vouched for: {verdict.reason}")
 
 
 def _so_files(directory: bytes, recursive: bool) -> list[bytes]:

@@ -17,11 +17,14 @@ measured it):
    update-alternatives group with a slave) upgraded from 1.0 to 1.1 with dpkg, `verify`,
    then the same approval through the core API with apt's archive cache and package
    lists pointed at a private copy that holds the 1.1 `.deb` (so its files are checked
-   against the verified `.deb`, as a real upgrade's are).
+   against the verified `.deb`, as a real upgrade's are), and once more through the
+   CLI from the same verified database (dpkg's md5sums as evidence).
 
 Each run prints the wall time, the changes, and how many files each evidence kind
 vouched for, and what was left open. Exit status: 0 when every run leaves nothing open
-and the synthetic run takes at most TARGET_S, 1 otherwise, 2 when it could not run.
+and each synthetic approval takes at most TARGET_S (10 s), 1 otherwise, 2 when it could
+not run. Other work on the machine shows: a file someone else adds to /usr/lib meanwhile
+is listed as left open (use --no-usr-lib to protect only the packages' own trees).
 """
 from __future__ import annotations
 
@@ -169,6 +172,8 @@ def summarize(name: str, seconds: float, changes: int, doc: dict[str, Any]) -> d
     print(f"  left open: {len(doc['left_open']):,}")
     for reason, count in reasons.most_common(8):
         print(f"    {count:6,}  {reason}")
+        for item in [i for i in doc["left_open"] if i["reason"] == reason][:3]:
+            print(f"            {item['kind']} {item['path']}")
     return {"seconds": round(seconds, 3), "changes": changes, "evidence": dict(kinds),
             "left_open": len(doc["left_open"]), "reasons": dict(reasons)}
 
@@ -247,10 +252,19 @@ def main() -> int:
             dpkg_run("-i", str(debs["1.1"]))
             archives, lists = private_apt(work, debs["1.1"])
             changes = verify_count(work, policy)
+            shutil.copy(work / "bench.db", work / "verified.db")
             seconds, doc = approve_in_process(work, policy, archives, lists)
             figures["synthetic"] = summarize(
-                f"synthetic upgrade ({args.modules} modules, {args.data} data files, API)",
-                seconds, changes, doc)
+                f"synthetic upgrade ({args.modules} modules, {args.data} data files; API, "
+                ".deb verified)", seconds, changes, doc)
+            # The same approval again through the CLI (a process of its own, dpkg's
+            # md5sums as evidence: the .deb is not in apt's own cache).
+            shutil.copy(work / "verified.db", work / "bench.db")
+            start = time.perf_counter()
+            doc = json.loads(integrity(work, policy, "approve", "--package-updates", "--json"))
+            figures["synthetic-cli"] = summarize(
+                "synthetic upgrade (CLI, dpkg's md5sums)", time.perf_counter() - start,
+                changes, doc)
     except BenchError as exc:
         print(f"bench_approve: {exc}", file=sys.stderr)
         return 2
@@ -258,9 +272,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
-    missed = [name for name, fig in figures.items() if fig["left_open"]]
-    if figures["synthetic"]["seconds"] > TARGET_S:
-        missed.append(f"synthetic took {figures['synthetic']['seconds']} s > {TARGET_S} s")
+    missed = [f"{name} left {fig['left_open']} open" for name, fig in figures.items()
+              if fig["left_open"]]
+    missed += [f"{name} took {fig['seconds']} s > {TARGET_S} s"
+               for name, fig in figures.items()
+               if name.startswith("synthetic") and fig["seconds"] > TARGET_S]
     print("\n" + ("targets met" if not missed else "missed: " + "; ".join(missed)))
     return 1 if missed else 0
 

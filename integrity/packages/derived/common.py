@@ -8,6 +8,7 @@ its type, mode and owner. Nothing here trusts time, names alone, or a tool's wor
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -74,7 +75,6 @@ class ReadFile(LiveFile):
 
     def digest(self, algorithm: str) -> str:
         if algorithm not in self._digests:
-            import hashlib
             self._digests[algorithm] = hashlib.new(algorithm, self.data).hexdigest()
         return self._digests[algorithm]
 
@@ -119,6 +119,7 @@ class Context:
         self.sandbox: Sandbox = Sandbox(self.vouched)
         self._vouched: dict[bytes, Verdict] = {}
         self._owners: dict[bytes, list[str]] = {}
+        self._interests: dict[bytes, list[str]] | None = None
 
     def owners(self, path: bytes) -> list[str]:
         """Installed packages that list path (any spelling), cached."""
@@ -160,7 +161,7 @@ class Context:
         """File and named triggers -> keys of the installed packages interested in them,
         from dpkg's info/*.triggers (what dpkg runs their postinst for)."""
         with self._lock:
-            if not hasattr(self, "_interests"):
+            if self._interests is None:
                 self._interests = _read_interests(self.managers.admindir)
             return self._interests
 

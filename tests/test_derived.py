@@ -309,6 +309,26 @@ def test_removed_bytecode_passes_once_its_source_is_gone(tmp_path: Path,
     assert approved[f"{PYDIR}/fine.py"] == "package-db"
 
 
+@needs_root
+def test_a_planted_name_is_shown_escaped(tmp_path: Path,
+                                         pyc_package: dict[str, Path]) -> None:
+    """A name chosen to rewrite the operator's terminal is shown escaped; JSON exact."""
+    dpkg(f"--log={tmp_path / 'dpkg.log'}", "-i", str(pyc_package["1.1"]))
+    run = policy(tmp_path, [PYDIR])
+    assert run("init").exit_code == 0
+    name = "\x1b]0;pwned\x07x"
+    Path(f"{PYDIR}/__pycache__/{name}.cpython-311.pyc").write_bytes(b"\0" * 16)
+    changes_of(run)
+    result = run("approve", "--package-updates")
+    assert result.exit_code == 0
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert (f"left open added {PYDIR}/__pycache__/\\x1b]0;pwned\\x07x.cpython-311.pyc: "
+            f"its source {PYDIR}/\\x1b]0;pwned\\x07x.py is not vouched for: cannot read "
+            f"{PYDIR}/\\x1b]0;pwned\\x07x.py: No such file or directory") in result.stdout
+    _, left = approve(run)
+    assert f"{PYDIR}/__pycache__/{name}.cpython-311.pyc" in left
+
+
 # -- the parts, on their own -------------------------------------------------------------
 
 def _record(path: bytes, kind: str = "file") -> FileRecord:

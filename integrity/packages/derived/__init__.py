@@ -87,13 +87,23 @@ def rejudge(managers: PackageManagers, changes: Sequence[Change],
                     break
         try:
             with ThreadPoolExecutor(max(1, len(claimed))) as threads:
-                done = threads.map(lambda item: pool[item[0]].judge(item[1], ctx),
+                done = threads.map(lambda item: _judge(pool[item[0]], item[1], ctx),
                                    claimed.items())
                 for verdicts in done:
                     results.update(verdicts)
         finally:
             sandbox.close()
     return [results.get(c.path) or _explained(c) for c in changes]
+
+
+def _judge(kind: Kind, changes: list[Change], ctx: Context) -> dict[bytes, Verdict]:
+    """One kind's verdicts; a derivation that fails leaves its files open, saying why,
+    and never stops the approval."""
+    try:
+        return kind.judge(changes, ctx)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not vouched for"
+        why = f"cannot make it again ({kind.name}): {type(exc).__name__}: {exc}"
+        return {c.path: Verdict(False, why) for c in changes}
 
 
 def _explained(change: Change) -> Verdict:

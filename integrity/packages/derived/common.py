@@ -20,12 +20,12 @@ import blake3
 
 from integrity import hasher
 from integrity.packages.common import LiveError, LiveFile, Verdict
+from integrity.packages.derived.sandbox import Sandbox
 from integrity.paths import display
 from integrity.record import FileRecord
 
 if TYPE_CHECKING:
     from integrity.packages import PackageManagers
-    from integrity.packages.derived.sandbox import Sandbox
 
 #: The most a derivation reads of one input or output file into memory.
 READ_LIMIT = 64 << 20
@@ -111,8 +111,6 @@ class Context:
     """
 
     def __init__(self, managers: PackageManagers, changes: Iterable[Change]) -> None:
-        from integrity.packages.derived.sandbox import Sandbox
-
         self.managers = managers
         self.changes: Mapping[bytes, Change] = {c.path: c for c in changes}
         self._lock = threading.RLock()

@@ -156,15 +156,16 @@ def approval_json(outcome: ApprovalOutcome) -> dict[str, Any]:
 
 def approval_text(outcome: ApprovalOutcome, out: TextIO) -> None:
     """What an approval approved, wrote and left open."""
+    # Paths and reasons (which quote paths, tools' messages) are shown escaped.
     for a in outcome.approved:
         evidence = f" ({a.evidence})" if a.evidence else ""
-        out.write(f"approved {a.kind} {display(a.path)}{evidence}\n")
+        out.write(clean(f"approved {a.kind} {display(a.path)}{evidence}") + "\n")
     approved = {a.path for a in outcome.approved}
     for path in outcome.written:
         if path not in approved:
-            out.write(f"baseline updated {display(path)}\n")
+            out.write(clean(f"baseline updated {display(path)}") + "\n")
     for item in outcome.left_open:
-        out.write(f"left open {item.kind} {display(item.path)}: {item.reason}\n")
+        out.write(clean(f"left open {item.kind} {display(item.path)}: {item.reason}") + "\n")
     if outcome.approval_id is None:
         out.write("nothing approved\n")
         return

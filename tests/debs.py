@@ -33,10 +33,11 @@ Files = Mapping[str, "bytes | tuple[bytes, int]"]
 def build_deb(workdir: Path, name: str, version: str, files: Files,
               conffiles: Iterable[str] = (), arch: str = "all",
               compression: str = "xz", links: Mapping[str, str] | None = None,
-              control: str = "") -> Path:
+              control: str = "", scripts: Mapping[str, str] | None = None) -> Path:
     """A .deb of `files` and symlinks `links` (absolute paths), built by dpkg-deb.
 
-    Everything is owned root:root; `control` adds fields ("Multi-Arch: same\n").
+    Everything is owned root:root; `control` adds fields ("Multi-Arch: same\n");
+    `scripts` maps maintainer script names ("postinst", "prerm", ...) to their text.
     No md5sums member is written: dpkg then records md5sums itself at install time,
     as it does for any package that ships none.
     """
@@ -49,6 +50,9 @@ def build_deb(workdir: Path, name: str, version: str, files: Files,
     conffiles = list(conffiles)
     if conffiles:
         (tree / "DEBIAN" / "conffiles").write_text("".join(f"{c}\n" for c in conffiles))
+    for script, text in (scripts or {}).items():
+        (tree / "DEBIAN" / script).write_text(text)
+        os.chmod(tree / "DEBIAN" / script, 0o755)
     for path, spec in files.items():
         content, mode = spec if isinstance(spec, tuple) else (spec, 0o644)
         target = tree / path.lstrip("/")
@@ -160,3 +164,8 @@ def owned(package: str, log: Path, paths: Iterable[str],
             purge()
             left = [path for path in paths if os.path.lexists(path)]
             assert not left, f"purge left the package's files behind: {left}"
+
+
+def dpkg_cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """dpkg ARGS as they are (its log where the arguments say), waiting for dpkg's lock."""
+    return dpkg_tool("dpkg", *args, check=check)

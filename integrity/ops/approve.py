@@ -26,7 +26,7 @@ from integrity.scan import normalize_paths, read_state
 from integrity.scan.compare import diff
 from integrity.scan.walker import lstat_in_tree
 from integrity.store import BaselineInfo, Store
-from integrity.store.baseline import Entries
+from integrity.store.baseline import Entries, Entry
 from integrity.store.events import PACKAGE_UPDATE, UNEXPLAINED, OpenEvent
 from integrity.trust import signer_of
 
@@ -87,10 +87,16 @@ def _unchanged_since(rec: FileRecord, policy: Policy) -> bool:
 
 
 def _reread(policy: Policy, store: Store, baseline_id: int, path: bytes, subtree: bool,
+            known: dict[bytes, Entry] | None = None,
             ) -> tuple[list[FileRecord], list[bytes], list[ScanWarning]]:
-    """Live state of one path (or its subtree) against the baseline: what to write."""
+    """Live state of one path (or its subtree) against the baseline: what to write.
+    `known` holds the baseline's entries of paths already fetched (path alone only)."""
     low, high = key_range(path) if subtree else (to_key(path), to_key(path) + b"\x00")
-    old = {key: rec for key, rec, _, _ in store.baselines.entries(baseline_id, [(low, high)])}
+    if known is not None and not subtree:
+        old = {low: known[path][1]} if path in known else {}
+    else:
+        old = {key: rec for key, rec, _, _ in store.baselines.entries(baseline_id,
+                                                                      [(low, high)])}
     records, problems = read_state(policy, path, subtree)
     upserts = [rec for rec in records if old.pop(to_key(rec.path), None) != rec]
     deletes = [rec.path for rec in old.values()]
@@ -174,6 +180,7 @@ class Approver:
         with an upgrade.
         """
         from integrity.packages import PackageManagers, Verdict
+        from integrity.packages.derived import Change, rejudge
 
         if managers is None:
             managers = PackageManagers()
@@ -183,17 +190,27 @@ class Approver:
         left: list[LeftOpen] = []
         upserts: list[FileRecord] = []
         deletes: list[bytes] = []
-        for event in self.store.events.open():
+        judged: list[tuple[OpenEvent, list[FileRecord], list[bytes], Change]] = []
+        events = self.store.events.open()
+        known = self.store.baselines.entries_at(self.baseline.id, [e.path for e in events])
+        for event in events:
             ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
-                                          event.path, False)
+                                          event.path, False, known)
             if problems:
                 left.append(LeftOpen(event.path, event.kind, f"cannot read: "
                                      f"{problems[0].operation} failed: {problems[0].cause}"))
                 continue
-            entry = self.store.baselines.entry(self.baseline.id, event.path)
+            entry = known.get(event.path)
             old, package = (entry[1], entry[2]) if entry is not None else (None, None)
             new = ups[0] if ups else None
-            verdict = self._vouch(managers, event.path, old, new, since, package)
+            judged.append((event, ups, dels, Change(
+                event.path, old, new,
+                self._vouch(managers, event.path, old, new, since, package))))
+        # Derived files (bytecode, alternatives, trigger caches...) are judged as a
+        # batch: a .pyc needs its source's verdict, a cache is made once.
+        verdicts = rejudge(managers, [change for *_, change in judged])
+        for (event, ups, dels, change), verdict in zip(judged, verdicts):
+            new = change.new
             if (verdict.vouched and new is not None
                     and not _unchanged_since(new, self.policy)):
                 verdict = Verdict(False, "changed again while it was being approved")

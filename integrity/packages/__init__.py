@@ -135,11 +135,17 @@ class PackageManagers:
         found = self._owner(path)
         return found[1][0] if isinstance(found, tuple) and found[1] else None
 
-    def check_content(self, path: bytes) -> Verdict:
+    @property
+    def admindir(self) -> str:
+        """dpkg's admin directory these answers come from."""
+        return self._admindir
+
+    def check_content(self, path: bytes, live: LiveFile | None = None) -> Verdict:
         """Does the live entry at path (modified or added) match what its package shipped?
 
         Regular files are compared by digest; a directory is vouched when a package
         lists it; a symlink only where the package's archive states its target.
+        `live` is the entry as already read (its bytes judged, not a second read).
         """
         found = self._owner(path)
         if isinstance(found, _Unavailable):
@@ -147,7 +153,7 @@ class PackageManagers:
         if found is None:
             return Verdict(False, NOT_OWNED)
         backend, _ = found
-        return backend.check_content(self._canon(path), LiveFile(path))
+        return backend.check_content(self._canon(path), live or LiveFile(path))
 
     def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
         """Is an attribute-only change (mode bits incl. setuid, owner, group) explained?

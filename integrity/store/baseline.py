@@ -21,7 +21,7 @@ from integrity.errors import BaselineError, DatabaseError
 from integrity.paths import from_key, to_key
 from integrity.record import FileRecord
 from integrity.store import schema
-from integrity.store.engine import Database, cause, inserted_id
+from integrity.store.engine import Database, cause, chunks, inserted_id
 from integrity.store.ledger import forget, journal
 from integrity.trust import SEAL_VERSION
 from integrity.times import utcnow
@@ -166,6 +166,20 @@ class Baselines:
         """Stream (key, entry) of a baseline in key order, optionally within key ranges."""
         with self.db.reader() as conn:
             yield from entries_in(conn, baseline_id, ranges)
+
+    def entries_at(self, baseline_id: int, paths: Iterable[bytes]) -> dict[bytes, Entry]:
+        """path -> entry of a baseline for those of `paths` it holds: one query per
+        CHUNK paths (approving thousands of paths asks for their entries at once)."""
+        e = schema.entry
+        cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
+        found: dict[bytes, Entry] = {}
+        with self.db.reader() as conn:
+            for chunk in chunks(sorted({to_key(path) for path in paths})):
+                for row in conn.execute(sa.select(*cols).where(
+                        e.c.baseline_id == baseline_id, e.c.key.in_(chunk))):
+                    rec = FileRecord(from_key(row[0]), *row[1:14])
+                    found[rec.path] = (row[0], rec, row[14], row[15])
+        return found
 
     def entry(self, baseline_id: int, path: bytes) -> Entry | None:
         """One path's baseline entry, if it has one."""

@@ -1,0 +1,243 @@
+"""Links maintainer-script helpers make for services: deb-systemd-helper, update-rc.d.
+
+**deb-systemd-helper** records every link it enables for a unit in
+`/var/lib/systemd/deb-systemd-helper-enabled/UNIT.dsh-also` and marks it enabled with
+an empty file at the link's relative path there. A link under /etc/systemd/system
+passes when such a record lists it, its marker exists, and the unit file (a file its
+package shipped, unchanged) says, through its [Install] section (WantedBy, RequiredBy,
+Alias, Also, DefaultInstance: read as deb-systemd-helper reads it), that the link
+points exactly where it does. A mask link (to /dev/null) passes while
+deb-systemd-helper's masked state records it. A link no record lists must be gone: a
+`systemctl disable` by hand leaves the record, so the removal stays open.
+
+**update-rc.d** (without insserv) links `/etc/rcN.d/S01NAME` for each Default-Start
+level of the LSB header of `/etc/init.d/NAME` (K01 for a disabled service) and
+`K01NAME` for each Default-Stop level, all to `../init.d/NAME`; the script must be its
+package's, unchanged. Once the script is gone, its links must be too. With insserv the
+numbers come from its dependency solver, which is not replayed here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from integrity.packages.common import Verdict
+from integrity.packages.derived.common import (Change, Context, dir_verdict, link_verdict,
+                                               not_vouched)
+from integrity.paths import display
+
+SYSTEMD_TOOL = "deb-systemd-helper"
+SYSV_TOOL = "update-rc.d"
+_INSTANCES = {b"system": (b"/var/lib/systemd/deb-systemd-helper-enabled",
+                          b"/var/lib/systemd/deb-systemd-helper-masked"),
+              b"user": (b"/var/lib/systemd/deb-systemd-user-helper-enabled",
+                        b"/var/lib/systemd/deb-systemd-user-helper-masked")}
+_UNIT_LINK = re.compile(rb"^/etc/systemd/(system|user)/(.+)$")
+_WANTS_DIR = re.compile(rb"^/etc/systemd/(system|user)/[^/]+\.(wants|requires)$")
+_RC_LINK = re.compile(rb"^/etc/rc([0-6S])\.d/([SK])(\d\d)(.+)$")
+_KEY = re.compile(rb"^\s*(WantedBy|RequiredBy|Also|Alias|DefaultInstance)=(.*)$", re.I)
+
+
+def _is_link(change: Change) -> bool:
+    return any(r is not None and r.type == "symlink" for r in (change.old, change.new))
+
+
+def _values(text: bytes) -> list[bytes]:
+    out = []
+    for value in text.split():
+        if len(value) >= 2 and value[:1] in (b'"', b"'") and value[-1:] == value[:1]:
+            value = value[1:-1]
+        out.append(value)
+    return out
+
+
+class SystemdLinks:
+    """Unit links deb-systemd-helper (or systemctl preset, which it records) makes."""
+
+    name = SYSTEMD_TOOL
+
+    def claims(self, change: Change) -> bool:
+        return bool(_UNIT_LINK.match(change.path) and _is_link(change)) or bool(
+            _WANTS_DIR.match(change.path))
+
+    def judge(self, changes: list[Change], ctx: Context) -> dict[bytes, Verdict]:
+        records = {instance: _records(enabled) for instance, (enabled, _) in
+                   _INSTANCES.items()}
+        verdicts = {}
+        for change in changes:
+            match = _UNIT_LINK.match(change.path)
+            assert match is not None
+            instance, rel = match.group(1), match.group(2)
+            listed = records[instance]
+            if _WANTS_DIR.match(change.path):
+                inside = any(link.startswith(change.path + b"/") for link in listed)
+                verdicts[change.path] = dir_verdict(
+                    change, inside, SYSTEMD_TOOL, "enabled units' links live in it"
+                    if inside else "no enabled unit's link lives in it")
+            else:
+                verdicts[change.path] = self._link(change, instance, rel, listed, ctx)
+        return verdicts
+
+    def _link(self, change: Change, instance: bytes, rel: bytes,
+              listed: dict[bytes, list[bytes]], ctx: Context) -> Verdict:
+        enabled, masked = _INSTANCES[instance]
+        new_link = change.new.link if change.new is not None else None
+        if os.path.lexists(os.path.join(masked, rel)) and b"/" not in rel and (
+                change.new is None or new_link == b"/dev/null"):
+            return link_verdict(change, b"/dev/null", SYSTEMD_TOOL,
+                                f"{display(rel)} is masked while its package is removed")
+        units = listed.get(change.path, [])
+        if not units:
+            return link_verdict(change, None, SYSTEMD_TOOL, "no unit's "
+                                f"{SYSTEMD_TOOL} record lists it")
+        if not os.path.lexists(os.path.join(enabled, rel)):
+            return Verdict(False, f"{SYSTEMD_TOOL} lists it for {display(units[0])} but "
+                           "has not enabled it (no marker in its state)")
+        reasons = []
+        for unit in units:
+            path = _find_unit(instance, unit)
+            if not path.startswith(b"/"):
+                reasons.append(f"no unit file {display(unit)} is installed to derive it "
+                               "from")
+                continue
+            verdict = ctx.vouched(path)
+            if not verdict.vouched:
+                reasons.append(not_vouched("the unit file", path, verdict).reason)
+                continue
+            dest = _closure(instance, unit, path).get(change.path)
+            if dest is None:
+                reasons.append(f"{display(path)} asks for no such link")
+                continue
+            return link_verdict(change, dest, SYSTEMD_TOOL,
+                                f"[Install] of {display(path)} ({verdict.reason})")
+        return Verdict(False, "; ".join(reasons))
+
+
+def _records(state: bytes) -> dict[bytes, list[bytes]]:
+    """link -> units whose .dsh-also record lists it."""
+    found: dict[bytes, list[bytes]] = {}
+    try:
+        names = sorted(os.listdir(state))
+    except OSError:
+        return found
+    for name in names:
+        if not name.endswith(b".dsh-also"):
+            continue
+        try:
+            with open(os.path.join(state, name), "rb") as handle:
+                lines = handle.read().split(b"\n")
+        except OSError:
+            continue
+        for line in lines:
+            if line:
+                found.setdefault(line, []).append(name[:-len(b".dsh-also")])
+    return found
+
+
+def _find_unit(instance: bytes, unit: bytes) -> bytes:
+    """Where deb-systemd-helper finds a unit file (its find_unit)."""
+    for top in (b"/etc/systemd/", b"/lib/systemd/", b"/usr/lib/systemd/"):
+        path = top + instance + b"/" + unit
+        if os.path.isfile(path):
+            return path
+    return unit
+
+
+def _closure(instance: bytes, unit: bytes, path: bytes,
+             visited: list[bytes] | None = None) -> dict[bytes, bytes]:
+    """link -> target for every link enabling a unit (deb-systemd-helper's
+    get_link_closure)."""
+    visited = [] if visited is None else visited
+    links: dict[bytes, bytes] = {}
+    wants: list[bytes] = []
+    name = os.path.basename(path)
+    wanted = name
+    try:
+        with open(path, "rb") as handle:
+            lines = handle.read().split(b"\n")
+    except OSError:
+        return links
+    top = b"/etc/systemd/" + instance + b"/"
+    for line in lines:
+        match = _KEY.match(line)
+        if not match:
+            continue
+        key, values = match.group(1).lower(), _values(match.group(2))
+        if key in (b"wantedby", b"requiredby"):
+            suffix = b".wants/" if key == b"wantedby" else b".requires/"
+            wants += [top + value + suffix for value in values]
+        elif key == b"also":
+            for value in values:
+                if value != name and value not in visited:
+                    visited.append(value)
+                    links.update(_closure(instance, value, _find_unit(instance, value),
+                                          visited))
+        elif key == b"alias":
+            links.update((top + value, path) for value in values if value != name)
+        elif key == b"defaultinstance" and values:
+            wanted = re.sub(rb"^(.*@)(\.\w+)$", lambda m: m.group(1) + values[0] +
+                            m.group(2), name)
+    links.update((d + wanted, path) for d in wants)
+    return links
+
+
+class SysvLinks:
+    """/etc/rcN.d links update-rc.d makes from an init script's LSB header."""
+
+    name = SYSV_TOOL
+
+    def claims(self, change: Change) -> bool:
+        return bool(_RC_LINK.match(change.path)) and _is_link(change)
+
+    def judge(self, changes: list[Change], ctx: Context) -> dict[bytes, Verdict]:
+        insserv = any(os.access(p, os.X_OK) for p in ("/usr/lib/insserv/insserv",
+                                                       "/sbin/insserv")) \
+            and os.path.exists("/etc/insserv.conf")
+        verdicts = {}
+        for change in changes:
+            if insserv:
+                verdicts[change.path] = Verdict(
+                    False, "insserv numbers these links from its dependency solver, "
+                    "which is not replayed here")
+            else:
+                verdicts[change.path] = self._link(change, ctx)
+        return verdicts
+
+    def _link(self, change: Change, ctx: Context) -> Verdict:
+        match = _RC_LINK.match(change.path)
+        assert match is not None
+        level, letter, number, name = match.groups()
+        script = b"/etc/init.d/" + name
+        if not os.path.lexists(script):
+            return link_verdict(change, None, SYSV_TOOL, f"{display(script)} is gone")
+        live, verdict = ctx.vouched_read(script)
+        if live is None:
+            return not_vouched("its init script", script, verdict)
+        start, stop = _lsb_levels(live.data)
+        if number == b"01" and ((letter == b"S" and level in start) or (
+                letter == b"K" and (level in stop or level in start))):
+            return link_verdict(change, b"../init.d/" + name, SYSV_TOOL,
+                                f"Default-Start {b' '.join(start).decode()!r}, "
+                                f"Default-Stop {b' '.join(stop).decode()!r} of "
+                                f"{display(script)}")
+        return link_verdict(change, None, SYSV_TOOL, f"the LSB header of {display(script)}"
+                            f" asks for no {letter.decode()}{number.decode()} link in "
+                            f"runlevel {level.decode()}")
+
+
+def _lsb_levels(script: bytes) -> tuple[list[bytes], list[bytes]]:
+    """Default-Start and Default-Stop of an LSB header (update-rc.d's parsing)."""
+    start: list[bytes] = []
+    stop: list[bytes] = []
+    inside = False
+    for line in script.split(b"\n"):
+        if re.match(rb"^### BEGIN INIT INFO\s*$", line):
+            inside = True
+        elif re.match(rb"^### END INIT INFO\s*$", line):
+            break
+        elif inside:
+            found = re.match(rb"^# Default-(Start|Stop):\s*(.*)$", line)
+            if found:
+                (start if found.group(1) == b"Start" else stop)[:] = found.group(2).split()
+    return start, stop

@@ -18,17 +18,15 @@ Facts of dpkg this relies on (dpkg 1.21):
 
 from __future__ import annotations
 
-import glob
 import grp
-import gzip
 import os
 import pwd
 import re
-import time
 from dataclasses import dataclass, field
 
 from integrity.packages.common import (spellings, PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
                                        LiveFile, Verdict)
+from integrity.packages.dpkglog import read_dpkg_log
 from integrity.packages.debfile import (AptLists, DebError, Member, archive_name,
                                         read_members, sha256_file)
 
@@ -37,9 +35,6 @@ _FILES_PRESENT = {"installed", "unpacked", "half-installed", "half-configured",
                   "triggers-awaited", "triggers-pending"}
 _CONFFILE_FLAGS = {b"obsolete", b"remove-on-upgrade"}
 _MD5 = re.compile(rb"^[0-9a-f]{32}$")
-_LOG_LINE = re.compile(
-    rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (remove|purge|upgrade) (\S+) (\S+) (\S+)", re.M)
-_LOG_VERB = {b"remove": "removed", b"purge": "purged", b"upgrade": "upgraded"}
 
 
 @dataclass
@@ -431,35 +426,9 @@ class Dpkg:
         """(package name, description) of dpkg's remove/purge/upgrade actions logged
         after `since`, oldest first."""
         if self._log_events is None:
-            self._log_events = self._read_log()
+            self._log_events = read_dpkg_log(self._log)
         # The log counts whole seconds: an action in the baseline's second may follow it.
         return [(name, text) for when, name, text in self._log_events if when + 1 > since]
-
-    def _read_log(self) -> list[tuple[float, str, str]]:
-        rotated = sorted(glob.glob(glob.escape(self._log) + ".*.gz"),
-                         key=lambda p: int(p.rsplit(".", 2)[-2])
-                         if p.rsplit(".", 2)[-2].isdigit() else 0)
-        events: list[tuple[float, str, str]] = []
-        for path in reversed([self._log, self._log + ".1", *rotated]):
-            try:
-                opener = gzip.open if path.endswith(".gz") else open
-                with opener(path, "rb") as handle:
-                    data = handle.read()
-            except (OSError, EOFError):
-                continue
-            for match in _LOG_LINE.finditer(data):
-                stamp, action, pkg, old, new = (g.decode(errors="replace")
-                                                for g in match.groups())
-                try:
-                    when = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
-                except ValueError:
-                    continue
-                verb = _LOG_VERB[match.group(2)]
-                change = f"{old} -> {new}" if action == "upgrade" else old
-                events.append((when, pkg.split(":", 1)[0],
-                               f"dpkg {verb} {pkg} {change} at {stamp}"))
-        events.sort(key=lambda event: event[0])
-        return events
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:

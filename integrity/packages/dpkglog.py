@@ -1,0 +1,45 @@
+"""dpkg's log: which packages were removed, purged or upgraded, and when.
+
+A removed file is explained by its package's removal or upgrade only if dpkg logged
+one after the baseline was taken; rotated logs (log.1, log.N.gz) are read too.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import re
+import time
+
+_LOG_LINE = re.compile(
+    rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (remove|purge|upgrade) (\S+) (\S+) (\S+)", re.M)
+_LOG_VERB = {b"remove": "removed", b"purge": "purged", b"upgrade": "upgraded"}
+
+
+def read_dpkg_log(log: str) -> list[tuple[float, str, str]]:
+    """(time, package name, description) of every remove/purge/upgrade in dpkg's log
+    and its rotations, oldest first."""
+    rotated = sorted(glob.glob(glob.escape(log) + ".*.gz"),
+                     key=lambda p: int(p.rsplit(".", 2)[-2])
+                     if p.rsplit(".", 2)[-2].isdigit() else 0)
+    events: list[tuple[float, str, str]] = []
+    for path in reversed([log, log + ".1", *rotated]):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rb") as handle:
+                data = handle.read()
+        except (OSError, EOFError):
+            continue
+        for match in _LOG_LINE.finditer(data):
+            stamp, action, pkg, old, new = (g.decode(errors="replace")
+                                            for g in match.groups())
+            try:
+                when = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+            except ValueError:
+                continue
+            verb = _LOG_VERB[match.group(2)]
+            change = f"{old} -> {new}" if action == "upgrade" else old
+            events.append((when, pkg.split(":", 1)[0],
+                           f"dpkg {verb} {pkg} {change} at {stamp}"))
+    events.sort(key=lambda event: event[0])
+    return events

@@ -241,10 +241,26 @@ def test_kept_texts_follow_approvals_and_unused_ones_are_swept(cfg: Cli, etc: Pa
     assert "-Port 2200\n+Port 2222\n" in shown.stdout
 
 
+def test_a_redact_pattern_of_the_policy_hides_its_values(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    root = tmp_path / "app"
+    root.mkdir()
+    (root / "db.ini").write_text(f"dsn = host=db user=app pw={MARKER}\nport = 5432\n")
+    policy = write_policy({"path": str(root), "check": "config"}, extra=(
+        "[content]\nredact = ['(?m)^(?P<keep>dsn\\s*=\\s*)(?P<value>.+)$']\n"))
+    cli = Cli(tmp_path / "r.db", policy)
+    result = cli("init")
+    assert result.exit_code == 0, result.output
+    [text] = kept_texts(cli.db)
+    assert text.startswith(b"dsn = <redacted:") and b"port = 5432" in text
+    assert MARKER.encode() not in database_bytes(cli.db)
+
+
 def test_content_settings_are_validated(tmp_path: Path, etc: Path,
                                         write_policy: Callable[..., Path]) -> None:
     for extra, key in (("[content]\nmax_diff_size = -1\n", "content.max_diff_size"),
                        ("[content]\nredact = [\"(\"]\n", "content.redact[0]"),
+                       ("[content]\nredact = [\"pw=.*\"]\n", "content.redact[0]"),
                        ("[content]\nsecrets = []\n", "content.secrets")):
         policy = write_policy({"path": str(etc), "check": "config"}, extra=extra)
         result = Cli(tmp_path / "v.db", policy)("init")

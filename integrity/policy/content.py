@@ -61,9 +61,12 @@ def parse_content(table: Any, fail: Callable[[str, str], PolicyError]) -> Conten
         raise fail("content.redact", "must be a list of regular expressions")
     compiled = []
     for index, pattern in enumerate([*DEFAULT_REDACT, *patterns]):
+        key = f"content.redact[{index - len(DEFAULT_REDACT)}]"
         try:
-            compiled.append(re.compile(pattern, re.MULTILINE))
+            regex = re.compile(pattern, re.MULTILINE)
         except re.error as exc:
-            raise fail(f"content.redact[{index - len(DEFAULT_REDACT)}]",
-                       f"not a regular expression: {exc}") from None
+            raise fail(key, f"not a regular expression: {exc}") from None
+        if "value" not in regex.groupindex:
+            raise fail(key, "needs a group (?P<value>...) naming what to redact")
+        compiled.append(regex)
     return ContentPolicy(size, (*DEFAULT_SECRETS, *secrets), tuple(compiled))

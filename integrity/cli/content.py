@@ -53,8 +53,6 @@ def restore(env: Env, paths: tuple[str, ...], yes: bool) -> None:
 
         integrity restore /etc/ssh/sshd_config --yes
     """
-    from integrity.alerts import build_sinks, routes_of
-    from integrity.alerts.dispatch import deliver_after_scan
     from integrity.ops.content import restore as restore_paths
 
     if not yes:
@@ -62,8 +60,5 @@ def restore(env: Env, paths: tuple[str, ...], yes: bool) -> None:
             raise UsageError("restore: not on a terminal: confirm with --yes")
         click.confirm(f"Put back {len(paths)} path(s) as the baseline has them?",
                       abort=True)
-    sinks = build_sinks(env.policy)
-    done = restore_paths(env.store(), env.policy, paths, routes=routes_of(sinks))
-    for item in done:
+    for item in restore_paths(env.store(), env.policy, paths):
         click.echo(f"restored {display(item.path)} (event {item.event_id})")
-    deliver_after_scan(env.store(), sinks)

@@ -154,14 +154,26 @@ class Restored:
     event_id: int
 
 
-def restore(store: Store, policy: Policy, paths: Sequence[str],
-            routes: Sequence[Route] = ()) -> list[Restored]:
-    """Put the baseline's content, mode and owner back (atomically) and record it.
+def restore(store: Store, policy: Policy, paths: Sequence[str]) -> list[Restored]:
+    """Put the baseline's content, mode and owner back (atomically), record it and
+    alert it (delivered now unless a watcher delivers).
 
     Refused (UsageError, exit 2) before anything is written when a path has no kept
     text, or only a redacted one; the baseline's seal is checked first, so a text
     planted in the database is never written to disk.
     """
+    from integrity.alerts import build_sinks, routes_of
+    from integrity.alerts.dispatch import deliver_after_scan
+
+    sinks = build_sinks(policy)
+    try:
+        return _restore(store, policy, paths, routes_of(sinks))
+    finally:
+        deliver_after_scan(store, sinks)
+
+
+def _restore(store: Store, policy: Policy, paths: Sequence[str],
+             routes: Sequence[Route]) -> list[Restored]:
     info = check_baseline(store, policy)
     assert info is not None
     sealed = effective_policy(info, policy)

@@ -33,7 +33,7 @@ ATTRIBUTES = ("type", "content", "size", "mode", "uid", "gid", "inode", "nlink",
 PRESET_MODEL = {
     "static": {"type", "content", "size", "mode", "uid", "gid", "inode", "nlink", "link",
                "xattrs", "mtime", "ctime"},
-    "config": {"type", "content", "size", "mode", "uid", "gid", "link", "xattrs"},
+    "config": {"type", "content", "size", "mode", "uid", "gid", "link", "xattrs", "diff"},
     "perms": {"type", "mode", "uid", "gid", "link", "xattrs"},
     "log": {"type", "mode", "uid", "gid", "growing"},
 }
@@ -208,7 +208,7 @@ def check_model(tokens: list[str]) -> set[str]:
 
 
 valid_token = st.builds(lambda sign, name: sign + name, st.sampled_from(["", "+", "-"]),
-                        st.sampled_from([*PRESET_MODEL, *ATTRIBUTES, "growing"]))
+                        st.sampled_from([*PRESET_MODEL, *ATTRIBUTES, "growing", "diff"]))
 
 
 @settings(max_examples=500)
@@ -220,7 +220,7 @@ def test_check_sets_match_the_model(tokens: list[str], as_list: bool) -> None:
 
 def token_valid(word: str) -> bool:
     name = word[1:] if word[:1] in ("+", "-") else word
-    return name in (*PRESET_MODEL, *ATTRIBUTES, "growing")
+    return name in (*PRESET_MODEL, *ATTRIBUTES, "growing", "diff")
 
 
 @settings(max_examples=300)

@@ -76,12 +76,19 @@ def actor() -> str:
     return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
 
 
+class _PipeClosed(Exception):
+    """Our output's reader went away (`integrity events | head -1`): not an error, and
+    nothing more to say. Raised past click so its context still closes the store."""
+
+
 class IntegrityGroup(click.Group):
     """The one error boundary: IntegrityError becomes a stderr line and an exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed() from None
         except IntegrityError as exc:
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
@@ -102,10 +109,16 @@ class IntegrityGroup(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
+    from integrity.paths import escape
+
     env = ctx.obj
     if isinstance(env, Env) and env.verbose > 1:
         traceback.print_exc()
-    click.echo(f"integrity: {message}", err=True)
+    try:
+        # Messages name paths and quote what servers and files said: one line, escaped.
+        click.echo(f"integrity: {escape(message)}", err=True)
+    except BrokenPipeError:
+        raise _PipeClosed() from None
     ctx.exit(code)
 
 
@@ -138,8 +151,10 @@ def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: in
     for old in [h for h in logger.handlers if getattr(h, "integrity_cli", False)]:
         logger.removeHandler(old)  # repeated in-process runs (tests) add none twice
     if verbose:
+        from integrity.report import EscapingFormatter
+
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(EscapingFormatter("%(message)s"))
         handler.integrity_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
@@ -175,11 +190,11 @@ def init(env: Env, force: bool, sign_key: str | None) -> None:
         if shown:
             shown.done()
     for w in result.warnings:
-        click.echo(f"warning: {w.operation} failed for '{_display(w.path)}': {w.cause} "
-                   f"({w.consequence})", err=True)
-    click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
-               f"{policy.source} into {env.store().name()}"
-               + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
+        _echo(f"warning: {w.operation} failed for '{_display(w.path)}': {w.cause} "
+              f"({w.consequence})", err=True)
+    _echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
+          f"{policy.source} into {env.store().name()}"
+          + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
     click.echo(f"root {result.baseline.root}"
                + (" (signed)" if result.baseline.signature else ""))
 
@@ -338,8 +353,10 @@ def watch(env: Env) -> None:
     from integrity.realtime.service import Service
 
     if not env.verbose:
+        from integrity.report import EscapingFormatter
+
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s"))
         handler.integrity_cli = True  # type: ignore[attr-defined]
         logger = logging.getLogger("integrity")
         logger.addHandler(handler)
@@ -365,8 +382,10 @@ def doctor(env: Env) -> None:
     """
     from integrity.doctor import diagnose, render
 
-    diagnosis = diagnose(env.policy)
-    click.echo(render(diagnosis), nl=False)
+    diagnosis = diagnose(env.policy, database=env.db_url())
+    # Findings quote /proc command lines and mount points: escaped line by line.
+    for line in render(diagnosis).splitlines():
+        _echo(line)
     sys.exit(diagnosis.exit_code)
 
 
@@ -421,11 +440,11 @@ def alert_test(env: Env) -> None:
 
     sinks = build_sinks(env.policy)
     if not sinks:
-        click.echo(f"{env.policy.source} has no [[alert]] sinks")
+        _echo(f"{env.policy.source} has no [[alert]] sinks")
         return
     failed = 0
     for name, problem in probe_sinks(sinks, socket.gethostname()):
-        click.echo(f"{name}: " + ("delivered" if problem is None else f"FAILED: {problem}"))
+        _echo(f"{name}: " + ("delivered" if problem is None else f"FAILED: {problem}"))
         failed += problem is not None
     sys.exit(1 if failed else 0)
 
@@ -451,7 +470,8 @@ def key_generate(private_key: str) -> None:
     from integrity.trust import generate_keypair
 
     private, public = generate_keypair(private_key)
-    click.echo(f"private key {private} (keep it off this host)\npublic key {public}")
+    _echo(f"private key {private} (keep it off this host)")
+    _echo(f"public key {public}")
 
 
 @cli.group("apt-hook")
@@ -478,7 +498,7 @@ def apt_hook_install(env: Env, directory: str) -> None:
 
     target = apthook.install(directory, apthook.render(
         apthook.executable(), env.db_option, env.policy_path))
-    click.echo(f"installed {target}")
+    _echo(f"installed {target}")
 
 
 @apt_hook.command("remove")
@@ -494,7 +514,7 @@ def apt_hook_remove(directory: str) -> None:
     from integrity import apthook
 
     target = apthook.remove(directory)
-    click.echo(f"removed {target}" if target else "no apt hook installed")
+    _echo(f"removed {target}" if target else "no apt hook installed")
 
 
 @apt_hook.command("show")
@@ -528,10 +548,10 @@ def upgrade(env: Env) -> None:
     store = env.store(must_exist=False, check_schema=False)
     before, after = store.upgrade()
     if before == after:
-        click.echo(f"database {store.name()} is at revision {after}")
+        _echo(f"database {store.name()} is at revision {after}")
     else:
-        click.echo(f"database {store.name()} upgraded from revision "
-                   f"{before or '(empty)'} to {after}")
+        _echo(f"database {store.name()} upgraded from revision "
+              f"{before or '(empty)'} to {after}")
 
 
 def _display(path: bytes) -> str:
@@ -539,11 +559,33 @@ def _display(path: bytes) -> str:
     return display(path)
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """One line for people, escaped (names and values may carry control characters)."""
+    from integrity.paths import escape
+    click.echo(escape(text), err=err)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     try:
-        cli.main(args=argv, prog_name="integrity")
-    except BrokenPipeError:
-        # Output closed early (`integrity events | head`): not an error of ours.
-        sys.stderr.close()
-        sys.exit(EXIT_ERROR)
+        try:
+            cli.main(args=argv, prog_name="integrity")
+        finally:
+            # What is still buffered is written now, while a closed pipe can still
+            # end us quietly, not at interpreter exit (which would print a traceback).
+            sys.stdout.flush()
+    except (BrokenPipeError, _PipeClosed):
+        _end_on_closed_pipe()
+
+
+def _end_on_closed_pipe() -> None:
+    """End as `cat` or `grep` do when the reader goes away: by SIGPIPE, silently, so
+    a shell sees 141 (with pipefail, a failure) and never a status of ours that means
+    "no changes"."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the dead pipe
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # only if SIGPIPE could not end us

@@ -552,10 +552,25 @@ def _missing(path: bytes) -> OSError | None:
     return None
 
 
-def diagnose(policy: Policy) -> Diagnosis:
-    """Run every check against this host for `policy`."""
+def check_database(url: str) -> Iterator[Finding]:
+    """Whether other users can read the database or learn its password."""
+    from integrity.store.files import exposure, sqlite_path
+
+    problems = exposure(url)
+    for problem in problems:
+        yield Finding("warn", problem, "chmod 600 the database files and 700 their "
+                      "directory" if " is mode " in problem else None)
+    database = sqlite_path(url)
+    if not problems and database is not None and os.path.exists(database):
+        yield Finding("ok", f"database {database}: not readable by other users")
+
+
+def diagnose(policy: Policy, database: str | None = None) -> Diagnosis:
+    """Run every check against this host for `policy` (and its database URL)."""
     diagnosis = Diagnosis()
     diagnosis.findings.extend(check_permissions(policy))
+    if database is not None:
+        diagnosis.findings.extend(check_database(database))
     diagnosis.findings.extend(check_inotify(policy, inotify_limits(), inotify_holders()))
     diagnosis.findings.extend(check_filesystems(policy, read_mounts()))
     diagnosis.findings.extend(check_fanotify(policy))

@@ -29,7 +29,7 @@ from typing import Any
 
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
-from integrity.alerts.text import clean
+from integrity.paths import escape
 
 _OURS = ("INTEGRITY_EVENT_ID", "INTEGRITY_PATH", "INTEGRITY_SEVERITY", "INTEGRITY_KIND")
 _SYSTEMD = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID",
@@ -121,7 +121,7 @@ def _last_line(handle: Any) -> str:
     size = handle.seek(0, os.SEEK_END)
     handle.seek(max(size - _TAIL, 0))
     lines = handle.read().decode("utf-8", "replace").strip().splitlines()
-    return clean(lines[-1].strip())[:300] if lines else ""
+    return escape(lines[-1].strip())[:300] if lines else ""
 
 
 def build(options: Options) -> CommandSink:

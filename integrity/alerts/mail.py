@@ -33,6 +33,7 @@ from typing import Any
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
 from integrity.alerts.options import Options
+from integrity.paths import escape
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class MailSink:
         msg["Message-ID"] = make_msgid("integrity", domain=host)
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Integrity-Events"] = ",".join(str(e.get("id")) for e in events[:50])
-        msg.set_content(f"integrity on {host}\n\n{render.body(events)}\n")
+        msg.set_content(f"integrity on {escape(host)}\n\n{render.body(events)}\n")
         return msg
 
     def deliver(self, events: list[dict[str, Any]]) -> None:

@@ -1,29 +1,22 @@
 """Human text for alerts: one line per event, a detailed single event, a digest.
 
 Paths are attacker-chosen (anyone who can create a file names it), so every piece of
-an event that reaches text is passed through `clean`: a newline or a bidi override in
-a file name must not be able to forge an extra line in a digest or reorder what a
-reader sees.
+an event that reaches text is passed through `paths.escape`: a newline or a bidi
+override in a file name must not be able to forge an extra line in a digest or reorder
+what a reader sees.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from typing import Any
 
+from integrity.paths import escape
 from integrity.policy import SEVERITIES
 
 #: A digest lists at most this many events, most severe first, then "and N more".
 MAX_LINES = 200
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _LONG = 100  # attribute values longer than this (digests) are shortened
-
-
-def clean(value: Any) -> str:
-    """Text of a value with control and bidi characters shown as escapes."""
-    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                       else f"\\u{ord(m.group()):04x}", str(value))
 
 
 def actor_text(actor: dict[str, Any] | None) -> str | None:
@@ -46,21 +39,21 @@ def actor_text(actor: dict[str, Any] | None) -> str | None:
         details.append(f"login {login}")
     if actor.get("unknown") and not exe:
         details.append(str(actor["unknown"]))
-        return clean("by an unidentified process (" + ", ".join(details) + ")")
-    return clean(f"by {exe or 'an unknown executable'}"
-                 + (" (" + ", ".join(details) + ")" if details else ""))
+        return escape("by an unidentified process (" + ", ".join(details) + ")")
+    return escape(f"by {exe or 'an unknown executable'}"
+                  + (" (" + ", ".join(details) + ")" if details else ""))
 
 
 def headline(event: dict[str, Any]) -> str:
     """'modified /etc/passwd (content, mode) by ...', or a warning and its message."""
     if event.get("kind") == "warning":
         message = (event.get("new") or {}).get("warning", "")
-        return clean(f"warning {event.get('path')}: {message}")
+        return escape(f"warning {event.get('path')}: {message}")
     text = f"{event.get('kind')} {event.get('path')}"
     if event.get("changed"):
         text += f" ({', '.join(event['changed'])})"
     actor = actor_text(event.get("actor"))
-    return clean(text + (f" {actor}" if actor else ""))
+    return escape(text + (f" {actor}" if actor else ""))
 
 
 def line(event: dict[str, Any]) -> str:
@@ -69,21 +62,21 @@ def line(event: dict[str, Any]) -> str:
     if (event.get("count") or 1) > 1:
         text += f" ({event['count']} times)"
     if event.get("classification") not in (None, "unexplained"):
-        text += f" [{clean(event['classification'])}]"
-    return text
+        text += f" [{event['classification']}]"
+    return escape(text)  # severity and classification come from rows an intruder edits
 
 
 def _state(value: Any) -> str:
-    text = clean(value)
+    text = escape(value)
     return text if len(text) <= _LONG else text[:_LONG] + "..."
 
 
 def details(event: dict[str, Any]) -> str:
     """Several lines about one event: what, who, which rule, and old -> new values."""
     lines = [f"{event.get('severity')}: {headline(event)}"]
-    lines.append(clean(f"rule {event.get('rule') or '-'}, source {event.get('source')}, "
-                       f"{event.get('classification')}, event {event.get('id')}, "
-                       f"status {event.get('status')}"))
+    lines.append(f"rule {event.get('rule') or '-'}, source {event.get('source')}, "
+                 f"{event.get('classification')}, event {event.get('id')}, "
+                 f"status {event.get('status')}")
     seen = f"first seen {event.get('time')}"
     if (event.get("count") or 1) > 1:
         seen += f", last seen {event.get('last_seen')} ({event['count']} times)"
@@ -91,11 +84,12 @@ def details(event: dict[str, Any]) -> str:
     old, new = event.get("old") or {}, event.get("new") or {}
     if event.get("kind") != "warning":
         for name in event.get("changed") or sorted(set(old) | set(new)):
-            lines.append(f"  {clean(name)}: {_state(old.get(name, '-'))} -> "
+            lines.append(f"  {escape(name)}: {_state(old.get(name, '-'))} -> "
                          f"{_state(new.get(name, '-'))}")
     if event.get("evidence"):
-        lines.append(clean(f"evidence: {event['evidence']}"))
-    return "\n".join(lines)
+        lines.append(f"evidence: {event['evidence']}")
+    # Every line escaped whole: any field of a stored event may have been edited.
+    return "\n".join(escape(text) for text in lines)
 
 
 def highest(events: list[dict[str, Any]]) -> str:
@@ -122,7 +116,7 @@ def digest(events: list[dict[str, Any]], limit: int = MAX_LINES) -> str:
     lines += [line(event) for event in ordered[:limit]]
     if len(ordered) > limit:
         lines.append(f"and {len(ordered) - limit} more")
-    return "\n".join(lines)
+    return "\n".join(escape(text) for text in lines)
 
 
 def body(events: list[dict[str, Any]], limit: int = MAX_LINES) -> str:
@@ -133,8 +127,8 @@ def body(events: list[dict[str, Any]], limit: int = MAX_LINES) -> str:
 def subject(events: list[dict[str, Any]], host: str) -> str:
     """'web1: 37 changes (2 critical)' or 'web1: high: modified /etc/passwd'."""
     if len(events) == 1:
-        text = f"{host}: {events[0].get('severity')}: {headline(events[0])}"
+        text = escape(f"{host}: {events[0].get('severity')}: {headline(events[0])}")
         return text if len(text) <= 150 else text[:147] + "..."
     top = highest(events)
     number = sum(1 for e in events if e.get("severity") == top)
-    return f"{host}: {len(events)} changes ({number} {top})"
+    return escape(f"{host}: {len(events)} changes ({number} {top})")

@@ -74,8 +74,17 @@ MAX_PATHS = 50_000
 PROCESS_TTL = 2.0
 #: Parents named in an actor's "ancestors", nearest first.
 MAX_ANCESTORS = 8
-#: Bytes of a command line kept.
-CMDLINE_MAX = 16384
+#: Bytes of /proc/PID/cmdline read; of them, each argument keeps ARG_MAX_KEPT bytes and
+#: the whole line CMDLINE_KEPT: an actor is stored with every event, and arguments can
+#: carry secrets (a password on a command line) that need not outlive the process.
+CMDLINE_MAX = 4096
+ARG_MAX_KEPT = 256
+CMDLINE_KEPT = 1024
+#: What a parent keeps of its command line: the words the trusted-process check reads.
+ANCESTOR_WORDS = 3
+#: Marks an argument or command line that was cut: severity.CUT, which never trusts
+#: such a word (the helper runs with the standard library only: no policy import).
+CUT = "[...]"
 #: Longest wait for the helper to mark the trees.
 START_TIMEOUT = 120.0
 #: Reads handled before looking at stdin (our stop signal) again.
@@ -164,7 +173,10 @@ class Processes:
         parent = self.get(pid, now)
         if isinstance(parent, str):
             return []
-        summary = {key: parent[key] for key in ("pid", "exe", "cmdline", "comm")}
+        summary = {key: parent[key] for key in ("pid", "exe", "comm")}
+        words = (parent.get("cmdline") or "").split()
+        summary["cmdline"] = " ".join(words[:ANCESTOR_WORDS]
+                                      + ([CUT] if len(words) > ANCESTOR_WORDS else [])) or None
         return [summary, *parent.get("ancestors", ())][:MAX_ANCESTORS]
 
     def user(self, uid: int | None) -> str | None:
@@ -207,18 +219,35 @@ class Processes:
             if line.startswith(b"Uid:"):
                 uid = int(line.split()[2])  # real, effective, saved, fs: effective
                 break
-        text = cmdline.rstrip(b"\0").replace(b"\0", b" ")
-        if len(cmdline) >= CMDLINE_MAX:
-            text += b" [...]"
+        text = capped_cmdline(cmdline, truncated=len(cmdline) >= CMDLINE_MAX)
         loginuid = None if login == UNSET_LOGINUID else login
         actor: Actor = {"pid": pid, "exe": display(exe) if exe is not None else None,
-                        "cmdline": _text(text) or None, "uid": uid, "user": self.user(uid),
+                        "cmdline": text or None, "uid": uid, "user": self.user(uid),
                         "loginuid": loginuid, "login_user": self.user(loginuid),
                         "comm": comm}
         if exe is None and not kthread:
             actor["unknown"] = (f"process {pid} exited before its exe and command line "
                                 "could be read")
         return actor
+
+
+def capped_cmdline(raw: bytes, truncated: bool = False) -> str:
+    """/proc/PID/cmdline as text: arguments cut to ARG_MAX_KEPT bytes, the whole to
+    about CMDLINE_KEPT, each cut marked with CUT."""
+    words: list[str] = []
+    size = 0
+    args = raw.rstrip(b"\0").split(b"\0") if raw.strip(b"\0") else []
+    for arg in args:
+        if size >= CMDLINE_KEPT:
+            words.append(CUT)
+            return " ".join(words)
+        # The mark is glued on, so a cut word never passes for the path it began.
+        word = _text(arg[:ARG_MAX_KEPT]) + CUT if len(arg) > ARG_MAX_KEPT else _text(arg)
+        words.append(word)
+        size += len(word.encode()) + 1
+    if truncated:
+        words.append(CUT)
+    return " ".join(words)
 
 
 def privilege_problem() -> str | None:

@@ -383,9 +383,7 @@ def doctor(env: Env) -> None:
     from integrity.doctor import diagnose, render
 
     diagnosis = diagnose(env.policy, database=env.db_url())
-    # Findings quote /proc command lines and mount points: escaped line by line.
-    for line in render(diagnosis).splitlines():
-        _echo(line)
+    click.echo(render(diagnosis), nl=False)
     sys.exit(diagnosis.exit_code)
 
 

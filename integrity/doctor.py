@@ -582,12 +582,16 @@ _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 def render(diagnosis: Diagnosis) -> str:
     """Text for a terminal: one line per finding, details and advice indented."""
+    from integrity.paths import escape
+
+    # Findings quote rule paths, mount points and /proc command lines: escaped, so a
+    # newline in one cannot forge a finding.
     lines: list[str] = []
     for finding in diagnosis.findings:
-        lines.append(f"{_MARK[finding.level]}  {finding.message}")
-        lines.extend(f"        {detail}" for detail in finding.details)
+        lines.append(f"{_MARK[finding.level]}  {escape(finding.message)}")
+        lines.extend(f"        {escape(detail)}" for detail in finding.details)
         if finding.advice:
-            lines.append(f"      fix: {finding.advice}")
+            lines.append(f"      fix: {escape(finding.advice)}")
     bad = sum(1 for f in diagnosis.findings if f.level != "ok")
     lines.append("all checks passed" if not bad else
                  f"{bad} check{'s' if bad != 1 else ''} need{'s' if bad == 1 else ''} attention")

@@ -7,8 +7,9 @@ expression is rewritten into a form APScheduler reads with that same meaning:
 
 - day of week is cron's 0-7 (0 and 7 Sunday) or sun-sat. APScheduler counts 0 as
   Monday, so `0 3 * * 0` would run on Mondays and `1-5` Tuesday to Saturday: the
-  field is rewritten as day names. Month names become numbers (APScheduler ignores
-  the step of `jan-dec/2`). Numeric fields mean the same to both and stay as written.
+  field is rewritten as day names. Fields APScheduler would refuse or misread (a step
+  longer than its range, `*/60`; month names, whose step `jan-dec/2` it drops) are
+  rewritten as the list of what they select; the others stay as written.
 - cron runs a job whose day of month and day of week are both restricted on either
   day; APScheduler on days that are both. Such an expression is refused rather than
   run on other days than the admin meant.
@@ -48,10 +49,13 @@ def _value(text: str, field: int) -> int:
     return value
 
 
-def _expand(text: str, field: int) -> set[int]:
-    """The values one field selects."""
+def _expand(text: str, field: int) -> tuple[set[int], bool]:
+    """The values one field selects, and whether APScheduler reads the field as written
+    with the same meaning (numbers only, and no step longer than its range, which
+    APScheduler refuses: `*/60`, `1-1/1`)."""
     name, low, high = FIELDS[field]
     selected: set[int] = set()
+    as_written = True
     for item in text.split(","):
         match = _ITEM.fullmatch(item)
         if not match:
@@ -69,7 +73,9 @@ def _expand(text: str, field: int) -> set[int]:
         if step < 1:
             raise CronError(f"{name} {item!r}: the step must be at least 1")
         selected.update(range(first, last + 1, step))
-    return selected
+        as_written = as_written and not re.search(r"[a-zA-Z]", item) \
+            and (not match["step"] or step <= last - first)
+    return selected, as_written
 
 
 def normalize(expr: str) -> str:
@@ -81,7 +87,8 @@ def normalize(expr: str) -> str:
     if len(fields) != 5:
         raise CronError(f"not a 5-field cron expression (minute hour day-of-month "
                         f"month day-of-week): {expr!r}")
-    values = [_expand(text, index) for index, text in enumerate(fields)]
+    expanded = [_expand(text, index) for index, text in enumerate(fields)]
+    values = [selected for selected, _ in expanded]
     weekdays = {day % 7 for day in values[4]}
     # cron's own test (a field "restricts" unless it starts with *), so that
     # `0 3 */2 * 1` keeps meaning both, as in cron.
@@ -92,11 +99,10 @@ def normalize(expr: str) -> str:
     if min(values[2]) > longest:
         raise CronError(f"{expr!r} never runs: no month it names has day "
                         f"{min(values[2])}")
-    # Numeric fields mean the same to both and stay as written; month names become
-    # numbers (APScheduler drops the step of "jan-dec/2").
-    out = fields[:3]
-    out.append(fields[3] if re.fullmatch(r"[\d*,/-]+", fields[3])
-               else ",".join(str(v) for v in sorted(values[3])))
+    # Fields APScheduler reads as cron does stay as written; the others become the
+    # list of what they select.
+    out = [text if as_written else ",".join(str(v) for v in sorted(selected))
+           for text, (selected, as_written) in zip(fields[:4], expanded)]
     out.append("*" if weekdays == set(range(7))
                else ",".join(DAYS[day] for day in sorted(weekdays)))
     return " ".join(out)

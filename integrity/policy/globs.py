@@ -62,8 +62,10 @@ def _tokens(glob: str) -> list[str]:
             if end == -1:
                 out.append(re.escape(ch))
             else:
-                translated = fnmatch.translate(glob[i:end + 1])
-                out.append("(?!/)" + translated[len("(?s:"):-len(")\\Z")])
+                translated = fnmatch.translate(glob[i:end + 1])[len("(?s:"):-len(")\\Z")]
+                if re.fullmatch(translated, "/"):  # [!a], [+-0]: but never '/'
+                    translated = "(?!/)" + translated
+                out.append(translated)
                 i = end
         else:
             out.append(re.escape(ch))
@@ -85,6 +87,11 @@ def _component(atoms: list[str], closed: bool) -> str:
     """One component's pattern. `closed`: it must end where the component ends (what
     follows is '/' or the end); otherwise a `**` follows and the earliest end wins."""
     fixed = ["".join(part) for part in _split(atoms, _STAR)]
+    if closed and len(fixed) == 3 and not fixed[2]:
+        # `*.dpkg-[a-z]*`: greedy is twice as fast as the lazy scan, and still linear
+        # (the first star's choices, each checked once; the last runs to the end),
+        # once the whole is atomic so that nothing later comes back into it.
+        return f"(?>{fixed[0]}[^/]*{fixed[1]}[^/]*)"
     out = [fixed[0]]
     for index, piece in enumerate(fixed[1:], start=1):
         last = index == len(fixed) - 1
@@ -112,7 +119,10 @@ def translate(glob: str, *, within_name: bool = False) -> str:
     if len(pieces) == 1:
         return "(?:" + _piece(pieces[0], closed=True) + ")"
     first, *middle, last = pieces
-    out = ["(?>" + _piece(first, closed=False) + ")"]
+    # A first piece without a star has one way to match: no group needed (and none
+    # keeps `/var/cache/**` as quick as the plain translation).
+    out = ["(?>" + _piece(first, closed=False) + ")" if _STAR in first
+           else _piece(first, closed=False)]
     out += ["(?>.*?" + _piece(piece, closed=False) + ")" for piece in middle]
     out.append(".*" + _piece(last, closed=True))
     return "(?:" + "".join(out) + ")"

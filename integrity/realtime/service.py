@@ -23,7 +23,7 @@ from integrity.alerts import build_sinks
 from integrity.alerts.dispatch import Dispatcher
 from integrity.errors import IntegrityError
 from integrity.store.events import EventContext
-from integrity.paths import display
+from integrity.paths import display, escape
 from integrity.policy import Policy, load
 from integrity.scan.records import Progress
 from integrity.ops.verify import ScanResult, check_paths, verify
@@ -182,7 +182,9 @@ class Service:
 
     def _beat(self, state: str) -> None:
         watches = len(self.watcher.wd_path) if self.watcher else 0
-        unwatched = "\n".join(f"{display(u.root)}: {u.reason}" for u in self.unwatched)
+        # One line per tree, escaped: `status` splits this column on newlines.
+        unwatched = "\n".join(escape(f"{display(u.root)}: {u.reason}")
+                              for u in self.unwatched)
         self.watcher_id = heartbeat(self.store, self.watcher_id,
                                     interval=self.heartbeat_seconds, state=state,
                                     watches=watches, unwatched=unwatched or None)

@@ -175,8 +175,9 @@ class Processes:
             return []
         summary = {key: parent[key] for key in ("pid", "exe", "comm")}
         words = (parent.get("cmdline") or "").split()
-        summary["cmdline"] = " ".join(words[:ANCESTOR_WORDS]
-                                      + ([CUT] if len(words) > ANCESTOR_WORDS else [])) or None
+        if len(words) > ANCESTOR_WORDS:
+            words = [*words[:ANCESTOR_WORDS], CUT]
+        summary["cmdline"] = " ".join(words) or None
         return [summary, *parent.get("ancestors", ())][:MAX_ANCESTORS]
 
     def user(self, uid: int | None) -> str | None:

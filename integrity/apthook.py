@@ -35,7 +35,20 @@ def command_line(executable: list[str], db: str | None, policy: str | None) -> s
 
 
 def render(executable: list[str], db: str | None = None, policy: str | None = None) -> str:
-    """The apt.conf snippet."""
+    """The apt.conf snippet.
+
+    apt.conf.d is world-readable (apt's users read it), so a --db URL with a password
+    is refused: the hook must get its credentials the way libpq does, from the
+    ~/.pgpass of the user apt runs as (root), never from this file.
+    """
+    if db:
+        from integrity.store.files import carries_password, redact
+
+        if carries_password(db):
+            raise UsageError(f"apt-hook: {redact(db)}: the database URL carries a "
+                             "password, which would be written into a world-readable "
+                             "apt.conf.d file; put it in /root/.pgpass (mode 0600) and "
+                             "give the URL without it")
     command = command_line(executable, db, policy)
     if '"' in command:
         raise UsageError(f"apt-hook: {command!r}: paths with double quotes cannot be "

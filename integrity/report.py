@@ -1,15 +1,21 @@
-"""Render scans for people (text) and programs (JSON, exactly as SPEC)."""
+"""Render scans for people (text) and programs (JSON, exactly as SPEC).
+
+Text is for terminals, logs and the apt hook's syslog lines, so every line goes out
+through `paths.escape`: a file name cannot forge a line ("Removed (0):"), move the
+cursor or retitle a window. JSON keeps every value exact.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from integrity.alerts.text import actor_text, clean
-from integrity.paths import display
+from integrity.alerts.text import actor_text
+from integrity.paths import display, escape
 from integrity.policy import Rule
 from integrity.record import json_value as value
 from integrity.scan import Progress
@@ -62,46 +68,63 @@ def _short(name: str, raw: Any) -> str:
     return "-" if shown is None else str(shown)
 
 
+def _put(out: TextIO, text: str = "") -> None:
+    """One line of text output, escaped (so it stays one line)."""
+    out.write(escape(text) + "\n")
+
+
 def verify_text(verification: Verification, out: TextIO) -> None:
     """Text report: a summary line, then changes grouped by kind, then errors."""
     baseline, result = verification.baseline, verification.result
-    out.write(f"{result.scanned} entries checked against the baseline of "
+    _put(out, f"{result.scanned} entries checked against the baseline of "
               f"{iso(baseline.created)} ({baseline.entries} entries): "
               f"{result.count(ADDED)} added, {result.count(REMOVED)} removed, "
-              f"{result.count(MODIFIED)} modified, {len(result.warnings)} errors\n")
+              f"{result.count(MODIFIED)} modified, {len(result.warnings)} errors")
     for kind in KINDS:
         changes = [c for c in result.changes if c.kind == kind]
         if not changes:
             continue
-        out.write(f"\n{kind.capitalize()} ({len(changes)}):\n")
+        _put(out)
+        _put(out, f"{kind.capitalize()} ({len(changes)}):")
         for change in changes:
             rule = result.rules.get(change.path)
             tag = f"  [{rule.severity}, rule {rule.name}]" if rule else ""
             rec = change.new or change.old
             detail = ", ".join(change.changed) if change.changed else (rec.type if rec else "")
-            out.write(f"  {display(change.path)}  {detail}{tag}\n")
+            _put(out, f"  {display(change.path)}  {detail}{tag}")
             for name in change.changed:
-                out.write(f"      {name}: {_short(name, getattr(change.old, name))} -> "
-                          f"{_short(name, getattr(change.new, name))}\n")
+                _put(out, f"      {name}: {_short(name, getattr(change.old, name))} -> "
+                          f"{_short(name, getattr(change.new, name))}")
             diff = verification.diffs.get(change.path)
-            if diff:
-                out.write("".join(f"      {line}\n" for line in diff.splitlines()))
+            for line in diff.splitlines() if diff else ():
+                _put(out, f"      {line}")
     if verification.policy_changes:
-        out.write("\nPolicy: the policy file differs from the sealed policy, which was "
-                  "verified instead (accept it with 'integrity approve --policy'):\n")
+        _put(out)
+        _put(out, "Policy: the policy file differs from the sealed policy, which was "
+                  "verified instead (accept it with 'integrity approve --policy'):")
         for difference in verification.policy_changes:
-            out.write(f"  {difference}\n")
+            _put(out, f"  {difference}")
     if result.warnings:
-        out.write(f"\nErrors ({len(result.warnings)}):\n")
+        _put(out)
+        _put(out, f"Errors ({len(result.warnings)}):")
         for w in result.warnings:
-            out.write(f"  {w.operation} failed for '{display(w.path)}': {w.cause} "
-                      f"({w.consequence})\n")
+            _put(out, f"  {w.operation} failed for '{display(w.path)}': {w.cause} "
+                      f"({w.consequence})")
 
 
 def dump_json(data: Any, out: TextIO) -> None:
     """Pretty JSON followed by a newline."""
     json.dump(data, out, indent=2, ensure_ascii=False)
     out.write("\n")
+
+
+class EscapingFormatter(logging.Formatter):
+    """Log records whose message is escaped: the daemon logs paths to journald, where
+    a newline in a name would otherwise forge a log line. A traceback (-vv) keeps its
+    lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's
+        return escape(super().formatMessage(record))
 
 
 class TerminalProgress:
@@ -159,26 +182,26 @@ def approval_text(outcome: ApprovalOutcome, out: TextIO) -> None:
     # Paths and reasons (which quote paths, tools' messages) are shown escaped.
     for a in outcome.approved:
         evidence = f" ({a.evidence})" if a.evidence else ""
-        out.write(clean(f"approved {a.kind} {display(a.path)}{evidence}") + "\n")
+        _put(out, f"approved {a.kind} {display(a.path)}{evidence}")
     approved = {a.path for a in outcome.approved}
     for path in outcome.written:
         if path not in approved:
-            out.write(clean(f"baseline updated {display(path)}") + "\n")
+            _put(out, f"baseline updated {display(path)}")
     for item in outcome.left_open:
-        out.write(clean(f"left open {item.kind} {display(item.path)}: {item.reason}") + "\n")
+        _put(out, f"left open {item.kind} {display(item.path)}: {item.reason}")
     if outcome.approval_id is None:
-        out.write("nothing approved\n")
+        _put(out, "nothing approved")
         return
-    out.write(f"root {outcome.root}\n")
-    out.write(f"approval {outcome.approval_id}: {len(outcome.approved)} events closed, "
+    _put(out, f"root {outcome.root}")
+    _put(out, f"approval {outcome.approval_id}: {len(outcome.approved)} events closed, "
               f"{len(outcome.written)} baseline entries written"
-              + (f", {len(outcome.left_open)} left open" if outcome.left_open else "") + "\n")
+              + (f", {len(outcome.left_open)} left open" if outcome.left_open else ""))
 
 
 def events_text(rows: Sequence[EventDoc], out: TextIO) -> None:
     """One line per event, oldest first."""
     if not rows:
-        out.write("no events\n")
+        _put(out, "no events")
         return
     for row in rows:
         changed = ",".join(row["changed"]) or row["kind"]
@@ -187,74 +210,73 @@ def events_text(rows: Sequence[EventDoc], out: TextIO) -> None:
         if not extra and row["classification"] == "package-manager":
             extra = " [package-manager]"
         actor = actor_text(row["actor"])
-        out.write(clean(f"{row['id']:>6} {row['time']} {row['status']:<8} "
-                        f"{row['severity']:<8} {row['kind']:<8} {row['path']}  {changed}"
-                        f"{count}{extra}" + (f" {actor}" if actor else "")) + "\n")
+        _put(out, f"{row['id']:>6} {row['time']} {row['status']:<8} "
+                  f"{row['severity']:<8} {row['kind']:<8} {row['path']}  {changed}"
+                  f"{count}{extra}" + (f" {actor}" if actor else ""))
 
 
 def status_text(data: dict[str, Any], out: TextIO) -> None:
     """Status for people."""
     baseline = data["baseline"]
     if baseline is None:
-        out.write("baseline: none (run 'integrity init')\n")
+        _put(out, "baseline: none (run 'integrity init')")
     else:
-        out.write(f"baseline: {baseline['entries']} entries, created {baseline['created']}"
-                  f" ({_age(baseline['age_seconds'])} ago) from {baseline['policy']}\n")
+        _put(out, f"baseline: {baseline['entries']} entries, created {baseline['created']}"
+                  f" ({_age(baseline['age_seconds'])} ago) from {baseline['policy']}")
         seal = baseline["seal"]
         if seal["valid"]:
             signed = (f", signed by {seal['signer']}" if baseline["signed"] else
                       ", not signed")
-            out.write(f"root digest: {baseline['root']} (seal verified, generation "
-                      f"{seal['generation']}{signed})\n")
+            _put(out, f"root digest: {baseline['root']} (seal verified, generation "
+                      f"{seal['generation']}{signed})")
             if seal["version"] < 2:
-                out.write("  a version 1 seal: it covers the entries but not the policy; "
-                          "seal the policy in with 'integrity approve --policy'\n")
+                _put(out, "  a version 1 seal: it covers the entries but not the policy; "
+                          "seal the policy in with 'integrity approve --policy'")
         else:
-            out.write(f"root digest: TAMPERING: {seal['problem']}\n")
+            _put(out, f"root digest: TAMPERING: {seal['problem']}")
     policy = data.get("policy") or {}
     if policy.get("error"):
-        out.write(f"policy: INVALID: {policy['error']}\n")
+        _put(out, f"policy: INVALID: {policy['error']}")
     if policy.get("differences"):
-        out.write(f"policy: {policy['source']} DIFFERS from the sealed policy (verify "
+        _put(out, f"policy: {policy['source']} DIFFERS from the sealed policy (verify "
                   "follows the sealed one until 'approve --policy'): "
-                  + "; ".join(policy["differences"]) + "\n")
+                  + "; ".join(policy["differences"]))
     events = data["events"]
     by = ", ".join(f"{events[s]} {s}" for s in ("critical", "high", "medium", "low")
                    if events[s])
-    out.write(f"open events: {events['open']}" + (f" ({by})" if by else "") + "\n")
+    _put(out, f"open events: {events['open']}" + (f" ({by})" if by else ""))
     watcher = data["watcher"]
     if watcher["alive"]:
-        out.write("watcher: alive, pid {pid}, {watches} watches, heartbeat {heartbeat}\n"
+        _put(out, "watcher: alive, pid {pid}, {watches} watches, heartbeat {heartbeat}"
                   .format(**watcher))
         for line in watcher["unwatched"]:
-            out.write(f"  on scheduled scanning: {line}\n")
+            _put(out, f"  on scheduled scanning: {line}")
     elif watcher["stale"]:
-        out.write("watcher: STALE, pid {pid} on {host}, last heartbeat {heartbeat}\n"
+        _put(out, "watcher: STALE, pid {pid} on {host}, last heartbeat {heartbeat}"
                   .format(**watcher))
     else:
-        out.write("watcher: not running\n")
+        _put(out, "watcher: not running")
     chain = data["chain"]
     if chain["ok"]:
-        out.write(f"event log: {chain['rows']} chained records, head {chain['head']}\n")
+        _put(out, f"event log: {chain['rows']} chained records, head {chain['head']}")
     else:
-        out.write(f"event log: TAMPERING: the hash chain is broken "
-                  f"({len(chain['problems'])} problems)\n")
+        _put(out, f"event log: TAMPERING: the hash chain is broken "
+                  f"({len(chain['problems'])} problems)")
         for problem in chain["problems"]:
-            out.write(f"  {problem}\n")
+            _put(out, f"  {problem}")
     scan = data["last_scan"]
     if scan is None:
-        out.write("last scan: none\n")
+        _put(out, "last scan: none")
     else:
-        out.write(f"last scan: {scan['source']}{' --fast' if scan['fast'] else ''} at "
+        _put(out, f"last scan: {scan['source']}{' --fast' if scan['fast'] else ''} at "
                   f"{scan['time']}: {scan['scanned']} scanned, {scan['added']} added, "
                   f"{scan['removed']} removed, {scan['modified']} modified, "
-                  f"{scan['errors']} errors\n")
+                  f"{scan['errors']} errors")
     for sink in data.get("alerts", []):
         state = "FAILING" if sink["failing"] else "pending"
-        out.write(f"alerts: {sink['sink']}: {state}: {sink['undelivered']} undelivered "
+        _put(out, f"alerts: {sink['sink']}: {state}: {sink['undelivered']} undelivered "
                   f"since {sink['since']}, {sink['attempts']} attempts"
-                  + (f"; last error: {sink['last_error']}" if sink["last_error"] else "")
-                  + "\n")
+                  + (f"; last error: {sink['last_error']}" if sink["last_error"] else ""))
 
 
 def _age(seconds: int) -> str:

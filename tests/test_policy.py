@@ -44,8 +44,10 @@ def test_invalid_rules_name_file_and_key(rules: list[dict[str, object]], key: st
 
 def test_schedule_and_alert_validation() -> None:
     rule = [{"path": "/etc"}]
+    # cron's 1-5 is Monday to Friday; APScheduler, which runs it, would read Tuesday to
+    # Saturday: the policy holds the days by name (policy/cron.py).
     assert parse({"rule": rule, "schedule": {"full_scan": "*/15 2-4 * * 1-5"}}).full_scan \
-        == "*/15 2-4 * * 1-5"
+        == "*/15 2-4 * * mon,tue,wed,thu,fri"
     with pytest.raises(PolicyError, match=r"schedule.full_scan: not a 5-field cron"):
         parse({"rule": rule, "schedule": {"full_scan": "nightly"}})
     with pytest.raises(PolicyError, match=r"alert\[0\].type"):

@@ -37,8 +37,11 @@ class DeliveryError(Exception):
 
     def __init__(self, sink: str, cause: str) -> None:
         # One line, whatever the cause carried (server replies can span lines).
+        # Escaped as well: it reaches logs and `status`, and carries what a server said.
+        from integrity.paths import escape
+
         self.sink = sink
-        self.cause = " ".join(str(cause).split())
+        self.cause = escape(" ".join(str(cause).split()))
         super().__init__(f"{sink}: {self.cause}")
 
 

@@ -31,7 +31,7 @@ from typing import Any, TYPE_CHECKING
 
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
-from integrity.alerts.text import clean
+from integrity.paths import escape
 
 if TYPE_CHECKING:
     from integrity.store.events import EventDoc
@@ -126,7 +126,7 @@ def _last_line(handle: Any) -> str:
     size = handle.seek(0, os.SEEK_END)
     handle.seek(max(size - _TAIL, 0))
     lines = handle.read().decode("utf-8", "replace").strip().splitlines()
-    return clean(lines[-1].strip())[:300] if lines else ""
+    return escape(lines[-1].strip())[:300] if lines else ""
 
 
 def build(options: Options) -> CommandSink:

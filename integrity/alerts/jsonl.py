@@ -10,6 +10,12 @@ Options of a `type = "jsonl"` table:
 - `keep` (default 5): how many rotated files (path.1 .. path.N) are kept; the oldest
   is overwritten.
 
+The file is opened without following a symbolic link, and refused unless it is a
+regular file of ours with one link: in a directory other users can write to (a sticky
+/tmp), a link or a file planted there must not receive root's alerts, nor let them
+be read. Each directory on the way that sits in a world-writable directory must be
+ours or root's. A file others can read has those bits removed.
+
 External logrotate (contrib/logrotate/integrity) works as well: SIGHUP makes the
 daemon call `reopen`, and even without it each append checks that the path still
 names the open file, so a rotated file is never written to for long. Rotation and
@@ -19,11 +25,12 @@ the file (the watcher and a `verify` from a timer) do not both rotate it.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
-
 import fcntl
 import json
 import os
+import stat
 import threading
 from typing import TYPE_CHECKING
 
@@ -103,9 +110,7 @@ class JsonlSink:
 
     def _open(self) -> int:
         if self._fd is None:
-            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                               | os.O_CLOEXEC, 0o640)
+            self._fd = open_private(self.path)
         return self._fd
 
     def _names(self, st: os.stat_result) -> bool:
@@ -128,6 +133,63 @@ class JsonlSink:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def open_private(path: str) -> int:
+    """An append descriptor of path, created 0640; never through a link, never a file
+    or directory another user planted where others can write."""
+    directory = os.path.dirname(path)
+    _check_directories(directory)  # before makedirs follows a planted link
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    _check_directories(directory)
+    try:
+        # O_NONBLOCK: a FIFO planted in place of the file must not hang us in open().
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refused(path, "is a symbolic link") from None
+        if exc.errno == errno.ENXIO:
+            raise _refused(path, "is a FIFO") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refused(path, "is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise _refused(path, f"is owned by uid {st.st_uid}")
+        if st.st_nlink != 1:
+            raise _refused(path, f"has {st.st_nlink} hard links")
+        if st.st_mode & 0o007:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o007)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_directories(directory: str) -> None:
+    """Refuse a directory on the way that another user controls: one that everybody
+    may write without the sticky bit, or an entry of someone else's in a sticky one."""
+    parent = "/"
+    for part in os.path.abspath(directory).split("/")[1:]:
+        here = os.path.join(parent, part)
+        try:
+            around, st = os.stat(parent), os.lstat(here)
+        except FileNotFoundError:
+            return  # makedirs creates the rest, as ours
+        if around.st_mode & 0o002:
+            if not around.st_mode & stat.S_ISVTX:
+                raise _refused(parent, "is writable by every user (no sticky bit)")
+            if st.st_uid not in (0, os.geteuid()):
+                raise _refused(here, f"is owned by uid {st.st_uid} in the world-writable "
+                                     f"{parent}")
+        parent = here
+
+
+def _refused(path: str, why: str) -> OSError:
+    return OSError(errno.EPERM, f"{why}: refusing to write alerts there", path)
 
 
 def _write_all(fd: int, data: bytes) -> None:

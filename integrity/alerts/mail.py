@@ -35,6 +35,7 @@ from typing import Any, TYPE_CHECKING
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
 from integrity.alerts.options import Options
+from integrity.paths import escape
 
 if TYPE_CHECKING:
     from integrity.store.events import EventDoc
@@ -79,7 +80,7 @@ class MailSink:
         msg["Message-ID"] = make_msgid("integrity", domain=host)
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Integrity-Events"] = ",".join(str(e.get("id")) for e in events[:50])
-        msg.set_content(f"integrity on {host}\n\n{render.body(events)}\n")
+        msg.set_content(f"integrity on {escape(host)}\n\n{render.body(events)}\n")
         return msg
 
     def deliver(self, events: Sequence[EventDoc]) -> None:

@@ -14,8 +14,11 @@ Options of a `type = "syslog"` table:
 Each event is one message: severity low -> notice, medium -> warning, high -> err,
 critical -> crit; MSGID is the event kind; the structured data element
 `[integrity@32473 id=".." path=".." ...]` carries the fields a log search filters on
-and MSG a short human line. A message over 8 KiB (rsyslog's default limit) has its
-MSG shortened, never its structured data. A socket that went away (journald
+and MSG a short human line. A message is kept within 8 KiB (rsyslog's default limit):
+past it MSG is shortened (to "..."), and if the structured data alone would not leave
+MSG 1 KiB, its longest values (a deep path) are shortened too, never inside an escape,
+so the structured data stays valid; a `truncated="path,msg"` parameter says what was
+cut. A socket that went away (journald
 restarted) is reconnected once before the delivery counts as failed.
 """
 
@@ -33,10 +36,11 @@ from typing import Any, TYPE_CHECKING
 
 from integrity.alerts import DeliveryError
 from integrity.alerts.options import Options
-from integrity.alerts.text import clean, headline
+from integrity.alerts.text import headline
 from integrity.content.diff import shorten
+from integrity.paths import escape
 
-#: What of a diff one syslog message carries (rsyslog's default line is 8 KiB).
+#: What of a diff one syslog message carries, escaped onto its one line.
 DIFF_BYTES = 1024
 
 if TYPE_CHECKING:
@@ -57,9 +61,36 @@ _RECONNECT = {errno.ENOTCONN, errno.ECONNREFUSED, errno.ENOENT, errno.EPIPE,
 _ACTOR_FIELDS = ("pid", "exe", "user", "loginuid")
 
 
+#: MSG keeps at least this much when long structured data is shortened.
+MIN_MSG = 1024
+_MARK = "..."
+# One unit of escaped text: an escape we made, or one character. Cuts fall between.
+_UNIT = re.compile(r"\\x[0-9a-f]{2}|\\u[0-9a-f]{4}|\\U[0-9a-f]{8}|.", re.S)
+
+
 def _sd_escape(value: Any) -> str:
     """RFC 5424 §6.3.3: '"', '\\' and ']' are escaped with a backslash."""
-    return re.sub(r'(["\\\]])', r"\\\1", clean(value))
+    return re.sub(r'(["\\\]])', r"\\\1", escape(value))
+
+
+def _cut(text: str, limit: int, escape_sd: bool) -> str:
+    """The longest run of whole units of escaped `text` that, with the marker, takes
+    at most `limit` bytes once SD-escaped (or as MSG)."""
+    out, size, room = [], 0, limit - len(_MARK)
+    for unit in _UNIT.findall(escape(text)):
+        piece = _sd_escape(unit) if escape_sd else unit
+        size += len(piece.encode("utf-8"))
+        if size > room:
+            break
+        out.append(piece)
+    return "".join(out) + _MARK
+
+
+def _element(params: list[tuple[str, str]], truncated: list[str]) -> str:
+    """The SD-ELEMENT of already escaped values."""
+    if truncated:
+        params = [*params, ("truncated", ",".join(truncated))]
+    return f"[{SD_ID}" + "".join(f' {key}="{value}"' for key, value in params) + "]"
 
 
 def _printable(value: str, limit: int) -> str:
@@ -101,20 +132,51 @@ class SyslogSink:
             ("source", event.get("source"))]
         actor = event.get("actor") or {}
         params += [(key, actor[key]) for key in _ACTOR_FIELDS if actor.get(key) is not None]
-        sd = f"[{SD_ID}" + "".join(f' {key}="{_sd_escape(value)}"'
-                                   for key, value in params if value is not None) + "]"
+        raw = {key: value for key, value in params if value is not None}
+        values = [(key, _sd_escape(value)) for key, value in raw.items()]
         # No BOM before MSG: RFC 5424 allows plain MSG-ANY, and journald and many
         # readers show a BOM as garbage.
-        head = (header + sd + " ").encode("utf-8")
         text = f"{event.get('severity')}: {headline(event)}"
         if event.get("diff"):  # one line: the diff's newlines show as \x0a
-            text += " diff: " + clean(shorten(event["diff"] or "", DIFF_BYTES))
-        msg = text.encode("utf-8")
-        room = MAX_MESSAGE - len(head)
-        if len(msg) > room:
-            marker = b"..."
-            msg = msg[:max(room - len(marker), 0)].decode("utf-8", "ignore").encode() + marker
-        return head + msg
+            text += " diff: " + shorten(event["diff"] or "", DIFF_BYTES)
+        msg = escape(text)
+        size = len(header.encode()) + len(_element(values, []).encode()) + 1
+        if size + len(msg.encode()) <= MAX_MESSAGE:
+            return f"{header}{_element(values, [])} {msg}".encode("utf-8")
+        return self._shortened(header, raw, values, msg)
+
+    @staticmethod
+    def _shortened(header: str, raw: dict[str, Any], values: list[tuple[str, str]],
+                   msg: str) -> bytes:
+        """A message over MAX_MESSAGE cut to fit: the longest SD values first while
+        they leave MSG less than MIN_MSG, then MSG; `truncated` names the cuts."""
+        reserve = len(' truncated=""') + sum(len(k) + 1 for k in raw) + len("msg")
+        budget = MAX_MESSAGE - len(header.encode()) - 1 - reserve \
+            - min(len(msg.encode()), MIN_MSG)
+
+        def capped(cap: int) -> tuple[list[tuple[str, str]], list[str]]:
+            """Every value longer than cap bytes cut to cap; and which were."""
+            out = [(key, _cut(raw[key], cap, escape_sd=True)
+                    if len(value.encode()) > cap else value) for key, value in values]
+            return out, [key for (key, value), (_, old) in zip(out, values) if value != old]
+
+        cut: list[str] = []
+        if len(_element(values, []).encode()) > budget:
+            # The largest cap that fits: long values share the room, short ones stay.
+            low, high = 64, max(len(value.encode()) for _, value in values)
+            while low < high:
+                middle = (low + high + 1) // 2
+                if len(_element(capped(middle)[0], []).encode()) <= budget:
+                    low = middle
+                else:
+                    high = middle - 1
+            values, cut = capped(low)
+        room = MAX_MESSAGE - len(header.encode()) - 1 \
+            - len(_element(values, [*cut, "msg"]).encode())
+        if len(msg.encode()) > room:
+            msg = _cut(msg, max(room, len(_MARK)), escape_sd=False)
+            cut.append("msg")
+        return f"{header}{_element(values, cut)} {msg}".encode("utf-8")
 
     def deliver(self, events: Sequence[EventDoc]) -> None:
         """Send each event as one message; reconnect once if the logger restarted."""
@@ -152,7 +214,7 @@ class SyslogSink:
         sock = self._connect()
         if sock.type == socket.SOCK_STREAM:
             # Newline framing, as syslog-ng's unix-stream expects; format() leaves no
-            # newline inside a message (clean() escapes them).
+            # newline inside a message (escape() escapes them).
             sock.sendall(data + b"\n")
         else:
             sock.send(data)

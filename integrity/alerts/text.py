@@ -1,20 +1,19 @@
 """Human text for alerts: one line per event, a detailed single event, a digest.
 
 Paths are attacker-chosen (anyone who can create a file names it), so every piece of
-an event that reaches text is passed through `clean`: a newline or a bidi override in
-a file name must not be able to forge an extra line in a digest or reorder what a
-reader sees.
+an event that reaches text is passed through `paths.escape`: a newline or a bidi
+override in a file name must not be able to forge an extra line in a digest or reorder
+what a reader sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import re
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any, TYPE_CHECKING
 
 from integrity.content.diff import shorten
+from integrity.paths import escape
 from integrity.policy.severity import SEVERITIES
 
 if TYPE_CHECKING:
@@ -24,14 +23,7 @@ if TYPE_CHECKING:
 MAX_LINES = 200
 #: What of a diff one event's text carries; in a digest, each event's share.
 DIFF_BYTES, DIGEST_DIFF_BYTES = 8192, 2048
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _LONG = 100  # attribute values longer than this (digests) are shortened
-
-
-def clean(value: Any) -> str:
-    """Text of a value with control and bidi characters shown as escapes."""
-    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                       else f"\\u{ord(m.group()):04x}", str(value))
 
 
 def actor_text(actor: dict[str, Any] | None) -> str | None:
@@ -54,21 +46,21 @@ def actor_text(actor: dict[str, Any] | None) -> str | None:
         details.append(f"login {login}")
     if actor.get("unknown") and not exe:
         details.append(str(actor["unknown"]))
-        return clean("by an unidentified process (" + ", ".join(details) + ")")
-    return clean(f"by {exe or 'an unknown executable'}"
-                 + (" (" + ", ".join(details) + ")" if details else ""))
+        return escape("by an unidentified process (" + ", ".join(details) + ")")
+    return escape(f"by {exe or 'an unknown executable'}"
+                  + (" (" + ", ".join(details) + ")" if details else ""))
 
 
 def headline(event: EventDoc) -> str:
     """'modified /etc/passwd (content, mode) by ...', or a warning and its message."""
     if event.get("kind") == "warning":
         message = (event.get("new") or {}).get("warning", "")
-        return clean(f"warning {event.get('path')}: {message}")
+        return escape(f"warning {event.get('path')}: {message}")
     text = f"{event.get('kind')} {event.get('path')}"
     if event.get("changed"):
         text += f" ({', '.join(event['changed'])})"
     actor = actor_text(event.get("actor"))
-    return clean(text + (f" {actor}" if actor else ""))
+    return escape(text + (f" {actor}" if actor else ""))
 
 
 def line(event: EventDoc) -> str:
@@ -77,21 +69,21 @@ def line(event: EventDoc) -> str:
     if (event.get("count") or 1) > 1:
         text += f" ({event['count']} times)"
     if event.get("classification") not in (None, "unexplained"):
-        text += f" [{clean(event['classification'])}]"
-    return text
+        text += f" [{event['classification']}]"
+    return escape(text)  # severity and classification come from rows an intruder edits
 
 
 def _state(value: Any) -> str:
-    text = clean(value)
+    text = escape(value)
     return text if len(text) <= _LONG else text[:_LONG] + "..."
 
 
 def details(event: EventDoc) -> str:
     """Several lines about one event: what, who, which rule, and old -> new values."""
     lines = [f"{event.get('severity')}: {headline(event)}"]
-    lines.append(clean(f"rule {event.get('rule') or '-'}, source {event.get('source')}, "
-                       f"{event.get('classification')}, event {event.get('id')}, "
-                       f"status {event.get('status')}"))
+    lines.append(f"rule {event.get('rule') or '-'}, source {event.get('source')}, "
+                 f"{event.get('classification')}, event {event.get('id')}, "
+                 f"status {event.get('status')}")
     seen = f"first seen {event.get('time')}"
     if (event.get("count") or 1) > 1:
         seen += f", last seen {event.get('last_seen')} ({event['count']} times)"
@@ -99,21 +91,22 @@ def details(event: EventDoc) -> str:
     old, new = event.get("old") or {}, event.get("new") or {}
     if event.get("kind") != "warning":
         for name in event.get("changed") or sorted(set(old) | set(new)):
-            lines.append(f"  {clean(name)}: {_state(old.get(name, '-'))} -> "
+            lines.append(f"  {escape(name)}: {_state(old.get(name, '-'))} -> "
                          f"{_state(new.get(name, '-'))}")
     if event.get("evidence"):
-        lines.append(clean(f"evidence: {event['evidence']}"))
+        lines.append(f"evidence: {event['evidence']}")
     lines += diff_lines(event, DIFF_BYTES)
-    return "\n".join(lines)
+    # Every line escaped whole: any field of a stored event may have been edited.
+    return "\n".join(escape(text) for text in lines)
 
 
 def diff_lines(event: EventDoc, limit: int) -> list[str]:
-    """The event's diff (kept texts), each line escaped, cut at `limit` bytes with a
-    note: what changed inside the file, at a glance."""
+    """The event's diff (kept texts) as lines (the caller escapes them), cut at `limit`
+    bytes with a note: what changed inside the file, at a glance."""
     diff = event.get("diff")
     if not diff:
         return []
-    return ["diff:", *(f"  {clean(line)}" for line in shorten(diff, limit).splitlines())]
+    return ["diff:", *(f"  {line}" for line in shorten(diff, limit).splitlines())]
 
 
 def highest(events: Sequence[EventDoc]) -> str:
@@ -142,8 +135,8 @@ def digest(events: Sequence[EventDoc], limit: int = MAX_LINES) -> str:
         lines.append(f"and {len(ordered) - limit} more")
     for event in ordered[:limit]:
         if event.get("diff"):
-            lines += ["", clean(f"{event.get('path')}:"), *diff_lines(event, DIGEST_DIFF_BYTES)]
-    return "\n".join(lines)
+            lines += ["", f"{event.get('path')}:", *diff_lines(event, DIGEST_DIFF_BYTES)]
+    return "\n".join(escape(text) for text in lines)
 
 
 def body(events: Sequence[EventDoc], limit: int = MAX_LINES) -> str:
@@ -154,8 +147,8 @@ def body(events: Sequence[EventDoc], limit: int = MAX_LINES) -> str:
 def subject(events: Sequence[EventDoc], host: str) -> str:
     """'web1: 37 changes (2 critical)' or 'web1: high: modified /etc/passwd'."""
     if len(events) == 1:
-        text = f"{host}: {events[0].get('severity')}: {headline(events[0])}"
+        text = escape(f"{host}: {events[0].get('severity')}: {headline(events[0])}")
         return text if len(text) <= 150 else text[:147] + "..."
     top = highest(events)
     number = sum(1 for e in events if e.get("severity") == top)
-    return f"{host}: {len(events)} changes ({number} {top})"
+    return escape(f"{host}: {len(events)} changes ({number} {top})")

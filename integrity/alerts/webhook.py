@@ -49,6 +49,7 @@ from typing import Any, TYPE_CHECKING
 from integrity import __version__
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
+from integrity.paths import escape
 from integrity.alerts.options import Options
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ def _reply(exc: urllib.error.HTTPError) -> str:
         text = exc.read(300).decode("utf-8", "replace").strip()
     except (OSError, http.client.HTTPException):
         return ""
-    return f": {render.clean(text)[:200]}" if text else ""
+    return f": {escape(text)[:200]}" if text else ""
 
 
 def _retry_after(value: str | None) -> float | None:

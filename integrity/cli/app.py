@@ -74,12 +74,19 @@ def pass_env(func: F) -> F:
     return update_wrapper(wrapper, func)  # type: ignore[return-value]
 
 
+class _PipeClosed(Exception):
+    """Our output's reader went away (`integrity events | head -1`): not an error, and
+    nothing more to say. Raised past click so its context still closes the store."""
+
+
 class IntegrityGroup(click.Group):
     """The one error boundary: IntegrityError becomes a stderr line and an exit status."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _PipeClosed() from None
         except IntegrityError as exc:
             _fail(ctx, str(exc), exc.exit_code)
         except KeyboardInterrupt:
@@ -100,10 +107,16 @@ class IntegrityGroup(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
+    from integrity.paths import escape
+
     env = ctx.obj
     if isinstance(env, Env) and env.verbose > 1:
         traceback.print_exc()
-    click.echo(f"integrity: {message}", err=True)
+    try:
+        # Messages name paths and quote what servers and files said: one line, escaped.
+        click.echo(f"integrity: {escape(message)}", err=True)
+    except BrokenPipeError:
+        raise _PipeClosed() from None
     ctx.exit(code)
 
 
@@ -136,8 +149,10 @@ def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: in
     for old in [h for h in logger.handlers if getattr(h, "integrity_cli", False)]:
         logger.removeHandler(old)  # repeated in-process runs (tests) add none twice
     if verbose:
+        from integrity.report import EscapingFormatter
+
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(EscapingFormatter("%(message)s"))
         handler.integrity_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
@@ -146,11 +161,33 @@ def cli(ctx: click.Context, db: str | None, policy_path: str | None, verbose: in
 
 
 
+def echo(text: str, err: bool = False) -> None:
+    """One line for people, escaped (names and values may carry control characters)."""
+    from integrity.paths import escape
+    click.echo(escape(text), err=err)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     try:
-        cli.main(args=argv, prog_name="integrity")
-    except BrokenPipeError:
-        # Output closed early (`integrity events | head`): not an error of ours.
-        sys.stderr.close()
-        sys.exit(EXIT_ERROR)
+        try:
+            cli.main(args=argv, prog_name="integrity")
+        finally:
+            # What is still buffered is written now, while a closed pipe can still
+            # end us quietly, not at interpreter exit (which would print a traceback).
+            sys.stdout.flush()
+    except (BrokenPipeError, _PipeClosed):
+        _end_on_closed_pipe()
+
+
+def _end_on_closed_pipe() -> None:
+    """End as `cat` or `grep` do when the reader goes away: by SIGPIPE, silently, so
+    a shell sees 141 (with pipefail, a failure) and never a status of ours that means
+    "no changes"."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the dead pipe
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    sys.exit(128 + signal.SIGPIPE)  # only if SIGPIPE could not end us

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from integrity.cli.app import Env, cli, pass_env
+from integrity.cli.app import Env, cli, echo, pass_env
 from integrity.errors import UsageError
 from integrity.paths import display
 
@@ -41,11 +41,11 @@ def init(env: Env, force: bool, sign_key: str | None) -> None:
         if shown:
             shown.done()
     for w in result.warnings:
-        click.echo(f"warning: {w.operation} failed for '{display(w.path)}': {w.cause} "
-                   f"({w.consequence})", err=True)
-    click.echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
-               f"{policy.source} into {env.store().name()}"
-               + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
+        echo(f"warning: {w.operation} failed for '{display(w.path)}': {w.cause} "
+             f"({w.consequence})", err=True)
+    echo(f"baseline {result.baseline.id}: {result.baseline.entries} entries from "
+         f"{policy.source} into {env.store().name()}"
+         + (f" ({len(result.warnings)} warnings)" if result.warnings else ""))
     click.echo(f"root {result.baseline.root}"
                + (" (signed)" if result.baseline.signature else ""))
 

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from integrity.cli.app import Env, cli, pass_env
+from integrity.cli.app import Env, cli, echo, pass_env
 from integrity.errors import UsageError
 from integrity.paths import display
 
@@ -61,4 +61,4 @@ def restore(env: Env, paths: tuple[str, ...], yes: bool) -> None:
         click.confirm(f"Put back {len(paths)} path(s) as the baseline has them?",
                       abort=True)
     for item in restore_paths(env.store(), env.policy, paths):
-        click.echo(f"restored {display(item.path)} (event {item.event_id})")
+        echo(f"restored {display(item.path)} (event {item.event_id})")

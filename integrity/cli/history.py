@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from integrity.cli.app import Env, cli, pass_env
+from integrity.cli.app import Env, cli, echo, pass_env
 from integrity.errors import PolicyError
 
 
@@ -109,10 +109,10 @@ def alert_test(env: Env) -> None:
 
     results = probe(env.policy)
     if not results:
-        click.echo(f"{env.policy.source} has no [[alert]] sinks")
+        echo(f"{env.policy.source} has no [[alert]] sinks")
         return
     failed = 0
     for name, problem in results:
-        click.echo(f"{name}: " + ("delivered" if problem is None else f"FAILED: {problem}"))
+        echo(f"{name}: " + ("delivered" if problem is None else f"FAILED: {problem}"))
         failed += problem is not None
     sys.exit(1 if failed else 0)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from integrity.cli.app import Env, cli, pass_env
+from integrity.cli.app import Env, cli, echo, pass_env
 
 
 @cli.command()
@@ -29,8 +29,10 @@ def watch(env: Env) -> None:
     from integrity.realtime.service import Service
 
     if not env.verbose:
+        from integrity.report import EscapingFormatter
+
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s"))
         handler.integrity_cli = True  # type: ignore[attr-defined]
         logger = logging.getLogger("integrity")
         logger.addHandler(handler)
@@ -56,7 +58,7 @@ def doctor(env: Env) -> None:
     """
     from integrity.doctor import diagnose, render
 
-    diagnosis = diagnose(env.policy)
+    diagnosis = diagnose(env.policy, database=env.db_url())
     click.echo(render(diagnosis), nl=False)
     sys.exit(diagnosis.exit_code)
 
@@ -82,7 +84,8 @@ def key_generate(private_key: str) -> None:
     from integrity.trust import generate_keypair
 
     private, public = generate_keypair(private_key)
-    click.echo(f"private key {private} (keep it off this host)\npublic key {public}")
+    echo(f"private key {private} (keep it off this host)")
+    echo(f"public key {public}")
 
 
 @key.command("fingerprint")
@@ -127,7 +130,7 @@ def apt_hook_install(env: Env, directory: str) -> None:
 
     target = apthook.install(directory, apthook.render(
         apthook.executable(), env.db_option, env.policy_path))
-    click.echo(f"installed {target}")
+    echo(f"installed {target}")
 
 
 @apt_hook.command("remove")
@@ -143,7 +146,7 @@ def apt_hook_remove(directory: str) -> None:
     from integrity import apthook
 
     target = apthook.remove(directory)
-    click.echo(f"removed {target}" if target else "no apt hook installed")
+    echo(f"removed {target}" if target else "no apt hook installed")
 
 
 @apt_hook.command("show")
@@ -177,7 +180,7 @@ def upgrade(env: Env) -> None:
     store = env.store(must_exist=False, check_schema=False)
     before, after = store.upgrade()
     if before == after:
-        click.echo(f"database {store.name()} is at revision {after}")
+        echo(f"database {store.name()} is at revision {after}")
     else:
-        click.echo(f"database {store.name()} upgraded from revision "
-                   f"{before or '(empty)'} to {after}")
+        echo(f"database {store.name()} upgraded from revision "
+             f"{before or '(empty)'} to {after}")

@@ -17,15 +17,17 @@ from integrity.doctor.fanotify import check_fanotify
 from integrity.doctor.filesystems import check_filesystems
 from integrity.doctor.findings import Diagnosis
 from integrity.doctor.inotify import check_inotify, inotify_holders, inotify_limits
-from integrity.doctor.permissions import check_permissions
+from integrity.doctor.permissions import check_database, check_permissions
 from integrity.policy import Policy
 from integrity.realtime.mounts import read_mounts
 
 
-def diagnose(policy: Policy) -> Diagnosis:
-    """Run every check against this host for `policy`."""
+def diagnose(policy: Policy, database: str | None = None) -> Diagnosis:
+    """Run every check against this host for `policy` (and its database URL)."""
     diagnosis = Diagnosis()
     diagnosis.findings.extend(check_permissions(policy))
+    if database is not None:
+        diagnosis.findings.extend(check_database(database))
     diagnosis.findings.extend(check_inotify(policy, inotify_limits(), inotify_holders()))
     diagnosis.findings.extend(check_filesystems(policy, read_mounts()))
     diagnosis.findings.extend(check_fanotify(policy))
@@ -37,12 +39,16 @@ _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 
 def render(diagnosis: Diagnosis) -> str:
     """Text for a terminal: one line per finding, details and advice indented."""
+    from integrity.paths import escape
+
+    # Findings quote rule paths, mount points and /proc command lines: escaped, so a
+    # newline in one cannot forge a finding.
     lines: list[str] = []
     for finding in diagnosis.findings:
-        lines.append(f"{_MARK[finding.level]}  {finding.message}")
-        lines.extend(f"        {detail}" for detail in finding.details)
+        lines.append(f"{_MARK[finding.level]}  {escape(finding.message)}")
+        lines.extend(f"        {escape(detail)}" for detail in finding.details)
         if finding.advice:
-            lines.append(f"      fix: {finding.advice}")
+            lines.append(f"      fix: {escape(finding.advice)}")
     bad = sum(1 for f in diagnosis.findings if f.level != "ok")
     lines.append("all checks passed" if not bad else
                  f"{bad} check{'s' if bad != 1 else ''} need{'s' if bad == 1 else ''} attention")

@@ -36,3 +36,16 @@ def check_permissions(policy: Policy) -> Iterator[Finding]:
         elif problem is not None:
             yield Finding("warn", f"rule {rule.name}: lstat failed:"
                           f" {problem.strerror or problem} (nothing below it can be checked)")
+
+
+def check_database(url: str) -> Iterator[Finding]:
+    """Whether other users can read the database or learn its password."""
+    from integrity.store.files import exposure, sqlite_path
+
+    problems = exposure(url)
+    for problem in problems:
+        yield Finding("warn", problem, "chmod 600 the database files and 700 their "
+                      "directory" if " is mode " in problem else None)
+    database = sqlite_path(url)
+    if not problems and database is not None and os.path.exists(database):
+        yield Finding("ok", f"database {database}: not readable by other users")

@@ -6,7 +6,6 @@ no partial policy is ever applied.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import re
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from integrity.errors import PolicyError
+from integrity.policy import cron
+from integrity.policy.globs import translate
 from integrity.policy.content import ContentPolicy, parse_content
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
@@ -39,8 +40,9 @@ _SCHEDULE_KEYS = {"full_scan"}
 class Excludes:
     """Compiled exclude globs: bare names match a name anywhere, absolute ones a path.
 
-    In absolute globs `*` and `?` stay within one path component and `**` crosses
-    them. An excluded directory is not descended into. Globs made only of literals
+    In absolute globs `*`, `?` and `[...]` stay within one path component and `**`
+    crosses them; whatever the glob, a match takes time linear in the path length
+    (globs.py says how). An excluded directory is not descended into. Globs made only of literals
     and stars match the raw bytes (no decoding on the walk's hot path); globs with
     `?` or `[...]` count characters, as a shell does, so they match the name decoded
     as UTF-8 (undecodable bytes count as one character each, like fnmatch).
@@ -63,12 +65,13 @@ class Excludes:
         for pattern in patterns:
             by_character = any(ch in pattern for ch in "?[")
             if "/" not in pattern:
-                (text_names if by_character else names).append(_glob_regex(pattern))
+                (text_names if by_character else names).append(
+                    translate(pattern, within_name=True))
             elif not any(ch in pattern for ch in "*?["):
                 literal.add(os.fsencode(pattern.rstrip("/") or "/"))
             else:
                 (text_paths if by_character else paths).append(
-                    _glob_regex(pattern.rstrip("/")))
+                    translate(pattern.rstrip("/")))
         return cls(patterns, _join(names, bytes), _join(paths, bytes), frozenset(literal),
                    _join(text_names, str), _join(text_paths, str))
 
@@ -91,43 +94,6 @@ def _join(regexes: list[str], kind: type) -> Any:
         return None
     joined = "(?s)" + "|".join(regexes)
     return re.compile(os.fsencode(joined) if kind is bytes else joined)
-
-
-def _glob_regex(glob: str) -> str:
-    """Translate a shell glob to a regex: `*`, `?` stay within a component, `**` not.
-
-    Bracket expressions are translated by fnmatch itself, so `[!]`, `[z-a]`, `[]]`
-    and nested `[` mean what they mean there instead of raising re.error.
-    """
-    out, i = [], 0
-    while i < len(glob):
-        ch = glob[i]
-        if glob.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if ch == "*":
-            out.append("[^/]*")
-        elif ch == "?":
-            out.append("[^/]")
-        elif ch == "[":
-            # fnmatch's rule for where a bracket expression ends.
-            j = i + 1
-            if j < len(glob) and glob[j] == "!":
-                j += 1
-            if j < len(glob) and glob[j] == "]":
-                j += 1
-            end = glob.find("]", j)
-            if end == -1:
-                out.append(re.escape(ch))
-            else:
-                translated = fnmatch.translate(glob[i:end + 1])
-                out.append(translated[len("(?s:"):-len(")\\Z")])
-                i = end
-        else:
-            out.append(re.escape(ch))
-        i += 1
-    return "(?:" + "".join(out) + ")"
 
 
 @dataclass(frozen=True)
@@ -269,8 +235,12 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
         if key not in _SCHEDULE_KEYS:
             raise fail(f"schedule.{key}", "unknown key")
     full_scan = schedule.get("full_scan", DEFAULT_FULL_SCAN)
-    if not isinstance(full_scan, str) or not _valid_cron(full_scan):
+    if not isinstance(full_scan, str):
         raise fail("schedule.full_scan", f"not a 5-field cron expression: {full_scan!r}")
+    try:
+        full_scan = cron.normalize(full_scan)
+    except cron.CronError as exc:
+        raise fail("schedule.full_scan", str(exc)) from None
     alerts_data = data.get("alert", [])
     if not isinstance(alerts_data, list):
         raise fail("alert", "must be an array of [[alert]] tables")
@@ -387,11 +357,3 @@ def parse_check(value: Any, key: str = "check", fail: Any = None) -> Attr:
     if Attr.TYPE not in result:
         result |= Attr.TYPE  # a file replaced by a link is always a change
     return result
-
-
-_CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$|^[a-zA-Z]{3}(-[a-zA-Z]{3})?$")
-
-
-def _valid_cron(expr: str) -> bool:
-    fields = expr.split()
-    return len(fields) == 5 and all(_CRON_FIELD.match(f) for f in fields)

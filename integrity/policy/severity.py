@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 SEVERITIES = ("low", "medium", "high", "critical")
+#: How the actor reader marks an argument it cut (realtime/actor.py's CUT, the same).
+CUT = "[...]"
 UNEXPLAINED, PACKAGE_MANAGER = "unexplained", "package-manager"
 
 #: Executables that change files on a package manager's behalf (by exe path).
@@ -136,7 +138,10 @@ def _programs(process: Mapping[str, Any]) -> list[str]:
     programs = [process["exe"]] if isinstance(process.get("exe"), str) else []
     cmdline = process.get("cmdline")
     if isinstance(cmdline, str):
-        programs += [word for word in cmdline.split()[:3] if word.startswith("/")]
+        # A word the actor reader cut ("/usr/lib/apt/xxx[...]") is not the path it began:
+        # "/usr/lib/apt/" + 300 bytes + "/../../tmp/x" must not pass for /usr/lib/apt/*.
+        programs += [word for word in cmdline.split()[:3]
+                     if word.startswith("/") and not word.endswith(CUT)]
     return programs
 
 

@@ -22,8 +22,17 @@ from integrity.realtime.procfs import read_small, status_uid
 PROCESS_TTL = 2.0
 #: Parents named in an actor's "ancestors", nearest first.
 MAX_ANCESTORS = 8
-#: Bytes of a command line kept.
-CMDLINE_MAX = 16384
+#: Bytes of /proc/PID/cmdline read; of them, each argument keeps ARG_MAX_KEPT bytes and
+#: the whole line CMDLINE_KEPT: an actor is stored with every event, and arguments can
+#: carry secrets (a password on a command line) that need not outlive the process.
+CMDLINE_MAX = 4096
+ARG_MAX_KEPT = 256
+CMDLINE_KEPT = 1024
+#: What a parent keeps of its command line: the words the trusted-process check reads.
+ANCESTOR_WORDS = 3
+#: Marks an argument or command line that was cut: severity.CUT, which never trusts
+#: such a word (the helper runs with the standard library only: no policy import).
+CUT = "[...]"
 UNSET_LOGINUID = 4294967295
 
 _PF_KTHREAD = 0x00200000
@@ -107,8 +116,11 @@ class Processes:
         parent = self.get(pid, now)
         if isinstance(parent, str):
             return []
-        summary = Ancestor(pid=parent["pid"], exe=parent["exe"], cmdline=parent["cmdline"],
-                           comm=parent["comm"])
+        words = (parent.get("cmdline") or "").split()
+        if len(words) > ANCESTOR_WORDS:
+            words = [*words[:ANCESTOR_WORDS], CUT]
+        summary = Ancestor(pid=parent["pid"], exe=parent["exe"],
+                           cmdline=" ".join(words) or None, comm=parent["comm"])
         return [summary, *parent.get("ancestors", ())][:MAX_ANCESTORS]
 
     def user(self, uid: int | None) -> str | None:
@@ -147,14 +159,31 @@ class Processes:
         except (OSError, ValueError, IndexError):
             return f"process {pid} exited before it could be read"
         uid = status_uid(status)
-        text = cmdline.rstrip(b"\0").replace(b"\0", b" ")
-        if len(cmdline) >= CMDLINE_MAX:
-            text += b" [...]"
+        text = capped_cmdline(cmdline, truncated=len(cmdline) >= CMDLINE_MAX)
         loginuid = None if login == UNSET_LOGINUID else login
         actor = Actor(pid=pid, exe=display(exe) if exe is not None else None,
-                      cmdline=_text(text) or None, uid=uid, user=self.user(uid),
+                      cmdline=text or None, uid=uid, user=self.user(uid),
                       loginuid=loginuid, login_user=self.user(loginuid), comm=comm)
         if exe is None and not kthread:
             actor["unknown"] = (f"process {pid} exited before its exe and command line "
                                 "could be read")
         return actor
+
+
+def capped_cmdline(raw: bytes, truncated: bool = False) -> str:
+    """/proc/PID/cmdline as text: arguments cut to ARG_MAX_KEPT bytes, the whole to
+    about CMDLINE_KEPT, each cut marked with CUT."""
+    words: list[str] = []
+    size = 0
+    args = raw.rstrip(b"\0").split(b"\0") if raw.strip(b"\0") else []
+    for arg in args:
+        if size >= CMDLINE_KEPT:
+            words.append(CUT)
+            return " ".join(words)
+        # The mark is glued on, so a cut word never passes for the path it began.
+        word = _text(arg[:ARG_MAX_KEPT]) + CUT if len(arg) > ARG_MAX_KEPT else _text(arg)
+        words.append(word)
+        size += len(word.encode()) + 1
+    if truncated:
+        words.append(CUT)
+    return " ".join(words)

@@ -25,7 +25,7 @@ from integrity.alerts.dispatch import Dispatcher
 from integrity.errors import IntegrityError
 from integrity.ops.seal import SealedIndex
 from integrity.ops.verify import EventContext, Verification, check_paths, verify
-from integrity.paths import display
+from integrity.paths import display, escape
 from integrity.policy import Policy, load
 from integrity.realtime.sdnotify import Notifier
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
@@ -215,7 +215,9 @@ class Service:
 
     def _beat(self, state: str) -> None:
         watches = len(self.watcher.wd_path) if self.watcher else 0
-        unwatched = "\n".join(f"{display(u.root)}: {u.reason}" for u in self.unwatched)
+        # One line per tree, escaped: `status` splits this column on newlines.
+        unwatched = "\n".join(escape(f"{display(u.root)}: {u.reason}")
+                              for u in self.unwatched)
         self.watcher_id = self.store.runs.heartbeat(
             self.watcher_id, interval=self.heartbeat_seconds, state=state,
             watches=watches, unwatched=unwatched or None)

@@ -51,21 +51,15 @@ def default_url() -> str:
 
 def _engine(url: str) -> sa.Engine:
     """Create the engine; for SQLite set WAL, a busy timeout and real transactions."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa_exc.ArgumentError:
-        raise DatabaseError(f"{url}: not a database URL") from None
+    from integrity.store.files import create_private, parse_url
+
+    parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed)
+        return _create(parsed)
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
-        parent = os.path.dirname(os.path.abspath(database))
-        try:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseError(f"{parent}: cannot create database directory: "
-                                f"{exc.strerror}") from None
-    engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+        create_private(database)
+    engine = _create(parsed, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -103,8 +97,9 @@ class Database:
             self._ensure_schema()
 
     def name(self) -> str:
-        """The URL without its password, for messages."""
-        return self.engine.url.render_as_string(hide_password=True)
+        """The URL without its password (in the query too), for messages."""
+        from integrity.store.files import redact
+        return redact(self.engine.url)
 
     def close(self) -> None:
         """Release all connections."""
@@ -253,12 +248,27 @@ def _file_lock(path: str, timeout: float, name: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _create(parsed: sa.URL, **kwargs: Any) -> sa.Engine:
+    """create_engine, with an unknown or missing driver as one DatabaseError line."""
+    from integrity.store.files import redact
+
+    try:
+        return sa.create_engine(parsed, **kwargs)
+    except sa_exc.NoSuchModuleError:
+        raise DatabaseError(f"{redact(parsed)}: unknown database driver "
+                            f"{parsed.drivername!r}") from None
+    except ImportError as exc:
+        raise DatabaseError(f"{redact(parsed)}: the driver for {parsed.drivername!r} is "
+                            f"not installed ({exc.name or exc})") from None
+    except (sa_exc.ArgumentError, ValueError, TypeError) as exc:
+        raise DatabaseError(f"{redact(parsed)}: bad database URL: {exc}") from None
+
+
 def _require_existing(url: str) -> None:
     """Refuse to create an empty database as a side effect of reading one."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa_exc.ArgumentError:
-        raise DatabaseError(f"{url}: not a database URL") from None
+    from integrity.store.files import parse_url
+
+    parsed = parse_url(url)
     database = parsed.database or ""
     if (parsed.get_backend_name() == "sqlite" and database
             and database != ":memory:" and not database.startswith("file:")

@@ -21,7 +21,7 @@ from typing import Literal
 
 from integrity.paths import display, is_within
 from integrity.policy import Policy
-from integrity.scan.walker import SkippedTree, WalkEntry, walk
+from integrity.scan.walker import Passage, SkippedTree, WalkEntry, matches, walk
 
 Level = Literal["ok", "warn", "fail"]
 #: Anything os.fsencode() takes.
@@ -143,14 +143,18 @@ def watches_needed(policy: Policy) -> WatchNeed:
     the walk descends into. A directory the walk records but does not enter (a child of
     a non-recursive rule, a mount point under a one_filesystem rule) needs none: the
     watch on its parent already reports changes to it. Every directory created later
-    adds one.
+    adds one. Directories listed without being recorded (waypoints such as /home for
+    /home/*/.ssh, excluded ones searched for include globs) are watched too.
     """
     directories = 0
     unlisted: list[SkippedTree] = []
     root_devs: dict[bytes, int | None] = {}
-    for item in walk(policy):
+    for item in walk(policy, dirs_only=True):
         if isinstance(item, SkippedTree):
             unlisted.append(item)
+            continue
+        if isinstance(item, Passage):
+            directories += 1
             continue
         if not isinstance(item, WalkEntry) or not stat.S_ISDIR(item.st.st_mode):
             continue
@@ -458,12 +462,12 @@ def check_filesystems(policy: Policy, mounts: list[Mount]) -> Iterator[Finding]:
     """Rules (and, where a rule crosses mounts, mounts below it) inotify cannot see."""
     problems = 0
     for rule in policy.rules:
-        if _missing(rule.path) is not None:
+        if _missing(rule.base) is not None:
             continue
-        fstype = filesystem_type(rule.path, mounts)
-        spots = [(rule.path, fstype)] if is_blind(fstype) else []
+        fstype = filesystem_type(rule.base, mounts)
+        spots = [(rule.base, fstype)] if is_blind(fstype) else []
         if not rule.one_filesystem and rule.recursive:
-            spots += blind_mounts_below(rule.path, mounts)
+            spots += blind_mounts_below(rule.base, mounts)
         for path, kind in spots:
             problems += 1
             yield Finding(
@@ -483,7 +487,12 @@ def check_filesystems(policy: Policy, mounts: list[Mount]) -> Iterator[Finding]:
 
 
 def check_permissions(policy: Policy) -> Iterator[Finding]:
-    """Whether we run as root, and rule paths that do not exist."""
+    """Whether we run as root, and rule paths that do not exist.
+
+    A rule whose path is absent is no fault (the default policy names /etc/rc.local
+    and web roots wherever they may be): init and verify skip it quietly and the
+    watcher waits for it, so it is listed, not warned about.
+    """
     if os.geteuid() != 0:
         yield Finding(
             "warn",
@@ -492,14 +501,22 @@ def check_permissions(policy: Policy) -> Iterator[Finding]:
             "run the watcher as root (the shipped systemd unit does)")
     else:
         yield Finding("ok", "running as root: every protected file is readable")
+    absent: list[str] = []
     for rule in policy.rules:
+        if rule.wildcard:
+            if not matches(policy, rule):
+                absent.append(f"{rule.name} (no match now)")
+            continue
         problem = _missing(rule.path)
         if isinstance(problem, FileNotFoundError):
-            yield Finding("warn", f"rule {rule.name}: path does not exist; nothing to protect",
-                          "remove the rule, or create the path and run `integrity init`")
+            absent.append(rule.name)
         elif problem is not None:
             yield Finding("warn", f"rule {rule.name}: lstat failed:"
                           f" {problem.strerror or problem} (nothing below it can be checked)")
+    if absent:
+        yield Finding("ok", f"{len(absent)} rule path{'s' if len(absent) != 1 else ''} "
+                      "absent on this host: skipped by init and verify, watched for "
+                      "creation", details=tuple(display(os.fsencode(a)) for a in absent))
 
 
 def check_fanotify(policy: Policy) -> Iterator[Finding]:
@@ -521,7 +538,7 @@ def check_fanotify(policy: Policy) -> Iterator[Finding]:
         devices: set[int] = set()
         for rule in policy.rules:
             try:
-                st = os.stat(rule.path)
+                st = os.stat(rule.base)
             except OSError:
                 continue  # check_permissions reports missing paths
             if st.st_dev in devices or not stat.S_ISDIR(st.st_mode):
@@ -529,9 +546,9 @@ def check_fanotify(policy: Policy) -> Iterator[Finding]:
             devices.add(st.st_dev)
             try:
                 fan.mark(fd, fan.FAN_MARK_ADD | fan.FAN_MARK_ONLYDIR, fan.DIR_MASK,
-                         path=rule.path)
+                         path=rule.base)
             except OSError as exc:
-                refused.append(f"{rule.name} ({filesystem_type(rule.path)}): "
+                refused.append(f"{rule.name} ({filesystem_type(rule.base)}): "
                                f"{exc.strerror}")
     finally:
         os.close(fd)

@@ -74,11 +74,12 @@ def worker_processes(parallel: bool | int | None) -> int:
 
 
 def normalize_paths(policy: Policy, paths: Sequence[str | bytes]) -> list[bytes]:
-    """Absolute, normalized byte paths, each covered by a rule (UsageError if not)."""
+    """Absolute, normalized byte paths, each covered by a rule or above rule roots
+    (UsageError if neither)."""
     result = []
     for raw in paths:
         path = os.path.normpath(os.path.abspath(os.fsencode(raw)))
-        if policy.rule_for(path) is None:
+        if not policy.in_scope(path):
             raise UsageError(f"{display(path)}: not covered by any rule of {policy.source}")
         result.append(path)
     return result
@@ -182,7 +183,7 @@ def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy) -> ScanRe
         change = compare(old, new, attrs)
         if change is not None:
             result.changes.append(change)
-            result.rules[change.path] = rule
+            result.rules[change.path] = rule.at(change.path)  # its severity override
     return result
 
 

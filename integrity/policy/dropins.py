@@ -1,0 +1,173 @@
+"""Drop-ins: every `*.toml` in a `policy.d/` directory beside the policy file.
+
+Operators of AIDE know `aide.conf.d/`: a package, a configuration manager or a person
+adds a file instead of editing the one policy. The files are merged in name order onto
+the policy file: `[[rule]]` and `[[alert]]` tables are appended (a rule whose path a
+later file names again replaces the earlier one whole), other tables are merged key by
+key, and top-level values are replaced: a later file wins. The merged mapping is then
+validated as one policy, and every error is traced back to the file and the key as
+that file spells it (`policy.d/20-web.toml: rule[0].severity: ...`).
+
+Validation is whole: a bad drop-in refuses the whole policy, never just itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from integrity.errors import PolicyError
+
+DROPIN_DIR = "policy.d"
+#: Drop-ins of the shipped default policy: it lives inside the package, so its
+#: drop-ins live where the system policy's would.
+SYSTEM_DROPINS = "/etc/integrity/policy.d"
+#: Arrays of tables that drop-ins append to.
+_APPENDED = ("rule", "alert")
+#: Tables merged key by key.
+_TABLES = ("schedule", "severity", "retention")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One file of a policy: its name, decoded tables and raw bytes."""
+
+    name: str
+    data: dict[str, Any]
+    raw: bytes
+
+
+#: key as merged ("rule[7]", "schedule.full_scan") -> (file, key as that file has it)
+Origins = dict[str, tuple[str, str]]
+
+
+def shipped_default() -> str:
+    """The path of the shipped default policy."""
+    return str(resources.files("integrity.policies").joinpath("default.toml"))
+
+
+def dropin_dir(policy_path: str) -> str:
+    """The drop-in directory of a policy file: `policy.d` beside it, except for the
+    shipped default, whose drop-ins are the system policy's (/etc/integrity/policy.d)."""
+    if os.path.realpath(policy_path) == os.path.realpath(shipped_default()):
+        return SYSTEM_DROPINS
+    return os.path.join(os.path.dirname(os.path.abspath(policy_path)), DROPIN_DIR)
+
+
+def dropin_files(policy_path: str) -> list[str]:
+    """The drop-ins of a policy file, in the order they are merged (byte order of name).
+
+    Names starting with a dot (editor and package-manager leftovers are not `*.toml`
+    anyway) are skipped; a directory that cannot be listed is an error, not silence:
+    a drop-in an attacker made unreadable must not quietly narrow the policy.
+    """
+    directory = dropin_dir(policy_path)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise PolicyError(f"{directory}: cannot list drop-ins: {exc.strerror}") from None
+    chosen = sorted(os.fsencode(n) for n in names
+                    if n.endswith(".toml") and not n.startswith("."))
+    return [os.path.join(directory, os.fsdecode(n)) for n in chosen]
+
+
+def read_layer(name: str) -> Layer:
+    """Read and decode one policy file; PolicyError names it."""
+    try:
+        raw = Path(name).read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"{name}: cannot read policy: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PolicyError(f"{name}: policy is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{name}: invalid TOML: {exc}") from None
+    return Layer(name, data, raw)
+
+
+def digest(layers: list[Layer]) -> str:
+    """One digest over every file and its name: a changed, added or removed drop-in
+    is a changed policy (SIGHUP reloads it; the seal sees it)."""
+    if len(layers) == 1:
+        return hashlib.sha256(layers[0].raw).hexdigest()
+    h = hashlib.sha256()
+    for layer in layers:
+        name = os.fsencode(layer.name)
+        h.update(len(name).to_bytes(8, "big") + name)
+        h.update(len(layer.raw).to_bytes(8, "big") + layer.raw)
+    return h.hexdigest()
+
+
+def _rule_path(item: Any) -> str | None:
+    """The normalized path a rule table names, as the validator will see it."""
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        return None
+    return normalize_rule_path(item["path"])
+
+
+def normalize_rule_path(path: str) -> str:
+    """A rule path as compared and stored: normalized, one leading slash."""
+    norm = os.path.normpath(path)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    return norm
+
+
+def merge(layers: list[Layer]) -> tuple[dict[str, Any], Origins]:
+    """Merge the layers in order into one mapping, remembering where each key came
+    from. Only the shape of tables is checked here; values are validated by parse."""
+    merged: dict[str, Any] = {}
+    origins: Origins = {}
+    appended: dict[str, list[tuple[Any, str, str]]] = {k: [] for k in _APPENDED}
+    for layer in layers:
+        for key, value in layer.data.items():
+            if key in _APPENDED:
+                if not isinstance(value, list):
+                    raise PolicyError(f"{layer.name}: {key}: must be an array of "
+                                      f"[[{key}]] tables")
+                items = appended[key]
+                for index, item in enumerate(value):
+                    if key == "rule" and layer is not layers[0]:
+                        path = _rule_path(item)
+                        # A later file redefines a rule: it replaces the earlier one
+                        # whole (within one file, two are still a duplicate).
+                        items[:] = [old for old in items if old[1] == layer.name
+                                    or path is None or _rule_path(old[0]) != path]
+                    items.append((item, layer.name, f"{key}[{index}]"))
+            elif key in _TABLES and isinstance(value, dict):
+                table = merged.setdefault(key, {})
+                if not isinstance(table, dict):
+                    table = merged[key] = {}
+                for name, setting in value.items():
+                    table[name] = setting
+                    origins[f"{key}.{name}"] = (layer.name, f"{key}.{name}")
+                origins[key] = (layer.name, key)
+            else:
+                merged[key] = value
+                origins[key] = (layer.name, key)
+    for key, items in appended.items():
+        if items or any(key in layer.data for layer in layers):
+            merged[key] = [item for item, _, _ in items]
+            for index, (_, name, local) in enumerate(items):
+                origins[f"{key}[{index}]"] = (name, local)
+    return merged, origins
+
+
+def locate(origins: Origins | None, key: str, source: str) -> tuple[str, str]:
+    """(file, key as written there) of a merged key: the longest known prefix decides
+    ("rule[7].exclude" is "rule[0].exclude" of the drop-in that holds rule[7])."""
+    if origins:
+        cuts = [len(key)] + [i for i in range(len(key) - 1, 0, -1) if key[i] in ".["]
+        for cut in cuts:
+            found = origins.get(key[:cut])
+            if found is not None:
+                return found[0], found[1] + key[cut:]
+    return source, key

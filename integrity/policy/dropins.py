@@ -2,9 +2,9 @@
 
 Operators of AIDE know `aide.conf.d/`: a package, a configuration manager or a person
 adds a file instead of editing the one policy. The files are merged in name order onto
-the policy file: `[[rule]]` and `[[alert]]` tables are appended (a rule whose path a
-later file names again replaces the earlier one whole), other tables are merged key by
-key, and top-level values are replaced: a later file wins. The merged mapping is then
+the policy file: `[[rule]]` and `[[alert]]` tables are appended (a rule whose path an
+earlier file names already is merged into that rule key by key), other tables are
+merged key by key, and top-level values are replaced: a later file wins. The merged mapping is then
 validated as one policy, and every error is traced back to the file and the key as
 that file spells it (`policy.d/20-web.toml: rule[0].severity: ...`).
 
@@ -121,27 +121,46 @@ def normalize_rule_path(path: str) -> str:
     return norm
 
 
+@dataclass
+class _Item:
+    """One [[rule]] or [[alert]] table as merged, and where its keys came from."""
+
+    table: Any
+    file: str
+    local: str  # "rule[3]" in that file
+    keys: dict[str, tuple[str, str]]  # key -> (file, "rule[0].key" there)
+
+
 def merge(layers: list[Layer]) -> tuple[dict[str, Any], Origins]:
     """Merge the layers in order into one mapping, remembering where each key came
-    from. Only the shape of tables is checked here; values are validated by parse."""
+    from. Only the shape of tables is checked here; values are validated by parse.
+
+    A rule whose path an earlier file names already is merged into that rule key by
+    key, the later file's value winning (`severity = "low"` and the path are all a
+    drop-in needs to lower one rule); within one file, two rules for one path remain
+    a duplicate, which parse refuses.
+    """
     merged: dict[str, Any] = {}
     origins: Origins = {}
-    appended: dict[str, list[tuple[Any, str, str]]] = {k: [] for k in _APPENDED}
+    appended: dict[str, list[_Item]] = {k: [] for k in _APPENDED}
     for layer in layers:
         for key, value in layer.data.items():
             if key in _APPENDED:
                 if not isinstance(value, list):
                     raise PolicyError(f"{layer.name}: {key}: must be an array of "
                                       f"[[{key}]] tables")
-                items = appended[key]
-                for index, item in enumerate(value):
-                    if key == "rule" and layer is not layers[0]:
-                        path = _rule_path(item)
-                        # A later file redefines a rule: it replaces the earlier one
-                        # whole (within one file, two are still a duplicate).
-                        items[:] = [old for old in items if old[1] == layer.name
-                                    or path is None or _rule_path(old[0]) != path]
-                    items.append((item, layer.name, f"{key}[{index}]"))
+                for index, table in enumerate(value):
+                    local = f"{key}[{index}]"
+                    keys = ({k: (layer.name, f"{local}.{k}") for k in table}
+                            if isinstance(table, dict) else {})
+                    earlier = (_earlier_rule(appended[key], table, layer.name)
+                               if key == "rule" else None)
+                    if earlier is None:
+                        appended[key].append(_Item(table, layer.name, local, keys))
+                        continue
+                    earlier.table = {**earlier.table, **table}
+                    earlier.keys.update(keys)
+                    earlier.file, earlier.local = layer.name, local
             elif key in _TABLES and isinstance(value, dict):
                 table = merged.setdefault(key, {})
                 if not isinstance(table, dict):
@@ -155,10 +174,23 @@ def merge(layers: list[Layer]) -> tuple[dict[str, Any], Origins]:
                 origins[key] = (layer.name, key)
     for key, items in appended.items():
         if items or any(key in layer.data for layer in layers):
-            merged[key] = [item for item, _, _ in items]
-            for index, (_, name, local) in enumerate(items):
-                origins[f"{key}[{index}]"] = (name, local)
+            merged[key] = [item.table for item in items]
+            for index, item in enumerate(items):
+                origins[f"{key}[{index}]"] = (item.file, item.local)
+                for name, where in item.keys.items():
+                    origins[f"{key}[{index}].{name}"] = where
     return merged, origins
+
+
+def _earlier_rule(items: list[_Item], table: Any, file: str) -> _Item | None:
+    """The rule of an earlier file with the same path as `table`, if any."""
+    path = _rule_path(table)
+    if path is None:
+        return None
+    for item in items:
+        if item.file != file and _rule_path(item.table) == path:
+            return item
+    return None
 
 
 def locate(origins: Origins | None, key: str, source: str) -> tuple[str, str]:

@@ -108,6 +108,13 @@ def default_policy(tmp_path: Path) -> Path:
     return policy
 
 
+def log_after(log: Path, what: str) -> None:
+    """None while the daemon is still healthy; its stderr in the failure otherwise."""
+    text = log.read_text(errors="replace")
+    if "ERROR" in text or "not watched in real time" in text or "Traceback" in text:
+        pytest.fail(f"no {what}; the watcher said:\n{text}")
+
+
 def changes(cli: Cli, *args: str) -> dict[str, dict[str, Any]]:
     result = cli("verify", "--json", *args)
     assert result.exit_code in (0, 1), result.output
@@ -209,16 +216,18 @@ def test_the_watcher_covers_a_new_users_keys_and_a_web_root_made_later(
 
         home = Path(f"/home/integrity-rt-{os.getpid()}")
         restore.create(home / ".ssh" / "authorized_keys", b"ssh-ed25519 AAAA newuser\n")
-        key = wait_until(lambda: event(home / ".ssh" / "authorized_keys"),
-                         "a realtime event for the new user's key", REALTIME_SECONDS)
+        key = wait_until(lambda: event(home / ".ssh" / "authorized_keys") or (
+            log_after(log, f"realtime event for {home}")), "a realtime event for the new "
+            "user's key", REALTIME_SECONDS)
         assert (key["kind"], key["severity"]) == ("added", "critical")
         # The web root did not exist when the watcher started; it is watched as it
         # appears, and a web shell in its uploads is critical.
         restore.make_dirs(WEB / "html" / "uploads")
         shell = WEB / "html" / "uploads" / "shell.php"
         restore.create(shell, b"<?php system($_GET['c']); ?>\n")
-        found = wait_until(lambda: event(shell), "a realtime event for shell.php",
-                           REALTIME_SECONDS)
+        found = wait_until(lambda: event(shell) or log_after(log, f"realtime event for "
+                                                             f"{shell}"),
+                           "a realtime event for shell.php", REALTIME_SECONDS)
         assert (found["kind"], found["severity"]) == ("added", "critical")
     finally:
         if daemon.poll() is None:

@@ -65,7 +65,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     `open_store` is called once the scan's workers run, so opening the database
     overlaps with the first files' hashing.
     """
-    wanted = normalize_paths(policy, paths)
+    wanted = normalize_paths(policy, paths, waypoints=True)
     with TreeScan(policy, wanted or None, fast=fast, parallel=parallel) as scan:
         store = open_store()
         baseline = store.baselines.require()

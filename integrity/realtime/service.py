@@ -11,6 +11,7 @@ in short transactions: SIGTERM can stop us at any point without half-written row
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -291,8 +292,11 @@ class Service:
 
         if self.actors is not None:
             self.actors.close()
-        # Wildcard rules as matched now: a user's .ssh made later has no actor.
-        listener = ActorListener(rule_roots(self.policy))
+        # Wildcard rules as matched now (a user's .ssh made later has no actor), and
+        # only roots with a parent: the default policy names paths most hosts lack.
+        roots = [r for r in rule_roots(self.policy)
+                 if os.path.isdir(os.path.dirname(r) or b"/")]
+        listener = ActorListener(roots)
         listener.start()
         if not listener.available:
             log.warning("changes will not name their actor: %s", listener.reason)

@@ -73,13 +73,15 @@ def worker_processes(parallel: bool | int | None) -> int:
     return int(parallel)
 
 
-def normalize_paths(policy: Policy, paths: Sequence[str | bytes]) -> list[bytes]:
-    """Absolute, normalized byte paths, each covered by a rule or above rule roots
-    (UsageError if neither)."""
+def normalize_paths(policy: Policy, paths: Sequence[str | bytes], *,
+                    waypoints: bool = False) -> list[bytes]:
+    """Absolute, normalized byte paths, each covered by a rule, or with `waypoints`
+    also a directory above rule roots (UsageError if not). Approvals never take a
+    waypoint: `approve /` must not accept everything at once."""
     result = []
     for raw in paths:
         path = os.path.normpath(os.path.abspath(os.fsencode(raw)))
-        if not policy.in_scope(path):
+        if not (policy.in_scope(path) if waypoints else policy.rule_for(path)):
             raise UsageError(f"{display(path)}: not covered by any rule of {policy.source}")
         result.append(path)
     return result

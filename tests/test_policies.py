@@ -324,6 +324,23 @@ def test_a_bad_drop_in_refuses_the_policy_naming_the_drop_in(
     assert str(info.value).startswith(f"{bad}: ") and key in str(info.value)
 
 
+def test_hostile_drop_ins_cannot_stall_or_forge_lines(layered: Path, tmp_path: Path) -> None:
+    dropins = layered.parent / "policy.d"
+    fifo = dropins / "10-fifo.toml"
+    os.mkfifo(fifo)  # opening it for reading would block a reload for ever
+    with pytest.raises(PolicyError, match=r"10-fifo.toml: cannot read policy: not a "
+                                          r"regular file"):
+        load(layered)
+    fifo.unlink()
+    forged = dropins / "20-x\nintegrity: all is well.toml"
+    forged.write_text(toml_rule(path="/srv", severty="high"))
+    result = Cli(tmp_path / "db", layered)("policy", "check", str(layered))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"integrity: {dropins}/20-x\\x0aintegrity: all is well.toml: rule[0].severty: "
+        "unknown key"]
+
+
 def test_the_shipped_default_takes_the_system_drop_ins() -> None:
     assert dropin_dir(shipped_default()) == SYSTEM_DROPINS == "/etc/integrity/policy.d"
     assert dropin_dir("/srv/p/policy.toml") == "/srv/p/policy.d"

@@ -18,7 +18,8 @@ from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
 from integrity.policy.dropins import (Origins, digest, dropin_files, locate, merge,
-                                      normalize_rule_path, read_layer, shipped_default)
+                                      normalize_rule_path, read_layer, shipped_default,
+                                      shown)
 from integrity.policy.wildcards import PatternIndex, Waypoints, is_pattern, literal_base
 
 ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")
@@ -344,7 +345,7 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "",
     file each key came from, and errors name that file and its own key)."""
     def fail(key: str, message: str) -> PolicyError:
         where, local = locate(origins, key, source)
-        return PolicyError(f"{where}: {local}: {message}")
+        return PolicyError(f"{shown(where)}: {local}: {message}")
 
     for key in data:
         if key not in _TOP_KEYS:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from integrity.errors import PolicyError
@@ -72,24 +72,59 @@ def dropin_files(policy_path: str) -> list[str]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise PolicyError(f"{directory}: cannot list drop-ins: {exc.strerror}") from None
+        raise PolicyError(f"{shown(directory)}: cannot list drop-ins: {exc.strerror}") \
+            from None
     chosen = sorted(os.fsencode(n) for n in names
                     if n.endswith(".toml") and not n.startswith("."))
     return [os.path.join(directory, os.fsdecode(n)) for n in chosen]
 
 
+#: Larger than any policy: a drop-in pointing at /dev/zero must not eat the memory.
+MAX_POLICY_BYTES = 4 << 20
+
+
+def shown(name: str) -> str:
+    """A file name for a message line: control characters escaped (a drop-in named
+    with a newline must not forge a second line)."""
+    return "".join(_escape(c) if not c.isprintable() else c for c in name)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as os.fsdecode carries it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
 def read_layer(name: str) -> Layer:
-    """Read and decode one policy file; PolicyError names it."""
+    """Read and decode one policy file; PolicyError names it.
+
+    Only a regular file is read (opened without blocking, so a FIFO in policy.d
+    cannot stall a reload), and only up to MAX_POLICY_BYTES.
+    """
     try:
-        raw = Path(name).read_bytes()
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise PolicyError(f"{name}: cannot read policy: {exc.strerror}") from None
+        raise PolicyError(f"{shown(name)}: cannot read policy: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PolicyError(f"{shown(name)}: cannot read policy: not a regular file")
+        if st.st_size > MAX_POLICY_BYTES:
+            raise PolicyError(f"{shown(name)}: cannot read policy: larger than "
+                              f"{MAX_POLICY_BYTES >> 20} MiB")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            raw = handle.read(MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise PolicyError(f"{shown(name)}: cannot read policy: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise PolicyError(f"{name}: policy is not UTF-8 text") from None
+        raise PolicyError(f"{shown(name)}: policy is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{name}: invalid TOML: {exc}") from None
+        raise PolicyError(f"{shown(name)}: invalid TOML: {exc}") from None
     return Layer(name, data, raw)
 
 
@@ -147,7 +182,7 @@ def merge(layers: list[Layer]) -> tuple[dict[str, Any], Origins]:
         for key, value in layer.data.items():
             if key in _APPENDED:
                 if not isinstance(value, list):
-                    raise PolicyError(f"{layer.name}: {key}: must be an array of "
+                    raise PolicyError(f"{shown(layer.name)}: {key}: must be an array of "
                                       f"[[{key}]] tables")
                 for index, table in enumerate(value):
                     local = f"{key}[{index}]"

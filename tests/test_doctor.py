@@ -355,11 +355,20 @@ def test_a_rule_crossing_mounts_finds_blind_mounts_below(mounts: list[Mount],
 
 # --- permissions and the whole diagnosis ------------------------------------------
 
-def test_missing_rule_path_warns(tmp_path: Path) -> None:
-    policy = policy_for({"path": str(tmp_path / "boot")}, {"path": str(tmp_path)})
-    warnings = [f for f in check_permissions(policy) if f.level == "warn"]
-    assert [f.message for f in warnings if "does not exist" in f.message] == [
-        f"rule {tmp_path / 'boot'}: path does not exist; nothing to protect"]
+def test_missing_rule_paths_are_listed_not_warned(tmp_path: Path) -> None:
+    # SPEC (policies that protect what attackers touch): a rule whose path is absent
+    # is skipped quietly and watched for creation; doctor lists it.
+    (tmp_path / "home" / "alice").mkdir(parents=True)
+    policy = policy_for({"path": str(tmp_path / "boot")}, {"path": str(tmp_path)},
+                        {"path": str(tmp_path / "home" / "*" / ".ssh")})
+    findings = [f for f in check_permissions(policy) if "absent" in f.message]
+    assert [(f.level, f.message, f.details) for f in findings] == [
+        ("ok", "2 rule paths absent on this host: skipped by init and verify, watched "
+               "for creation",
+         (str(tmp_path / "boot"), f"{tmp_path}/home/*/.ssh (no match now)"))]
+    (tmp_path / "home" / "alice" / ".ssh").mkdir()
+    findings = [f for f in check_permissions(policy) if "absent" in f.message]
+    assert [f.details for f in findings] == [(str(tmp_path / "boot"),)]
 
 
 def test_non_root_is_warned(tmp_path: Path, world_dir: Path) -> None:

@@ -196,7 +196,10 @@ def test_the_cron_full_scan_finds_what_inotify_cannot(site: Site) -> None:
                              DEADLINE)
         assert (event["kind"], event["source"], event["status"]) == ("added", "scan",
                                                                      "open")
-        [(_, paths, added)] = [r for r in site.scan_runs() if r not in before]
+        # The run is finished just after its events are recorded: wait for it too.
+        [(_, paths, added)] = wait_until(
+            lambda: [r for r in site.scan_runs() if r not in before], "the scan's run",
+            DEADLINE)
         assert paths is None and added == 1  # a full scan: every rule, one addition
 
     serve(site, steps)
@@ -214,7 +217,10 @@ def test_the_unwatched_subtrees_are_rescanned(site: Site) -> None:
         fire(service, "unwatched")
         [event] = wait_until(lambda: site.events(later), "the rescan's event", DEADLINE)
         assert (event["kind"], event["source"]) == ("added", "scan")
-        [(_, paths, added)] = [r for r in site.scan_runs() if r not in before]
+        # The run is finished just after its events are recorded: wait for it too.
+        [(_, paths, added)] = wait_until(
+            lambda: [r for r in site.scan_runs() if r not in before], "the scan's run",
+            DEADLINE)
         assert paths == str(site.blind) and added == 1  # that subtree only
 
     serve(site, steps)

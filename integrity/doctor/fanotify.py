@@ -30,7 +30,7 @@ def check_fanotify(policy: Policy) -> Iterator[Finding]:
         devices: set[int] = set()
         for rule in policy.rules:
             try:
-                st = os.stat(rule.path)
+                st = os.stat(rule.base)
             except OSError:
                 continue  # check_permissions reports missing paths
             if st.st_dev in devices or not stat.S_ISDIR(st.st_mode):
@@ -38,9 +38,9 @@ def check_fanotify(policy: Policy) -> Iterator[Finding]:
             devices.add(st.st_dev)
             try:
                 fan.mark(fd, fan.FAN_MARK_ADD | fan.FAN_MARK_ONLYDIR, DIR_MASK,
-                         path=rule.path)
+                         path=rule.base)
             except OSError as exc:
-                refused.append(f"{rule.name} ({filesystem_type(rule.path)}): "
+                refused.append(f"{rule.name} ({filesystem_type(rule.base)}): "
                                f"{exc.strerror}")
     finally:
         os.close(fd)

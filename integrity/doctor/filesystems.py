@@ -17,12 +17,12 @@ def check_filesystems(policy: Policy, mounts: list[Mount]) -> Iterator[Finding]:
     """Rules (and, where a rule crosses mounts, mounts below it) inotify cannot see."""
     problems = 0
     for rule in policy.rules:
-        if missing(rule.path) is not None:
+        if missing(rule.base) is not None:
             continue
-        fstype = filesystem_type(rule.path, mounts)
-        spots = [(rule.path, fstype)] if is_blind(fstype) else []
+        fstype = filesystem_type(rule.base, mounts)
+        spots = [(rule.base, fstype)] if is_blind(fstype) else []
         if not rule.one_filesystem and rule.recursive:
-            spots += blind_mounts_below(rule.path, mounts)
+            spots += blind_mounts_below(rule.base, mounts)
         for path, kind in spots:
             problems += 1
             yield Finding(

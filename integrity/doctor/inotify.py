@@ -17,7 +17,7 @@ from integrity.doctor.findings import Finding
 from integrity.paths import display
 from integrity.policy import Policy
 from integrity.realtime.procfs import read_int, read_small, read_text, status_uid
-from integrity.scan.walker import SkippedTree, WalkEntry, walk
+from integrity.scan.walker import Passage, SkippedTree, WalkEntry, walk
 
 PROC = "/proc"
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
@@ -74,14 +74,18 @@ def watches_needed(policy: Policy) -> WatchNeed:
     the walk descends into. A directory the walk records but does not enter (a child of
     a non-recursive rule, a mount point under a one_filesystem rule) needs none: the
     watch on its parent already reports changes to it. Every directory created later
-    adds one.
+    adds one. Directories listed without being recorded (waypoints such as /home for
+    /home/*/.ssh, excluded ones searched for include globs) are watched too.
     """
     directories = 0
     unlisted: list[SkippedTree] = []
     root_devs: dict[bytes, int | None] = {}
-    for item in walk(policy):
+    for item in walk(policy, dirs_only=True):
         if isinstance(item, SkippedTree):
             unlisted.append(item)
+            continue
+        if isinstance(item, Passage):
+            directories += 1
             continue
         if not isinstance(item, WalkEntry) or not stat.S_ISDIR(item.st.st_mode):
             continue

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 from integrity.doctor.findings import Finding
 from integrity.policy import Policy
+from integrity.scan.walker import matches
 
 
 def missing(path: bytes) -> OSError | None:
@@ -19,7 +20,12 @@ def missing(path: bytes) -> OSError | None:
 
 
 def check_permissions(policy: Policy) -> Iterator[Finding]:
-    """Whether we run as root, and rule paths that do not exist."""
+    """Whether we run as root, and rule paths that do not exist.
+
+    A rule whose path is absent is no fault (the default policy names /etc/rc.local
+    and web roots wherever they may be): init and verify skip it quietly and the
+    watcher waits for it, so it is listed, not warned about.
+    """
     if os.geteuid() != 0:
         yield Finding(
             "warn",
@@ -28,14 +34,22 @@ def check_permissions(policy: Policy) -> Iterator[Finding]:
             "run the watcher as root (the shipped systemd unit does)")
     else:
         yield Finding("ok", "running as root: every protected file is readable")
+    absent: list[str] = []
     for rule in policy.rules:
+        if rule.wildcard:
+            if not matches(policy, rule):
+                absent.append(f"{rule.name} (no match now)")
+            continue
         problem = missing(rule.path)
         if isinstance(problem, FileNotFoundError):
-            yield Finding("warn", f"rule {rule.name}: path does not exist; nothing to protect",
-                          "remove the rule, or create the path and run `integrity init`")
+            absent.append(rule.name)
         elif problem is not None:
             yield Finding("warn", f"rule {rule.name}: lstat failed:"
                           f" {problem.strerror or problem} (nothing below it can be checked)")
+    if absent:
+        yield Finding("ok", f"{len(absent)} rule path{'s' if len(absent) != 1 else ''} "
+                      "absent on this host: skipped by init and verify, watched for "
+                      "creation", details=tuple(absent))
 
 
 def check_database(url: str) -> Iterator[Finding]:

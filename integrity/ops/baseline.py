@@ -97,7 +97,7 @@ def package_owner(policy: Policy) -> Callable[[bytes], str | None] | None:
     from integrity.packages import PackageManagers
 
     managers = PackageManagers()
-    owners = managers.owner_map([rule.path for rule in policy.rules])
+    owners = managers.owner_map(policy.bases)
     if not owners:
         return None
     canonical = managers.canonical

@@ -93,7 +93,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
             if scan is not None:
                 scan.close()
             store.close()  # no connection crosses the fork; the engine reconnects
-            scan = TreeScan(effective, normalize_paths(effective, paths) or None,
+            scan = TreeScan(effective, normalize_paths(effective, paths, waypoints=True) or None,
                             fast=fast, parallel=parallel)
         run_id = store.runs.start(source, info.id, scan.wanted, fast)
         ranges = [key_range(r) for r in scan.roots]
@@ -134,7 +134,7 @@ def _early_scan(policy: Policy, paths: Sequence[str | bytes], fast: bool,
     """The scan as the policy file asks for it, forked before the database opens;
     None when the file does not cover a path (the sealed policy may)."""
     try:
-        wanted = normalize_paths(policy, paths)
+        wanted = normalize_paths(policy, paths, waypoints=True)
     except UsageError:
         return None
     return TreeScan(policy, wanted or None, fast=fast, parallel=parallel)

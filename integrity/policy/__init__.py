@@ -6,13 +6,10 @@ no partial policy is ever applied.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from integrity.errors import PolicyError
@@ -22,6 +19,10 @@ from integrity.policy.content import ContentPolicy, parse_content
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
+from integrity.policy.dropins import (Origins, digest, dropin_files, locate, merge,
+                                      normalize_rule_path, read_layer, shipped_default,
+                                      shown)
+from integrity.policy.wildcards import PatternIndex, Waypoints, is_pattern, literal_base
 
 ALERT_TYPES = ("jsonl", "syslog", "webhook", "email", "exec")
 DEFAULT_FULL_SCAN = "0 3 * * *"
@@ -31,8 +32,9 @@ _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
              "severity", "content"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
-_RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem",
-              *_JUDGEMENT_KEYS}
+_RULE_KEYS = {"path", "check", "severity", "exclude", "include", "override", "recursive",
+              "one_filesystem", *_JUDGEMENT_KEYS}
+_OVERRIDE_KEYS = {"match", "severity"}
 _SCHEDULE_KEYS = {"full_scan"}
 
 
@@ -97,6 +99,15 @@ def _join(regexes: list[str], kind: type) -> Any:
 
 
 @dataclass(frozen=True)
+class Override:
+    """Entries of a rule that matter more (or less): `match` globs (exclude syntax)
+    and the severity their changes get, e.g. scripts under a web root."""
+
+    globs: Excludes
+    severity: str
+
+
+@dataclass(frozen=True)
 class Rule:
     """One protected tree: what to compare there and how bad a change is."""
 
@@ -108,17 +119,59 @@ class Rule:
     one_filesystem: bool = True
     #: When and by whom a change moves this rule's severity (severity.py).
     judgement: Judgement = field(default_factory=Judgement)
+    #: Globs recorded even where an exclude would drop them; an excluded directory is
+    #: then still searched for them (scripts in a web root's uploads directory).
+    includes: Excludes = field(default_factory=Excludes)
+    #: Severity by glob, first match wins (Rule.at).
+    overrides: tuple[Override, ...] = ()
+    #: For the rule met at a path by a wildcard rule: the wildcard path as written.
+    pattern: bytes | None = None
+    #: The policy file (or drop-in) that holds this rule.
+    origin: str = field(default="", compare=False)
+    #: The rule's table as written, for `integrity policy show`.
+    table: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Derived once: the scan asks these for every entry.
     hashes: bool = field(init=False, compare=False, repr=False)
     wants_xattrs: bool = field(init=False, compare=False, repr=False)
+    #: A declared rule whose path holds `*` (its instances have `pattern` set).
+    wildcard: bool = field(init=False, compare=False, repr=False)
+    #: Where a walk for this rule starts: its path, or a wildcard's literal base.
+    base: bytes = field(init=False, compare=False, repr=False)
+    searches: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        wildcard = self.pattern is None and is_pattern(self.path)
         object.__setattr__(self, "hashes", Attr.CONTENT in self.check)
         object.__setattr__(self, "wants_xattrs", Attr.XATTRS in self.check)
+        object.__setattr__(self, "wildcard", wildcard)
+        object.__setattr__(self, "base", literal_base(self.path) if wildcard else self.path)
+        object.__setattr__(self, "searches", bool(self.includes.patterns) and self.recursive)
+        object.__setattr__(self, "_variants", {})
 
     @property
     def name(self) -> str:
-        return os.fsdecode(self.path)
+        return os.fsdecode(self.pattern if self.pattern is not None else self.path)
+
+    def at(self, path: bytes) -> Rule:
+        """The rule as it judges `path`: with the severity of its first matching
+        override, if any (reports and events read `severity` from what this returns)."""
+        for override in self.overrides:
+            if override.globs.match(path, path.rsplit(b"/", 1)[-1]):
+                variants: dict[str, Rule] = self._variants  # type: ignore[attr-defined]
+                variant = variants.get(override.severity)
+                if variant is None:
+                    variant = variants[override.severity] = dataclasses.replace(
+                        self, severity=override.severity, overrides=())
+                return variant
+        return self
+
+    def instance(self, path: bytes) -> Rule:
+        """This wildcard rule as met at `path`, one of its matches."""
+        return dataclasses.replace(self, path=path, pattern=self.path)
+
+
+#: Wildcard rule instances kept per policy (a cache, refilled as it is emptied).
+_INSTANCES = 4096
 
 
 @dataclass(frozen=True)
@@ -135,24 +188,51 @@ class Policy:
     public_key: str | None = None
     #: `[retention] events = "90d"`: the watcher prunes closed events older than this.
     retention: str | None = None
-    #: The validated mapping this policy was parsed from: what a seal keeps of it.
+    #: The files merged into this policy: the policy file, then its drop-ins in order.
+    files: tuple[str, ...] = ()
+    #: The merged tables as written (`integrity policy show`): what a seal keeps of it.
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     #: `[content]`: what is kept for diffs and restore, and what never is.
     content: ContentPolicy = field(default_factory=ContentPolicy, compare=False)
+    #: Directories strictly above some rule root (see Policy.is_waypoint).
+    waypoints: Waypoints = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
+        object.__setattr__(self, "_by_path",
+                           {r.path: r for r in self.rules if not r.wildcard})
+        wild = {r.path: r for r in self.rules if r.wildcard}
+        object.__setattr__(self, "_wild", wild)
+        object.__setattr__(self, "_patterns", PatternIndex(wild))
+        object.__setattr__(self, "_instances", {})
+        object.__setattr__(self, "waypoints", Waypoints(r.path for r in self.rules))
 
     def rule_at(self, path: bytes) -> Rule | None:
-        """The rule rooted exactly at path, if any."""
-        return self._by_path.get(path)  # type: ignore[attr-defined, no-any-return]
+        """The rule rooted exactly at path, if any (a wildcard rule's instance when
+        path is one of its matches and no literal rule names it)."""
+        rule: Rule | None = self._by_path.get(path)  # type: ignore[attr-defined]
+        if rule is not None or not self._patterns:  # type: ignore[attr-defined]
+            return rule
+        return self._wildcard_at(path)
+
+    def _wildcard_at(self, path: bytes) -> Rule | None:
+        instances: dict[bytes, Rule] = self._instances  # type: ignore[attr-defined]
+        rule = instances.get(path)
+        if rule is None:
+            text = self._patterns.find(path)  # type: ignore[attr-defined]
+            if text is None:
+                return None
+            if len(instances) >= _INSTANCES:
+                instances.clear()
+            rule = instances[path] = self._wild[text].instance(path)  # type: ignore[attr-defined]
+        return rule
 
     def rule_for(self, path: bytes) -> Rule | None:
-        """The most specific rule covering path (longest matching rule path)."""
-        by_path: dict[bytes, Rule] = self._by_path  # type: ignore[attr-defined]
+        """The most specific rule covering path (the deepest matching rule root; see
+        wildcards.py for ties between wildcard paths)."""
+        rule_at = self.rule_at
         probe = path
         while True:
-            rule = by_path.get(probe)
+            rule = rule_at(probe)
             if rule is not None:
                 return rule
             if probe == b"/":
@@ -160,7 +240,8 @@ class Policy:
             probe = probe.rsplit(b"/", 1)[0] or b"/"
 
     def covers(self, path: bytes) -> bool:
-        """True when path would be recorded by a scan (within a rule, not excluded)."""
+        """True when path would be recorded by a scan (within a rule, not excluded,
+        or excluded but named by the rule's include globs)."""
         rule = self.rule_for(path)
         if rule is None:
             return False
@@ -168,41 +249,73 @@ class Policy:
             rel_parent = path.rsplit(b"/", 1)[0] or b"/"
             if not rule.recursive and rel_parent != rule.path:
                 return False
-            probe = path
-            while probe != rule.path:
-                if rule.excludes.match(probe, probe.rsplit(b"/", 1)[1]):
-                    return False
-                probe = probe.rsplit(b"/", 1)[0] or b"/"
+            if rule.includes.patterns and rule.includes.match(
+                    path, path.rsplit(b"/", 1)[1]):
+                return True
+            return not self.excluded(path, rule)
         return True
+
+    @staticmethod
+    def excluded(path: bytes, rule: Rule) -> bool:
+        """True when one of rule's excludes matches path or a directory between it
+        and the rule's root (an excluded directory excludes what it holds)."""
+        probe = path
+        while probe != rule.path and probe != b"/":
+            if rule.excludes.match(probe, probe.rsplit(b"/", 1)[1]):
+                return True
+            probe = probe.rsplit(b"/", 1)[0] or b"/"
+        return False
+
+    def is_waypoint(self, path: bytes) -> bool:
+        """True when path is a directory strictly above some rule root (a literal one,
+        or a possible match of a wildcard one): scans pass through it."""
+        return path in self.waypoints
+
+    def visits(self, path: bytes) -> bool:
+        """True when a scan lists the directory at path: it is recorded, searched for
+        a rule's include globs, or a waypoint to a rule root below it."""
+        if self.covers(path) or self.is_waypoint(path):
+            return True
+        rule = self.rule_for(path)
+        return rule is not None and rule.searches
+
+    def in_scope(self, path: bytes) -> bool:
+        """True when a scan of path means something: a rule covers it, or rules lie
+        below it (`integrity verify /home` checks every user's .ssh)."""
+        return self.rule_for(path) is not None or self.is_waypoint(path)
+
+    @property
+    def bases(self) -> list[bytes]:
+        """Where full scans start: every literal rule path and every wildcard's base."""
+        return [r.base for r in self.rules]
 
 
 def default_policy_path() -> str:
     """The system policy if present, else the shipped default."""
     if os.path.exists(SYSTEM_POLICY):
         return SYSTEM_POLICY
-    return str(resources.files("integrity.policies").joinpath("default.toml"))
+    return shipped_default()
 
 
-def load(path: str | os.PathLike[str]) -> Policy:
-    """Read and validate a policy file; raise PolicyError naming file and key."""
+def load(path: str | os.PathLike[str], dropins: list[str] | None = None) -> Policy:
+    """Read and validate a policy file and its drop-ins (policy.d beside it, or the
+    `dropins` given); raise PolicyError naming the file and key at fault."""
     name = os.fspath(path)
-    try:
-        raw = Path(name).read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"{name}: cannot read policy: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise PolicyError(f"{name}: policy is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{name}: invalid TOML: {exc}") from None
-    return parse(data, name, hashlib.sha256(raw).hexdigest())
+    first = read_layer(name)  # the file named is the first thing that can fail
+    files = dropin_files(name) if dropins is None else dropins
+    layers = [first, *(read_layer(f) for f in files)]
+    data, origins = merge(layers)
+    policy = parse(data, name, digest(layers), origins)
+    return dataclasses.replace(policy, files=tuple(layer.name for layer in layers))
 
 
-def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> Policy:
-    """Validate a decoded policy mapping."""
+def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "",
+          origins: Origins | None = None) -> Policy:
+    """Validate a decoded policy mapping (merged from drop-ins: `origins` says which
+    file each key came from, and errors name that file and its own key)."""
     def fail(key: str, message: str) -> PolicyError:
-        return PolicyError(f"{source}: {key}: {message}")
+        where, local = locate(origins, key, source)
+        return PolicyError(f"{shown(where)}: {local}: {message}")
 
     for key in data:
         if key not in _TOP_KEYS:
@@ -227,7 +340,8 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
         if rule.path in seen:
             raise fail(f"rule[{index}].path", f"duplicate rule for {rule.name}")
         seen.add(rule.path)
-        rules.append(rule)
+        rules.append(dataclasses.replace(
+            rule, origin=locate(origins, f"rule[{index}]", source)[0], table=dict(item)))
     schedule = data.get("schedule", {})
     if not isinstance(schedule, dict):
         raise fail("schedule", "must be a table")
@@ -268,7 +382,8 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
     content = parse_content(data.get("content"), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
-                  full_scan, tuple(alerts), digest, public_key, events, dict(data), content)
+                  full_scan, tuple(alerts), digest, public_key, events, (source,),
+                  dict(data), content)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,
@@ -305,21 +420,17 @@ def _parse_rule(item: Any, key: str, fail: Any,
         raise fail(f"{key}.path", "required, and must be an absolute path")
     if "\x00" in path:
         raise fail(f"{key}.path", "a path cannot contain a NUL character")
-    norm = os.path.normpath(path)
-    if norm.startswith("//"):
-        norm = "/" + norm.lstrip("/")
+    norm = normalize_rule_path(path)
+    if "**" in norm:
+        raise fail(f"{key}.path", "'*' matches within one path component; '**' is not "
+                                  "supported in rule paths")
     check = parse_check(item.get("check", "config"), f"{key}.check", fail)
     severity = item.get("severity", "medium")
     if severity not in SEVERITIES:
         raise fail(f"{key}.severity", f"must be one of {', '.join(SEVERITIES)}, not {severity!r}")
-    exclude = item.get("exclude", [])
-    if not isinstance(exclude, list) or not all(isinstance(e, str) and e for e in exclude):
-        raise fail(f"{key}.exclude", "must be a list of non-empty glob strings")
-    for pattern in exclude:
-        if "/" in pattern and not pattern.startswith("/"):
-            raise fail(f"{key}.exclude", f"{pattern!r}: a glob with '/' must be absolute")
-        if "\x00" in pattern:
-            raise fail(f"{key}.exclude", f"{pattern!r}: a glob cannot contain a NUL character")
+    exclude = _globs(item.get("exclude", []), f"{key}.exclude", fail)
+    include = _globs(item.get("include", []), f"{key}.include", fail)
+    overrides = _parse_overrides(item.get("override", []), f"{key}.override", fail)
     flags = {}
     for name in ("recursive", "one_filesystem"):
         value = item.get(name, True)
@@ -328,7 +439,42 @@ def _parse_rule(item: Any, key: str, fail: Any,
         flags[name] = value
     judgement = _parse_judgement(item, key, fail, base or Judgement())
     return Rule(os.fsencode(norm), check, severity, Excludes.compile(tuple(exclude)),
-                flags["recursive"], flags["one_filesystem"], judgement)
+                flags["recursive"], flags["one_filesystem"], judgement,
+                Excludes.compile(tuple(include)), overrides)
+
+
+def _globs(value: Any, key: str, fail: Any) -> list[str]:
+    """A list of exclude-syntax globs: bare names, or absolute paths."""
+    if not isinstance(value, list) or not all(isinstance(e, str) and e for e in value):
+        raise fail(key, "must be a list of non-empty glob strings")
+    for pattern in value:
+        if "/" in pattern and not pattern.startswith("/"):
+            raise fail(key, f"{pattern!r}: a glob with '/' must be absolute")
+        if "\x00" in pattern:
+            raise fail(key, f"{pattern!r}: a glob cannot contain a NUL character")
+    return value
+
+
+def _parse_overrides(value: Any, key: str, fail: Any) -> tuple[Override, ...]:
+    """[[rule.override]] tables: `match` globs and the `severity` their changes get."""
+    if not isinstance(value, list):
+        raise fail(key, "must be an array of [[rule.override]] tables")
+    overrides = []
+    for index, table in enumerate(value):
+        here = f"{key}[{index}]"
+        if not isinstance(table, dict):
+            raise fail(here, "must be a table with match and severity")
+        for name in table:
+            if name not in _OVERRIDE_KEYS:
+                raise fail(f"{here}.{name}", "unknown key")
+        globs = _globs(table.get("match"), f"{here}.match", fail)
+        if not globs:
+            raise fail(f"{here}.match", "must name at least one glob")
+        severity = table.get("severity")
+        if severity not in SEVERITIES:
+            raise fail(f"{here}.severity", f"must be one of {', '.join(SEVERITIES)}")
+        overrides.append(Override(Excludes.compile(tuple(globs)), severity))
+    return tuple(overrides)
 
 
 def parse_check(value: Any, key: str = "check", fail: Any = None) -> Attr:

@@ -170,7 +170,7 @@ class Service:
                 self._alert(check_paths(self.store, self.policy, sorted(hints.paths),
                                         index, context=context))
             for root in sorted(hints.subtrees):
-                if self.policy.rule_for(root) is None:
+                if not self.policy.in_scope(root):  # a waypoint: rule roots below it
                     continue
                 self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
                                    source="realtime", context=context, index=index))
@@ -201,7 +201,7 @@ class Service:
                                  f"{UNWATCHED_SCAN_SECONDS} s instead")
             self._handle_scan(_Task("subtrees", paths=task.paths))
         elif task.kind == "subtrees":
-            roots = [p for p in task.paths if self.policy.rule_for(p) is not None]
+            roots = [p for p in task.paths if self.policy.in_scope(p)]
             if roots:
                 self._alert(verify(lambda: self.store, self.policy, roots, parallel=0,
                                    source="scan", context=self._context()))
@@ -329,10 +329,15 @@ class Service:
         """Listen with fanotify on the protected trees (best effort: actor.py says why
         not, and events then carry that reason)."""
         from integrity.realtime.actor import ActorListener
+        from integrity.scan.walker import rule_roots
 
         if self.actors is not None:
             self.actors.close()
-        listener = ActorListener([rule.path for rule in self.policy.rules])
+        # Wildcard rules as matched now (a user's .ssh made later has no actor), and
+        # only roots with a parent: the default policy names paths most hosts lack.
+        roots = [r for r in rule_roots(self.policy)
+                 if os.path.isdir(os.path.dirname(r) or b"/")]
+        listener = ActorListener(roots)
         listener.start()
         if not listener.available:
             log.warning("changes will not name their actor: %s", listener.reason)

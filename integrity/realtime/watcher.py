@@ -29,7 +29,7 @@ from integrity.policy import Policy
 from integrity.realtime.mounts import (blind_mounts_below, blind_reason, filesystem_type,
                                        read_mounts)
 from integrity.realtime.procfs import read_int
-from integrity.scan.walker import WalkEntry, walk
+from integrity.scan.walker import Passage, WalkEntry, walk
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ class Watcher:
         remote: list[Unwatched] = []
         mounts = read_mounts()
         for rule in self.policy.rules:
-            blind = [(rule.path, filesystem_type(rule.path, mounts))]
+            blind = [(rule.base, filesystem_type(rule.base, mounts))]
             if not rule.one_filesystem:
-                blind += blind_mounts_below(rule.path, mounts)
+                blind += blind_mounts_below(rule.base, mounts)
             for path, fstype in blind:
                 reason = blind_reason(fstype)
                 if reason and not any(u.root == path for u in remote):
@@ -132,18 +132,24 @@ class Watcher:
         return len(self.wd_path)
 
     def _anchor_roots(self) -> None:
-        for rule in self.policy.rules:
-            parent = rule.path.rsplit(b"/", 1)[0] or b"/"
-            if rule.path == b"/" or parent in self.path_wd or parent in self.anchors.values():
+        """Anchor the parent of every walk base (a rule path, or a wildcard rule's
+        literal base), or the nearest ancestor that exists: a rule whose path is
+        missing is watched for its creation, and the directories on the way."""
+        for base in self.policy.bases:
+            if base == b"/" or any(is_within(base, s) for s in self._skip):
                 continue
-            if any(is_within(rule.path, s) for s in self._skip):
-                continue
-            try:
-                wd = self.inotify.add_watch(parent, WATCH_MASK)
-            except OSError:
-                continue  # no parent either: the scheduled scans cover it
-            with self._lock:
-                self.anchors[wd] = parent
+            parent = base.rsplit(b"/", 1)[0] or b"/"
+            while parent not in self.path_wd and parent not in self.anchors.values():
+                try:
+                    wd = self.inotify.add_watch(parent, WATCH_MASK)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and parent != b"/":
+                        parent = parent.rsplit(b"/", 1)[0] or b"/"
+                        continue
+                    break  # the scheduled scans cover it
+                with self._lock:
+                    self.anchors[wd] = parent
+                break
 
     def _report(self, items: list[Unwatched]) -> None:
         fresh = [u for u in items if all(u.root != old.root for old in self.unwatched)]
@@ -164,14 +170,17 @@ class Watcher:
         failed: list[Unwatched] = []
         skip = self._skip
         for entry in walk(self.policy, roots, dirs_only=True):
-            if isinstance(entry, ScanWarning) or not isinstance(entry, WalkEntry):
+            # Passages too: waypoints (a new user's home under /home/*/.ssh) and
+            # excluded directories searched for a rule's include globs.
+            if isinstance(entry, ScanWarning) or not isinstance(entry, (WalkEntry, Passage)):
                 continue
             path = entry.path
             if path in self.path_wd or (skip and any(is_within(path, s) for s in skip)):
                 continue
             if exhausted:
                 parent = path.rsplit(b"/", 1)[0] or b"/"
-                if parent in self.path_wd or self.policy.rule_at(path) is not None:
+                if parent in self.path_wd or self.policy.rule_at(path) is not None \
+                        or self.policy.is_waypoint(path):
                     exhausted.append(path)
                 continue
             try:
@@ -211,10 +220,13 @@ class Watcher:
                 except OSError:
                     pass
                 self._forget(wd)
-        return len(self._watch_tree(None))
+        added = len(self._watch_tree(None))
+        self._anchor_roots()
+        return added
 
     def _limit_reason(self) -> str:
-        needed = sum(1 for e in walk(self.policy, dirs_only=True) if isinstance(e, WalkEntry))
+        needed = sum(1 for e in walk(self.policy, dirs_only=True)
+                     if isinstance(e, (WalkEntry, Passage)))
         limit = read_int(MAX_USER_WATCHES)
         if limit is None:
             limit = -1
@@ -243,7 +255,7 @@ class Watcher:
 
     def handle(self, events: Iterable[InotifyEvent]) -> None:
         """Turn raw events into hints and watch-map updates."""
-        overflow = False
+        overflow = reanchor = False
         now = self.clock()
         for event in events:
             wd, mask, cookie, name = event.wd, event.mask, event.cookie, event.name
@@ -259,14 +271,18 @@ class Watcher:
                 if anchor is not None:
                     with self._lock:
                         self.anchors.pop(wd, None)
+                    reanchor = True  # watch for it on the nearest ancestor left
                 else:
                     self._forget(wd)
                 continue
             if anchor is not None:
-                # Only the rule roots below an anchor matter; the anchor is not ours.
+                # Only rule roots and the directories on the way to them matter
+                # below an anchor; the anchor is not ours.
                 path = anchor + b"/" + os.fsencode(name) if name else anchor
-                if not name or self.policy.rule_at(path) is None:
+                if not name or (self.policy.rule_at(path) is None and not (
+                        mask & flags.ISDIR and self.policy.is_waypoint(path))):
                     continue
+                reanchor = True
             else:
                 assert base is not None
                 path = base + b"/" + os.fsencode(name) if name else base
@@ -285,6 +301,8 @@ class Watcher:
             for old in self._moved_from.values():
                 self._drop_subtree(old)
             self._moved_from.clear()
+        if reanchor:
+            self._anchor_roots()
         if overflow:
             log.warning("inotify queue overflowed: events were lost; rescanning")
             self.resync()
@@ -296,7 +314,7 @@ class Watcher:
             self._hint_subtree(path, now)
         elif mask & flags.MOVED_TO:
             old = self._moved_from.pop(cookie, None)
-            covered = self.policy.covers(path)
+            covered = self.policy.visits(path)
             if old is not None:
                 if covered:
                     self._rename_subtree(old, path)
@@ -306,7 +324,7 @@ class Watcher:
                 self._watch_tree([path])
             self._hint_subtree(path, now)
         elif mask & flags.CREATE:
-            if self.policy.covers(path):
+            if self.policy.visits(path):
                 self._watch_tree([path])
                 self._hint_subtree(path, now)
         elif mask & flags.DELETE:

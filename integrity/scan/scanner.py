@@ -73,12 +73,15 @@ def worker_processes(parallel: bool | int | None) -> int:
     return int(parallel)
 
 
-def normalize_paths(policy: Policy, paths: Sequence[str | bytes]) -> list[bytes]:
-    """Absolute, normalized byte paths, each covered by a rule (UsageError if not)."""
+def normalize_paths(policy: Policy, paths: Sequence[str | bytes], *,
+                    waypoints: bool = False) -> list[bytes]:
+    """Absolute, normalized byte paths, each covered by a rule, or with `waypoints`
+    also a directory above rule roots (UsageError if not). Approvals never take a
+    waypoint: `approve /` must not accept everything at once."""
     result = []
     for raw in paths:
         path = os.path.normpath(os.path.abspath(os.fsencode(raw)))
-        if policy.rule_for(path) is None:
+        if not (policy.in_scope(path) if waypoints else policy.rule_for(path)):
             raise UsageError(f"{display(path)}: not covered by any rule of {policy.source}")
         result.append(path)
     return result
@@ -184,7 +187,7 @@ def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy) -> ScanRe
         change = compare(old, new, attrs)
         if change is not None:
             result.changes.append(change)
-            result.rules[change.path] = rule
+            result.rules[change.path] = rule.at(change.path)  # its severity override
     return result
 
 

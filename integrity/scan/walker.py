@@ -15,11 +15,13 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 from integrity.errors import ScanWarning
 from integrity.paths import is_within, to_key
 from integrity.policy import Policy, Rule
+from integrity.policy.wildcards import Waypoints
+from integrity.record import NONE
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 #: The way down to a named path: O_PATH needs only search permission, as a path
@@ -40,6 +42,20 @@ class WalkEntry(NamedTuple):
     rule: Rule
 
 
+class Passage(NamedTuple):
+    """A directory the walk lists without recording it: a waypoint to rule roots
+    below it, or an excluded directory searched for a rule's include globs. Yielded
+    only by `walk(dirs_only=True)`: the watcher watches these too."""
+
+    path: bytes
+    st: os.stat_result
+
+
+#: The rule of a frame that only passes through waypoints: it records nothing, so no
+#: rule applies there (record_children is False and it is never yielded).
+_PASSING = Rule(b"/", NONE)
+
+
 @dataclass(frozen=True)
 class SkippedTree(ScanWarning):
     """A directory whose contents could not be listed: nothing below it is known."""
@@ -55,43 +71,93 @@ class _Frame:
     depth: int
     pending: list[tuple[bytes, str, bool]]
     index: int = 0
-
-
-def _waypoints(policy: Policy) -> frozenset[bytes]:
-    """Every directory strictly above some rule root: walks must pass through them."""
-    points: set[bytes] = set()
-    for rule in policy.rules:
-        probe = rule.path
-        while probe != b"/":
-            probe = probe.rsplit(b"/", 1)[0] or b"/"
-            points.add(probe)
-    return frozenset(points)
+    #: Below an excluded directory of a rule with include globs: only names matching
+    #: them are recorded, and every directory is searched.
+    searching: bool = False
 
 
 def walk_roots(policy: Policy, roots: Iterable[bytes] | None = None) -> list[bytes]:
-    """Start points in key order, dropping any that lies inside an earlier one."""
+    """Start points in key order, dropping any that lies inside an earlier one.
+
+    By default every rule's path, or for a wildcard rule its literal base (`/home` for
+    `/home/*/.ssh`), from which the walk passes through the waypoints to the matches
+    as they are now: wildcards are expanded at every scan.
+    """
     chosen: list[bytes] = []
-    for root in sorted(roots if roots is not None else (r.path for r in policy.rules),
-                       key=to_key):
+    for root in sorted(roots if roots is not None else policy.bases, key=to_key):
         if not any(is_within(root, earlier) for earlier in chosen):
             chosen.append(root)
     return chosen
 
 
+def matches(policy: Policy, rule: Rule) -> list[bytes]:
+    """The paths a wildcard rule matches now (its instances' roots), in key order;
+    a literal rule's path when it exists. Found by listing the waypoint directories
+    from the rule's base, never following a symlink below it."""
+    if not rule.wildcard:
+        try:
+            os.lstat(rule.path)
+        except OSError:
+            return []
+        return [rule.path]
+    found: list[bytes] = []
+    stack = [rule.base]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                children = sorted((os.fsencode(e.name), e.is_dir(follow_symlinks=False))
+                                  for e in listing)
+        except OSError:
+            continue
+        below: list[bytes] = []
+        for name, is_dir in children:
+            path = directory + b"/" + name if directory != b"/" else b"/" + name
+            at = policy.rule_at(path)
+            if at is not None and at.pattern == rule.path:
+                found.append(path)
+            elif is_dir and path in policy.waypoints:
+                below.append(path)
+        stack.extend(reversed(below))
+    return sorted(found, key=to_key)
+
+
+def rule_roots(policy: Policy) -> list[bytes]:
+    """Every rule root as it is now: literal rule paths (present or not) and the
+    current matches of wildcard rules (for what wants paths, not patterns)."""
+    roots: list[bytes] = []
+    for rule in policy.rules:
+        roots += matches(policy, rule) if rule.wildcard else [rule.path]
+    return roots
+
+
+@overload
 def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
          descend: bool = True, share: tuple[int, int] | None = None,
-         dirs_only: bool = False) -> Iterator[WalkEntry | ScanWarning]:
+         dirs_only: Literal[False] = False) -> Iterator[WalkEntry | ScanWarning]: ...
+
+
+@overload
+def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
+         descend: bool = True, share: tuple[int, int] | None = None,
+         dirs_only: Literal[True]) -> Iterator[WalkEntry | Passage | ScanWarning]: ...
+
+
+def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
+         descend: bool = True, share: tuple[int, int] | None = None,
+         dirs_only: bool = False) -> Iterator[WalkEntry | Passage | ScanWarning]:
     """Yield every recorded entry under the policy's rules (or below `roots`).
 
     Also yields ScanWarning for entries that could not be examined, and SkippedTree
     for directories that could not be listed. `descend=False` yields just the roots.
     `share=(part, parts)` yields only worker `part`'s share (see _descend); the
     shares of all parts together are exactly the whole walk. `dirs_only` yields only
-    directories and never lstats anything else (the watcher's set-up).
+    directories, every one the walk lists (a Passage for those it does not record),
+    and never lstats anything else (the watcher's set-up).
     """
-    waypoints = _waypoints(policy)
+    waypoints = policy.waypoints
     starts = walk_roots(policy, roots) if descend else sorted(
-        roots if roots is not None else (r.path for r in policy.rules), key=to_key)
+        roots if roots is not None else policy.bases, key=to_key)
     for root in starts:
         yield from _walk_root(policy, root, waypoints, descend, share, dirs_only)
 
@@ -141,18 +207,22 @@ def lstat_in_tree(path: bytes, top: bytes) -> os.stat_result:
         os.close(fd)
 
 
-def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend: bool,
+def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
                share: tuple[int, int] | None, dirs_only: bool = False,
-               ) -> Iterator[WalkEntry | ScanWarning]:
+               ) -> Iterator[WalkEntry | Passage | ScanWarning]:
     part = share[0] if share else 0
-    rule = policy.rule_for(root)
-    if rule is None:
+    found = policy.rule_for(root)
+    if found is None and root not in waypoints:
         return
+    # A root below no rule is a waypoint (`/home` for `/home/*/.ssh`): listed, so the
+    # rule roots below it are met, never recorded itself.
+    rule = found if found is not None else _PASSING
+    top = rule.path if found is not None else root
     # Reached from the rule's root one directory at a time: a root named below it
     # (approve, targeted verify, the watcher's hints) may be deeper than PATH_MAX,
     # and a parent swapped for a symlink must not lead the walk out of the tree.
     try:
-        parent_fd, name = open_parent(root, rule.path)
+        parent_fd, name = open_parent(root, top)
     except OSError as exc:
         if exc.errno not in NOT_IN_TREE and not part:
             yield ScanWarning(root, "open directory", exc.strerror or str(exc))
@@ -166,19 +236,27 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
             if not part:
                 yield ScanWarning(root, "lstat", exc.strerror or str(exc))
             return
-        recorded = policy.covers(root)
-        if recorded and not part and (stat.S_ISDIR(st.st_mode) or not dirs_only):
+        is_dir = stat.S_ISDIR(st.st_mode)
+        recorded = found is not None and policy.covers(root)
+        if recorded and not part and (is_dir or not dirs_only):
             yield WalkEntry(root, name, st, parent_fd, rule)
-        if not stat.S_ISDIR(st.st_mode) or not descend:
+        if not is_dir or not descend:
             return
-        record_children = recorded and (root == rule.path or rule.recursive)
-        if not record_children and root not in waypoints:
+        # Inside an excluded directory of a rule with include globs: searched.
+        searching = (found is not None and rule.searches and root != rule.path
+                     and policy.excluded(root, rule))
+        record_children = recorded and not searching and (root == rule.path
+                                                          or rule.recursive)
+        if not record_children and not searching and root not in waypoints:
             return
+        if dirs_only and not recorded and not part:
+            yield Passage(root, st)
         try:
-            root_dev = st.st_dev if root == rule.path else os.lstat(rule.path).st_dev
+            root_dev = st.st_dev if root == top else os.lstat(rule.path).st_dev
         except OSError:
             root_dev = st.st_dev
-        frame = _open_frame(root, parent_fd, rule, record_children, root_dev, 0)
+        frame = _open_frame(root, parent_fd, rule, record_children, root_dev, 0,
+                            searching)
     finally:
         os.close(parent_fd)
     if isinstance(frame, ScanWarning):
@@ -189,7 +267,8 @@ def _walk_root(policy: Policy, root: bytes, waypoints: frozenset[bytes], descend
 
 
 def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
-                root_dev: int, depth: int) -> _Frame | ScanWarning:
+                root_dev: int, depth: int, searching: bool = False
+                ) -> _Frame | ScanWarning:
     """Open and list a directory; a failure becomes a SkippedTree warning."""
     name = os.fsdecode(path.rsplit(b"/", 1)[1]) if path != b"/" else "/"
     fd = -1
@@ -207,12 +286,13 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
         return SkippedTree(path, "open directory" if fd < 0 else "list directory",
                            exc.strerror or str(exc), consequence)
     names.sort()
-    return _Frame(path, fd, rule, record_children, root_dev, depth, names)
+    return _Frame(path, fd, rule, record_children, root_dev, depth, names,
+                  searching=searching)
 
 
-def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
+def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
              share: tuple[int, int] | None = None, dirs_only: bool = False,
-             ) -> Iterator[WalkEntry | ScanWarning]:
+             ) -> Iterator[WalkEntry | Passage | ScanWarning]:
     stack = [top]
     part, parts = share or (0, 1)
     rule_at = policy.rule_at
@@ -238,12 +318,23 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
                 continue
             path = frame.path + b"/" + raw if frame.path != b"/" else b"/" + raw
             child_rule = rule_at(path)
+            excluded = False
             if child_rule is not None:
                 rule, recorded = child_rule, True
             else:
                 rule = frame.rule
-                recorded = frame.record_children and not rule.excludes.match(path, raw)
-            if not recorded and path not in waypoints:
+                if frame.searching:
+                    excluded = True
+                    recorded = rule.includes.match(path, raw)
+                elif frame.record_children:
+                    excluded = rule.excludes.match(path, raw)
+                    # An include glob wins over an exclude.
+                    recorded = not excluded or (bool(rule.includes.patterns)
+                                                and rule.includes.match(path, raw))
+                else:
+                    recorded = False
+            search = excluded and rule.searches
+            if not recorded and not (search and listed_dir) and path not in waypoints:
                 continue
             try:
                 st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
@@ -258,21 +349,26 @@ def _descend(policy: Policy, top: _Frame, waypoints: frozenset[bytes],
                 yield WalkEntry(path, name, st, frame.fd, rule)
             if not is_dir:
                 continue
+            searching = False
             if child_rule is not None:
                 record_children, root_dev = True, st.st_dev
             else:
                 root_dev = frame.root_dev
-                record_children = (recorded and rule.recursive
-                                   and not (rule.one_filesystem and st.st_dev != root_dev))
-            if not record_children and path not in waypoints:
+                same_fs = not (rule.one_filesystem and st.st_dev != root_dev)
+                record_children = (recorded and not excluded and rule.recursive
+                                   and same_fs)
+                searching = search and same_fs
+            if not record_children and not searching and path not in waypoints:
                 continue
             if frame.depth + 1 > MAX_DEPTH:
                 if mine:
                     yield SkippedTree(path, "descend", f"deeper than {MAX_DEPTH} levels",
                                       "subtree skipped")
                 continue
+            if dirs_only and not recorded and mine:
+                yield Passage(path, st)
             child = _open_frame(path, frame.fd, rule, record_children, root_dev,
-                                frame.depth + 1)
+                                frame.depth + 1, searching)
             if isinstance(child, ScanWarning):
                 if (recorded or record_children) and mine:
                     yield child

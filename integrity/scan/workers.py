@@ -33,13 +33,13 @@ class WorkerFailed(IntegrityError):
 
 def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
            conn: Connection) -> None:
-    index = {rule.path: i for i, rule in enumerate(policy.rules)}
     batch: list[object] = []
     for item in hash_tree(policy, roots, share=(part, parts)):
         if isinstance(item, ScanWarning):
             batch.append(item)
-        else:  # rules travel as their index: the parent has the same policy
-            batch.append((item.path, item.record, item.problem, index[item.rule.path]))
+        else:  # rules travel as their root (pickled once per batch): the parent has
+            # the same policy, and finds a wildcard rule's instance by it
+            batch.append((item.path, item.record, item.problem, item.rule.path))
         if len(batch) >= _BATCH:
             conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
             batch = []
@@ -81,7 +81,7 @@ class ScanWorker:
         self.reader = reader
 
     def __iter__(self) -> Iterator[Hashed | ScanWarning]:
-        rules = self.policy.rules
+        rule_at = self.policy.rule_at
         try:
             while True:
                 try:
@@ -97,8 +97,11 @@ class ScanWorker:
                     if isinstance(item, ScanWarning):
                         yield item
                     else:
-                        path, rec, problem, rule = item
-                        yield Hashed(path, rec, problem, rules[rule])
+                        path, rec, problem, root = item
+                        rule = rule_at(root)
+                        if rule is None:
+                            raise WorkerFailed(f"scan worker named no rule at {root!r}")
+                        yield Hashed(path, rec, problem, rule)
         finally:
             self.close()
 

@@ -543,6 +543,19 @@ def check_fanotify(policy: Policy) -> Iterator[Finding]:
         yield Finding("ok", "fanotify: realtime events name the process behind a change")
 
 
+def check_access(policy: Policy) -> Iterator[Finding]:
+    """Whether opens under `access = true` rules can be recorded (realtime/access.py
+    marks each root as the watcher's helper would, then lets go)."""
+    from integrity.realtime.access import probe
+
+    found = probe(policy)
+    if found is not None:
+        level, message, details = found
+        advice = None if level == "ok" else (
+            "run `integrity watch` as root (the shipped unit does), on Linux 5.9 or newer")
+        yield Finding("warn" if level != "ok" else "ok", message, advice, details)
+
+
 def _missing(path: bytes) -> OSError | None:
     """Why path cannot be examined (FileNotFoundError when absent), or None."""
     try:
@@ -559,6 +572,7 @@ def diagnose(policy: Policy) -> Diagnosis:
     diagnosis.findings.extend(check_inotify(policy, inotify_limits(), inotify_holders()))
     diagnosis.findings.extend(check_filesystems(policy, read_mounts()))
     diagnosis.findings.extend(check_fanotify(policy))
+    diagnosis.findings.extend(check_access(policy))
     return diagnosis
 
 

@@ -75,6 +75,8 @@ def line(event: EventDoc) -> str:
         text += f" ({event['count']} times)"
     if event.get("classification") not in (None, "unexplained"):
         text += f" [{clean(event['classification'])}]"
+    if event.get("ticket"):
+        text += f" [ticket {clean(event['ticket'])}]"
     return text
 
 
@@ -100,6 +102,9 @@ def details(event: EventDoc) -> str:
                          f"{_state(new.get(name, '-'))}")
     if event.get("evidence"):
         lines.append(clean(f"evidence: {event['evidence']}"))
+    if event.get("ticket"):
+        lines.append(clean(f"expected: maintenance window {event.get('window')}, "
+                           f"ticket {event['ticket']}"))
     return "\n".join(lines)
 
 

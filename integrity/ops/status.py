@@ -82,6 +82,9 @@ def collect(store: Store, now: dt.datetime | None = None) -> StatusReport:
                     "attempts": b.attempts, "last_error": b.last_error,
                     "failing": b.attempts >= FAILING_AFTER} for b in backlog],
     }
+    from integrity.ops.windows import current, window_doc
+
+    data["windows"] = [window_doc(w) for w in current(store, now)]
     healthy = (baseline is not None and open_total == 0 and not stale and chain.ok
                and not failing)
     return StatusReport(data, healthy)

@@ -18,6 +18,7 @@ from typing import Any
 
 from integrity.errors import PolicyError
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
+from integrity.policy.metrics import MetricsSettings, parse_metrics
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
 
@@ -26,10 +27,10 @@ DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
 _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
-             "severity"}
+             "severity", "metrics"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
-_RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem",
+_RULE_KEYS = {"path", "check", "severity", "exclude", "recursive", "one_filesystem", "access",
               *_JUDGEMENT_KEYS}
 _SCHEDULE_KEYS = {"full_scan"}
 
@@ -141,6 +142,8 @@ class Rule:
     one_filesystem: bool = True
     #: When and by whom a change moves this rule's severity (severity.py).
     judgement: Judgement = field(default_factory=Judgement)
+    #: `access = true`: the watcher also records who opens files here (secrets).
+    access: bool = False
     # Derived once: the scan asks these for every entry.
     hashes: bool = field(init=False, compare=False, repr=False)
     wants_xattrs: bool = field(init=False, compare=False, repr=False)
@@ -168,6 +171,9 @@ class Policy:
     public_key: str | None = None
     #: `[retention] events = "90d"`: the watcher prunes closed events older than this.
     retention: str | None = None
+    #: `[metrics]`: where verify and scans write node_exporter's textfile, and the
+    #: address the watcher serves /metrics on (policy/metrics.py validates both).
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path", {r.path: r for r in self.rules})
@@ -291,8 +297,9 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "") -> P
     if events is not None and (not isinstance(events, str)
                                or not re.fullmatch(r"\d+[hdw]", events.strip())):
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
+    metrics = parse_metrics(data.get("metrics", {}), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
-                  full_scan, tuple(alerts), digest, public_key, events)
+                  full_scan, tuple(alerts), digest, public_key, events, metrics)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,
@@ -345,14 +352,14 @@ def _parse_rule(item: Any, key: str, fail: Any,
         if "\x00" in pattern:
             raise fail(f"{key}.exclude", f"{pattern!r}: a glob cannot contain a NUL character")
     flags = {}
-    for name in ("recursive", "one_filesystem"):
-        value = item.get(name, True)
+    for name in ("recursive", "one_filesystem", "access"):
+        value = item.get(name, name != "access")
         if not isinstance(value, bool):
             raise fail(f"{key}.{name}", "must be true or false")
         flags[name] = value
     judgement = _parse_judgement(item, key, fail, base or Judgement())
     return Rule(os.fsencode(norm), check, severity, Excludes.compile(tuple(exclude)),
-                flags["recursive"], flags["one_filesystem"], judgement)
+                flags["recursive"], flags["one_filesystem"], judgement, flags["access"])
 
 
 def parse_check(value: Any, key: str = "check", fail: Any = None) -> Attr:

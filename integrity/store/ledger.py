@@ -27,16 +27,22 @@ from integrity.times import utcnow
 GENESIS = "0" * 64
 #: Columns outside the chain: informational, updated on every sighting.
 _UNCHAINED = {"last_seen"}
-_TABLES = {"event": models.event, "approval": models.approval}
+#: Columns added after rows were first chained: left out of a snapshot while NULL,
+#: so rows chained before the column existed still match their ledger records.
+_LATER = {"window_id"}
+_TABLES = {"event": models.event, "approval": models.approval,
+           "window": models.maintenance_window, "access": models.access}
 #: Fields a row keeps for life: a later snapshot with others means its id was reused
 #: after the row was deleted.
-_IDENTITY = {"event": ("key", "first_seen"), "approval": ("time",)}
+_IDENTITY = {"event": ("key", "first_seen"), "approval": ("time",),
+             "window": ("created",), "access": ("key", "first_seen")}
 
 
 def _snapshot(row: Any) -> str:
     data = {k: (v.isoformat() if isinstance(v, dt.datetime) else
                 v.hex() if isinstance(v, bytes) else v)
-            for k, v in row._mapping.items() if k not in _UNCHAINED}
+            for k, v in row._mapping.items()
+            if k not in _UNCHAINED and not (k in _LATER and v is None)}
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -71,6 +77,27 @@ def journal(conn: sa.Connection, kind: str, ids: Iterable[int]) -> None:
             prev = digest
     if rows:
         conn.execute(models.ledger.insert(), rows)
+
+
+def journaled(conn: sa.Connection, kind: str, ids: Iterable[int]) -> set[int]:
+    """Those of `ids` whose row is exactly as the chain last recorded it.
+
+    For records that grant something (a maintenance window lowers severities): a
+    row inserted or edited behind integrity's back is not honoured, whatever the
+    full chain check later reports.
+    """
+    table, led = _TABLES[kind], models.ledger
+    wanted = sorted(set(ids))
+    latest: dict[int, str] = {}
+    current: dict[int, str] = {}
+    for chunk in chunks(wanted):
+        for ref, content in conn.execute(
+                sa.select(led.c.ref, led.c.content).where(
+                    led.c.kind == kind, led.c.ref.in_(chunk)).order_by(led.c.seq)):
+            latest[ref] = content
+        for row in conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
+            current[row.id] = _snapshot(row)
+    return {ref for ref, snap in current.items() if latest.get(ref) == snap}
 
 
 @dataclass
@@ -149,17 +176,30 @@ class Ledger:
         whose events remain), leaving a chained checkpoint; return (events removed,
         new head)."""
         e, a, led = models.event, models.approval, models.ledger
+        w, acc = models.maintenance_window, models.access
         with self.db.writer() as conn, conn.begin():
             old_head = _head(conn)
             gone = list(conn.execute(sa.select(e.c.id).where(
                 e.c.status != "open", e.c.last_seen < older_than)).scalars())
+            # Changes counted by the events about to go, so that totals (metrics'
+            # integrity_changes_total) never go down: kept in the checkpoint.
+            pruned = _pruned_changes(conn)
+            for chunk in chunks(gone):
+                for kind, count in conn.execute(
+                        sa.select(e.c.kind, sa.func.sum(e.c.count))
+                        .where(e.c.id.in_(chunk), e.c.kind != "warning")
+                        .group_by(e.c.kind)):
+                    pruned[kind] = pruned.get(kind, 0) + int(count)
             for chunk in chunks(gone):
                 conn.execute(e.delete().where(e.c.id.in_(chunk)))
             referenced = sa.select(e.c.approval_id).where(e.c.approval_id.is_not(None))
             conn.execute(a.delete().where(a.c.time < older_than, a.c.id.not_in(referenced)))
+            expected = sa.select(e.c.window_id).where(e.c.window_id.is_not(None))
+            conn.execute(w.delete().where(w.c.end < older_than, w.c.id.not_in(expected)))
+            conn.execute(acc.delete().where(acc.c.last_seen < older_than))
             conn.execute(led.delete())
             content = json.dumps({"checkpoint": utcnow().isoformat(), "previous_head": old_head,
-                                  "pruned_events": len(gone),
+                                  "pruned_events": len(gone), "pruned_changes": pruned,
                                   "older_than": older_than.isoformat()}, sort_keys=True)
             conn.execute(led.insert().values(time=utcnow(), kind="checkpoint", ref=0,
                                              content=content, prev=old_head,
@@ -168,3 +208,22 @@ class Ledger:
                 journal(conn, kind, conn.execute(sa.select(table.c.id)).scalars())
             head = _head(conn)
         return len(gone), head
+
+    def pruned_changes(self) -> dict[str, int]:
+        """Changes (by kind) counted by events that pruning removed since the start."""
+        with self.db.reader() as conn:
+            return _pruned_changes(conn)
+
+
+def _pruned_changes(conn: sa.Connection) -> dict[str, int]:
+    """The totals the newest checkpoint carries (a checkpoint is the chain's first row)."""
+    led = models.ledger
+    content = conn.execute(sa.select(led.c.content).where(led.c.kind == "checkpoint")
+                           .order_by(led.c.seq.desc()).limit(1)).scalar()
+    if content is None:
+        return {}
+    try:
+        totals = json.loads(content).get("pruned_changes") or {}
+        return {str(k): int(v) for k, v in totals.items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}

@@ -20,13 +20,15 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from integrity.paths import display
 from integrity.policy import Policy
 from integrity.realtime.actor import privilege_problem
 from integrity.realtime.reads import helper_command, unwire, wire
-from integrity.store.access import Read, hour_of
+
+if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only to write
+    from integrity.store.access import Read
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ def access_roots(policy: Policy) -> dict[bytes, bool]:
 
 def _utc(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).replace(tzinfo=None)
+
+
+def hour_of(when: dt.datetime) -> dt.datetime:
+    """The (UTC) hour a time falls in: the folding bucket (as store.access has it)."""
+    return when.replace(minute=0, second=0, microsecond=0)
 
 
 @dataclass
@@ -187,6 +194,8 @@ class AccessListener:
             pending, self._pending = self._pending, {}
             if not pending:
                 return
+            from integrity.store.access import Read
+
             reads = [Read(path, hour, exe, uid, f.rule, f.count, _utc(f.first),
                           _utc(f.last), f.actor)
                      for (path, hour, exe, uid), f in pending.items()]

@@ -227,3 +227,24 @@ def test_a_port_in_use_is_logged_and_the_watcher_keeps_watching(tmp_path: Path) 
         finally:
             daemon.kill()
     assert json.dumps(site.status()["watcher"]["state"]) == '"stopped"'
+
+
+def test_the_grafana_dashboard_queries_only_metrics_we_export(site: Cli, tree: Path) -> None:
+    """contrib/grafana/integrity.json: every metric a panel queries is one that
+    `integrity metrics` prints, and the panels the issue asks for are there."""
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" / "grafana"
+                            / "integrity.json").read_text())
+    exported = {name for name, _ in samples(parse_openmetrics(site("metrics").stdout))[1]}
+    queried = {name for panel in dashboard["panels"] for t in panel["targets"]
+               for name in re.findall(r"\bintegrity_[a-z_]+", t["expr"])}
+    assert queried and queried <= exported, queried - exported
+    for wanted in ("integrity_last_scan_success_timestamp_seconds", "integrity_open_events",
+                   "integrity_changes_total", "integrity_alerts_undelivered",
+                   "integrity_watcher_overflows_total"):
+        assert wanted in queried
+    titles = " | ".join(p["title"] for p in dashboard["panels"])
+    for words in ("Last successful scan", "Open events by severity", "Changes per hour",
+                  "Undelivered alerts", "overflows"):
+        assert words in titles

@@ -59,6 +59,14 @@ _GONE = FAN_DELETE | FAN_MOVED_FROM
 FLUSH_SECONDS = 1.0
 TICK_SECONDS = 30.0
 READ_SIZE = 65536
+#: A read this big (some 60 events queued) in which every reader was one we knew is a
+#: burst (a tight loop of opens): pausing PAUSE before the next poll lets its opens
+#: queue, where the kernel merges each with an identical one still queued, instead of
+#: each waking us. A read with a new reader is never followed by a pause: the next
+#: event may be a `cat` about to exit, whose /proc must be read at once. (The actor
+#: listener does the same, for the same reason.)
+BURST_BYTES = 4096
+PAUSE = 0.002
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 TREE, PARENT = "tree", "parent"
@@ -310,6 +318,8 @@ def _listen(marks: OpenMarks, ignore: set[int]) -> None:
         if now >= tick_at:
             _send({"t": time.time()})
             tick_at = now + TICK_SECONDS
+        burst = False
+        readings = processes.readings
         for fd, _ in ready:
             if fd == 0:
                 batch.flush()
@@ -319,6 +329,7 @@ def _listen(marks: OpenMarks, ignore: set[int]) -> None:
                     buf = os.read(marks.fd, READ_SIZE)
                 except BlockingIOError:
                     break
+                burst = burst or len(buf) >= BURST_BYTES
                 wall = time.time()
                 for path, pid in marks.opens(buf):
                     if path is None:
@@ -328,6 +339,8 @@ def _listen(marks: OpenMarks, ignore: set[int]) -> None:
                         batch.add(path, processes.get(pid, time.monotonic()), wall)
                         if flush_at is None:
                             flush_at = time.monotonic() + FLUSH_SECONDS
+        if burst and processes.readings == readings:
+            time.sleep(PAUSE)
 
 
 def helper_command() -> list[str]:

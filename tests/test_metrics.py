@@ -236,6 +236,7 @@ def test_the_grafana_dashboard_queries_only_metrics_we_export(site: Cli, tree: P
 
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" / "grafana"
                             / "integrity.json").read_text())
+    assert site("verify").exit_code == 0  # a scan: its timestamp and duration exist
     exported = {name for name, _ in samples(parse_openmetrics(site("metrics").stdout))[1]}
     queried = {name for panel in dashboard["panels"] for t in panel["targets"]
                for name in re.findall(r"\bintegrity_[a-z_]+", t["expr"])}

@@ -102,3 +102,11 @@ def test_help_lists_the_options() -> None:
     for option in ("--prefix", "--bin-dir", "--etc", "--systemd-dir", "--no-systemd",
                    "--python"):
         assert option in result.stdout
+
+
+def test_readme_first_commands_install_and_test() -> None:
+    """The README's first two commands: install and run the main job, then the suite."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    commands = [line.strip() for line in lines if line.startswith("    ") and line.strip()]
+    assert commands[:2] == ["scripts/install && integrity init && integrity verify",
+                            "scripts/test"]

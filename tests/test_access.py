@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,18 +163,17 @@ def test_opens_fold_per_program_user_and_hour(listen: Callable[..., AccessListen
                                               secrets: Path, recorded: Recorded) -> None:
     listener = listen(policy(), update_seconds=0.0)
     target = secrets / "keys" / "host.key"
-    for _ in range(3):  # three cat processes: one row, count 3
-        with Reader(target):
-            wait_until(lambda: recorded.of(target), "the first record", DEADLINE)
-    wait_until(lambda: sum(r["count"] for r in recorded.of(target)) == 3,
-               "three opens counted", DEADLINE)
+    for number in range(1, 4):  # three cat processes: one row, count 3
+        with Reader(target):  # each alive until its open is counted
+            wait_until(lambda: sum(r["count"] for r in recorded.of(target)) == number,
+                       f"open {number} counted", DEADLINE)
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv (util-linux) is needed"
     with Reader(target, prefix=[setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}",
                                 "--clear-groups"]):
         wait_rows(recorded, target, 2)
     rows = recorded.of(target)
-    assert sorted((r["actor"]["uid"], r["count"]) for r in rows) == [(0, 3), (NOBODY, 1)]
+    assert sorted((r["actor"]["uid"], r["count"]) for r in rows) == [(0, 3), (NOBODY, 1)], rows
     listener.close()
     assert recorded.store.ledger.check().ok
 
@@ -293,3 +293,37 @@ def test_store_fold_is_one_row_per_hour(recorded: Recorded) -> None:
     recorded.store.access.fold(reads)
     assert [(r["hour"], r["count"]) for r in recorded.rows()] == [
         ("2026-11-30T02:00:00Z", 2), ("2026-11-30T03:00:00Z", 1)]
+
+
+def test_a_flood_of_opens_that_overflows_the_queue_is_a_warning(
+        policy: Callable[..., Policy], secrets: Path, recorded: Recorded) -> None:
+    """An attacker floods the access tree with opens to hide their own read among
+    lost events: the loss itself is reported."""
+    import signal
+
+    limit = int(Path("/proc/sys/fs/fanotify/max_queued_events").read_text())
+    flood = secrets / "keys" / "flood"
+    flood.mkdir()
+    for index in range(limit + 500):
+        (flood / f"{index}").write_bytes(b"")
+    warned: list[tuple[bytes, str]] = []
+    listener = AccessListener(policy(), recorded.store.access.fold,
+                              warn=lambda path, text: warned.append((path, text)))
+    listener.start()
+    try:
+        assert listener.helper_pid is not None
+        os.kill(listener.helper_pid, signal.SIGSTOP)  # nobody reads: the queue fills
+        try:
+            subprocess.run([sys.executable, "-c", "import os, sys\n"
+                            "for name in os.listdir(sys.argv[1]):\n"
+                            "    os.close(os.open(os.path.join(sys.argv[1], name), 0))",
+                            str(flood)], check=True, timeout=120)
+        finally:
+            os.kill(listener.helper_pid, signal.SIGCONT)
+        wait_until(lambda: warned, "the overflow reported", DEADLINE)
+    finally:
+        listener.close()
+    assert {path for path, _ in warned} == {os.fsencode(secrets / "shadow"),
+                                            os.fsencode(secrets / "keys")}
+    assert all("overflowed" in text for _, text in warned)
+    assert len(recorded.rows()) > 0  # what was queued before the loss is recorded

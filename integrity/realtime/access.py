@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 #: a few rows an hour, not one a second.
 UPDATE_SECONDS = 600.0
 START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
 OVERFLOWED = ("fanotify queue of the access listener overflowed: opens of that moment "
               "under access = true rules were not recorded")
 
@@ -141,11 +142,14 @@ class AccessListener:
     def _pump(self) -> None:
         proc = self._proc
         assert proc is not None and proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                self.file(json.loads(line))
-            except Exception:  # noqa: BLE001 - a bug must not silence the listener
-                log.exception("filing access records failed")
+        try:
+            for line in proc.stdout:
+                try:
+                    self.file(json.loads(line))
+                except Exception:  # noqa: BLE001 - a bug must not silence the listener
+                    log.exception("filing access records failed")
+        except (OSError, ValueError):
+            return  # closed under us by close(): it gave up waiting
         if self._proc is not None:  # not closed by us
             self.available = False
             self.reason = "the access helper stopped unexpectedly"
@@ -233,7 +237,12 @@ class AccessListener:
                 proc.wait()
         thread, self._thread = self._thread, None
         if thread is not None:
-            thread.join(timeout=5)
+            # It files what the helper sent last: a flood can be thousands of records
+            # for the database, which may also be busy (its timeout is 30 s).
+            thread.join(timeout=STOP_TIMEOUT)
+            if thread.is_alive():
+                log.error("access records still being written after %g s; giving up",
+                          STOP_TIMEOUT)
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
 

@@ -251,6 +251,8 @@ class _Batch:
         self.clear()
 
     def clear(self) -> None:
+        #: Opens were lost (queue overflow) after those in `reads`.
+        self.overflowed = False
         self.reads: dict[tuple[bytes, int], list[Any]] = {}
         self.actors: list[Any] = []
         self.index: dict[int, int] = {}
@@ -267,10 +269,14 @@ class _Batch:
             entry[2] = now
 
     def flush(self) -> None:
-        if self.reads:
-            _send({"t": time.time(), "actors": self.actors,
-                   "reads": [[wire(p), n, c, first, last]
-                             for (p, n), (c, first, last) in self.reads.items()]})
+        if self.reads or self.overflowed:
+            message: dict[str, Any] = {
+                "t": time.time(), "actors": self.actors,
+                "reads": [[wire(p), n, c, first, last]
+                          for (p, n), (c, first, last) in self.reads.items()]}
+            if self.overflowed:
+                message["overflow"] = True  # in the same message: told before filing
+            _send(message)
         self.clear()
 
 
@@ -333,8 +339,8 @@ def _listen(marks: OpenMarks, ignore: set[int]) -> None:
                 wall = time.time()
                 for path, pid in marks.opens(buf):
                     if path is None:
-                        batch.flush()
-                        _send({"t": wall, "overflow": True})
+                        batch.overflowed = True
+                        flush_at = time.monotonic()
                     elif pid not in ignore:
                         batch.add(path, processes.get(pid, time.monotonic()), wall)
                         if flush_at is None:

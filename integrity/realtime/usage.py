@@ -29,7 +29,7 @@ class UsageServices:
 
     def __init__(self, store: Store, policy: Callable[[], Policy],
                  sinks: Callable[[], Sequence[str]],
-                 warn: Callable[[bytes, str], None]) -> None:
+                 warn: Callable[..., None]) -> None:
         self.store = store
         self.policy = policy
         self.sinks = sinks
@@ -74,7 +74,10 @@ class UsageServices:
             self.access.close()
             self.access = None
         policy = self.policy()
-        listener = AccessListener(policy, self.store.access.fold, warn=self.warn)
+        # Opens lost to an overflow cannot be recovered by a rescan: the warning is
+        # recorded and alerted as resolved at once, not left open forever.
+        listener = AccessListener(policy, self.store.access.fold,
+                                  warn=lambda path, text: self.warn(path, text, True))
         if not listener.roots:
             return
         listener.start()

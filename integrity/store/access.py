@@ -81,26 +81,39 @@ class Access:
         if not merged:
             return new, updated
         with self.db.writer() as conn, conn.begin():
-            for (key, hour, exe, uid), read in merged.items():
-                row = conn.execute(sa.select(a.c.id).where(
-                    a.c.key == key, a.c.hour == hour, a.c.exe.is_not_distinct_from(exe),
-                    a.c.uid.is_not_distinct_from(uid))).scalar()
-                if row is None:
-                    result = conn.execute(a.insert().values(
-                        key=key, hour=hour, exe=exe, uid=uid, rule=read.rule,
-                        count=read.count, first_seen=read.first_seen,
-                        last_seen=read.last_seen,
-                        actor=json.dumps(read.actor) if read.actor else None))
-                    pk = result.inserted_primary_key
-                    assert pk is not None
-                    new.append(int(pk[0]))
-                else:
-                    conn.execute(a.update().where(a.c.id == row).values(
-                        count=a.c.count + read.count,
-                        last_seen=sa.func.max(a.c.last_seen, read.last_seen)
-                        if conn.dialect.name == "sqlite"
-                        else sa.func.greatest(a.c.last_seen, read.last_seen)))
-                    updated.append(int(row))
+            # One look-up per chunk of keys, then one executemany each for updates
+            # and inserts: a flood of opens of distinct files (thousands per burst)
+            # must not cost a round trip per row.
+            rows: dict[tuple[bytes, dt.datetime, str | None, int | None], int] = {}
+            hours = sorted({fold[1] for fold in merged})
+            keys = sorted({fold[0] for fold in merged})
+            for chunk in chunks(keys):
+                for row_id, key, hour, exe, uid in conn.execute(
+                        sa.select(a.c.id, a.c.key, a.c.hour, a.c.exe, a.c.uid).where(
+                            a.c.hour.in_(hours), a.c.key.in_(chunk))):
+                    rows[(key, hour, exe, uid)] = row_id
+            updates = [{"b_id": rows[fold], "b_count": read.count,
+                        "b_last": read.last_seen}
+                       for fold, read in merged.items() if fold in rows]
+            if updates:
+                greatest = sa.func.max if conn.dialect.name == "sqlite" else sa.func.greatest
+                conn.execute(a.update().where(a.c.id == sa.bindparam("b_id")).values(
+                    count=a.c.count + sa.bindparam("b_count"),
+                    last_seen=greatest(a.c.last_seen, sa.bindparam("b_last"))), updates)
+                updated = [int(rows[fold]) for fold in merged if fold in rows]
+            inserts = [{"key": key, "hour": hour, "exe": exe, "uid": uid, "rule": read.rule,
+                        "count": read.count, "first_seen": read.first_seen,
+                        "last_seen": read.last_seen,
+                        "actor": json.dumps(read.actor) if read.actor else None}
+                       for (key, hour, exe, uid), read in merged.items()
+                       if (key, hour, exe, uid) not in rows]
+            if inserts:
+                # We hold the write lock: every id above the highest is one of ours.
+                before = conn.execute(sa.select(sa.func.coalesce(sa.func.max(a.c.id), 0)
+                                                )).scalar_one()
+                conn.execute(a.insert(), inserts)
+                new = list(conn.execute(sa.select(a.c.id).where(a.c.id > before)
+                                        .order_by(a.c.id)).scalars())
             journal(conn, "access", [*new, *updated])
         return new, updated
 

@@ -151,6 +151,8 @@ ledger = Table(
     Column("content", Text, nullable=False),
     Column("prev", String(64), nullable=False),
     Column("digest", String(64), nullable=False),
+    # 0008: a row's own records, for ledger.journaled() (windows honoured per change).
+    Index("ix_ledger_kind_ref", "kind", "ref"),
 )
 
 #: Alerts not yet delivered: one row per (sink, event), written in the transaction

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_access"),
     )
     op.create_index("ix_access_hour_key", "access", ["hour", "key"])
+    op.create_index("ix_ledger_kind_ref", "ledger", ["kind", "ref"])
     # Plain ADD COLUMN (no batch copy of the event table: ids and rows stay as the
     # ledger chained them).
     op.add_column("event", sa.Column("window_id", sa.Integer))
@@ -57,6 +58,7 @@ def downgrade() -> None:
         batch.drop_column("overflows")
     with op.batch_alter_table("event") as batch:
         batch.drop_column("window_id")
+    op.drop_index("ix_ledger_kind_ref", "ledger")
     op.drop_index("ix_access_hour_key", "access")
     op.drop_table("access")
     op.drop_table("maintenance_window")

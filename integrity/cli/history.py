@@ -31,6 +31,7 @@ def events(env: Env, open_only: bool, since: str | None, as_json: bool, stats: b
 
     Example:
 
+    \b
         integrity events --open --since 7d
         integrity events --stats --by hour --since 30d
         integrity events --access --since 1d

@@ -65,6 +65,7 @@ def expect(env: Env, paths: tuple[str, ...], duration: str | None, reason: str |
 
     Example:
 
+    \b
         integrity expect --for 30m --reason CHG-1234 /etc/nginx
         integrity expect --cancel 3
     """
@@ -120,6 +121,7 @@ def completion(shell: str) -> None:
 
     Example:
 
+    \b
         integrity completion bash > /etc/bash_completion.d/integrity
         integrity completion zsh > "${fpath[1]}/_integrity"
         integrity completion fish > ~/.config/fish/completions/integrity.fish

@@ -209,6 +209,8 @@ def events_text(rows: Sequence[EventDoc], out: TextIO) -> None:
         extra = f" [{row['classification']}, {row['evidence']}]" if row["evidence"] else ""
         if not extra and row["classification"] == "package-manager":
             extra = " [package-manager]"
+        if row.get("ticket"):
+            extra += f" [expected, window {row['window']}, ticket {row['ticket']}]"
         actor = actor_text(row["actor"])
         _put(out, f"{row['id']:>6} {row['time']} {row['status']:<8} "
                   f"{row['severity']:<8} {row['kind']:<8} {row['path']}  {changed}"
@@ -272,6 +274,9 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
                   f"{scan['time']}: {scan['scanned']} scanned, {scan['added']} added, "
                   f"{scan['removed']} removed, {scan['modified']} modified, "
                   f"{scan['errors']} errors")
+    if data.get("windows"):
+        from integrity.report_usage import windows_text
+        windows_text(data["windows"], out)
     for sink in data.get("alerts", []):
         state = "FAILING" if sink["failing"] else "pending"
         _put(out, f"alerts: {sink['sink']}: {state}: {sink['undelivered']} undelivered "

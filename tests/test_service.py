@@ -492,6 +492,10 @@ def test_queue_overflow_is_a_warning_and_every_change_is_reported(
                            if e["kind"] == "warning"),
                "the overflow warning resolved after its rescan", 10)
     assert any(a["kind"] == "warning" for a in site.alert_lines())
+    # Counted for the dashboards (issue 16): a counter that survives restarts.
+    overflows = [line for line in site.cli("metrics").stdout.splitlines()
+                 if line.startswith("integrity_watcher_overflows_total ")]
+    assert overflows and float(overflows[0].split()[1]) >= 1, overflows
     assert daemon.terminate() == 0
     assert_no_crash(site)
 

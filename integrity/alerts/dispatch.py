@@ -206,6 +206,7 @@ def probe_sinks(sinks: Sequence[Sink], host: str) -> list[tuple[str, str | None]
         "source": "test", "rule": None, "severity": "low", "status": "resolved",
         "classification": "test", "count": 1, "actor": None, "old": None, "new": None,
         "approval": None, "evidence": None, "diff": None, "chain": None,
+        "window": None, "ticket": None,
     }
     results: list[tuple[str, str | None]] = []
     for sink in sinks:

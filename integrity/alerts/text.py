@@ -70,6 +70,8 @@ def line(event: EventDoc) -> str:
         text += f" ({event['count']} times)"
     if event.get("classification") not in (None, "unexplained"):
         text += f" [{event['classification']}]"
+    if event.get("ticket"):
+        text += f" [ticket {event['ticket']}]"
     return escape(text)  # severity and classification come from rows an intruder edits
 
 
@@ -95,6 +97,9 @@ def details(event: EventDoc) -> str:
                          f"{_state(new.get(name, '-'))}")
     if event.get("evidence"):
         lines.append(f"evidence: {event['evidence']}")
+    if event.get("ticket"):
+        lines.append(f"expected: maintenance window {event.get('window')}, "
+                     f"ticket {event['ticket']}")
     lines += diff_lines(event, DIFF_BYTES)
     # Every line escaped whole: any field of a stored event may have been edited.
     return "\n".join(escape(text) for text in lines)

@@ -97,6 +97,8 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
         dump_json(verify_json(verification), sys.stdout)
     else:
         verify_text(verification, sys.stdout)
+    for note in verification.notes:
+        click.echo(f"warning: {note}", err=True)
     sys.exit(verification.exit_code)
 
 

@@ -12,18 +12,40 @@ from integrity.errors import PolicyError
 
 @cli.command()
 @click.option("--open", "open_only", is_flag=True, help="Only events still open.")
-@click.option("--since", metavar="WHEN", help="Seen since an ISO time or e.g. 2h, 7d.")
+@click.option("--since", metavar="WHEN", help="Seen since an ISO time or e.g. 2h, 7d "
+              "(--stats: default 30d).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (SPEC format).")
+@click.option("--stats", is_flag=True, help="Counts per hour of day, weekday, actor, rule "
+              "or directory instead of the events themselves.")
+@click.option("--by", type=click.Choice(["hour", "weekday", "actor", "rule", "dir"]),
+              default="hour", show_default=True, help="What --stats counts per.")
+@click.option("--access", is_flag=True, help="Who opened files under `access = true` "
+              "rules (with --stats: count those opens).")
 @pass_env
-def events(env: Env, open_only: bool, since: str | None, as_json: bool) -> None:
+def events(env: Env, open_only: bool, since: str | None, as_json: bool, stats: bool,
+           by: str, access: bool) -> None:
     """Show the event history: every change seen, and what became of it.
+
+    --stats counts changes per hour of day, weekday, actor, rule or directory, to
+    learn what normal looks like on this host; --access lists who read the files
+    of `access = true` rules, one row per file, program, user and hour.
 
     Example:
 
+    \b
         integrity events --open --since 7d
+        integrity events --stats --by hour --since 30d
+        integrity events --access --since 1d
     """
     from integrity.report import dump_json, events_text
     from integrity.times import parse_since
+
+    if stats or access:
+        from integrity.cli.usage import show_usage
+
+        show_usage(env, stats=stats, by=by, since=since, access=access,
+                   as_json=as_json, open_only=open_only)
+        return
 
     rows = env.store().events.list(
         open_only=open_only, since=parse_since(since) if since else None)

@@ -13,7 +13,7 @@ CLI refuses an invalid one before we get here).
 
 from __future__ import annotations
 
-from integrity.doctor.fanotify import check_fanotify
+from integrity.doctor.fanotify import check_access, check_fanotify
 from integrity.doctor.filesystems import check_filesystems
 from integrity.doctor.findings import Diagnosis
 from integrity.doctor.inotify import check_inotify, inotify_holders, inotify_limits
@@ -31,6 +31,7 @@ def diagnose(policy: Policy, database: str | None = None) -> Diagnosis:
     diagnosis.findings.extend(check_inotify(policy, inotify_limits(), inotify_holders()))
     diagnosis.findings.extend(check_filesystems(policy, read_mounts()))
     diagnosis.findings.extend(check_fanotify(policy))
+    diagnosis.findings.extend(check_access(policy))
     return diagnosis
 
 

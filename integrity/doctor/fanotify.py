@@ -50,3 +50,16 @@ def check_fanotify(policy: Policy) -> Iterator[Finding]:
                       details=tuple(refused))
     else:
         yield Finding("ok", "fanotify: realtime events name the process behind a change")
+
+
+def check_access(policy: Policy) -> Iterator[Finding]:
+    """Whether opens under `access = true` rules can be recorded (realtime/access.py
+    marks each root as the watcher's helper would, then lets go)."""
+    from integrity.realtime.access import probe
+
+    found = probe(policy)
+    if found is not None:
+        level, message, details = found
+        advice = None if level == "ok" else (
+            "run `integrity watch` as root (the shipped unit does), on Linux 5.9 or newer")
+        yield Finding("warn" if level != "ok" else "ok", message, advice, details)

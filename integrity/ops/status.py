@@ -119,6 +119,9 @@ def collect(store: Store, policy: Policy | None, now: dt.datetime | None = None,
                     "attempts": b.attempts, "last_error": b.last_error,
                     "failing": b.attempts >= FAILING_AFTER} for b in backlog],
     }
+    from integrity.ops.windows import current as open_windows, window_doc
+
+    data["windows"] = [window_doc(w) for w in open_windows(store, now)]
     healthy = (baseline is not None and open_total == 0 and not stale and chain.ok
                and not failing and seal["valid"] and not drift and not policy_error)
     return StatusReport(data, healthy)

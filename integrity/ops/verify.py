@@ -61,6 +61,8 @@ class Verification:
     policy_changes: list[str] = field(default_factory=list)
     #: Unified diffs of kept texts that changed, by path.
     diffs: dict[bytes, str] = field(default_factory=dict)
+    #: Problems after the scan that do not change its result (metrics not written).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -218,13 +220,16 @@ def record(store: Store, policy: Policy, result: ScanResult, source: str,
            scope: Sequence[tuple[bytes, bytes]], context: EventContext | None = None,
            diffs: Mapping[bytes, str] | None = None) -> Recorded:
     """Judge each change under its rule (when, and for realtime changes by whom) and
-    record it with its diff; open events in `scope` that no longer differ are closed."""
-    from integrity.store.events import Sighting, UNEXPLAINED
+    record it with its diff; open events in `scope` that no longer differ are closed. A
+    change a maintenance window expected is recorded as such (ops/windows.py)."""
+    from integrity.ops.windows import Expectations
+    from integrity.store.events import EXPECTED, Sighting, UNEXPLAINED
 
     context = context or EventContext()
     actor_of = context.actor_of if source == "realtime" else None
     now = utcnow()
     diffs = diffs or {}
+    expectations = Expectations.load(store, now) if result.changes else None
     sightings = []
     for change in result.changes:
         rule = result.rules.get(change.path)
@@ -232,10 +237,16 @@ def record(store: Store, policy: Policy, result: ScanResult, source: str,
         severity, classification = (
             rule.judgement.judge(rule.severity, actor, _when(change, now))
             if rule else ("medium", UNEXPLAINED))
+        window = expectations.window_for(
+            change.path, change.new.ctime if change.new is not None else None) \
+            if expectations is not None and rule is not None else None
+        if window is not None:
+            severity, classification = "low", EXPECTED
         old, new = change_states(change)
         sightings.append(Sighting(change.path, change.kind, change.changed, old, new,
                                   rule.name if rule else None, severity, classification,
-                                  actor, diffs.get(change.path)))
+                                  actor, diffs.get(change.path),
+                                  window.id if window is not None else None))
     return store.events.record(
         sightings, source, scope,
         unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
@@ -263,7 +274,14 @@ def verify_and_alert(open_store: StoreOpener, policy: Policy,
 
     sinks = build_sinks(policy)
     try:
-        return verify(open_store, policy, paths, fast=fast, progress=progress,
-                      context=EventContext(routes=routes_of(sinks)), pins=pins)
+        verification = verify(open_store, policy, paths, fast=fast, progress=progress,
+                              context=EventContext(routes=routes_of(sinks)), pins=pins)
     finally:
         deliver_after_scan(open_store(), sinks)
+    if policy.metrics.textfile:
+        from integrity.ops.metrics import textfile_problem
+
+        problem = textfile_problem(open_store(), policy, sinks=[s.name for s in sinks])
+        if problem:
+            verification.notes.append(problem)
+    return verification

@@ -16,6 +16,7 @@ from integrity.errors import PolicyError
 from integrity.policy import cron
 from integrity.policy.content import ContentPolicy, parse_content
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
+from integrity.policy.metrics import MetricsSettings, parse_metrics
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
 from integrity.policy.dropins import (Origins, digest, dropin_files, locate, merge,
@@ -31,11 +32,11 @@ DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
 _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
-             "severity", "content"}
+             "severity", "content", "metrics"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "include", "override", "recursive",
-              "one_filesystem", *_JUDGEMENT_KEYS}
+              "one_filesystem", "access", *_JUDGEMENT_KEYS}
 _OVERRIDE_KEYS = {"match", "severity"}
 _SCHEDULE_KEYS = {"full_scan"}
 #: Wildcard rule instances kept per policy (a cache, refilled as it is emptied).
@@ -64,6 +65,9 @@ class Policy:
     content: ContentPolicy = field(default_factory=ContentPolicy, compare=False)
     #: Directories strictly above some rule root (see Policy.is_waypoint).
     waypoints: Waypoints = field(init=False, compare=False, repr=False)
+    #: `[metrics]`: where verify and scans write node_exporter's textfile, and the
+    #: address the watcher serves /metrics on (policy/metrics.py validates both).
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path",
@@ -249,9 +253,10 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "",
                                or not re.fullmatch(r"\d+[hdw]", events.strip())):
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
     content = parse_content(data.get("content"), fail)
+    metrics = parse_metrics(data.get("metrics", {}), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
                   full_scan, tuple(alerts), digest, public_key, events, (source,),
-                  dict(data), content)
+                  dict(data), content, metrics)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,
@@ -300,15 +305,15 @@ def _parse_rule(item: Any, key: str, fail: Any,
     include = _globs(item.get("include", []), f"{key}.include", fail)
     overrides = _parse_overrides(item.get("override", []), f"{key}.override", fail)
     flags = {}
-    for name in ("recursive", "one_filesystem"):
-        value = item.get(name, True)
+    for name in ("recursive", "one_filesystem", "access"):
+        value = item.get(name, name != "access")
         if not isinstance(value, bool):
             raise fail(f"{key}.{name}", "must be true or false")
         flags[name] = value
     judgement = _parse_judgement(item, key, fail, base or Judgement())
     return Rule(os.fsencode(norm), check, severity, Excludes.compile(tuple(exclude)),
                 flags["recursive"], flags["one_filesystem"], judgement,
-                Excludes.compile(tuple(include)), overrides)
+                Excludes.compile(tuple(include)), overrides, access=flags["access"])
 
 
 def _globs(value: Any, key: str, fail: Any) -> list[str]:

@@ -107,6 +107,8 @@ class Rule:
     origin: str = field(default="", compare=False)
     #: The rule's table as written, for `integrity policy show`.
     table: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: `access = true`: the watcher also records who opens files here (secrets).
+    access: bool = False
     # Derived once: the scan asks these for every entry.
     hashes: bool = field(init=False, compare=False, repr=False)
     wants_xattrs: bool = field(init=False, compare=False, repr=False)

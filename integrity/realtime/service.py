@@ -28,6 +28,7 @@ from integrity.ops.verify import EventContext, Verification, check_paths, verify
 from integrity.paths import display, escape
 from integrity.policy import Policy, load
 from integrity.realtime.sdnotify import Notifier
+from integrity.realtime.usage import UsageServices
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
 from integrity.scan import Progress
 from integrity.store import Store
@@ -80,6 +81,10 @@ class Service:
         self.index: SealedIndex | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.threads: list[threading.Thread] = []
+        #: Access records, /metrics and the metrics textfile (realtime/usage.py).
+        self.usage = UsageServices(store, lambda: self.policy,
+                                   lambda: [r.sink for r in self.dispatcher.routes()],
+                                   self._warn)
 
     # -- callbacks from the watcher ------------------------------------------------
 
@@ -88,6 +93,7 @@ class Service:
 
     def _on_overflow(self) -> None:
         log.warning("inotify queue overflow: scheduling a full rescan")
+        self.store.runs.overflowed(self.watcher_id)
         self.scans.put(_Task("overflow"))
 
     def _on_unwatched(self, items: list[Unwatched]) -> None:
@@ -122,6 +128,7 @@ class Service:
         verification = verify(lambda: self.store, self.policy, parallel=0, source=source,
                               progress=progress, context=self._context())
         self._alert(verification)
+        self.usage.after_scan()
         result = verification.result
         log.info("%s: %d entries, %d changes, %d errors", source, result.scanned,
                  len(result.changes), len(result.warnings))
@@ -302,7 +309,7 @@ class Service:
             self._notify("ready", "alert sinks reopened")
             log.info("policy unchanged; alert sinks reopened")
             return
-        self.policy = policy
+        old, self.policy = self.policy, policy
         self._restart_actors()
         self._stop_watcher()
         self.unwatched = []
@@ -312,6 +319,7 @@ class Service:
             self.scheduler.reschedule_job("full-scan",
                                           trigger=CronTrigger.from_crontab(policy.full_scan))
         self.store.events.resolve_warnings(keep=[u.root for u in self.unwatched])
+        self.usage.reload(old)
         self.scans.put(_Task("full"))
         watches = len(self.watcher.wd_path) if self.watcher else 0
         self._notify("ready", f"policy reloaded; watching {watches} directories")
@@ -354,6 +362,7 @@ class Service:
         self.store.events.resolve_warnings()  # a new start re-establishes them
         self._start_dispatcher()
         self._restart_actors()
+        self.usage.start()
         for name, tasks, handler in (("realtime", self.realtime, self._handle_realtime),
                                      ("scans", self.scans, self._handle_scan)):
             thread = threading.Thread(target=self._run_queue, args=(tasks, handler),
@@ -394,6 +403,7 @@ class Service:
         self._stop_watcher()
         if self.actors is not None:
             self.actors.close()
+        self.usage.stop()
         self.dispatcher.stop()
         for sink in self.dispatcher.sinks:
             sink.close()

@@ -1,13 +1,15 @@
 """The store: the only code that speaks SQL.
 
 `Store` opens one database and hands out a typed view per table family: baselines
-and their entries, events, approvals, the ledger (hash chain), the alert outbox, and
-runs with watcher heartbeats. Nothing outside this package imports SQLAlchemy; the
+and their entries, events, approvals, the ledger (hash chain), the alert outbox,
+runs with watcher heartbeats, maintenance windows, access records, and the counts
+behind `events --stats` and metrics. Nothing outside this package imports SQLAlchemy; the
 statements are portable Core, so SQLite and PostgreSQL run the same code.
 """
 
 from __future__ import annotations
 
+from integrity.store.access import Access
 from integrity.store.approvals import Approvals
 from integrity.store.baseline import BaselineInfo, Baselines
 from integrity.store.contents import Contents
@@ -16,6 +18,8 @@ from integrity.store.events import Events
 from integrity.store.ledger import Ledger
 from integrity.store.outbox import Outbox
 from integrity.store.runs import Runs
+from integrity.store.usage import Usage
+from integrity.store.windows import Windows
 
 __all__ = ["Store", "BaselineInfo"]
 
@@ -33,3 +37,6 @@ class Store(Database):
         self.outbox = Outbox(self)
         self.runs = Runs(self)
         self.contents = Contents(self)
+        self.windows = Windows(self)
+        self.access = Access(self)
+        self.usage = Usage(self)

@@ -33,6 +33,8 @@ EXCLUDED = "excluded"
 WARNING, POLICY = "warning", "policy"
 NOTICES = (WARNING, POLICY)
 UNEXPLAINED, PACKAGE_UPDATE = "unexplained", "package-update"
+#: A change made inside a maintenance window (`integrity expect`) that covers it.
+EXPECTED = "expected"
 
 #: Who made a change, as the fanotify listener tells (pid, exe, cmdline, uid, ...).
 Actor = dict[str, Any]
@@ -63,6 +65,9 @@ class EventDoc(TypedDict):
     #: The digest of the ledger row that holds the event's latest state: a place in
     #: the chain that an alert carries off the host (`--expect-head` accepts it).
     chain: str | None
+    #: The maintenance window the change was expected in, and its reason (ticket).
+    window: int | None
+    ticket: str | None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class Sighting:
     classification: str
     actor: Actor | None = None
     diff: str | None = None
+    #: The maintenance window that expected this change (classification EXPECTED).
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class Events:
             open_rows = _open_in(conn, scope)
             inserts = []
             touched: list[int] = []
+            escalated: list[tuple[int, str]] = []
             for key, sighting in seen.items():
                 new_state = json.dumps(sighting.new)
                 fields: dict[str, Any] = {
@@ -144,10 +152,16 @@ class Events:
                     inserts.append({**fields, "key": key, "severity": sighting.severity,
                                     "classification": sighting.classification,
                                     "status": OPEN, "count": 1, "first_seen": now,
-                                    "actor": actor})
+                                    "actor": actor, "window_id": sighting.window})
                 elif existing[1] != new_state or existing[2] != sighting.kind:
                     if actor:  # the latest writer is the one to ask
                         fields["actor"] = actor
+                    if existing[3] == EXPECTED and sighting.window is None:
+                        # Changed again outside any window: an expected event must
+                        # not hide what came after it. Judged afresh, and alerted.
+                        fields.update(severity=sighting.severity, window_id=None,
+                                      classification=sighting.classification)
+                        escalated.append((existing[0], sighting.severity))
                     conn.execute(e.update().where(e.c.id == existing[0]).values(
                         **fields, count=e.c.count + 1))
                     touched.append(existing[0])
@@ -163,6 +177,7 @@ class Events:
                     e.c.status == OPEN, e.c.first_seen == now).order_by(e.c.id)).all()
                 new_ids = [row[0] for row in new_rows]
                 enqueue(conn, routes, [(row[0], row[1]) for row in new_rows])
+            enqueue(conn, routes, escalated)
             gone = [row[0] for key, row in open_rows.items()
                     if key not in seen and key not in unknown_keys
                     and not any(low <= key < high for low, high in skipped_ranges)]
@@ -307,8 +322,9 @@ class Events:
     def list(self, *, open_only: bool = False, since: dt.datetime | None = None,
              ids: Sequence[int] | None = None) -> list[EventDoc]:
         """Event history as SPEC's JSON objects, oldest first."""
-        e = schema.event
-        query = sa.select(e)
+        e, w = schema.event, schema.maintenance_window
+        query = sa.select(e, w.c.reason.label("ticket")).select_from(
+            e.outerjoin(w, e.c.window_id == w.c.id))
         if open_only:
             query = query.where(e.c.status == OPEN)
         if since is not None:
@@ -340,16 +356,19 @@ def _doc(row: sa.RowMapping) -> EventDoc:
         "new": json.loads(row["new"]) if row["new"] else None,
         "approval": row["approval_id"], "evidence": row["evidence"],
         "diff": row["diff"], "chain": None,
+        "window": row["window_id"], "ticket": row["ticket"],
     }
 
 
 def _open_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]]
-             ) -> dict[bytes, tuple[int, str | None, str]]:
+             ) -> dict[bytes, tuple[int, str | None, str, str]]:
+    """Open events in key ranges: key -> (id, new state, kind, classification)."""
     e = schema.event
-    found: dict[bytes, tuple[int, str | None, str]] = {}
+    found: dict[bytes, tuple[int, str | None, str, str]] = {}
     for low, high in scope:
-        rows = conn.execute(sa.select(e.c.key, e.c.id, e.c.new, e.c.kind).where(
+        rows = conn.execute(sa.select(e.c.key, e.c.id, e.c.new, e.c.kind,
+                                      e.c.classification).where(
             e.c.status == OPEN, e.c.kind.not_in(NOTICES), e.c.key >= low, e.c.key < high))
-        for key, event_id, new_state, kind in rows:
-            found[key] = (event_id, new_state, kind)
+        for key, event_id, new_state, kind, classification in rows:
+            found[key] = (event_id, new_state, kind, classification)
     return found

@@ -30,16 +30,22 @@ from integrity.times import utcnow
 
 GENESIS = "0" * 64
 _TABLES = {"event": models.event, "approval": models.approval,
-           "outbox": models.outbox, "baseline": models.baseline}
+           "outbox": models.outbox, "baseline": models.baseline,
+           "window": models.maintenance_window, "access": models.access}
 #: Columns outside the chain: informational or retry bookkeeping.
 _UNCHAINED = {"event": {"last_seen"}, "approval": set(),
               "outbox": {"attempts", "next_attempt", "last_error"},
               # `state` moves building -> active -> retired; only active rows are checked.
-              "baseline": {"state", "activated"}}
+              "baseline": {"state", "activated"},
+              "window": set(), "access": {"last_seen"}}
+#: Columns added after rows were first chained: left out of a snapshot while NULL,
+#: so rows chained before the column existed still match their ledger records.
+_LATER = {"window_id", "diff"}
 #: Fields a row keeps for life: a later snapshot with others means its id was reused
 #: after the row was deleted.
 _IDENTITY = {"event": ("key", "first_seen"), "approval": ("time",),
-             "outbox": ("created", "event_id", "sink"), "baseline": ("created",)}
+             "outbox": ("created", "event_id", "sink"), "baseline": ("created",),
+             "window": ("created",), "access": ("key", "first_seen")}
 _TOMBSTONE = '{"deleted":true}'
 
 
@@ -47,7 +53,8 @@ def _snapshot(kind: str, row: Any) -> str:
     skip = _UNCHAINED[kind]
     data = {k: (v.isoformat() if isinstance(v, dt.datetime) else
                 v.hex() if isinstance(v, bytes) else v)
-            for k, v in row._mapping.items() if k not in skip}
+            for k, v in row._mapping.items()
+            if k not in skip and not (k in _LATER and v is None)}
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -95,6 +102,27 @@ def forget(conn: sa.Connection, kind: str, ids: Iterable[int]) -> None:
     """Record that integrity itself removed these rows (a delivered alert, a swept
     baseline), so their absence is not taken for tampering."""
     _append(conn, [(kind, ref, _TOMBSTONE) for ref in sorted(set(ids))])
+
+
+def journaled(conn: sa.Connection, kind: str, ids: Iterable[int]) -> set[int]:
+    """Those of `ids` whose row is exactly as the chain last recorded it.
+
+    For records that grant something (a maintenance window lowers severities): a
+    row inserted or edited behind integrity's back is not honoured, whatever the
+    full chain check later reports.
+    """
+    table, led = _TABLES[kind], models.ledger
+    wanted = sorted(set(ids))
+    latest: dict[int, str] = {}
+    current: dict[int, str] = {}
+    for chunk in chunks(wanted):
+        for ref, content in conn.execute(
+                sa.select(led.c.ref, led.c.content).where(
+                    led.c.kind == kind, led.c.ref.in_(chunk)).order_by(led.c.seq)):
+            latest[ref] = content
+        for row in conn.execute(sa.select(table).where(table.c.id.in_(chunk))):
+            current[row.id] = _snapshot(kind, row)
+    return {ref for ref, snap in current.items() if latest.get(ref) == snap}
 
 
 @dataclass
@@ -210,15 +238,29 @@ class Ledger:
         whose events remain), leaving a chained checkpoint; return (events removed,
         new head). The digests of the ledger rows it replaces are archived."""
         e, a, led = models.event, models.approval, models.ledger
+        w, acc = models.maintenance_window, models.access
         with self.db.writer() as conn, conn.begin():
             old_head = _head(conn)
             gone = list(conn.execute(sa.select(e.c.id).where(
                 e.c.status != "open", e.c.last_seen < older_than)).scalars())
+            # Changes counted by the events about to go, so that totals (metrics'
+            # integrity_changes_total) never go down: kept in the checkpoint.
+            pruned = _pruned_changes(conn)
+            for chunk in chunks(gone):
+                for kind, count in conn.execute(
+                        sa.select(e.c.kind, sa.func.sum(e.c.count))
+                        .where(e.c.id.in_(chunk),
+                               e.c.kind.in_(("added", "removed", "modified")))
+                        .group_by(e.c.kind)):
+                    pruned[kind] = pruned.get(kind, 0) + int(count)
             for chunk in chunks(gone):
                 conn.execute(e.delete().where(e.c.id.in_(chunk)))
             referenced = sa.select(e.c.approval_id).where(e.c.approval_id.is_not(None))
             conn.execute(a.delete().where(a.c.time < older_than,
                                           a.c.id.not_in(referenced)))
+            expected = sa.select(e.c.window_id).where(e.c.window_id.is_not(None))
+            conn.execute(w.delete().where(w.c.end < older_than, w.c.id.not_in(expected)))
+            conn.execute(acc.delete().where(acc.c.last_seen < older_than))
             archive = models.ledger_archive
             known = sa.select(archive.c.digest)
             conn.execute(archive.insert().from_select(
@@ -226,6 +268,7 @@ class Ledger:
             conn.execute(led.delete())
             content = json.dumps({"checkpoint": utcnow().isoformat(),
                                   "previous_head": old_head, "pruned_events": len(gone),
+                                  "pruned_changes": pruned,
                                   "older_than": older_than.isoformat()}, sort_keys=True)
             _append(conn, [("checkpoint", 0, content)], prev=old_head)
             for kind, table in _TABLES.items():
@@ -235,3 +278,22 @@ class Ledger:
                 journal(conn, kind, conn.execute(query).scalars())
             head = _head(conn)
         return len(gone), head
+
+    def pruned_changes(self) -> dict[str, int]:
+        """Changes (by kind) counted by events that pruning removed since the start."""
+        with self.db.reader() as conn:
+            return _pruned_changes(conn)
+
+
+def _pruned_changes(conn: sa.Connection) -> dict[str, int]:
+    """The totals the newest checkpoint carries (a checkpoint is the chain's first row)."""
+    led = models.ledger
+    content = conn.execute(sa.select(led.c.content).where(led.c.kind == "checkpoint")
+                           .order_by(led.c.seq.desc()).limit(1)).scalar()
+    if content is None:
+        return {}
+    try:
+        totals = json.loads(content).get("pruned_changes") or {}
+        return {str(k): int(v) for k, v in totals.items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}

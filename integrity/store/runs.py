@@ -120,3 +120,36 @@ class Runs:
                 w.c.state, w.c.watches, w.c.unwatched,
             ).order_by(w.c.started.desc(), w.c.id.desc()).limit(1)).first()
         return WatcherInfo(*row) if row else None
+
+    def last_success(self, *commands: str) -> RunInfo | None:
+        """The newest run of these commands that ran to the end (exit 0 or 1: changes
+        found is a successful scan; 2 is one that could not run)."""
+        r = schema.run
+        with self.db.reader() as conn:
+            row = conn.execute(sa.select(
+                r.c.id, r.c.command, r.c.started, r.c.finished, r.c.paths, r.c.fast,
+                r.c.scanned, r.c.added, r.c.removed, r.c.modified, r.c.errors,
+                r.c.exit_code).where(
+                r.c.finished.is_not(None), r.c.exit_code.in_((0, 1)),
+                r.c.command.in_(commands)).order_by(r.c.id.desc()).limit(1)).first()
+        if row is None:
+            return None
+        values = list(row)
+        values[5] = bool(values[5])
+        return RunInfo(*values)
+
+    def overflowed(self, watcher_id: int | None) -> None:
+        """Count an inotify queue overflow against this watcher's row."""
+        if watcher_id is None:
+            return
+        w = schema.watcher
+        with self.db.writer() as conn, conn.begin():
+            conn.execute(w.update().where(w.c.id == watcher_id)
+                         .values(overflows=w.c.overflows + 1))
+
+    def overflows(self) -> int:
+        """inotify queue overflows over every watcher that ever ran here."""
+        w = schema.watcher
+        with self.db.reader() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(
+                sa.func.sum(w.c.overflows), 0))).scalar_one())

@@ -115,6 +115,9 @@ event = Table(
     Column("evidence", String(32)),
     # A modification of a kept text: the unified diff, baseline -> live, redacted.
     Column("diff", Text),
+    # The maintenance window a change was expected in (0008; ledger.py leaves it out
+    # of the snapshot while it is NULL, so rows chained before it still match).
+    Column("window_id", Integer),
     Index("ix_event_status_key", "status", "key"),
     Index("ix_event_last_seen", "last_seen"),
 )
@@ -145,6 +148,9 @@ watcher = Table(
     Column("state", String(16), nullable=False),
     Column("watches", Integer, nullable=False),
     Column("unwatched", Text),
+    # inotify queue overflows this watcher lived through (0008): the sum over all
+    # rows only grows, which is what a Prometheus counter needs.
+    Column("overflows", Integer, nullable=False, server_default="0"),
 )
 
 #: Append-only hash chain over every state an event or approval row has had: each
@@ -158,6 +164,8 @@ ledger = Table(
     Column("content", Text, nullable=False),
     Column("prev", String(64), nullable=False),
     Column("digest", String(64), nullable=False),
+    # 0008: a row's own records, for ledger.journaled() (windows honoured per change).
+    Index("ix_ledger_kind_ref", "kind", "ref"),
 )
 
 #: Texts kept for diffs and restore, by the BLAKE3 digest of the stored text (which
@@ -191,4 +199,39 @@ outbox = Table(
     Column("next_attempt", DateTime, nullable=False),
     Column("last_error", Text),
     Index("ix_outbox_sink", "sink", "id"),
+)
+
+#: A maintenance window (`integrity expect`): changes under `paths` (JSON list; empty
+#: for every protected path) made between `start` and `end` are expected. Chained in
+#: the ledger like events: a forged or stretched window is tampering, and not honoured.
+maintenance_window = Table(
+    "maintenance_window", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created", DateTime, nullable=False),
+    Column("start", DateTime, nullable=False),
+    Column("end", DateTime, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("paths", Text, nullable=False),
+    Column("user", String(128), nullable=False),
+    Column("sudo_user", String(128)),
+    Column("cancelled", DateTime),
+    Column("cancelled_by", String(128)),
+)
+
+#: Who opened a file under an `access = true` rule: one row per (file, hour, exe,
+#: uid) with a count, so a busy reader makes one row an hour. Chained in the ledger:
+#: deleting the record of a read of /etc/shadow is tampering.
+access = Table(
+    "access", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", LargeBinary, nullable=False),
+    Column("hour", DateTime, nullable=False),
+    Column("exe", Text),
+    Column("uid", BigInteger),
+    Column("rule", Text),
+    Column("count", Integer, nullable=False),
+    Column("first_seen", DateTime, nullable=False),
+    Column("last_seen", DateTime, nullable=False),
+    Column("actor", Text),
+    Index("ix_access_hour_key", "hour", "key"),
 )

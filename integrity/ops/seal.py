@@ -31,7 +31,7 @@ from integrity.trust import (EMPTY_ROOT, MerkleRoot, TrustError, check_signature
 
 if TYPE_CHECKING:
     from integrity.store import Store
-    from integrity.store.baseline import BaselineInfo, Entries, Entry, Sealed
+    from integrity.store.baseline import BaselineInfo, Entries, Entry, Sealed, Snapshot
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,12 @@ def check_head(store: Store, head: str | None) -> None:
 def check_baseline(store: Store, policy: Policy, pins: Pins = Pins()) -> BaselineInfo | None:
     """Verify the baseline in force against its seal and the pins (TrustError, exit
     2); returns it. Reads every entry: run before trusting a baseline."""
-    info = store.baselines.active()
     check_head(store, pins.head)
-    if info is None:
-        return None
-    verify_seal(info, store.baselines.entries(info.id))
+    with store.baselines.snapshot() as snap:
+        info = snap.info
+        if info is None:
+            return None
+        verify_seal(info, snap.entries())
     check_pins(info, effective_policy(info, policy), pins, policy)
     return info
 
@@ -195,6 +196,10 @@ def _signed(root: str, sign_key: str | None) -> Sealed:
     return root, sign(root, sign_key), signer_of(sign_key)
 
 
+class StaleIndex(IntegrityError):
+    """The baseline in force is not the one a SealedIndex verified: build it again."""
+
+
 class SealedIndex:
     """What the watcher remembers of a verified baseline: the digest of each block of
     `BLOCK` consecutive entries and the first key of each, a few hundred KB for a
@@ -212,15 +217,20 @@ class SealedIndex:
     @classmethod
     def build(cls, store: Store, policy: Policy) -> SealedIndex | None:
         """Verify the baseline in force (seal, signature) and index it; None before init."""
-        info = store.baselines.active()
-        if info is None:
-            return None
+        with store.baselines.snapshot() as snap:
+            info = snap.info
+            if info is None:
+                return None
+            return cls._indexed(info, snap.entries(), policy)
+
+    @classmethod
+    def _indexed(cls, info: BaselineInfo, entries: Entries, policy: Policy) -> SealedIndex:
         index = cls(info)
         merkle = MerkleRoot()
         v2 = info.seal_version >= 2
         block = blake3.blake3()
         count = 0
-        for key, rec, package, kept in store.baselines.entries(info.id):
+        for key, rec, package, kept in entries:
             digest = leaf(key, rec, package, kept)
             merkle.add(digest if v2 else leaf_v1(key, rec))
             if count % cls.BLOCK == 0:
@@ -251,11 +261,21 @@ class SealedIndex:
             first = bisect.bisect_right(self.firsts, low) - 1
             last = bisect.bisect_left(self.firsts, high) - 1
             wanted.update(range(max(first, -1), max(last, -1) + 1))
+        with store.baselines.snapshot() as snap:
+            now = snap.info
+            if now is None or (now.id, now.generation, now.root) != (
+                    self.info.id, self.info.generation, self.info.root):
+                raise StaleIndex("the baseline changed (an approval or init) since it "
+                                 "was indexed")
+            return self._verified(snap, sorted(wanted), ranges)
+
+    def _verified(self, snap: Snapshot, wanted: list[int],
+                  ranges: Sequence[tuple[bytes, bytes]]) -> list[Entry]:
         found: list[Entry] = []
-        for i in sorted(wanted):
+        for i in wanted:
             low = self.firsts[i] if i >= 0 else b""
             high = self.firsts[i + 1] if i + 1 < len(self.firsts) else b"\xff" * 8
-            rows = list(store.baselines.entries(self.info.id, [(low, high)]))
+            rows = list(snap.entries([(low, high)]))
             digest = blake3.blake3()
             for entry in rows:
                 digest.update(leaf(*entry))
@@ -266,9 +286,6 @@ class SealedIndex:
                                  "changed outside integrity (tampering)")
             found += [e for e in rows if any(lo <= e[0] < hi for lo, hi in ranges)]
         return found
-
-
-
 
 
 def describe_key(path: str) -> str:

@@ -11,7 +11,8 @@ from integrity.ops.seal import check_head, check_pins, effective_policy, verify_
 from integrity.policy import Policy
 from integrity.policy.sealed import differences, sealed_text
 from integrity.policy.severity import SEVERITIES
-from integrity.store import BaselineInfo, Store
+from integrity.store import Store
+from integrity.store.baseline import Snapshot
 from integrity.store.runs import WatcherInfo
 from integrity.times import iso, utcnow
 from integrity.trust import fingerprint, signature_valid
@@ -43,17 +44,18 @@ def watcher_alive(store: Store) -> bool:
     return watcher_liveness(store.runs.latest_watcher(), utcnow())[0]
 
 
-def seal_state(store: Store, policy: Policy | None, info: BaselineInfo | None
-               ) -> dict[str, Any]:
+def seal_state(snap: Snapshot, policy: Policy | None) -> dict[str, Any]:
     """Whether the baseline status prints is the one that was sealed: its rows
-    against the root, the signature against the signer and the sealed policy's key."""
+    against the root, the signature against the signer and the sealed policy's key
+    (read in one snapshot, so a concurrent approval is not taken for tampering)."""
+    info = snap.info
     if info is None:
         return {"valid": False, "problem": "no baseline", "signed": False}
     state: dict[str, Any] = {"valid": True, "problem": None, "version": info.seal_version,
                              "generation": info.generation,
                              "signer": fingerprint(info.signer) if info.signer else None}
     try:
-        verify_seal(info, store.baselines.entries(info.id))
+        verify_seal(info, snap.entries())
         check_pins(info, effective_policy(info, policy), current=policy)
     except IntegrityError as exc:
         state.update(valid=False, problem=str(exc))
@@ -74,8 +76,9 @@ def collect(store: Store, policy: Policy | None, now: dt.datetime | None = None,
     A kept head the chain does not contain is refused (TrustError, exit 2).
     """
     check_head(store, expect_head)
-    baseline = store.baselines.active()
-    seal = seal_state(store, policy, baseline)
+    with store.baselines.snapshot() as snap:
+        baseline = snap.info
+        seal = seal_state(snap, policy)
     current = sealed_text(policy) if policy is not None else None
     drift = (differences(baseline.policy, current)
              if baseline is not None and baseline.policy is not None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from integrity.errors import ScanWarning, UsageError
+from integrity.errors import BaselineError, ScanWarning, UsageError
 from integrity.ops.seal import (Pins, SealCheck, SealedIndex, check_head, check_pins,
                                 effective_policy, verify_seal)
 from integrity.paths import key_range, to_key
@@ -104,16 +104,22 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
             check_head(store, pins.head)
             if index is not None:
                 result = scan.compare(_pairs(index.entries(store, ranges), kept), progress)
-            elif scan.wanted:
-                verify_seal(info, store.baselines.entries(info.id))
-                result = scan.compare(
-                    _pairs(store.baselines.entries(info.id, ranges), kept), progress)
-            else:  # every entry is read anyway: the seal is checked on the way
-                sealing = SealCheck(info)
-                result = scan.compare(sealing.stream(store.baselines.entries(info.id)),
-                                      progress)
-                sealing.finish()
-                kept = sealing.kept
+            else:
+                # One read transaction: the baseline row and the entries checked
+                # against it are one state, whatever an approval commits meanwhile.
+                with store.baselines.snapshot() as snap:
+                    chosen, info = info, snap.require()
+                    if info.policy != chosen.policy:  # `approve --policy` just now
+                        raise BaselineError("the policy was approved while this verify "
+                                            "ran; nothing was recorded: run it again")
+                    if scan.wanted:
+                        verify_seal(info, snap.entries())
+                        result = scan.compare(_pairs(snap.entries(ranges), kept), progress)
+                    else:  # every entry is read anyway: the seal is checked on the way
+                        sealing = SealCheck(info)
+                        result = scan.compare(sealing.stream(snap.entries()), progress)
+                        sealing.finish()
+                        kept = sealing.kept
             check_pins(info, effective, pins, policy)
     finally:
         if scan is not None:

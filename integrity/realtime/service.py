@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from integrity.alerts import build_sinks
 from integrity.alerts.dispatch import Dispatcher
 from integrity.errors import IntegrityError
-from integrity.ops.seal import SealedIndex
+from integrity.ops.seal import SealedIndex, StaleIndex
 from integrity.ops.verify import EventContext, Verification, check_paths, verify
 from integrity.paths import display, escape
 from integrity.policy import Policy, load
@@ -169,22 +169,33 @@ class Service:
         hints = task.hints
         assert hints is not None
         context = self._context(realtime=True)
-        index = self._sealed_index()
-        if index is None:
-            return  # no baseline yet: nothing to compare with
-        try:
-            if hints.paths:
-                self._alert(check_paths(self.store, self.policy, sorted(hints.paths),
-                                        index, context=context))
-            for root in sorted(hints.subtrees):
-                if not self.policy.in_scope(root):  # a waypoint: rule roots below it
-                    continue
-                self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
-                                   source="realtime", context=context, index=index))
-        except TrustError:
-            self.index = None  # rows changed behind us: the seal is checked again next
-            self.dispatcher.wake()
-            raise
+        for attempt in (1, 2):
+            index = self._sealed_index()
+            if index is None:
+                return  # no baseline yet: nothing to compare with
+            try:
+                self._recheck(hints, index, context)
+                return
+            except StaleIndex:
+                # An approval or init committed since the index was built: build it
+                # again (the seal is checked again) and re-check the same hints.
+                self.index = None
+                if attempt == 2:
+                    raise
+            except TrustError:
+                self.index = None  # rows changed behind us: checked again next time
+                self.dispatcher.wake()
+                raise
+
+    def _recheck(self, hints: Hints, index: SealedIndex, context: EventContext) -> None:
+        if hints.paths:
+            self._alert(check_paths(self.store, self.policy, sorted(hints.paths),
+                                    index, context=context))
+        for root in sorted(hints.subtrees):
+            if not self.policy.in_scope(root):  # a waypoint: the rule roots below it
+                continue
+            self._alert(verify(lambda: self.store, self.policy, [root], parallel=0,
+                               source="realtime", context=context, index=index))
 
     def _handle_scan(self, task: _Task) -> None:
         if task.kind == "full":

@@ -8,6 +8,7 @@ order (paths.to_key), so verify can merge them with a live walk.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import queue
 import threading
@@ -167,6 +168,13 @@ class Baselines:
         with self.db.reader() as conn:
             yield from entries_in(conn, baseline_id, ranges)
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """One read transaction: the baseline in force and its entries as one state
+        (an approval or init committing meanwhile is not seen)."""
+        with self.db.reader() as conn, conn.begin():
+            yield Snapshot(conn, self.db.name())
+
     def entries_at(self, baseline_id: int, paths: Iterable[bytes]) -> dict[bytes, Entry]:
         """path -> entry of a baseline for those of `paths` it holds: one query per
         CHUNK paths (approving thousands of paths asks for their entries at once)."""
@@ -185,6 +193,25 @@ class Baselines:
         """One path's baseline entry, if it has one."""
         key = to_key(path)
         return next(self.entries(baseline_id, [(key, key + b"\x00")]), None)
+
+
+class Snapshot:
+    """The baseline in force and its entries, read in one transaction."""
+
+    def __init__(self, conn: sa.Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.info = active_in(conn)
+
+    def require(self) -> BaselineInfo:
+        """The baseline of this snapshot; BaselineError before the first init."""
+        if self.info is None:
+            raise BaselineError(f"{self.name}: no baseline yet: run 'integrity init'")
+        return self.info
+
+    def entries(self, ranges: Sequence[tuple[bytes, bytes]] | None = None) -> Entries:
+        """The baseline's entries in key order, optionally within key ranges."""
+        return entries_in(self.conn, self.require().id, ranges)
 
 
 def entries_in(conn: sa.Connection, baseline_id: int,

@@ -1,12 +1,22 @@
 #!/usr/bin/env python3
-"""Time `integrity init` / `verify` against `b3sum` and `find` on a generated tree.
+"""Time `integrity init` / `verify` against `b3sum`, `find` and AIDE, and check SPEC's
+"Performance and scale" targets on three trees (issue 13).
 
-Run as root (cold-cache runs drop the page cache; b3sum may be installed with apt-get):
+Run as root (cold-cache runs drop the page cache; b3sum and aide are installed with
+apt-get if missing):
 
-    python3 benchmarks/bench_baseline.py [--dir DIR] [--files 20000] [--dirs 400]
-        [--keep] [--no-cold] [--only-reference] [--python-module] [--json FILE]
+    python3 benchmarks/bench_baseline.py                       # all trees, integrity from PATH
+    python3 benchmarks/bench_baseline.py --trees 20k --no-aide --no-cold   # quick
+    python3 benchmarks/bench_baseline.py --python-module       # python3 -m integrity
+    python3 benchmarks/bench_baseline.py --cache /var/tmp/integrity-bench --json out.json
 
-Exit status: 0 all targets met (or not measured), 1 a target missed, 2 a command failed.
+Trees: `20k` (20,000 files, 1 GiB, generated), `usr` (this machine's /usr), `1m`
+(1,000,000 files of 50-4,000 bytes in 10,000 directories, generated). Generated trees
+are cached in --cache (default /var/tmp/integrity-bench) and reused while their
+parameters match. Also measured: `integrity verify` of /etc as a whole process, and
+the watcher's peak RSS after its catch-up scan of the 1M tree.
+
+Exit status: 0 every target met (or not measured), 1 a target missed, 2 a command failed.
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MARKER = ".bench-params.json"
 KIB, MIB, MB = 1024, 1024 * 1024, 1_000_000
@@ -31,23 +43,37 @@ LARGE = (256 * KIB, 2 * MIB)
 BYTES_PER_FILE = (1 << 30) // 20_000  # 1 GiB for the default 20,000 files
 FIND_FMT = "%s %T@ %i %m %U %G\\n"
 REPO = Path(__file__).resolve().parent.parent
-WARM_RUNS = 3
-RSS_LIMIT_MB = 200
 #: integrity.scan.hasher.RECENT_NS in seconds (not imported: this script's RSS is the floor
 #: every child's peak RSS starts from).
 FRESH_S = 10
 
+#: The generated trees: name -> parameters (see generate()).
+GENERATED = {
+    "20k": ("tree20k", {"files": 20_000, "dirs": 400, "bytes": 20_000 * BYTES_PER_FILE,
+                        "seed": 1}),
+    "1m": ("tree1m", {"files": 1_000_000, "dirs": 10_000, "bytes": 0, "seed": 1,
+                      "sizes": [50, 4000]}),
+}
+
+# -- targets (SPEC "Performance and scale", issue 13) ---------------------------------------
+INIT_WARM = 1.3      # init / b3sum, warm
+INIT_COLD = 1.0      # init / b3sum, cold
+VERIFY_WARM = 1.3    # verify / b3sum
+FAST_FIND = 3.0      # verify --fast / find
+ETC_SECONDS = 0.3    # whole `integrity verify` of /etc
+RSS_MB = 150.0       # init, verify, watch at 1M entries (and everywhere)
+DB_BYTES = 200.0     # database bytes per entry
+AIDE_INIT = 5.0      # AIDE init / our init, at least
+AIDE_CHECK = 10.0    # AIDE check / our verify, at least
+
 
 @dataclass(frozen=True)
 class Command:
-    """A command to time: does it hash (else MB/s means nothing), its good exit codes, and
-    the reference its time is compared with."""
+    """A command to time, and the exit codes that are fine."""
 
     name: str
     argv: list[str]
-    hashes: bool
     ok: tuple[int, ...] = (0,)
-    ref: str | None = None
 
 
 @dataclass
@@ -68,9 +94,29 @@ class Result:
         return statistics.median(self.runs)
 
 
-class BenchError(Exception):
-    """The benchmark cannot go on: a command failed, or DIR is not ours to overwrite."""
+@dataclass
+class Target:
+    tree: str
+    label: str
+    value: float | None
+    limit: float
+    higher_is_better: bool = False
+    unit: str = "x"
+    note: str = ""
 
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "SKIP"
+        ok = self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+        return "PASS" if ok else "FAIL"
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on: a command failed, or a tree is not ours to overwrite."""
+
+
+# -- trees ----------------------------------------------------------------------------------
 
 def plan_sizes(n: int, total: int, rng: random.Random) -> list[int]:
     """Return n sizes, mostly 1-16 KiB and a few 256 KiB-2 MiB, summing to `total` if possible."""
@@ -94,17 +140,24 @@ def plan_sizes(n: int, total: int, rng: random.Random) -> list[int]:
     return sizes
 
 
-def generate(root: Path, params: dict[str, int]) -> None:
-    """Write the tree: files spread over `dirs` leaf directories under sqrt(dirs) top ones."""
+def generate(root: Path, params: dict[str, Any]) -> None:
+    """Write the tree: files spread over `dirs` leaf directories under sqrt(dirs) top
+    ones; sizes uniform in `sizes` when given (then `bytes` is 0: their sum), else
+    planned to sum to `bytes`."""
     rng = random.Random(params["seed"])
-    sizes = plan_sizes(params["files"], params["bytes"], rng)
+    if "sizes" in params:
+        low, high = params["sizes"]
+        sizes = [rng.randint(low, high) for _ in range(params["files"])]
+    else:
+        sizes = plan_sizes(params["files"], params["bytes"], rng)
     top = max(1, round(math.sqrt(params["dirs"])))
     leaves = [root / f"d{i % top:03d}" / f"s{i // top:03d}" for i in range(params["dirs"])]
     for leaf in leaves:
         leaf.mkdir(parents=True, exist_ok=True)
     # One random block sliced at random offsets, behind a per-file header, is as costly to
     # hash as fresh random data and much faster to produce.
-    block = memoryview(rng.randbytes(LARGE[1] + MIB))
+    longest = params["sizes"][1] if "sizes" in params else LARGE[1]
+    block = memoryview(rng.randbytes(longest + MIB))
     for i, size in enumerate(sizes):
         header = f"{params['seed']}:{i}\n".encode()[:size]
         offset = rng.randrange(len(block) - size)
@@ -114,60 +167,67 @@ def generate(root: Path, params: dict[str, int]) -> None:
     os.sync()  # so that writeback does not run during the first timings
 
 
-def prepare_tree(root: Path, params: dict[str, int]) -> tuple[int, int]:
-    """Reuse or (re)generate the tree at root; return (regular files, bytes) in it."""
+def prepare_tree(root: Path, params: dict[str, Any]) -> None:
+    """Reuse or (re)generate the tree at root."""
     marker = root / MARKER
     if marker.exists():
         old = json.loads(marker.read_text())
         if old.get("complete") and old.get("params") == params:
-            print(f"reusing the tree in {root}")
-            return count_tree(root)
+            print(f"reusing the tree in {root}", flush=True)
+            return
         shutil.rmtree(root)  # ours (it has a marker), but other parameters or unfinished
     elif root.exists() and any(root.iterdir()):
         raise BenchError(f"{root} is not empty and has no {MARKER}: refusing to overwrite it")
     root.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"params": params, "complete": False}))
     start = time.perf_counter()
+    print(f"generating {root} ...", flush=True)
     generate(root, params)
     marker.write_text(json.dumps({"params": params, "complete": True}))
-    print(f"generated {root} in {time.perf_counter() - start:.1f} s")
-    return count_tree(root)
+    print(f"generated {root} in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def age_tree(root: Path) -> None:
-    """Wait until the newest file of the tree is older than FRESH_S.
+    """Wait until the newest file of a generated tree is older than FRESH_S.
 
     integrity reads a file changed in the last seconds twice, since it may be inside
     a write (hasher.RECENT_NS). A protected tree is not written seconds before its
-    baseline, so a freshly generated one is let age before anything is timed; the
-    marker is the last file written.
+    baseline, so a freshly generated one is let age before anything is timed.
     """
     wait = os.stat(root / MARKER).st_ctime + FRESH_S + 0.5 - time.time()
     if wait > 0:
-        print(f"letting the fresh tree age {wait:.1f} s (files changed in the last "
-              f"{FRESH_S} s are read twice)")
+        print(f"letting the fresh tree age {wait:.1f} s", flush=True)
         time.sleep(wait)
 
 
-def count_tree(root: Path) -> tuple[int, int]:
-    """Count the regular files (the marker included: every command sees it) and their bytes."""
-    files = size = 0
-    for top, _, names in os.walk(root):
+def count_tree(root: Path) -> tuple[int, int, int]:
+    """(regular files, their bytes, all entries) without crossing filesystems, as the
+    commands see them."""
+    dev = os.lstat(root).st_dev
+    files = size = entries = 0
+    for top, dirs, names in os.walk(root):
+        entries += len(dirs) + len(names)
+        dirs[:] = [d for d in dirs if os.lstat(os.path.join(top, d)).st_dev == dev]
         for name in names:
-            files += 1
-            size += os.lstat(os.path.join(top, name)).st_size
-    return files, size
+            st = os.lstat(os.path.join(top, name))
+            if st.st_mode & 0o170000 == 0o100000:
+                files += 1
+                size += st.st_size
+    return files, size, entries + 1
 
 
-def ensure_b3sum() -> None:
-    """Install Debian's b3sum if it is not on PATH, updating the package lists if needed."""
-    if shutil.which("b3sum"):
-        return
+# -- tools ----------------------------------------------------------------------------------
+
+def ensure_tool(command: str, package: str) -> bool:
+    """Install a Debian package for a missing command; True when it is there."""
+    if shutil.which(command):
+        return True
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "b3sum"]
-    if subprocess.run(install, env=env).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, check=True)
-        subprocess.run(install, env=env, check=True)
+    install = ["apt-get", "install", "-y", "-q", package]
+    if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(install, env=env, stdout=subprocess.DEVNULL)
+    return shutil.which(command) is not None
 
 
 def drop_caches() -> None:
@@ -186,116 +246,34 @@ def run_once(cmd: Command, errlog: Path) -> tuple[float, int, int]:
         wall = time.perf_counter() - start
     proc.returncode = code = os.waitstatus_to_exitcode(status)  # so Popen does not reap again
     if code not in cmd.ok:
-        stderr = errlog.read_text(errors="replace").strip()
+        stderr = errlog.read_text(errors="replace").strip()[-3000:]
         raise BenchError(f"{cmd.name!r} exited {code}: {' '.join(cmd.argv)}\n{stderr}")
     return wall, code, usage.ru_maxrss
 
 
-def measure(cmds: list[Command], cold: bool, errlog: Path) -> dict[str, Result]:
-    """Warm: one warm-up run then WARM_RUNS timed runs each. Cold: one run after a cache drop."""
-    results: dict[str, Result] = {}
-    for cmd in cmds:
-        result = results[cmd.name] = Result(cmd)
-        if not cold:
-            run_once(cmd, errlog)
-        for _ in range(1 if cold else WARM_RUNS):
-            if cold:
-                drop_caches()
-            wall, code, rss = run_once(cmd, errlog)
-            result.runs.append(wall)
-            result.codes.add(code)
-            result.rss_kib = max(result.rss_kib, rss)
-    return results
-
-
-def rss_floor(errlog: Path) -> int:
-    """ru_maxrss of `true`: a child's figure starts from this script's RSS at exec time."""
-    return run_once(Command("true", ["true"], False), errlog)[2]
-
-
-def print_table(title: str, results: dict[str, Result], files: int, size: int,
-                floor_kib: int) -> None:
-    """Print one phase's figures; MB is 10^6 bytes, ratios compare best times."""
-    print(f"\n{title}")
-    print(f"{'command':<18}{'best s':>9}{'median s':>10}{'files/s':>11}{'MB/s':>9}"
-          f"{'peak RSS MB':>13}  ratio")
-    for name, res in results.items():
-        base = res.cmd.ref
-        ratio = f"{res.best / results[base].best:.2f}x {base}" if base in results else ""
-        mbs = f"{size / MB / res.best:9.0f}" if res.cmd.hashes else f"{'-':>9}"
-        rss = ("<=" if res.rss_kib <= floor_kib else "") + f"{res.rss_kib * KIB / MB:.1f}"
-        print(f"{name:<18}{res.best:9.3f}{res.median:10.3f}{files / res.best:11,.0f}{mbs}"
-              f"{rss:>13}  {ratio}")
-        if res.codes - {0}:
-            print(f"{'':<18}note: exit status {sorted(res.codes)}")
-
-
-RATIO_TARGETS = (  # label, phase, command, reference, limit on the ratio of best times
-    ("warm init <= 1.5x b3sum --no-mmap", "warm", "init --force", "b3sum --no-mmap", 1.5),
-    ("warm verify <= 1.5x b3sum --no-mmap", "warm", "verify", "b3sum --no-mmap", 1.5),
-    ("warm verify --fast <= 3x find", "warm", "verify --fast", "find", 3.0),
-    ("cold init <= 1.0x b3sum --no-mmap", "cold", "init --force", "b3sum --no-mmap", 1.0),
-)
-
-
-def check_targets(phases: dict[str, dict[str, Result]]) -> list[dict[str, object]]:
-    """Compare the figures with the issue's targets: PASS, MISS or SKIP (not measured)."""
-    rows: list[dict[str, object]] = []
-    for label, phase, name, base, limit in RATIO_TARGETS:
-        res = phases.get(phase, {})
-        value = res[name].best / res[base].best if name in res and base in res else None
-        rows.append({"target": label, "value": value, "met": value is not None and value <= limit})
-    rss = [r.rss_kib * KIB / MB for res in phases.values() for n, r in res.items()
-           if n.startswith(("init", "verify"))]
-    peak = max(rss) if rss else None
-    rows.append({"target": f"integrity peak RSS < {RSS_LIMIT_MB} MB", "value": peak,
-                 "met": peak is not None and peak < RSS_LIMIT_MB})
-    for row in rows:
-        row["status"] = "SKIP" if row["value"] is None else "PASS" if row["met"] else "MISS"
-    return rows
-
-
-def parse_args() -> argparse.Namespace:
-    """The command line; see the module docstring."""
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--dir", type=Path, help="tree location, kept (default: fresh in /var/tmp)")
-    ap.add_argument("--files", type=int, default=20_000)
-    ap.add_argument("--dirs", type=int, default=400, help="leaf directories")
-    ap.add_argument("--mb", type=int, help="total MiB (default: 1 GiB per 20,000 files)")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--keep", action="store_true", help="keep the default /var/tmp tree")
-    ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
-    ap.add_argument("--only-reference", action="store_true", help="time b3sum and find only")
-    ap.add_argument("--python-module", action="store_true", help="run `python3 -m integrity`")
-    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
-    return ap.parse_args()
-
-
-def commands(root: Path, integrity: list[str], work: Path) -> list[Command]:
-    """The references, then (if integrity is given) its commands on a policy written to work."""
-    pipe = 'find "$1" -type f -print0 | xargs -0 b3sum {}'
-    cmds = [Command("find", ["find", str(root), "-xdev", "-printf", FIND_FMT], False),
-            Command("b3sum --no-mmap", ["bash", "-c", pipe.format("--no-mmap"), "bash", str(root)],
-                    True),
-            Command("b3sum (default)", ["bash", "-c", pipe.format(""), "bash", str(root)], True)]
-    if integrity:
-        policy = work / "policy.toml"
-        policy.write_text(f'[[rule]]\npath = {json.dumps(str(root))}\ncheck = "static"\n')
-        base = [*integrity, "--db", f"sqlite:///{work}/bench.db", "--policy", str(policy)]
-        b3 = "b3sum --no-mmap"
-        cmds += [Command("init --force", [*base, "init", "--force"], True, ref=b3),
-                 Command("verify", [*base, "verify"], True, (0, 1), b3),
-                 Command("verify --fast", [*base, "verify", "--fast"], False, (0, 1), "find")]
-    return cmds
+def measure(cmd: Command, runs: int, errlog: Path, *, warm_up: bool = True,
+            cold: bool = False) -> Result:
+    """Warm: a warm-up run, then `runs` timed runs. Cold: each run after a cache drop."""
+    result = Result(cmd)
+    if warm_up and not cold:
+        run_once(cmd, errlog)
+    for _ in range(runs):
+        if cold:
+            drop_caches()
+        wall, code, rss = run_once(cmd, errlog)
+        result.runs.append(wall)
+        result.codes.add(code)
+        result.rss_kib = max(result.rss_kib, rss)
+    print(f"  {cmd.name:<22} best {result.best:8.3f} s  median {result.median:8.3f} s"
+          f"  peak RSS {result.rss_kib * KIB / MB:6.1f} MB"
+          + (f"  (exit {sorted(result.codes)})" if result.codes - {0} else ""), flush=True)
+    return result
 
 
 def compile_package(integrity: list[str]) -> None:
-    """Byte-compile the installed package, as a real install does.
-
-    An editable install under PYTHONDONTWRITEBYTECODE=1 (set on these machines)
-    would otherwise recompile every module on every run and time that too.
-    """
-    python = sys.executable if integrity[0] != sys.executable else integrity[0]
+    """Byte-compile the installed package, as a real install does (an editable install
+    under PYTHONDONTWRITEBYTECODE=1 would otherwise recompile every module every run)."""
+    python = integrity[0] if integrity[0].endswith(("python", "python3")) else sys.executable
     probe = subprocess.run([python, "-c", "import integrity, os; "
                             "print(os.path.dirname(integrity.__file__))"],
                            capture_output=True, text=True)
@@ -304,68 +282,294 @@ def compile_package(integrity: list[str]) -> None:
                        capture_output=True)
 
 
+def aide_commands(root: Path, work: Path) -> tuple[Command, Command]:
+    """Debian's AIDE over the same tree: sha256 and the same stat fields, 2 workers."""
+    conf = work / "aide.conf"
+    conf.write_text(
+        f"database_in=file:{work}/aide.db\n"
+        f"database_out=file:{work}/aide.db.new\n"
+        "gzip_dbout=no\nnum_workers=2\nreport_url=stdout\n"
+        "Checks = p+i+n+u+g+s+m+c+sha256\n"
+        f"{root} Checks\n")
+    init = Command("aide --init", ["aide", "--config", str(conf), "--init"])
+    check = Command("aide --check", ["aide", "--config", str(conf), "--check"],
+                    tuple(range(0, 14)))  # 1-7: differences found; 14+: errors
+    return init, check
+
+
+def watch_peak_rss(integrity: list[str], base: list[str], work: Path,
+                   timeout: float = 1800) -> tuple[float, float]:
+    """(seconds to READY=1, peak RSS MB of the daemon and its children) of `integrity
+    watch` started on the tree: its catch-up scan reads every file."""
+    sock_path = work / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    began = time.monotonic()
+    proc = subprocess.Popen([*base, "watch"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=open(work / "watch.log", "wb"),
+                            env={**os.environ, "NOTIFY_SOCKET": str(sock_path)}, cwd=REPO)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise BenchError("integrity watch exited:\n"
+                                 + (work / "watch.log").read_text(errors="replace")[-3000:])
+            if time.monotonic() - began > timeout:
+                raise BenchError("integrity watch never sent READY=1")
+            sock.settimeout(1.0)
+            try:
+                if "READY=1" in sock.recv(4096).decode().splitlines():
+                    break
+            except TimeoutError:
+                continue
+        ready = time.monotonic() - began
+        peak = 0
+        pids = [proc.pid] + children(proc.pid)
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+        return ready, peak * KIB / MB
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        sock.close()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def active_entries(db: Path) -> int:
+    """Entries of the baseline in force (read-only: the file is not changed)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT entries FROM baseline WHERE state = 'active'")
+                   .fetchone()[0])
+    finally:
+        conn.close()
+
+
+def db_bytes(db: Path) -> int:
+    """The database as it lies on disk: the file, its WAL and shared-memory index."""
+    return sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"))
+               if p.exists())
+
+
+# -- one tree ----------------------------------------------------------------------------------
+
+def bench_tree(name: str, root: Path, integrity: list[str], args: argparse.Namespace,
+               errlog: Path, targets: list[Target], figures: dict[str, Any]) -> None:
+    """Every measurement of one tree, its targets appended to `targets`."""
+    work = Path(tempfile.mkdtemp(prefix=f"integrity-bench-{name}-", dir="/var/tmp"))
+    try:
+        files, size, entries = count_tree(root)
+        print(f"\n== {name}: {root}: {entries:,} entries, {files:,} regular files, "
+              f"{size / MB:,.1f} MB", flush=True)
+        pipe = 'find "$1" -xdev -type f -print0 | xargs -0 b3sum {}'
+        # A live tree (/usr) may change under a command: find and b3sum then exit 1
+        # (xargs 123) for an entry gone meanwhile, and still did their work.
+        live = (0, 1, 123)
+        find = Command("find -printf", ["find", str(root), "-xdev", "-printf", FIND_FMT],
+                       live)
+        b3_read = Command("b3sum --no-mmap", ["bash", "-c", pipe.format("--no-mmap"), "bash",
+                                              str(root)], live)
+        b3_mmap = Command("b3sum (mmap, threads)", ["bash", "-c", pipe.format(""), "bash",
+                                                    str(root)], live)
+        policy = work / "policy.toml"
+        policy.write_text(f'[[rule]]\npath = {json.dumps(str(root))}\ncheck = "static"\n')
+        db = work / "bench.db"
+        base = [*integrity, "--db", f"sqlite:///{db}", "--policy", str(policy), "-q"]
+        init = Command("integrity init", [*base, "init", "--force"])
+        verify = Command("integrity verify", [*base, "verify"], (0, 1))
+        fast = Command("integrity verify --fast", [*base, "verify", "--fast"], (0, 1))
+        runs = args.runs
+        res: dict[str, Result] = {}
+        print("warm cache (a warm-up run, then best and median of "
+              f"{runs}):", flush=True)
+        for cmd in (find, b3_read, b3_mmap, init, verify, fast):
+            res[cmd.name] = measure(cmd, runs, errlog)
+        entries_db = active_entries(db)
+        per_entry = db_bytes(db) / max(entries_db, 1)
+        print(f"  database: {db_bytes(db) / MB:.1f} MB for {entries_db:,} entries "
+              f"({per_entry:.0f} bytes per entry, after {runs + 1} init --force)", flush=True)
+        ref = min(res[b3_read.name].best, res[b3_mmap.name].best)
+        ref_name = "b3sum"
+        cold: dict[str, Result] = {}
+        if args.no_cold or os.geteuid() != 0 or name in args.no_cold_trees:
+            print("cold cache: skipped", flush=True)
+        else:
+            print("cold cache (one run each after dropping the caches):", flush=True)
+            for cmd in (b3_read, b3_mmap, init):
+                cold[cmd.name] = measure(cmd, 1, errlog, cold=True)
+        aide: dict[str, Result] = {}
+        if not args.no_aide and shutil.which("aide"):
+            print("AIDE (sha256, 2 workers; one run each, warm):", flush=True)
+            aide_init, aide_check = aide_commands(root, work)
+            aide[aide_init.name] = measure(aide_init, 1, errlog)
+            os.replace(work / "aide.db.new", work / "aide.db")
+            aide[aide_check.name] = measure(aide_check, 1, errlog, warm_up=False)
+        watch: tuple[float, float] | None = None
+        if name == "1m" and not args.no_watch:
+            print("watch: catch-up scan to READY=1, then peak RSS", flush=True)
+            watch = watch_peak_rss(integrity, base, work)
+            print(f"  ready after {watch[0]:.1f} s, peak RSS {watch[1]:.1f} MB", flush=True)
+
+        def add(label: str, value: float | None, limit: float, **kw: Any) -> None:
+            targets.append(Target(name, label, value, limit, **kw))
+
+        add(f"init warm <= {INIT_WARM}x {ref_name}", res[init.name].best / ref, INIT_WARM,
+            note=f"{res[init.name].best:.2f} s vs {ref:.2f} s")
+        add(f"verify warm <= {VERIFY_WARM}x {ref_name}", res[verify.name].best / ref,
+            VERIFY_WARM, note=f"{res[verify.name].best:.2f} s vs {ref:.2f} s")
+        add(f"verify --fast <= {FAST_FIND:g}x find", res[fast.name].best / res[find.name].best,
+            FAST_FIND, note=f"{res[fast.name].best:.2f} s vs {res[find.name].best:.2f} s")
+        if cold:
+            cold_ref = min(cold[b3_read.name].best, cold[b3_mmap.name].best)
+            add(f"init cold <= {INIT_COLD}x {ref_name}", cold[init.name].best / cold_ref,
+                INIT_COLD, note=f"{cold[init.name].best:.2f} s vs {cold_ref:.2f} s")
+        else:
+            add(f"init cold <= {INIT_COLD}x {ref_name}", None, INIT_COLD, note="not run")
+        for cmd in (init, verify, fast):
+            add(f"peak RSS of {cmd.name.removeprefix('integrity ')} <= {RSS_MB:g} MB",
+                res[cmd.name].rss_kib * KIB / MB, RSS_MB, unit=" MB")
+        if watch is not None:
+            add(f"peak RSS of watch <= {RSS_MB:g} MB", watch[1], RSS_MB, unit=" MB",
+                note=f"READY after a {watch[0]:.1f} s catch-up scan")
+        add(f"database <= {DB_BYTES:g} bytes per entry", per_entry, DB_BYTES, unit=" B",
+            note=f"{db_bytes(db) / MB:.1f} MB, {entries_db:,} entries")
+        if aide:
+            ours_init, ours_verify = res[init.name].median, res[verify.name].median
+            add(f"AIDE init >= {AIDE_INIT:g}x our init", aide["aide --init"].best / ours_init,
+                AIDE_INIT, higher_is_better=True,
+                note=f"{aide['aide --init'].best:.2f} s vs {ours_init:.2f} s (our median)")
+            add(f"AIDE check >= {AIDE_CHECK:g}x our verify",
+                aide["aide --check"].best / ours_verify, AIDE_CHECK, higher_is_better=True,
+                note=f"{aide['aide --check'].best:.2f} s vs {ours_verify:.2f} s (our median)")
+        figures[name] = {
+            "root": str(root), "entries": entries, "files": files, "bytes": size,
+            "db_bytes": db_bytes(db), "db_entries": entries_db,
+            "watch": {"ready_s": watch[0], "peak_rss_mb": watch[1]} if watch else None,
+            **{phase: {n: {"runs": r.runs, "best": r.best, "median": r.median,
+                           "peak_rss_kib": r.rss_kib, "exit_codes": sorted(r.codes)}
+                       for n, r in results.items()}
+               for phase, results in (("warm", res), ("cold", cold), ("aide", aide))}}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_etc(integrity: list[str], errlog: Path, targets: list[Target],
+              figures: dict[str, Any]) -> None:
+    """`integrity verify` of /etc, the whole process (start-up dominates)."""
+    work = Path(tempfile.mkdtemp(prefix="integrity-bench-etc-", dir="/var/tmp"))
+    try:
+        policy = work / "policy.toml"
+        policy.write_text('[[rule]]\npath = "/etc"\ncheck = "static"\n')
+        base = [*integrity, "--db", f"sqlite:///{work}/etc.db", "--policy", str(policy), "-q"]
+        print("\n== /etc", flush=True)
+        run_once(Command("integrity init", [*base, "init"]), errlog)
+        result = measure(Command("integrity verify /etc", [*base, "verify"], (0, 1)), 10,
+                         errlog)
+        targets.append(Target("/etc", f"verify of /etc <= {ETC_SECONDS} s, whole process",
+                              result.best, ETC_SECONDS, unit=" s",
+                              note=f"median {result.median:.3f} s"))
+        figures["etc"] = {"runs": result.runs, "best": result.best, "median": result.median}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def print_targets(targets: list[Target]) -> None:
+    print(f"\n{'tree':<6} {'target':<44} {'measured':>12}  result  note")
+    for t in targets:
+        value = "-" if t.value is None else (
+            f"{t.value:.2f}{t.unit}" if t.unit == "x" else f"{t.value:.3g}{t.unit}")
+        print(f"{t.tree:<6} {t.label:<44} {value:>12}  {t.status:<6}  {t.note}")
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line; see the module docstring."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--trees", default="20k,usr,1m", help="comma-separated: 20k, usr, 1m")
+    ap.add_argument("--cache", type=Path, default=Path("/var/tmp/integrity-bench"),
+                    help="where generated trees are kept between runs")
+    ap.add_argument("--usr", type=Path, default=Path("/usr"), help="the `usr` tree")
+    ap.add_argument("--runs", type=int, default=3, help="timed warm runs per command")
+    ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
+    ap.add_argument("--no-cold-trees", default="", help="skip cold runs on these trees")
+    ap.add_argument("--no-aide", action="store_true", help="skip AIDE")
+    ap.add_argument("--no-etc", action="store_true", help="skip the /etc start-up run")
+    ap.add_argument("--no-watch", action="store_true", help="skip the watcher on the 1M tree")
+    ap.add_argument("--python-module", action="store_true", help="run `python3 -m integrity`")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the figures here")
+    args = ap.parse_args()
+    args.no_cold_trees = set(filter(None, args.no_cold_trees.split(",")))
+    return args
+
+
 def main() -> int:
-    """Build or reuse the tree, time everything, print and save the figures."""
+    """Prepare the trees, measure everything, print the target table."""
     args = parse_args()
-    integrity: list[str] = []
     if args.python_module:
         integrity = [sys.executable, "-m", "integrity"]
-    elif not args.only_reference:
+    else:
         exe = shutil.which("integrity")
         if not exe:
-            print("no `integrity` on PATH: use --python-module or --only-reference",
-                  file=sys.stderr)
+            print("no `integrity` on PATH: use --python-module", file=sys.stderr)
             return 2
         integrity = [exe]
-    ensure_b3sum()
-    if integrity:
-        compile_package(integrity)
-    total = args.mb * MIB if args.mb else args.files * BYTES_PER_FILE
-    params = {"files": args.files, "dirs": args.dirs, "bytes": total, "seed": args.seed}
-    root = (args.dir or Path(tempfile.mkdtemp(prefix="integrity-bench-", dir="/var/tmp"))).resolve()
-    work = Path(tempfile.mkdtemp(prefix="integrity-bench-work-"))
-    errlog = work / "stderr"
+    ensure_tool("b3sum", "b3sum")
+    if not args.no_aide and not ensure_tool("aide", "aide"):
+        print("aide could not be installed: its targets are skipped", flush=True)
+    compile_package(integrity)
+    trees = [t.strip() for t in args.trees.split(",") if t.strip()]
+    targets: list[Target] = []
+    figures: dict[str, Any] = {}
+    errlog = Path(tempfile.mkstemp(prefix="integrity-bench-stderr-")[1])
     try:
-        files, size = prepare_tree(root, params)
-        age_tree(root)
-        print(f"tree {root}: {files:,} regular files, {size:,} bytes ({size / MB:,.1f} MB), "
-              f"{args.dirs} leaf directories")
-        cmds = commands(root, integrity, work)
-        phases = {"warm": measure(cmds, cold=False, errlog=errlog)}
-        floor = rss_floor(errlog)  # taken after the runs: this script's RSS only grows
-        print_table(f"warm cache (best of {WARM_RUNS} after a warm-up run)", phases["warm"],
-                    files, size, floor)
-        if args.no_cold or os.geteuid() != 0:
-            print("\ncold cache: skipped (" + ("--no-cold)" if args.no_cold else "needs root)"))
-        else:
-            phases["cold"] = measure(cmds, cold=True, errlog=errlog)
-            floor = rss_floor(errlog)
-            print_table("cold cache (one run after dropping the caches)", phases["cold"],
-                        files, size, floor)
-        print(f"\npeak RSS: ru_maxrss from wait4, the largest single process of the command's"
-              f" tree (not a sum); <= marks the {floor * KIB / MB:.1f} MB floor that a child"
-              f" inherits from this script's RSS at exec\n")
-        targets = check_targets(phases) if integrity else []
-        for row in targets:
-            value = "-" if row["value"] is None else f"{row['value']:.2f}"
-            print(f"{row['status']:<5} {row['target']:<40} measured {value}")
-        if args.json:
-            figures = {phase: {n: {"runs": r.runs, "best": r.best, "median": r.median,
-                                   "peak_rss_kib": r.rss_kib, "exit_codes": sorted(r.codes)}
-                               for n, r in res.items()} for phase, res in phases.items()}
-            args.json.write_text(json.dumps(
-                {"tree": {"root": str(root), "files": files, "bytes": size, "params": params},
-                 "rss_floor_kib": floor, **figures, "targets": targets}, indent=2) + "\n")
-        return 1 if any(row["status"] == "MISS" for row in targets) else 0
+        for name in trees:
+            if name in GENERATED:
+                dirname, params = GENERATED[name]
+                root = (args.cache / dirname).resolve()
+                prepare_tree(root, params)
+                age_tree(root)
+            elif name == "usr":
+                root = args.usr
+            else:
+                raise BenchError(f"unknown tree {name!r} (20k, usr, 1m)")
+            bench_tree(name, root, integrity, args, errlog, targets, figures)
+        if not args.no_etc:
+            bench_etc(integrity, errlog, targets, figures)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if args.dir is None and not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        elif args.dir is None:
-            print(f"kept the tree: rerun with --dir {root} to reuse it")
+        errlog.unlink(missing_ok=True)
+    print_targets(targets)
+    print("\nRatios compare best warm times (AIDE: its one run against our median); "
+          "b3sum is the faster of --no-mmap and its default (mmap, threads); peak RSS is "
+          "ru_maxrss of the largest single process; MB = 10^6 bytes. Load average now: "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures, "targets": [
+            {**t.__dict__, "status": t.status} for t in targets]}, indent=2) + "\n")
+    return 1 if any(t.status == "FAIL" for t in targets) else 0
 
 
 if __name__ == "__main__":

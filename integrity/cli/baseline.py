@@ -30,13 +30,15 @@ def init(env: Env, force: bool, sign_key: str | None) -> None:
     from integrity.ops.baseline import build_baseline
     from integrity.ops.who import invoking_label
     from integrity.report import make_progress
+    from integrity.scan.priority import scan_priority
 
     policy = env.policy
     progress, shown = make_progress("baseline", env.quiet)
     try:
-        result = build_baseline(lambda: env.store(must_exist=False), policy, force=force,
-                                actor=invoking_label(), progress=progress,
-                                sign_key=sign_key)
+        with scan_priority(policy.scan):  # [scan] nice and io_class
+            result = build_baseline(lambda: env.store(must_exist=False), policy,
+                                    force=force, actor=invoking_label(),
+                                    progress=progress, sign_key=sign_key)
     finally:
         if shown:
             shown.done()
@@ -84,12 +86,14 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
     from integrity.ops.seal import Pins
     from integrity.ops.verify import verify_and_alert
     from integrity.report import dump_json, make_progress, verify_json, verify_text
+    from integrity.scan.priority import scan_priority
 
     progress, shown = make_progress("verify", env.quiet or as_json)
     try:
-        verification = verify_and_alert(env.store, env.policy, paths, fast=fast,
-                                        progress=progress,
-                                        pins=Pins(expect_root, expect_key, expect_head))
+        with scan_priority(env.policy.scan):  # [scan] nice and io_class
+            verification = verify_and_alert(env.store, env.policy, paths, fast=fast,
+                                            progress=progress,
+                                            pins=Pins(expect_root, expect_key, expect_head))
     finally:
         if shown:
             shown.done()

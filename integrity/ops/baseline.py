@@ -23,7 +23,7 @@ from integrity.policy import Policy
 from integrity.policy.sealed import sealed_text
 from integrity.record import FileRecord
 from integrity.scan import Progress, TreeScan
-from integrity.trust import MerkleRoot, leaf, signer_of
+from integrity.trust import LEAF_BATCH, MerkleRoot, leaf, signer_of
 
 if TYPE_CHECKING:
     from integrity.store import BaselineInfo, Store
@@ -48,16 +48,19 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
     if sign_key:
         signer_of(sign_key)  # a bad key fails now, not after the whole scan
     warnings: list[ScanWarning] = []
-    with TreeScan(policy, parallel=parallel) as scan:
+    # Who installed each path and the entry's Merkle leaf are worked out where it is
+    # hashed (in the workers, on every core): this process writes the rows.
+    with TreeScan(policy, parallel=parallel, owners=lambda: package_owner(policy),
+                  max_read_rate=policy.scan.max_read_rate) as scan:
         live = scan.live()
         store = open_store()
-        owner = package_owner(policy)
         merkle = MerkleRoot()
         text = sealed_text(policy)
         keeper = ContentKeeper(store, policy)
         pending: dict[bytes, Kept] = {}
 
         def records() -> Iterator[tuple[FileRecord, str | None, bytes | None]]:
+            leaves: list[bytes] = []
             for item in live:
                 if isinstance(item, ScanWarning):
                     warnings.append(item)
@@ -68,7 +71,7 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                 if rec is not None:
                     if progress is not None:
                         progress.add(rec.size)
-                    package = owner(rec.path) if owner is not None else None
+                    package = item.package
                     kept = keeper.keep(rec, item.rule) if keeper.wants(rec, item.rule) \
                         else None
                     if kept is not None:
@@ -79,8 +82,14 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                             store.contents.put(texts(pending))
                             pending.clear()
                     digest = kept.digest if kept is not None else None
-                    merkle.add(leaf(to_key(rec.path), rec, package, digest))
+                    # The worker's leaf assumed no kept text.
+                    leaves.append(item.leaf if digest is None and item.leaf is not None
+                                  else leaf(to_key(rec.path), rec, package, digest))
+                    if len(leaves) >= LEAF_BATCH:
+                        merkle.add_many(leaves)
+                        leaves = []
                     yield rec, package, digest
+            merkle.add_many(leaves)
             store.contents.put(texts(pending))
 
         with store.exclusive():

@@ -25,9 +25,9 @@ from integrity.paths import display, from_key
 from integrity.policy import Policy
 from integrity.policy.sealed import as_sealed, sealed_digest, sealed_text
 from integrity.record import FileRecord
-from integrity.trust import (EMPTY_ROOT, MerkleRoot, TrustError, check_signature,
-                             fingerprint, leaf, leaf_v1, public_key_bytes, seal,
-                             sign, signature_valid, signer_of)
+from integrity.trust import (EMPTY_ROOT, LEAF_BATCH, MerkleRoot, TrustError,
+                             check_signature, fingerprint, leaf, leaf_v1,
+                             public_key_bytes, seal, sign, signature_valid, signer_of)
 
 if TYPE_CHECKING:
     from integrity.store import Store
@@ -50,22 +50,31 @@ class SealCheck:
         self.info = info
         self._merkle = MerkleRoot()
         self._leaf_v2 = info.seal_version >= 2
+        self._leaves: list[bytes] = []
         #: The kept text digest of each entry that has one, by key (for diffs).
         self.kept: dict[bytes, bytes] = {}
 
     def stream(self, entries: Entries) -> Iterator[tuple[bytes, FileRecord]]:
-        """The (key, record) pairs the scan wants, each entering the root on the way."""
-        add = self._merkle.add
+        """The (key, record) pairs the scan wants, each entering the root on the way
+        (leaves go into the tree LEAF_BATCH at a time: MerkleRoot.add_many)."""
         kept = self.kept
+        leaves = self._leaves
+        add_many = self._merkle.add_many
         if self._leaf_v2:
             for key, rec, package, text in entries:
-                add(leaf(key, rec, package, text))
+                leaves.append(leaf(key, rec, package, text))
+                if len(leaves) >= LEAF_BATCH:
+                    add_many(leaves)
+                    leaves.clear()
                 if text is not None:
                     kept[key] = text
                 yield key, rec
         else:
             for key, rec, _package, _text in entries:
-                add(leaf_v1(key, rec))
+                leaves.append(leaf_v1(key, rec))
+                if len(leaves) >= LEAF_BATCH:
+                    add_many(leaves)
+                    leaves.clear()
                 yield key, rec
 
     def consume(self, entries: Entries) -> None:
@@ -75,6 +84,8 @@ class SealCheck:
 
     def finish(self) -> None:
         """Raise TrustError unless everything streamed hashes to the recorded root."""
+        self._merkle.add_many(self._leaves)
+        self._leaves.clear()
         check_root(self.info, self._merkle.hexdigest())
 
 
@@ -183,8 +194,13 @@ def approval_sealer(sign_key: str | None
     def make(entries: Entries, generation: int, activated: dt.datetime,
              policy_text: str) -> Sealed:
         merkle = MerkleRoot()
+        leaves: list[bytes] = []
         for entry in entries:
-            merkle.add(leaf(*entry))
+            leaves.append(leaf(*entry))
+            if len(leaves) >= LEAF_BATCH:
+                merkle.add_many(leaves)
+                leaves = []
+        merkle.add_many(leaves)
         root = seal(merkle.hexdigest(), sealed_digest(policy_text), generation, activated)
         return _signed(root, sign_key)
     return make
@@ -230,9 +246,13 @@ class SealedIndex:
         v2 = info.seal_version >= 2
         block = blake3.blake3()
         count = 0
+        leaves: list[bytes] = []
         for key, rec, package, kept in entries:
             digest = leaf(key, rec, package, kept)
-            merkle.add(digest if v2 else leaf_v1(key, rec))
+            leaves.append(digest if v2 else leaf_v1(key, rec))
+            if len(leaves) >= LEAF_BATCH:
+                merkle.add_many(leaves)
+                leaves = []
             if count % cls.BLOCK == 0:
                 if count:
                     index.digests.append(block.digest())
@@ -242,6 +262,7 @@ class SealedIndex:
             count += 1
         if count:
             index.digests.append(block.digest())
+        merkle.add_many(leaves)
         check_root(info, merkle.hexdigest())
         check_pins(info, effective_policy(info, policy), current=policy)
         return index

@@ -86,7 +86,10 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     database overlaps with the first files' hashing.
     """
     context = context or EventContext()
-    scan = _early_scan(policy, paths, fast, parallel)
+    # [scan] max_read_rate (the policy file's: it is not sealed) paces scans, never a
+    # realtime re-check.
+    rate = policy.scan.max_read_rate if source != "realtime" else None
+    scan = _early_scan(policy, paths, fast, parallel, rate)
     try:
         store = open_store()
         info = store.baselines.require()
@@ -96,7 +99,7 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
                 scan.close()
             store.close()  # no connection crosses the fork; the engine reconnects
             scan = TreeScan(effective, normalize_paths(effective, paths, waypoints=True) or None,
-                            fast=fast, parallel=parallel)
+                            fast=fast, parallel=parallel, max_read_rate=rate)
         run_id = store.runs.start(source, info.id, scan.wanted, fast)
         ranges = [key_range(r) for r in scan.roots]
         kept: dict[bytes, bytes] = {}
@@ -138,14 +141,15 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
 
 
 def _early_scan(policy: Policy, paths: Sequence[str | bytes], fast: bool,
-                parallel: bool | int | None) -> TreeScan | None:
+                parallel: bool | int | None, rate: int | None) -> TreeScan | None:
     """The scan as the policy file asks for it, forked before the database opens;
     None when the file does not cover a path (the sealed policy may)."""
     try:
         wanted = normalize_paths(policy, paths, waypoints=True)
     except UsageError:
         return None
-    return TreeScan(policy, wanted or None, fast=fast, parallel=parallel)
+    return TreeScan(policy, wanted or None, fast=fast, parallel=parallel,
+                    max_read_rate=rate)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from integrity.policy import cron
 from integrity.policy.content import ContentPolicy, parse_content
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
 from integrity.policy.metrics import MetricsSettings, parse_metrics
+from integrity.policy.scan import ScanSettings as ScanSettings
+from integrity.policy.scan import parse_scan
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
 from integrity.policy.dropins import (Origins, digest, dropin_files, locate, merge,
@@ -32,7 +34,7 @@ DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
 _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
-             "severity", "content", "metrics"}
+             "severity", "content", "metrics", "scan"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "include", "override", "recursive",
@@ -68,6 +70,8 @@ class Policy:
     #: `[metrics]`: where verify and scans write node_exporter's textfile, and the
     #: address the watcher serves /metrics on (policy/metrics.py validates both).
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    #: `[scan]`: nice level, I/O class and read-rate ceiling of scans (policy/scan.py).
+    scan: ScanSettings = field(default_factory=ScanSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path",
@@ -254,9 +258,10 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "",
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
     content = parse_content(data.get("content"), fail)
     metrics = parse_metrics(data.get("metrics", {}), fail)
+    scan = parse_scan(data.get("scan", {}), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
                   full_scan, tuple(alerts), digest, public_key, events, (source,),
-                  dict(data), content, metrics)
+                  dict(data), content, metrics, scan)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,

@@ -198,6 +198,14 @@ class Service:
                                source="realtime", context=context, index=index))
 
     def _handle_scan(self, task: _Task) -> None:
+        from integrity.scan.priority import scan_priority
+
+        # [scan] nice for every scan of this thread, the idle I/O class (by default)
+        # for all but the rescan after an overflow, which events are waiting on.
+        with scan_priority(self.policy.scan, scheduled=task.kind != "overflow"):
+            self._scan_task(task)
+
+    def _scan_task(self, task: _Task) -> None:
         if task.kind == "full":
             self._full_scan()
         elif task.kind == "prune" and self.policy.retention:
@@ -217,7 +225,7 @@ class Service:
                 reason = next((u.reason for u in self.unwatched if u.root == root), "")
                 self._warn(root, f"not watched in real time: {reason}; scanned every "
                                  f"{UNWATCHED_SCAN_SECONDS} s instead")
-            self._handle_scan(_Task("subtrees", paths=task.paths))
+            self._scan_task(_Task("subtrees", paths=task.paths))
         elif task.kind == "subtrees":
             roots = [p for p in task.paths if self.policy.in_scope(p)]
             if roots:

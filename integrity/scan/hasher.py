@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 
 import blake3
 
+from integrity.scan.priority import charge
+
 #: Files up to this size are read with one read() call into a fresh bytes object.
 SMALL_FILE = 256 << 10
 #: Larger files are read in chunks of this size into a reused per-thread buffer and
@@ -104,6 +106,7 @@ def _feed(fd: int, size: int, updates: Iterable[Callable[[Any], object]]) -> Non
     """Read fd to its end into every update function; raise FileChanged on a size mismatch."""
     if size <= SMALL_FILE:
         data = os.read(fd, size + 1)
+        charge(len(data))
         if len(data) != size:
             raise FileChanged
         for update in updates:
@@ -116,6 +119,7 @@ def _feed(fd: int, size: int, updates: Iterable[Callable[[Any], object]]) -> Non
         n = os.readv(fd, [buf])
         if not n:
             break
+        charge(n)
         total += n
         if total > size:
             raise FileChanged
@@ -147,6 +151,7 @@ def read_recent(fd: int, size: int) -> bytes:
     """
     settle(fd)
     data = os.pread(fd, size + 1, 0)
+    charge(2 * len(data))
     if len(data) != size or os.pread(fd, size + 1, 0) != data:
         raise FileChanged
     return data
@@ -166,6 +171,7 @@ def blake3_fd(fd: int, expected: os.stat_result, recent: int | None = None) -> b
             data = read_recent(fd, size)
         else:
             data = os.read(fd, size + 1)
+            charge(len(data))
             if len(data) != size:
                 raise FileChanged
         digest = blake3.blake3(data).digest()

@@ -28,7 +28,10 @@ from integrity.scan.hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, 
                      recent_since, xattr_digest, xattr_digest_at)
 from integrity.record import FileRecord
 from integrity.policy import Policy, Rule
+from integrity.scan.priority import ReadLimit, current_limit
 from integrity.scan.walker import NOT_IN_TREE, WalkEntry, open_parent, walk
+from integrity.paths import to_key as _to_key
+from integrity.trust import leaf as _leaf
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +158,37 @@ class Materialized(NamedTuple):
 
 
 class Hashed(NamedTuple):
-    """A live entry as a full scan saw it: its record or the problem that stopped it."""
+    """A live entry as a full scan saw it: its record or the problem that stopped it.
+    With `with_leaves`, also its package owner and Merkle leaf (for no kept text)."""
 
     path: bytes
     record: FileRecord | None
     problem: ScanWarning | None
     rule: Rule
+    package: str | None = None
+    leaf: bytes | None = None
+
+
+#: Who installed a path (dpkg/rpm), or None when no package owns anything scanned.
+Owner = Callable[[bytes], "str | None"]
+#: Makes the Owner where the hashing runs (in a worker: after its fork).
+OwnerFactory = Callable[[], "Owner | None"]
+
+
+def with_leaves(items: Iterable[Hashed | ScanWarning], owners: OwnerFactory
+                ) -> Iterator[Hashed | ScanWarning]:
+    """`items`, each record with its package owner and its seal-v2 Merkle leaf as if
+    no text were kept for it (init recomputes the few that keep one). Run in the
+    workers, this takes the per-entry leaf off the process that writes the baseline."""
+    owner = owners()
+    for item in items:
+        if isinstance(item, ScanWarning) or item.record is None:
+            yield item
+            continue
+        rec = item.record
+        package = owner(rec.path) if owner is not None else None
+        yield _new(Hashed, (item.path, rec, item.problem, item.rule, package,
+                            _leaf(_to_key(rec.path), rec, package, None)))
 
 
 def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True,
@@ -175,7 +203,7 @@ def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True
         else:
             entry = out.entry
             assert entry is not None
-            yield Hashed(entry.path, out.record, out.problem, entry.rule)
+            yield Hashed(entry.path, out.record, out.problem, entry.rule, None, None)
 
 
 def _hash_all(entry: WalkEntry, _old: FileRecord | None) -> bool:
@@ -205,6 +233,8 @@ def materialize(items: Iterable[Pair | ScanWarning],
     # Warnings wait in the window too, so they leave in the order they came.
     window: deque[_Opened | ScanWarning] = deque()
     recent = recent_since()
+    # [scan] max_read_rate of this thread (read_recent charges its own reads).
+    limit = current_limit()
     # Read-ahead costs ~5 µs a file on a warm cache and halves a cold run, so it
     # starts off and is switched on when a sampled file takes disk-like time.
     depth = 0 if _WILLNEED is not None else -1
@@ -254,13 +284,13 @@ def materialize(items: Iterable[Pair | ScanWarning],
             sample += 1
             if sample % _SAMPLE_EVERY == 0:
                 started = time.perf_counter()
-                out = _finish(window.popleft(), recent)
+                out = _finish(window.popleft(), recent, limit)
                 if time.perf_counter() - started > _COLD_SECONDS:
                     depth = readahead
                     log.debug("cold cache: reading ahead %d files", depth)
                 yield out
         while len(window) > max(depth, 0):
-            yield _finish(window.popleft(), recent)
+            yield _finish(window.popleft(), recent, limit)
         if tick is not None:
             n += 1
             if entry is not None:
@@ -269,7 +299,7 @@ def materialize(items: Iterable[Pair | ScanWarning],
             if n % every == 0:
                 tick(progress)  # type: ignore[arg-type]
     while window:
-        yield _finish(window.popleft(), recent)
+        yield _finish(window.popleft(), recent, limit)
 
 
 def _xattrs_unopened(entry: WalkEntry, old: FileRecord | None) -> bytes | None:
@@ -281,7 +311,8 @@ def _xattrs_unopened(entry: WalkEntry, old: FileRecord | None) -> bytes | None:
     return _xattrs_at(entry.dir_fd, entry.name, entry.path, True)
 
 
-def _finish(item: _Opened | ScanWarning, recent: int) -> Materialized | ScanWarning:
+def _finish(item: _Opened | ScanWarning, recent: int,
+            limit: ReadLimit | None = None) -> Materialized | ScanWarning:
     """Hash an opened file (or record a non-file) and build its FileRecord.
 
     A file whose ctime is at or after `recent` may be mid-write and is read twice
@@ -300,9 +331,12 @@ def _finish(item: _Opened | ScanWarning, recent: int) -> Materialized | ScanWarn
         try:
             size = st.st_size
             if size <= SMALL_FILE:
-                # A recently changed file may be mid-write: settled and read twice.
-                data = _read(fd, size + 1) if st.st_ctime_ns < recent else read_recent(
-                    fd, size)
+                if st.st_ctime_ns < recent:
+                    data = _read(fd, size + 1)
+                    if limit is not None:  # [scan] max_read_rate
+                        limit.charge(len(data))
+                else:  # recently changed, may be mid-write: settled and read twice
+                    data = read_recent(fd, size)
                 after = _fstat(fd)
                 if (len(data) != size or after.st_ino != st.st_ino
                         or after.st_size != size or after.st_mtime_ns != st.st_mtime_ns

@@ -146,15 +146,16 @@ class Baselines:
             writer.abort()
             self._discard(new_id)
             raise
-        with self.db.writer() as conn, conn.begin():
-            _sweep(conn)
+        with self.db.unchecked_writer() as conn:
+            _sweep(conn)  # entries first: fine without foreign-key checks
             sweep_contents(conn)
+        self.db.give_back_free_pages()
         return self.require()
 
     def _discard(self, baseline_id: int) -> None:
         """Best-effort removal of an unfinished generation (the sweep catches the rest)."""
         try:
-            with self.db.writer() as conn, conn.begin():
+            with self.db.unchecked_writer() as conn:
                 conn.execute(schema.entry.delete()
                              .where(schema.entry.c.baseline_id == baseline_id))
                 conn.execute(schema.baseline.delete()

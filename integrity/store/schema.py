@@ -67,6 +67,9 @@ entry = Table(
     Column("package", String(255)),
     # The digest of the text kept for it (the content table), when one is kept.
     Column("kept", LargeBinary),
+    # In SQLite the table is the primary key's B-tree: a rowid table kept every key
+    # twice, in the rows and in the key's index (migration 0011).
+    sqlite_with_rowid=False,
 )
 
 #: Entry columns in FileRecord field order (after baseline_id).

@@ -1,0 +1,174 @@
+"""The scale work of issue 13 that is not timed: Merkle leaves made where files are
+hashed, Merkle blocks, free pages given back and the WITHOUT ROWID entry table.
+
+Speed itself lives in benchmarks/bench_baseline.py; these assert that the faster
+ways give exactly what the plain ways give.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from integrity.ops.baseline import build_baseline
+from integrity.ops.seal import check_root
+from integrity.ops.verify import verify
+from integrity.policy import parse
+from integrity.scan.records import hash_tree, with_leaves
+from integrity.store import Store
+from integrity.trust import MerkleRoot, leaf, root_of
+from integrity.paths import to_key
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 64, 1000, 1023, 1024, 1025, 5000])
+def test_merkle_add_many_gives_the_root_of_add(count: int) -> None:
+    rng = random.Random(count)
+    leaves = [rng.randbytes(32) for _ in range(count)]
+    one = MerkleRoot()
+    for digest in leaves:
+        one.add(digest)
+    many = MerkleRoot()
+    i = 0
+    while i < count:  # blocks of any size, in any alignment
+        step = rng.randint(1, 700)
+        many.add_many(leaves[i:i + step])
+        i += step
+    assert many.count == one.count == count
+    assert many.hexdigest() == one.hexdigest()
+
+
+def kept_and_packaged_policy(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    """A tree with a kept text (config keeps small texts) and a dpkg-owned tree."""
+    etc = tmp_path / "etc"
+    (etc / "sub").mkdir(parents=True)
+    (etc / "app.conf").write_text("listen = 80\n")
+    (etc / "sub" / "other.conf").write_text("mode = strict\n")
+    (etc / "blob").write_bytes(os.urandom(3000))
+    return etc, {"rule": [{"path": str(etc), "check": "config"},
+                          {"path": "/usr/share/doc/dpkg", "check": "static"}]}
+
+
+def test_worker_leaves_are_the_leaves_of_record_and_owner(tmp_path: Path) -> None:
+    """with_leaves gives each record its package owner and trust.leaf of it."""
+    etc, data = kept_and_packaged_policy(tmp_path)
+    policy = parse(data)
+    owners = {b"/usr/share/doc/dpkg/changelog.gz": "dpkg"}
+    seen = 0
+    for item in with_leaves(hash_tree(policy, None), lambda: owners.get):
+        if isinstance(item, Exception) or item.record is None:
+            continue
+        rec = item.record
+        assert item.package == owners.get(rec.path)
+        assert item.leaf == leaf(to_key(rec.path), rec, item.package, None)
+        seen += 1
+    assert seen > 4
+
+
+@pytest.mark.parametrize("parallel", [0, 2])
+def test_init_with_leaves_from_the_workers_is_sealed_as_verify_reads_it(
+        tmp_path: Path, parallel: int) -> None:
+    """The seal init makes from the workers' leaves (and, for kept texts, its own)
+    is the root of the rows as stored: verify accepts it, and every entry's package
+    and kept text took part."""
+    _, data = kept_and_packaged_policy(tmp_path)
+    policy = parse(data)
+    store = Store(f"sqlite:///{tmp_path}/leaves.db")
+    try:
+        info = build_baseline(lambda: store, policy, parallel=parallel).baseline
+        entries = list(store.baselines.entries(info.id))
+        assert any(package == "dpkg" for _, _, package, _ in entries)
+        assert any(kept is not None for _, _, _, kept in entries)
+        check_root(info, root_of(entries))  # TrustError if a leaf differed
+        assert verify(lambda: store, policy, parallel=parallel).result.changes == []
+    finally:
+        store.close()
+
+
+def pages(db: Path) -> tuple[int, int, int, int]:
+    """(page size, auto_vacuum mode, page count, free pages) of a SQLite file."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return tuple(conn.execute(f"PRAGMA {name}").fetchone()[0] for name in (  # type: ignore[return-value]
+            "page_size", "auto_vacuum", "page_count", "freelist_count"))
+    finally:
+        conn.close()
+
+
+def test_init_force_leaves_one_generation_of_pages(tmp_path: Path) -> None:
+    """A retired generation's pages are given back: init --force does not make the
+    database grow by a generation (SPEC: bytes per entry of the baseline in force)."""
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(3000):
+        (root / f"file-with-a-longer-name-{i:05d}").write_bytes(b"x" * (i % 50))
+    policy = parse({"rule": [{"path": str(root), "check": "static"}]})
+    db = tmp_path / "size.db"
+    store = Store(f"sqlite:///{db}")
+    try:
+        build_baseline(lambda: store, policy, parallel=0)
+        _, vacuum, first, _ = pages(db)
+        assert vacuum == 2  # incremental
+        for _ in range(3):
+            build_baseline(lambda: store, policy, parallel=0, force=True)
+        _, _, count, free = pages(db)
+        assert free == 0
+        assert count <= first + 2, (first, count)
+        assert store.baselines.require().generation == 4
+        assert verify(lambda: store, policy, parallel=0).result.changes == []
+    finally:
+        store.close()
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:  # the retired generations' rows went with them
+        assert conn.execute("SELECT count(DISTINCT baseline_id) FROM entry").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM baseline").fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+def test_upgrade_rebuilds_entries_without_rowid_with_our_pages(tmp_path: Path) -> None:
+    """A database of revision 0010 (no auto_vacuum, a rowid entry table) keeps its
+    rows through the upgrade and comes out with incremental vacuum and the entry
+    table as its key's B-tree."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from integrity.store.engine import HEAD, migrations_dir
+
+    db = tmp_path / "old.db"
+    config = Config()
+    config.set_main_option("script_location", migrations_dir())
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0010")
+        conn.exec_driver_sql(
+            "INSERT INTO baseline (id, state, created, activated, policy_source, "
+            "policy_digest, entries) VALUES (1, 'active', '2026-01-01 00:00:00', "
+            "'2026-01-01 00:00:00', 'old.toml', 'x', 2)")
+        for name, package, kept in ((b"a", "dpkg", None), (b"b", None, b"k" * 32)):
+            conn.exec_driver_sql(
+                "INSERT INTO entry (baseline_id, key, type, size, mode, uid, gid, inode, "
+                "nlink, mtime, ctime, dev, package, kept) "
+                "VALUES (1, ?, 'file', 1, 420, 0, 0, 1, 1, 1, 1, 1, ?, ?)",
+                (b"\x00t\x00" + name, package, kept))
+    engine.dispose()
+    assert pages(db)[1] == 0
+    store = Store(f"sqlite:///{db}", check_schema=False)
+    try:
+        assert store.upgrade() == ("0010", HEAD)
+        assert [(k, package, kept) for k, _, package, kept in store.baselines.entries(1)] \
+            == [(b"\x00t\x00a", "dpkg", None), (b"\x00t\x00b", None, b"k" * 32)]
+    finally:
+        store.close()
+    assert pages(db)[1] == 2
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'entry'").fetchone()[0]
+    finally:
+        conn.close()
+    assert sql.rstrip().endswith("WITHOUT ROWID")

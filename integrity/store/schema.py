@@ -68,7 +68,7 @@ entry = Table(
     # The digest of the text kept for it (the content table), when one is kept.
     Column("kept", LargeBinary),
     # In SQLite the table is the primary key's B-tree: a rowid table kept every key
-    # twice, in the rows and in the key's index (migration 0011).
+    # twice, in the rows and in the key's index (migration 0012).
     sqlite_with_rowid=False,
 )
 

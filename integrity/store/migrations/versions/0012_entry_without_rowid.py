@@ -3,18 +3,20 @@
 A rowid table kept each key twice, in its row and in the (baseline_id, key) index,
 which made a /usr baseline cost ~255 bytes per entry instead of ~160 (issue 13).
 PostgreSQL keeps rows in a heap whatever we ask: nothing to do there. The columns are
-those of 0010 (package from 0004, kept from 0009), in the same order.
+those of 0010 (package from 0004, kept from 0009), in the same order. Triggers on the
+table (the fleet spool's, store/spool.py) go with the old table and are made again
+on the new one: a dropped spool trigger would read as tampering at the next push.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-01
 """
 from __future__ import annotations
 
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
@@ -23,6 +25,9 @@ _COLUMNS = ("baseline_id, key, type, content, size, mode, uid, gid, inode, nlink
 
 
 def _rebuild(without_rowid: bool) -> None:
+    triggers = [sql for (sql,) in op.get_bind().exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'entry' "
+        "AND sql IS NOT NULL ORDER BY name")]
     op.execute(f"""
         CREATE TABLE entry_new (
             baseline_id INTEGER NOT NULL,
@@ -50,6 +55,8 @@ def _rebuild(without_rowid: bool) -> None:
                "ORDER BY baseline_id, key")
     op.execute("DROP TABLE entry")
     op.execute("ALTER TABLE entry_new RENAME TO entry")
+    for sql in triggers:
+        op.execute(sql)
 
 
 def upgrade() -> None:

@@ -1,9 +1,10 @@
 """The store: the only code that speaks SQL.
 
 `Store` opens one database and hands out a typed view per table family: baselines
-and their entries, events, approvals, the ledger (hash chain), the alert outbox, and
-runs with watcher heartbeats. Nothing outside this package imports SQLAlchemy; the
-statements are portable Core, so SQLite and PostgreSQL run the same code.
+and their entries, events, approvals, the ledger (hash chain), the alert outbox, runs
+with watcher heartbeats, and a fleet host's spool. Nothing outside this package
+imports SQLAlchemy; the statements are portable Core, so SQLite and PostgreSQL run the
+same code. `central/` is the fleet's PostgreSQL database, a schema of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from integrity.store.events import Events
 from integrity.store.ledger import Ledger
 from integrity.store.outbox import Outbox
 from integrity.store.runs import Runs
+from integrity.store.spool import Spool
 
 __all__ = ["Store", "BaselineInfo"]
 
@@ -33,3 +35,4 @@ class Store(Database):
         self.outbox = Outbox(self)
         self.runs = Runs(self)
         self.contents = Contents(self)
+        self.spool = Spool(self)

@@ -81,6 +81,14 @@ class Central:
         assert result.exit_code == 0, result.output
         return path
 
+    def dump(self) -> str:
+        """Every row of the database as pg_dump writes it (bytea as hex), as the admin."""
+        result = subprocess.run(
+            [str(self.cluster.bin / "pg_dump"), "--data-only", "-h",
+             str(self.cluster.sockets), "-p", str(self.cluster.port), "-U", "postgres",
+             "-d", self.name], capture_output=True, text=True, check=True)
+        return result.stdout
+
     def drop(self) -> None:
         """Remove the database and the host roles enrolled in it."""
         hosts = [r[0] for r in self.sql("SELECT name FROM integrity.host")]
@@ -200,6 +208,55 @@ class Host:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
+
+
+def make_hosts(central: Central, tmp_path: Path, names: list[str], **kwargs: Any
+               ) -> list[Host]:
+    """Hosts that have each made their baseline and pushed it once."""
+    hosts = [Host(central, tmp_path, name, **kwargs) for name in names]
+    for host in hosts:
+        assert host.run("init").exit_code == 0
+        host.push_ok()
+    return hosts
+
+
+def reseal(host: Host, next_generation: bool) -> None:
+    """What an attacker with the code does after editing an entry: a matching seal
+    (under the same generation, or as the next one), so the host alone is fooled."""
+    import dataclasses
+
+    from integrity.ops.seal import root_statement, verify_seal
+    from integrity.store import Store
+    from integrity.trust import root_of
+
+    store = Store(f"sqlite:///{host.db}")
+    try:
+        info = store.baselines.require()
+        if next_generation:
+            info = dataclasses.replace(info, generation=info.generation + 1)
+        root = root_statement(info, root_of(store.baselines.entries(info.id)))
+        host.local("UPDATE baseline SET root = ?, generation = ? WHERE state = 'active'",
+                   root, info.generation)
+        verify_seal(store.baselines.require(), store.baselines.entries(info.id))
+    finally:
+        store.close()
+
+
+def edit_entry(host: Host) -> None:
+    """A backdoor written into bin/tool, and its entry edited to match it."""
+    from integrity.scan.hasher import digest_path  # what the entry would now say
+
+    tool = host.change("bin/tool", "#!/bin/sh\nbackdoor\n")
+    key = str(tool).replace("/", "\0").encode()
+    digest = digest_path(bytes(tool))["blake3"]
+    host.local("UPDATE entry SET content = ?, size = ? WHERE key = ?", digest,
+               tool.stat().st_size, key)
+
+
+def edit_and_reseal(host: Host, next_generation: bool) -> None:
+    """An edited entry, sealed again with integrity's own code."""
+    edit_entry(host)
+    reseal(host, next_generation)
 
 
 def flags(central: Central, host: str) -> list[tuple[str, str]]:

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from conftest import wait_until
-from fleethosts import Central, Host, flags, rejected
+from fleethosts import (Central, Host, edit_and_reseal, edit_entry, flags, make_hosts,
+                        rejected)
 from test_service import NotifySocket
 from integrity.errors import PolicyError
 from integrity.policy import parse
@@ -64,15 +65,6 @@ def test_fleet_table_defaults() -> None:
 
 
 # -- pushing -----------------------------------------------------------------------------
-
-def make_hosts(central: Central, tmp_path: Path, names: list[str], **kwargs: Any
-               ) -> list[Host]:
-    hosts = [Host(central, tmp_path, name, **kwargs) for name in names]
-    for host in hosts:
-        assert host.run("init").exit_code == 0
-        host.push_ok()
-    return hosts
-
 
 def test_three_hosts_push_and_status_shows_each_healthy(central: Central,
                                                          tmp_path: Path) -> None:
@@ -272,28 +264,6 @@ def test_resolving_a_fork_restarts_the_chain_and_resends_the_baseline(
     assert central.status()[0] == 0
 
 
-def _reroot(host: Host, next_generation: bool) -> None:
-    """What an attacker with the code does after editing an entry: a matching seal
-    (under the same generation, or as the next one), so the host alone is fooled."""
-    import dataclasses
-
-    from integrity.ops.seal import root_statement, verify_seal
-    from integrity.store import Store
-    from integrity.trust import root_of
-
-    store = Store(f"sqlite:///{host.db}")
-    try:
-        info = store.baselines.require()
-        if next_generation:
-            info = dataclasses.replace(info, generation=info.generation + 1)
-        root = root_statement(info, root_of(store.baselines.entries(info.id)))
-        host.local("UPDATE baseline SET root = ?, generation = ? WHERE state = 'active'",
-                   root, info.generation)
-        verify_seal(store.baselines.require(), store.baselines.entries(info.id))
-    finally:
-        store.close()
-
-
 @pytest.mark.parametrize("how, kind, words", [
     ("edit-and-reroot", "root", "root changed without an approval"),
     ("edit-and-reseal-as-next-generation", "root", "root changed without an approval"),
@@ -303,17 +273,13 @@ def _reroot(host: Host, next_generation: bool) -> None:
 def test_a_baseline_changed_without_an_approval_is_flagged(
         central: Central, tmp_path: Path, how: str, kind: str, words: str) -> None:
     web1, = make_hosts(central, tmp_path, ["web1"])
-    tool = web1.change("bin/tool", "#!/bin/sh\nbackdoor\n")
     if how == "init-force":
+        web1.change("bin/tool", "#!/bin/sh\nbackdoor\n")
         assert web1.run("init", "--force").exit_code == 0
+    elif how == "edit-only":
+        edit_entry(web1)
     else:
-        from integrity.scan.hasher import digest_path  # what the entry would now say
-        key = str(tool).replace("/", "\0").encode()
-        digest = digest_path(bytes(tool))["blake3"]
-        web1.local("UPDATE entry SET content = ?, size = ? WHERE key = ?", digest,
-                   tool.stat().st_size, key)
-        if how != "edit-only":
-            _reroot(web1, next_generation=how.endswith("generation"))
+        edit_and_reseal(web1, next_generation=how.endswith("generation"))
     web1.push_ok()
     found = flags(central, "web1")
     assert [k for k, _ in found] == [kind], found

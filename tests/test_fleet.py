@@ -36,6 +36,9 @@ def _policy(fleet: dict[str, Any]) -> Any:
 
 @pytest.mark.parametrize("fleet, key, words", [
     ({"url": "postgresql://web1:s3cret@central/integrity"}, "fleet.url", "password"),
+    ({"url": "postgresql://web1@central/integrity?password=s3cret"}, "fleet.url",
+     "password"),
+    ({"url": "postgresql://web1@central:notaport/x"}, "fleet.url", "port"),
     ({"url": "mysql://web1@central/integrity"}, "fleet.url", "postgresql"),
     ({"url": "postgresql+psycopg2://web1@central/x"}, "fleet.url", "psycopg"),
     ({"url": "postgresql://web1@central/x", "host": "web2"}, "fleet.url", "web2"),

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from integrity.errors import PolicyError
+from integrity.errors import DatabaseError, PolicyError
 
 KEYS = {"url", "password_file", "sslmode", "sslrootcert", "sslcert", "sslkey", "host",
         "group", "interval"}
@@ -67,7 +67,7 @@ def default_host() -> str:
 
 def parse_fleet(table: Any, fail: Fail) -> FleetConfig:
     """Validate the [fleet] table of a policy (`fail(key, message)` names the file)."""
-    from integrity.store.central.engine import host_url, url_parts
+    from integrity.store.files import login_url, url_parts
 
     if not isinstance(table, dict):
         raise fail("fleet", "must be a table")
@@ -78,9 +78,10 @@ def parse_fleet(table: Any, fail: Fail) -> FleetConfig:
     if not isinstance(url, str) or not url:
         raise fail("fleet.url", "required: the central PostgreSQL database, e.g. "
                                 "\"postgresql://web1@central.example/integrity\"")
-    parts = url_parts(url)
-    if parts is None:
-        raise fail("fleet.url", "not a database URL")
+    try:
+        parts = url_parts(url)
+    except DatabaseError as exc:
+        raise fail("fleet.url", str(exc)) from None
     if parts.backend != "postgresql":
         raise fail("fleet.url", "must be a postgresql:// URL")
     if parts.driver not in ("psycopg", "postgresql"):
@@ -116,4 +117,5 @@ def parse_fleet(table: Any, fail: Fail) -> FleetConfig:
         elif not isinstance(value, str) or not value.startswith("/"):
             raise fail(f"fleet.{key}", "must be an absolute path")
         tls.append((key, value))
-    return FleetConfig(host_url(url, host), host, group, interval, password_file, tuple(tls))
+    return FleetConfig(login_url(url, host), host, group, interval, password_file,
+                       tuple(tls))

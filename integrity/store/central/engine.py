@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,39 +27,15 @@ CONNECT_TIMEOUT = 10
 STATEMENT_TIMEOUT_MS = 300_000
 
 
-@dataclass(frozen=True)
-class UrlParts:
-    """What the policy's [fleet] checks of a URL."""
-
-    backend: str
-    driver: str
-    username: str | None
-    has_password: bool
-
-
-def url_parts(url: str) -> UrlParts | None:
-    """The parts of a database URL, or None when it is not one."""
-    try:
-        parsed = sa.engine.make_url(url)
-    except sa_exc.ArgumentError:
-        return None
-    return UrlParts(parsed.get_backend_name(), parsed.get_driver_name(), parsed.username,
-                    parsed.password is not None)
-
-
-def host_url(url: str, username: str) -> str:
-    """The URL a host connects with: psycopg, as the login role of its own name."""
-    return sa.engine.make_url(url).set(drivername="postgresql+psycopg",
-                                       username=username).render_as_string(
-                                           hide_password=False)
-
-
 def parse_url(url: str, *, what: str = "--url") -> sa.URL:
-    """A postgresql URL for psycopg 3, or UsageError naming what is wrong."""
+    """A postgresql URL for psycopg 3, or an error naming what is wrong (never the
+    password)."""
+    from integrity.store.files import parse_url as parse_any
+
     try:
-        parsed = sa.engine.make_url(url)
-    except sa_exc.ArgumentError:
-        raise UsageError(f"{what}: not a database URL") from None
+        parsed = parse_any(url)
+    except DatabaseError as exc:
+        raise UsageError(f"{what}: {exc}") from None
     if parsed.get_backend_name() != "postgresql":
         raise UsageError(f"{what}: the central database must be PostgreSQL "
                          f"(postgresql://...), not {parsed.get_backend_name()}")

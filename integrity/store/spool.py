@@ -227,7 +227,8 @@ class Spool:
                         or any(m[2] is None for m in mine))
                 plan.kind = "full" if full else ("delta" if mine else None)
                 if not full:
-                    plan.keys = sorted({m[2] for m in mine if m[2]})
+                    plan.keys = sorted({m[2] for m in mine
+                                        if m[2] is not None and m[2] != RESEALED})
                 plan.baseline = dict(active)
                 plan.entries = int(conn.execute(sa.select(sa.func.count()).select_from(e)
                                                 .where(e.c.baseline_id == active["id"])

@@ -373,3 +373,40 @@ def smtp_server() -> Iterator[Any]:
     yield start
     for server in servers:
         server.stop()
+
+
+# -- fleet: a private PostgreSQL cluster for the session ---------------------------------
+
+_DATABASES = iter(range(1, 10**6))
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """Debian's PostgreSQL, initdb'd and started as `postgres` in a temporary directory
+    on a free loopback port (tests/pgcluster.py); removed at the end of the session."""
+    from pgcluster import Cluster
+
+    from fleethosts import Central
+
+    cluster = Cluster()
+    try:
+        cluster.start()
+        # `fleet init` once, into a template each test's database is copied from.
+        Central(cluster, "fleet_template", Path(cluster.base))
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def central(pg_cluster: Any, tmp_path: Path) -> Iterator[Any]:
+    """A fresh central database (fleet init done) for one test; dropped after it, with
+    the host roles enrolled in it."""
+    from fleethosts import Central
+
+    database = Central(pg_cluster, f"fleet_{next(_DATABASES)}", tmp_path,
+                       template="fleet_template")
+    yield database
+    if not pg_cluster.running:  # a test that stopped the server
+        pg_cluster.start()
+    database.drop()

@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO
 
 UNIT_DIR = REPO / "systemd"
-UNITS = ("integrity.service", "integrity-verify.service", "integrity-verify.timer")
+UNITS = ("integrity.service", "integrity-verify.service", "integrity-verify.timer",
+         "integrity-fleet-monitor.service")
 SHIPPED_EXEC = "/usr/local/bin/integrity"
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -140,7 +141,29 @@ def test_timer() -> None:
     assert "Unit" not in timer and (UNIT_DIR / "integrity-verify.service").exists()
 
 
-@pytest.mark.parametrize("name", ["integrity.service", "integrity-verify.service"])
+def test_fleet_monitor_unit_settings() -> None:
+    service = unit("integrity-fleet-monitor.service")
+    assert service["Type"] == ["notify"]
+    (command,) = service["ExecStart"]
+    assert command.split()[1:] == ["--policy", "/etc/integrity/monitor.toml", "fleet",
+                                   "monitor"]
+    assert service["Restart"] == ["always"]
+    assert service["DynamicUser"] == ["yes"] and service["CapabilityBoundingSet"] == [""]
+    # The database password is a credential, never in the unit or the environment.
+    assert service["LoadCredential"] == ["pgpass:/etc/integrity/monitor.pgpass"]
+    assert service["Environment"].count("PGPASSFILE=%d/pgpass") == 1
+    assert not any("PGPASSWORD" in value for value in service["Environment"])
+    urls = [v for v in service["Environment"] if v.startswith("INTEGRITY_FLEET_URL=")]
+    assert len(urls) == 1 and re.match(r"INTEGRITY_FLEET_URL=postgresql://[^:/@]+@", urls[0])
+
+
+def test_verify_unit_pushes_a_fleet_host_whatever_verify_found() -> None:
+    service = unit("integrity-verify.service")
+    assert service["ExecStopPost"] == [f"-{SHIPPED_EXEC} -q fleet push --if-configured"]
+
+
+@pytest.mark.parametrize("name", ["integrity.service", "integrity-verify.service",
+                                  "integrity-fleet-monitor.service"])
 def test_hardening_does_not_regress(tmp_path: Path, name: str) -> None:
     """systemd's own exposure score (0 best, 10 worst); 4.7 and 4.4 when written."""
     assert ANALYZE is not None

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from integrity.cli import baseline, content, history, host, policy, usage  # noqa: F401 - they register commands
+from integrity.cli import baseline, content, fleet, history, host, policy, usage  # noqa: F401 - they register commands
 from integrity.cli.app import Env, cli, main, pass_env
 
 __all__ = ["Env", "cli", "main", "pass_env"]

@@ -39,14 +39,12 @@ CHECK_EVERY = 300.0
 KINDS = ("added", "removed", "modified")
 
 
-def fleet_unpushed(store: Store) -> int:
-    """Records (events, ledger rows, heartbeats) this host still owes the fleet's
-    central database.
-
-    This build has no fleet push: nothing is ever owed, so 0. The fleet's push
-    (issue 14) replaces this body with its own count of what it has not sent.
-    """
-    return 0
+def fleet_unpushed(store: Store, policy: Policy) -> int:
+    """Records (chain records and baseline changes) this host still owes the fleet's
+    central database; 0 for a host outside a fleet, which owes nobody anything."""
+    if policy.fleet is None:
+        return 0
+    return store.spool.unpushed_records()
 
 
 def _epoch(when: dt.datetime) -> float:
@@ -169,7 +167,7 @@ class StoreCollector:
                                 "and access records is intact", value=int(chain))
         yield GaugeMetricFamily("integrity_fleet_unpushed_records",
                                 "Records not yet pushed to the fleet's central database",
-                                value=fleet_unpushed(store))
+                                value=fleet_unpushed(store, policy))
         yield GaugeMetricFamily("integrity_watcher_up",
                                 "1 while a watcher's heartbeat on this database is fresh",
                                 value=int(watcher_alive(store)))

@@ -15,10 +15,11 @@ from typing import Any
 from integrity.errors import PolicyError
 from integrity.policy import cron
 from integrity.policy.content import ContentPolicy, parse_content
-from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
+from integrity.policy.fleet import FleetConfig, parse_fleet
 from integrity.policy.metrics import MetricsSettings, parse_metrics
 from integrity.policy.scan import ScanSettings as ScanSettings
 from integrity.policy.scan import parse_scan
+from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
 from integrity.policy.severity import (SEVERITIES, Judgement, WindowError, parse_processes,
                        parse_windows)
 from integrity.policy.dropins import (Origins, digest, dropin_files, locate, merge,
@@ -34,7 +35,7 @@ DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
 _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
-             "severity", "content", "metrics", "scan"}
+             "severity", "content", "metrics", "fleet", "scan"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "include", "override", "recursive",
@@ -65,6 +66,8 @@ class Policy:
     data: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     #: `[content]`: what is kept for diffs and restore, and what never is.
     content: ContentPolicy = field(default_factory=ContentPolicy, compare=False)
+    #: `[fleet]`: the central database this host pushes to (policy/fleet.py), or None.
+    fleet: FleetConfig | None = None
     #: Directories strictly above some rule root (see Policy.is_waypoint).
     waypoints: Waypoints = field(init=False, compare=False, repr=False)
     #: `[metrics]`: where verify and scans write node_exporter's textfile, and the
@@ -258,10 +261,11 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "",
         raise fail("retention.events", f"must be a duration like \"90d\", not {events!r}")
     content = parse_content(data.get("content"), fail)
     metrics = parse_metrics(data.get("metrics", {}), fail)
+    fleet = parse_fleet(data["fleet"], fail) if "fleet" in data else None
     scan = parse_scan(data.get("scan", {}), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
                   full_scan, tuple(alerts), digest, public_key, events, (source,),
-                  dict(data), content, metrics, scan)
+                  dict(data), content, fleet, metrics, scan)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,

@@ -27,7 +27,7 @@ DROPIN_DIR = "policy.d"
 #: Arrays of tables that drop-ins append to.
 _APPENDED = ("rule", "alert")
 #: Tables merged key by key.
-_TABLES = ("schedule", "severity", "retention", "content", "metrics",
+_TABLES = ("schedule", "severity", "retention", "content", "metrics", "fleet",
            "scan")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from integrity.policy import DEFAULT_FULL_SCAN, Policy, Rule
 from integrity.record import attr_names
 
-_TABLES = ("schedule", "severity", "retention")
+_TABLES = ("schedule", "severity", "retention", "fleet")
 
 
 def rule_doc(rule: Rule) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def policy_doc(policy: Policy) -> dict[str, Any]:
     schedule = dict(data.get("schedule") or {})
     schedule.setdefault("full_scan", DEFAULT_FULL_SCAN)
     doc["schedule"] = schedule
-    for key in ("severity", "retention"):
+    for key in ("severity", "retention", "fleet"):
         if data.get(key):
             doc[key] = data[key]
     doc["rules"] = [rule_doc(rule) for rule in policy.rules]

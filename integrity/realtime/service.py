@@ -37,6 +37,7 @@ from integrity.trust import TrustError
 if TYPE_CHECKING:  # imported when first used: not every command needs them
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from integrity.fleet.thread import PushThread
     from integrity.realtime.actor import ActorListener
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Service:
         self.usage = UsageServices(store, lambda: self.policy,
                                    lambda: [r.sink for r in self.dispatcher.routes()],
                                    self._warn)
+        #: Pushes to the fleet's central database (fleet/thread.py); started by run().
+        self.fleet: PushThread | None = None
 
     # -- callbacks from the watcher ------------------------------------------------
 
@@ -352,6 +355,14 @@ class Service:
         self.store.outbox.retry_now()  # a restart is the moment to try failed sinks again
         self.dispatcher.start()
 
+    def _start_fleet(self) -> None:
+        """Push to the fleet's central database every [fleet] interval, in a thread of
+        its own; it follows policy reloads (a [fleet] table added, changed, removed)."""
+        from integrity.fleet.thread import PushThread
+
+        self.fleet = PushThread(self.store, lambda: self.policy)
+        self.fleet.start()
+
     def _restart_actors(self) -> None:
         """Listen with fanotify on the protected trees (best effort: actor.py says why
         not, and events then carry that reason)."""
@@ -380,6 +391,7 @@ class Service:
         self._beat("starting")
         self.store.events.resolve_warnings()  # a new start re-establishes them
         self._start_dispatcher()
+        self._start_fleet()
         self._restart_actors()
         self.usage.start()
         for name, tasks, handler in (("realtime", self.realtime, self._handle_realtime),
@@ -424,6 +436,8 @@ class Service:
             self.actors.close()
         self.usage.stop()
         self.dispatcher.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         for sink in self.dispatcher.sinks:
             sink.close()
         try:

@@ -2,9 +2,10 @@
 
 `Store` opens one database and hands out a typed view per table family: baselines
 and their entries, events, approvals, the ledger (hash chain), the alert outbox,
-runs with watcher heartbeats, maintenance windows, access records, and the counts
-behind `events --stats` and metrics. Nothing outside this package imports SQLAlchemy; the
-statements are portable Core, so SQLite and PostgreSQL run the same code.
+runs with watcher heartbeats, maintenance windows, access records, the counts
+behind `events --stats` and metrics, and a fleet host's spool. Nothing outside this
+package imports SQLAlchemy; the statements are portable Core, so SQLite and PostgreSQL
+run the same code. `central/` is the fleet's PostgreSQL database, a schema of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from integrity.store.events import Events
 from integrity.store.ledger import Ledger
 from integrity.store.outbox import Outbox
 from integrity.store.runs import Runs
+from integrity.store.spool import Spool
 from integrity.store.usage import Usage
 from integrity.store.windows import Windows
 
@@ -40,3 +42,4 @@ class Store(Database):
         self.windows = Windows(self)
         self.access = Access(self)
         self.usage = Usage(self)
+        self.spool = Spool(self)

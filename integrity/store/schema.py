@@ -238,3 +238,56 @@ access = Table(
     Column("actor", Text),
     Index("ix_access_hour_key", "hour", "key"),
 )
+
+# -- a fleet host's spool (store/spool.py): what the central database still lacks -------
+
+#: One row once the host first pushed: what the central copy holds of its baseline.
+fleet_state = Table(
+    "fleet_state", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("enabled", DateTime, nullable=False),
+    # The spool number of the last baseline push the central database took.
+    Column("push", Integer),
+    Column("baseline_id", Integer),
+    Column("generation", Integer),
+    Column("root", String(64)),
+    Column("last_digest", String(64)),
+)
+
+#: A copy of every ledger row, numbered by a sequence that is never reused (the
+#: central side keys a host's records by it), until the central database holds it.
+fleet_ledger = Table(
+    "fleet_ledger", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("time", DateTime, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ref", Integer, nullable=False),
+    Column("content", Text, nullable=False),
+    Column("prev", String(64), nullable=False),
+    Column("digest", String(64), nullable=False),
+    sqlite_autoincrement=True,
+)
+
+#: Keys written into the active baseline since the last push; a NULL key marks a new
+#: baseline in force (the next push sends it whole).
+fleet_entry = Table(
+    "fleet_entry", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("baseline_id", Integer, nullable=False),
+    Column("key", LargeBinary),
+    sqlite_autoincrement=True,
+)
+
+#: Approval requests from the fleet's admin: claimed before they are applied (so at
+#: most once), with their outcome until the central database has it.
+fleet_request = Table(
+    "fleet_request", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("received", DateTime, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("outcome", String(16)),
+    Column("approval_id", Integer),
+    Column("root", String(64)),
+    Column("detail", Text),
+    Column("reported", DateTime),
+)

@@ -129,15 +129,17 @@ def test_init_force_leaves_one_generation_of_pages(tmp_path: Path) -> None:
         conn.close()
 
 
-def test_upgrade_rebuilds_entries_without_rowid_with_our_pages(tmp_path: Path) -> None:
-    """A database of revision 0010 (no auto_vacuum, a rowid entry table) keeps its
-    rows through the upgrade and comes out with incremental vacuum and the entry
-    table as its key's B-tree."""
+def test_upgrade_rebuilds_entries_without_rowid_keeping_rows_and_triggers(
+        tmp_path: Path) -> None:
+    """A database of revision 0011 (no auto_vacuum, a rowid entry table, the fleet
+    spool's triggers on it) keeps its rows and triggers through the upgrade and comes
+    out with incremental vacuum and the entry table as its key's B-tree."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine
 
     from integrity.store.engine import HEAD, migrations_dir
+    from integrity.store.spool import TRIGGERS
 
     db = tmp_path / "old.db"
     config = Config()
@@ -145,7 +147,9 @@ def test_upgrade_rebuilds_entries_without_rowid_with_our_pages(tmp_path: Path) -
     engine = create_engine(f"sqlite:///{db}")
     with engine.begin() as conn:
         config.attributes["connection"] = conn
-        command.upgrade(config, "0010")
+        command.upgrade(config, "0011")
+        for ddl in TRIGGERS.values():
+            conn.exec_driver_sql(ddl)
         conn.exec_driver_sql(
             "INSERT INTO baseline (id, state, created, activated, policy_source, "
             "policy_digest, entries) VALUES (1, 'active', '2026-01-01 00:00:00', "
@@ -156,19 +160,28 @@ def test_upgrade_rebuilds_entries_without_rowid_with_our_pages(tmp_path: Path) -
                 "nlink, mtime, ctime, dev, package, kept) "
                 "VALUES (1, ?, 'file', 1, 420, 0, 0, 1, 1, 1, 1, 1, ?, ?)",
                 (b"\x00t\x00" + name, package, kept))
+        conn.exec_driver_sql("DELETE FROM fleet_entry")
     engine.dispose()
     assert pages(db)[1] == 0
     store = Store(f"sqlite:///{db}", check_schema=False)
     try:
-        assert store.upgrade() == ("0010", HEAD)
+        assert store.upgrade() == ("0011", HEAD)
         assert [(k, package, kept) for k, _, package, kept in store.baselines.entries(1)] \
             == [(b"\x00t\x00a", "dpkg", None), (b"\x00t\x00b", None, b"k" * 32)]
     finally:
         store.close()
     assert pages(db)[1] == 2
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn = sqlite3.connect(db)
     try:
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'entry'").fetchone()[0]
+        triggers = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        # The spool's entry triggers still fire on the rebuilt table.
+        conn.execute("DELETE FROM entry WHERE key = ?", (b"\x00t\x00a",))
+        spooled = conn.execute("SELECT baseline_id, key FROM fleet_entry").fetchall()
+        conn.rollback()
     finally:
         conn.close()
     assert sql.rstrip().endswith("WITHOUT ROWID")
+    assert triggers == set(TRIGGERS)
+    assert spooled == [(1, b"\x00t\x00a")]

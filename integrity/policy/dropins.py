@@ -18,7 +18,6 @@ import os
 import stat
 import tomllib
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from integrity.errors import PolicyError
@@ -46,6 +45,8 @@ Origins = dict[str, tuple[str, str]]
 
 def shipped_default() -> str:
     """The path of the shipped default policy."""
+    from importlib import resources  # ~12 ms, and only without a system policy
+
     return str(resources.files("integrity.policies").joinpath("default.toml"))
 
 

@@ -14,8 +14,8 @@ import heapq
 import os
 import pickle
 import signal
+import struct
 from collections.abc import Callable, Iterable, Iterator
-from multiprocessing.connection import Connection, Pipe
 
 from integrity.errors import IntegrityError, ScanWarning
 from integrity.paths import to_key
@@ -25,6 +25,39 @@ from integrity.scan.records import Hashed, OwnerFactory, hash_tree, with_leaves
 
 _BATCH = 512
 _DONE = b"done"
+_HEADER = struct.Struct("<Q")
+
+
+class _Pipe:
+    """Length-prefixed messages over one end of an os.pipe (multiprocessing.connection
+    costs ~8 ms of imports, a good part of what `verify` of /etc may spend starting)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send_bytes(self, data: bytes) -> None:
+        view = memoryview(_HEADER.pack(len(data)) + data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def recv_bytes(self) -> bytes:
+        size = _HEADER.unpack(self._exactly(_HEADER.size))[0]
+        return self._exactly(size)
+
+    def _exactly(self, size: int) -> bytes:
+        parts = []
+        while size:
+            part = os.read(self.fd, min(size, 1 << 20))
+            if not part:
+                raise EOFError
+            parts.append(part)
+            size -= len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class WorkerFailed(IntegrityError):
@@ -32,7 +65,7 @@ class WorkerFailed(IntegrityError):
 
 
 def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
-           owners: OwnerFactory | None, conn: Connection) -> None:
+           owners: OwnerFactory | None, conn: _Pipe) -> None:
     batch: list[object] = []
     items = hash_tree(policy, roots, share=(part, parts))
     for item in with_leaves(items, owners) if owners is not None else items:
@@ -63,7 +96,8 @@ class ScanWorker:
                  part: int = 0, parts: int = 1, *, owners: OwnerFactory | None = None,
                  setup: Callable[[], None] | None = None) -> None:
         self.policy = policy
-        reader, writer = Pipe(duplex=False)
+        read_end, write_end = os.pipe()  # both close on exec
+        reader, writer = _Pipe(read_end), _Pipe(write_end)
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the child, reported via the pipe
             reader.close()

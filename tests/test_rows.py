@@ -1,5 +1,5 @@
-"""The scale work of issue 13 that is not timed: Merkle leaves made where files are
-hashed, Merkle blocks, free pages given back and the WITHOUT ROWID entry table.
+"""The scale work of issue 13 that is not timed: Merkle leaves added in blocks, free
+pages given back and the WITHOUT ROWID entry table.
 
 Speed itself lives in benchmarks/bench_baseline.py; these assert that the faster
 ways give exactly what the plain ways give.
@@ -18,10 +18,8 @@ from integrity.ops.baseline import build_baseline
 from integrity.ops.seal import check_root
 from integrity.ops.verify import verify
 from integrity.policy import parse
-from integrity.scan.records import hash_tree, with_leaves
 from integrity.store import Store
-from integrity.trust import MerkleRoot, leaf, root_of
-from integrity.paths import to_key
+from integrity.trust import MerkleRoot, root_of
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 64, 1000, 1023, 1024, 1025, 5000])
@@ -52,28 +50,11 @@ def kept_and_packaged_policy(tmp_path: Path) -> tuple[Path, dict[str, object]]:
                           {"path": "/usr/share/doc/dpkg", "check": "static"}]}
 
 
-def test_worker_leaves_are_the_leaves_of_record_and_owner(tmp_path: Path) -> None:
-    """with_leaves gives each record its package owner and trust.leaf of it."""
-    etc, data = kept_and_packaged_policy(tmp_path)
-    policy = parse(data)
-    owners = {b"/usr/share/doc/dpkg/changelog.gz": "dpkg"}
-    seen = 0
-    for item in with_leaves(hash_tree(policy, None), lambda: owners.get):
-        if isinstance(item, Exception) or item.record is None:
-            continue
-        rec = item.record
-        assert item.package == owners.get(rec.path)
-        assert item.leaf == leaf(to_key(rec.path), rec, item.package, None)
-        seen += 1
-    assert seen > 4
-
-
 @pytest.mark.parametrize("parallel", [0, 2])
-def test_init_with_leaves_from_the_workers_is_sealed_as_verify_reads_it(
+def test_init_seals_in_blocks_what_verify_reads_leaf_by_leaf(
         tmp_path: Path, parallel: int) -> None:
-    """The seal init makes from the workers' leaves (and, for kept texts, its own)
-    is the root of the rows as stored: verify accepts it, and every entry's package
-    and kept text took part."""
+    """The seal init makes (leaves added LEAF_BATCH at a time) is the root of the rows
+    as stored, every entry's package and kept text included: verify accepts it."""
     _, data = kept_and_packaged_policy(tmp_path)
     policy = parse(data)
     store = Store(f"sqlite:///{tmp_path}/leaves.db")

@@ -30,8 +30,6 @@ from integrity.record import FileRecord
 from integrity.policy import Policy, Rule
 from integrity.scan.priority import ReadLimit, current_limit
 from integrity.scan.walker import NOT_IN_TREE, WalkEntry, open_parent, walk
-from integrity.paths import to_key as _to_key
-from integrity.trust import leaf as _leaf
 
 log = logging.getLogger(__name__)
 
@@ -158,37 +156,12 @@ class Materialized(NamedTuple):
 
 
 class Hashed(NamedTuple):
-    """A live entry as a full scan saw it: its record or the problem that stopped it.
-    With `with_leaves`, also its package owner and Merkle leaf (for no kept text)."""
+    """A live entry as a full scan saw it: its record or the problem that stopped it."""
 
     path: bytes
     record: FileRecord | None
     problem: ScanWarning | None
     rule: Rule
-    package: str | None = None
-    leaf: bytes | None = None
-
-
-#: Who installed a path (dpkg/rpm), or None when no package owns anything scanned.
-Owner = Callable[[bytes], "str | None"]
-#: Makes the Owner where the hashing runs (in a worker: after its fork).
-OwnerFactory = Callable[[], "Owner | None"]
-
-
-def with_leaves(items: Iterable[Hashed | ScanWarning], owners: OwnerFactory
-                ) -> Iterator[Hashed | ScanWarning]:
-    """`items`, each record with its package owner and its seal-v2 Merkle leaf as if
-    no text were kept for it (init recomputes the few that keep one). Run in the
-    workers, this takes the per-entry leaf off the process that writes the baseline."""
-    owner = owners()
-    for item in items:
-        if isinstance(item, ScanWarning) or item.record is None:
-            yield item
-            continue
-        rec = item.record
-        package = owner(rec.path) if owner is not None else None
-        yield _new(Hashed, (item.path, rec, item.problem, item.rule, package,
-                            _leaf(_to_key(rec.path), rec, package, None)))
 
 
 def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True,
@@ -203,7 +176,7 @@ def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True
         else:
             entry = out.entry
             assert entry is not None
-            yield Hashed(entry.path, out.record, out.problem, entry.rule, None, None)
+            yield Hashed(entry.path, out.record, out.problem, entry.rule)
 
 
 def _hash_all(entry: WalkEntry, _old: FileRecord | None) -> bool:

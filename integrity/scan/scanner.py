@@ -21,8 +21,7 @@ from integrity.policy import Policy, Rule
 from integrity.record import Attr, FileRecord
 from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, compare
 from integrity.scan.priority import limit_reads, limited
-from integrity.scan.records import (READAHEAD, Hashed, OwnerFactory, Progress, hash_tree,
-                                    materialize, with_leaves)
+from integrity.scan.records import READAHEAD, Hashed, Progress, hash_tree, materialize
 from integrity.scan.walker import SkippedTree, WalkEntry, walk, walk_roots
 from integrity.scan.workers import ScanWorkers, worker_count
 
@@ -94,29 +93,25 @@ class TreeScan:
 
     Workers are forked when the scan is made, before the caller opens its database
     or starts a thread, so their hashing overlaps with the caller's set-up. Use as a
-    context manager: the workers are reaped on exit, whatever happened. With
-    `owners`, live() records carry their package owner and Merkle leaf, computed
-    where they are hashed (records.with_leaves). `max_read_rate` (bytes/s) caps the
-    scan's reads, shared among its workers.
+    context manager: the workers are reaped on exit, whatever happened.
+    `max_read_rate` (bytes/s) caps the scan's reads, shared among its workers.
     """
 
     def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None, *,
                  fast: bool = False, parallel: bool | int | None = None,
-                 owners: OwnerFactory | None = None,
                  max_read_rate: int | None = None) -> None:
         self.policy = policy
         #: The paths asked for (empty: the whole policy).
         self.wanted = list(roots) if roots is not None else []
         self.roots = walk_roots(policy, roots)
         self.fast = fast
-        self.owners = owners
         self.rate = max_read_rate
         count = 0 if fast else worker_processes(parallel)
         setup = None
         if max_read_rate and count:
             def setup() -> None:
                 limit_reads(max_read_rate / count)
-        self._workers = ScanWorkers(policy, self.roots, count, owners=owners,
+        self._workers = ScanWorkers(policy, self.roots, count,
                                     setup=setup) if count else None
 
     def __enter__(self) -> TreeScan:
@@ -136,8 +131,6 @@ class TreeScan:
         if self._workers is not None:
             return iter(self._workers)
         items = hash_in_process(self.policy, self.roots)
-        if self.owners is not None:
-            items = with_leaves(items, self.owners)
         return limited(items, self.rate) if self.rate else items
 
     def compare(self, base: Baseline, progress: Progress | None = None) -> ScanResult:

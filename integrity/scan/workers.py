@@ -21,7 +21,7 @@ from integrity.errors import IntegrityError, ScanWarning
 from integrity.paths import to_key
 from integrity.policy import Policy
 from integrity.scan import hasher
-from integrity.scan.records import Hashed, OwnerFactory, hash_tree, with_leaves
+from integrity.scan.records import Hashed, hash_tree
 
 _BATCH = 512
 _DONE = b"done"
@@ -65,16 +65,14 @@ class WorkerFailed(IntegrityError):
 
 
 def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
-           owners: OwnerFactory | None, conn: _Pipe) -> None:
+           conn: _Pipe) -> None:
     batch: list[object] = []
-    items = hash_tree(policy, roots, share=(part, parts))
-    for item in with_leaves(items, owners) if owners is not None else items:
+    for item in hash_tree(policy, roots, share=(part, parts)):
         if isinstance(item, ScanWarning):
             batch.append(item)
         else:  # rules travel as their root (pickled once per batch): the parent has
             # the same policy, and finds a wildcard rule's instance by it
-            batch.append((item.path, item.record, item.problem, item.rule.path,
-                          item.package, item.leaf))
+            batch.append((item.path, item.record, item.problem, item.rule.path))
         if len(batch) >= _BATCH:
             conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
             batch = []
@@ -87,13 +85,12 @@ class ScanWorker:
     """One forked walk-and-hash of the policy's trees (or `roots`), read as a stream.
 
     With `parts` > 1 it reports only its share of the entries: those whose name
-    hashes to `part` (see walker._descend). With `owners`, each record comes with its
-    package owner and Merkle leaf (records.with_leaves), computed here on this core.
-    `setup` runs first in the child (the scan's read-rate share).
+    hashes to `part` (see walker._descend). `setup` runs first in the child (the
+    scan's read-rate share).
     """
 
     def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None,
-                 part: int = 0, parts: int = 1, *, owners: OwnerFactory | None = None,
+                 part: int = 0, parts: int = 1, *,
                  setup: Callable[[], None] | None = None) -> None:
         self.policy = policy
         read_end, write_end = os.pipe()  # both close on exec
@@ -108,7 +105,7 @@ class ScanWorker:
                 if setup is not None:
                     setup()
                 _child(policy, list(roots) if roots is not None else None, part, parts,
-                       owners, writer)
+                       writer)
             except BrokenPipeError:
                 code = 0  # the parent stopped reading: nothing left to do
             except BaseException as exc:  # noqa: BLE001 - reported, then exit
@@ -138,11 +135,11 @@ class ScanWorker:
                     if isinstance(item, ScanWarning):
                         yield item
                     else:
-                        path, rec, problem, root, package, leaf = item
+                        path, rec, problem, root = item
                         rule = rule_at(root)
                         if rule is None:
                             raise WorkerFailed(f"scan worker named no rule at {root!r}")
-                        yield Hashed(path, rec, problem, rule, package, leaf)
+                        yield Hashed(path, rec, problem, rule)
         finally:
             self.close()
 
@@ -163,14 +160,12 @@ class ScanWorkers:
     """Several workers splitting the hashing; their streams merged back in key order."""
 
     def __init__(self, policy: Policy, roots: Iterable[bytes] | None = None,
-                 count: int = 2, *, owners: OwnerFactory | None = None,
-                 setup: Callable[[], None] | None = None) -> None:
+                 count: int = 2, *, setup: Callable[[], None] | None = None) -> None:
         start = list(roots) if roots is not None else None
         self.workers: list[ScanWorker] = []
         try:
             for part in range(count):
-                self.workers.append(ScanWorker(policy, start, part, count, owners=owners,
-                                               setup=setup))
+                self.workers.append(ScanWorker(policy, start, part, count, setup=setup))
         except BaseException:
             self.close()
             raise

@@ -374,13 +374,15 @@ def test_a_cut_argument_never_passes_for_a_trusted_program() -> None:
     must not match the trusted `/usr/lib/apt/methods/*`."""
     from integrity.realtime.processes import capped_cmdline
 
-    raw = b"\0".join([b"/usr/bin/python3", b"-",
+    raw = b"\0".join([b"/usr/bin/python3",
                       b"/usr/lib/apt/methods/" + b"a" * 240 + b"/../../../tmp/evil"])
     actor = {"exe": "/usr/bin/python3.11", "cmdline": capped_cmdline(raw)}
     assert actor["cmdline"].endswith("a[...]")
     assert not Judgement().trusted(actor)
-    actor["cmdline"] = "/usr/bin/python3 - /usr/lib/apt/methods/http"
+    actor["cmdline"] = "/usr/bin/python3 /usr/lib/apt/methods/http"
     assert Judgement().trusted(actor)  # and an uncut one still is
+    actor["cmdline"] = "/usr/bin/python3 - /usr/lib/apt/methods/http"
+    assert not Judgement().trusted(actor)  # a mere argument of code read from stdin
 
 
 # -- row 17: exclude globs match in linear time, with the documented meaning ---------------

@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 
 from conftest import Cli, wait_until
-from integrity.realtime.service import UNWATCHED_SCAN_SECONDS, Service
+from integrity.realtime.service import (MISFIRE_GRACE_SECONDS, UNWATCHED_SCAN_SECONDS,
+                                        Service)
 from integrity.store import Store
 
 #: Long enough for a scan of a few files on a loaded machine: a deadline, not a target.
@@ -166,6 +167,9 @@ def test_the_jobs_and_their_triggers(site: Site) -> None:
             seconds=UNWATCHED_SCAN_SECONDS)
         for job in jobs.values():  # a late or overlapping run never doubles up
             assert job.coalesce and job.max_instances == 1
+        # A night's scan that comes late (a busy or suspended host) still runs.
+        assert jobs["full-scan"].misfire_grace_time == MISFIRE_GRACE_SECONDS
+        assert jobs["prune"].misfire_grace_time == MISFIRE_GRACE_SECONDS
 
     serve(site, steps)
 
@@ -178,6 +182,28 @@ def test_no_prune_job_without_retention(site: Site) -> None:
         assert service.scheduler is not None
         assert {job.id for job in service.scheduler.get_jobs()} == {"full-scan",
                                                                      "unwatched"}
+
+    serve(site, steps)
+
+
+def test_sighup_adds_and_removes_the_prune_job(site: Site) -> None:
+    with_retention = site.policy.read_text()
+    without = with_retention.replace('[retention]\nevents = "30d"\n', "")
+    assert without != with_retention
+    site.policy.write_text(without)
+
+    def steps(service: Service) -> None:
+        def jobs() -> set[str]:
+            assert service.scheduler is not None
+            return {job.id for job in service.scheduler.get_jobs()}
+
+        assert "prune" not in jobs()
+        site.policy.write_text(with_retention)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: "prune" in jobs(), "the prune job after a reload", DEADLINE)
+        site.policy.write_text(without)
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_until(lambda: "prune" not in jobs(), "no prune job after a reload", DEADLINE)
 
     serve(site, steps)
 

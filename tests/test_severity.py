@@ -83,6 +83,18 @@ def test_judgement_package_manager_wins_over_the_clock() -> None:
     assert judge("high", upgrade, FRI_1200)[1] == "package-manager"
     vim = {"exe": "/usr/bin/vim.basic", "cmdline": "vim /etc/x"}
     assert judge("high", vim, FRI_1200) == ("high", "unexplained")
+    # Any process can write dpkg's name into its own argv; the kernel's exe cannot be
+    # chosen. A word counts only for an interpreter, in its script's place.
+    for spoof in ({"exe": "/tmp/.x/evil", "cmdline": "/usr/bin/dpkg --unpack x.deb"},
+                  {"exe": "/tmp/.x/evil", "cmdline": "/tmp/.x/evil /usr/bin/dpkg"},
+                  {"exe": "/usr/bin/python3.11",
+                   "cmdline": "python3 -c exec(payload) /usr/bin/unattended-upgrade"},
+                  {"exe": "/usr/bin/perl", "cmdline": "perl -e x /usr/bin/dpkg"},
+                  {"exe": "/usr/bin/dash", "cmdline": "sh /tmp/x /usr/bin/dpkg"}):
+        assert judge("high", spoof, FRI_1200) == ("high", "unexplained"), spoof
+    assert judge("high", {"exe": "/usr/bin/python3.11", "cmdline":
+                          "/usr/bin/python3 -E /usr/bin/unattended-upgrade"},
+                 FRI_1200)[1] == "package-manager"
     # The rule's own settings replace the policy's: nights, critical, nobody trusted.
     assert srv.judgement.judge("medium", None, SAT_0200) == ("critical", "unexplained")
     assert srv.judgement.judge("medium", dpkg, FRI_1200) == ("medium", "unexplained")

@@ -167,6 +167,19 @@ def echo(text: str, err: bool = False) -> None:
     click.echo(escape(text), err=err)
 
 
+def log_to_stderr() -> None:
+    """A daemon's log lines (watch, fleet monitor) on stderr, for the journal, with
+    control characters escaped: a file name must not forge a line."""
+    from integrity.report import EscapingFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s"))
+    handler.integrity_cli = True  # type: ignore[attr-defined]
+    logger = logging.getLogger("integrity")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     try:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from integrity.cli.app import Env, cli, echo, pass_env
+from integrity.cli.app import Env, cli, echo, log_to_stderr, pass_env
 from integrity.errors import UsageError
 
 if TYPE_CHECKING:
@@ -282,14 +281,7 @@ def fleet_monitor(env: Env, every: float, url: str | None) -> None:
                          "have nobody to tell")
     central = _central(url)
     if not env.verbose:
-        from integrity.report import EscapingFormatter
-
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s"))
-        handler.integrity_cli = True  # type: ignore[attr-defined]
-        logger = logging.getLogger("integrity")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        log_to_stderr()
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

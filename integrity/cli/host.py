@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
-from integrity.cli.app import Env, cli, echo, pass_env
+from integrity.cli.app import Env, cli, echo, log_to_stderr, pass_env
 
 
 @cli.command()
@@ -29,14 +28,7 @@ def watch(env: Env) -> None:
     from integrity.realtime.service import Service
 
     if not env.verbose:
-        from integrity.report import EscapingFormatter
-
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(EscapingFormatter("%(levelname)s %(message)s"))
-        handler.integrity_cli = True  # type: ignore[attr-defined]
-        logger = logging.getLogger("integrity")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        log_to_stderr()
     env.policy  # validate before anything starts  # noqa: B018
     service = Service(env.store(), env.policy_path or default_policy_path(),
                       notifier=Notifier.from_environ())

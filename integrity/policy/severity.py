@@ -132,16 +132,38 @@ class Judgement:
         return severity, UNEXPLAINED
 
 
+#: Executables that run a script named on their command line: only for them does a
+#: command-line word name the program (the kernel vouches for `exe`, not for argv).
+_INTERPRETER = re.compile(r"(python|perl|ruby|bash|dash|sh)[0-9.]*")
+#: Interpreter options after which the code does not come from a script file.
+_INLINE_CODE = {"-c", "-e", "-E", "-m", "-"}
+
+
 def _programs(process: Mapping[str, Any]) -> list[str]:
     """The executable, and for an interpreter the script it runs
-    (unattended-upgrade is "/usr/bin/python3 /usr/bin/unattended-upgrade")."""
-    programs = [process["exe"]] if isinstance(process.get("exe"), str) else []
+    (unattended-upgrade is "/usr/bin/python3 /usr/bin/unattended-upgrade").
+
+    Any process can put "/usr/bin/dpkg" in its own argv: a word counts only for an
+    interpreter's `exe`, and only in the script's place (the first argument that is
+    not an option; none when the code is inline, as with `python3 -c`).
+    """
+    exe = process.get("exe")
+    if not isinstance(exe, str):
+        return []
+    programs = [exe]
     cmdline = process.get("cmdline")
-    if isinstance(cmdline, str):
-        # A word the actor reader cut ("/usr/lib/apt/xxx[...]") is not the path it began:
-        # "/usr/lib/apt/" + 300 bytes + "/../../tmp/x" must not pass for /usr/lib/apt/*.
-        programs += [word for word in cmdline.split()[:3]
-                     if word.startswith("/") and not word.endswith(CUT)]
+    name = exe.removesuffix(" (deleted)").rsplit("/", 1)[-1]
+    if isinstance(cmdline, str) and _INTERPRETER.fullmatch(name):
+        for word in cmdline.split()[1:4]:
+            if word in _INLINE_CODE and not (name.startswith("python") and word == "-E"):
+                break
+            if word.startswith("-"):
+                continue
+            # A word the actor reader cut ("/usr/lib/apt/xxx[...]") is not the path it
+            # began: "/usr/lib/apt/" + 300 bytes + "/../../tmp/x" is not /usr/lib/apt/*.
+            if word.startswith("/") and not word.endswith(CUT):
+                programs.append(word)
+            break
     return programs
 
 

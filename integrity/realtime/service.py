@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10
 #: How often subtrees inotify cannot cover (watch limit, NFS) are scanned.
 UNWATCHED_SCAN_SECONDS = 300
+#: How late a scheduled full scan or prune may still run (a busy or suspended host, a
+#: clock step): APScheduler's default of 1 s would skip the night's scan altogether.
+MISFIRE_GRACE_SECONDS = 6 * 3600
 
 
 @dataclass
@@ -271,15 +274,25 @@ class Service:
         scheduler = BackgroundScheduler(daemon=True)
         scheduler.add_job(lambda: self.scans.put(_Task("full")),
                           CronTrigger.from_crontab(self.policy.full_scan),
-                          id="full-scan", max_instances=1, coalesce=True)
-        if self.policy.retention:
-            scheduler.add_job(lambda: self.scans.put(_Task("prune")), "interval", hours=24,
-                              id="prune", max_instances=1, coalesce=True)
+                          id="full-scan", max_instances=1, coalesce=True,
+                          misfire_grace_time=MISFIRE_GRACE_SECONDS)
+        self._schedule_prune(scheduler)
         scheduler.add_job(self._scan_unwatched, "interval",
                           seconds=UNWATCHED_SCAN_SECONDS, id="unwatched",
                           max_instances=1, coalesce=True)
         scheduler.start()
         self.scheduler = scheduler
+
+    def _schedule_prune(self, scheduler: BackgroundScheduler) -> None:
+        """A daily prune while the policy has [retention]; none otherwise (SIGHUP may
+        add or remove it)."""
+        job = scheduler.get_job("prune")
+        if self.policy.retention and job is None:
+            scheduler.add_job(lambda: self.scans.put(_Task("prune")), "interval", hours=24,
+                              id="prune", max_instances=1, coalesce=True,
+                              misfire_grace_time=MISFIRE_GRACE_SECONDS)
+        elif not self.policy.retention and job is not None:
+            scheduler.remove_job("prune")
 
     def _scan_unwatched(self) -> None:
         if self.unwatched:
@@ -340,6 +353,7 @@ class Service:
             from apscheduler.triggers.cron import CronTrigger
             self.scheduler.reschedule_job("full-scan",
                                           trigger=CronTrigger.from_crontab(policy.full_scan))
+            self._schedule_prune(self.scheduler)
         self.store.events.resolve_warnings(keep=[u.root for u in self.unwatched])
         self.usage.reload(old)
         self.scans.put(_Task("full"))

@@ -7,6 +7,7 @@ this spelling keeps one module object, so there is one copy of each helper.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -243,9 +244,30 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float,
         time.sleep(interval)
 
 
-def child_pids() -> set[int]:
-    """Processes (zombies included) whose parent is this one."""
-    me, found = os.getpid(), set()
+@contextlib.contextmanager
+def database_at(path: Path, revision: str) -> Iterator[Any]:
+    """A database file migrated only up to `revision` (an older schema), open in one
+    transaction (a SQLAlchemy connection) for the test to fill as that code would."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = Config()
+    config.set_main_option("script_location", integrity.store.engine.migrations_dir())
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, revision)
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def child_pids(parent: int | None = None) -> set[int]:
+    """Processes (zombies included) whose parent is `parent` (default: this one)."""
+    me, found = os.getpid() if parent is None else parent, set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue

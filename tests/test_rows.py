@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import database_at
 from integrity.ops.baseline import build_baseline
 from integrity.ops.seal import check_root
 from integrity.ops.verify import verify
@@ -115,20 +116,11 @@ def test_upgrade_rebuilds_entries_without_rowid_keeping_rows_and_triggers(
     """A database of revision 0011 (no auto_vacuum, a rowid entry table, the fleet
     spool's triggers on it) keeps its rows and triggers through the upgrade and comes
     out with incremental vacuum and the entry table as its key's B-tree."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
-    from integrity.store.engine import HEAD, migrations_dir
+    from integrity.store.engine import HEAD
     from integrity.store.spool import TRIGGERS
 
     db = tmp_path / "old.db"
-    config = Config()
-    config.set_main_option("script_location", migrations_dir())
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0011")
+    with database_at(db, "0011") as conn:
         for ddl in TRIGGERS.values():
             conn.exec_driver_sql(ddl)
         conn.exec_driver_sql(
@@ -142,7 +134,6 @@ def test_upgrade_rebuilds_entries_without_rowid_keeping_rows_and_triggers(
                 "VALUES (1, ?, 'file', 1, 420, 0, 0, 1, 1, 1, 1, 1, ?, ?)",
                 (b"\x00t\x00" + name, package, kept))
         conn.exec_driver_sql("DELETE FROM fleet_entry")
-    engine.dispose()
     assert pages(db)[1] == 0
     store = Store(f"sqlite:///{db}", check_schema=False)
     try:

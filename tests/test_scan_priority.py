@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import child_pids, wait_until
 from integrity.errors import PolicyError
 from integrity.ops.baseline import build_baseline
 from integrity.ops.verify import verify
@@ -137,6 +137,34 @@ def test_max_read_rate_bounds_init_and_verify(tmp_path: Path, sized_tree: Path,
         store.close()
 
 
+def test_workers_stop_when_their_scan_is_killed(tmp_path: Path, sized_tree: Path) -> None:
+    """A paced verify killed outright (SIGKILL: no handler runs) takes its workers with
+    it: orphaned, they would read on at the paced rate to the end of the tree (here
+    about 8 s; on a large tree, hours). Each pipe is held open by the sibling worker
+    too, so they cannot count on a broken pipe."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(sized_tree))
+    finish(cli(tmp_path, policy, "init"))
+    policy.write_text(policy_text(sized_tree, '[scan]\nmax_read_rate = "1MiB/s"'))
+    proc = cli(tmp_path, policy, "verify")
+    workers = wait_until(lambda: child_pids(proc.pid) or None, "scanning workers", 30)
+    proc.kill()
+    proc.wait(timeout=30)  # not communicate(): the workers hold its pipes open
+    for pipe in (proc.stdout, proc.stderr):
+        assert pipe is not None
+        pipe.close()
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != b"Z"
+
+    wait_until(lambda: not any(running(pid) for pid in workers),
+               "the orphaned workers to stop", 5)
+
+
 def test_max_read_rate_paces_verify_fast_rehashes(tmp_path: Path, sized_tree: Path,
                                                   write_policy: Callable[..., Path]) -> None:
     """verify --fast reads only files whose stat moved: those reads are paced too."""
@@ -161,19 +189,6 @@ def nice_of(pid: int, tid: int | None = None) -> int:
     return int(stat.rsplit(b")", 1)[1].split()[16])
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 def test_verify_runs_at_the_policy_nice_level_and_io_class(tmp_path: Path,
                                                           sized_tree: Path) -> None:
     """The verify process and its scanning workers run at [scan]'s nice level and
@@ -185,7 +200,7 @@ def test_verify_runs_at_the_policy_nice_level_and_io_class(tmp_path: Path,
         sized_tree, '[scan]\nnice = 13\nio_class = "idle"\nmax_read_rate = "2MiB/s"'))
     proc = cli(tmp_path, policy, "verify")
     try:
-        workers = wait_until(lambda: [c for c in children(proc.pid)
+        workers = wait_until(lambda: [c for c in child_pids(proc.pid)
                                       if nice_of(c) == 13] or None,
                              "scanning workers at nice 13", 30)
         assert nice_of(proc.pid) == 13

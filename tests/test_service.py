@@ -75,9 +75,12 @@ class Site:
         return [e for e in self.cli.json("events") if e["path"] == str(path)]
 
     def alert_lines(self) -> list[dict[str, Any]]:
+        """The complete lines of the jsonl file: a large batch is one write(), but a
+        reader of a regular file may see part of it, as `tail -F` can."""
         if not self.alerts.exists():
             return []
-        return [json.loads(line) for line in self.alerts.read_text().splitlines()]
+        complete = self.alerts.read_text().rpartition("\n")[0]
+        return [json.loads(line) for line in complete.splitlines()]
 
     def alerts_for(self, path: Path) -> list[dict[str, Any]]:
         return [a for a in self.alert_lines() if a["path"] == str(path)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Cli, one_line, ro, rows
+from conftest import REPO, Cli, database_at, one_line, ro, rows
 from integrity.store import Store
 from integrity.store.engine import HEAD, REVISIONS
 
@@ -243,25 +243,14 @@ def test_revisions_match_the_migration_scripts() -> None:
 def test_older_schema_is_refused_then_upgraded_keeping_the_baseline(run: Cli) -> None:
     """A database at an older revision is never used silently: refused with the
     command to run, and `db upgrade` brings it to head without losing the baseline."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
-    from integrity.store.engine import HEAD, REVISIONS, migrations_dir
+    from integrity.store.engine import HEAD, REVISIONS
 
     assert len(REVISIONS) >= 2
-    config = Config()
-    config.set_main_option("script_location", migrations_dir())
-    run.db.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(f"sqlite:///{run.db}")
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, REVISIONS[0])
+    with database_at(run.db, REVISIONS[0]) as conn:
         conn.exec_driver_sql(
             "INSERT INTO baseline (state, created, activated, policy_source, "
             "policy_digest, entries) VALUES ('active', '2026-01-01 00:00:00', "
             "'2026-01-01 00:00:00', 'old.toml', 'x', 0)")
-    engine.dispose()
     refused = run("verify")
     assert refused.exit_code == 2
     assert refused.stderr.strip().count("\n") == 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, database_at
 
 
 def sql(db: Path, statement: str, *args: object) -> list[tuple[Any, ...]]:
@@ -196,20 +196,11 @@ def test_migration_keeps_an_old_chain_valid(tmp_path: Path, tree: Path,
                                             write_policy: Callable[..., Path]) -> None:
     """Events chained at revision 0007 (before event.window_id existed) still match
     their ledger records after `db upgrade` adds the column."""
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine
-
-    from integrity.store.engine import HEAD, migrations_dir
+    from integrity.store.engine import HEAD
 
     db = tmp_path / "old.db"
-    config = Config()
-    config.set_main_option("script_location", migrations_dir())
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "0007")
-    engine.dispose()
+    with database_at(db, "0007"):
+        pass
     # Rows chained the way 0007's code chained them: every column of the row.
     import blake3
     content = json.dumps({"id": 1, "key": "00", "kind": "added", "changed": "",

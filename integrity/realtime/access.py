@@ -15,17 +15,17 @@ import datetime as dt
 import json
 import logging
 import os
-import select
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from integrity.paths import display
 from integrity.policy import Policy
 from integrity.realtime.fanotify import privilege_problem
-from integrity.realtime.reads import helper_command, unwire, wire
+from integrity.realtime import child
+from integrity.realtime.reads import unwire, wire
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) is imported only to write
     from integrity.store.access import Read
@@ -117,25 +117,13 @@ class AccessListener:
         self._thread.start()
 
     def _start_helper(self) -> str | None:
-        try:
-            proc = subprocess.Popen(helper_command(), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, close_fds=True)
-        except OSError as exc:
-            return f"fanotify unavailable: cannot start the access helper: {exc.strerror}"
-        self._proc, self.helper_pid = proc, proc.pid
-        assert proc.stdin is not None and proc.stdout is not None
         config = {"roots": [[wire(r), rec] for r, rec in self.roots.items()],
                   "ignore": [os.getpid()]}
-        try:
-            proc.stdin.write(json.dumps(config).encode() + b"\n")
-            proc.stdin.flush()
-            ready = _first_line(proc.stdout, START_TIMEOUT)
-        except (OSError, ValueError) as exc:
-            return f"fanotify unavailable: the access helper failed to start: {exc}"
-        if ready is None:
-            return f"fanotify unavailable: the access helper did not start in {START_TIMEOUT:g} s"
-        if not ready.get("ready"):
-            return "fanotify unavailable: the access helper exited while starting"
+        command = child.helper_command("integrity.realtime.reads", "helper_main")
+        self._proc, ready = child.spawn(command, config, START_TIMEOUT, "the access helper")
+        self.helper_pid = self._proc.pid if self._proc is not None else None
+        if isinstance(ready, str):
+            return ready
         self.dark = {unwire(p): w for p, w in ready.get("dark", {}).items()}
         return str(ready["problem"]) if ready.get("problem") else None
 
@@ -224,37 +212,14 @@ class AccessListener:
 
     def _stop_helper(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.stdin is not None:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         thread, self._thread = self._thread, None
-        if thread is not None:
-            # It files what the helper sent last: a flood can be thousands of records
-            # for the database, which may also be busy (its timeout is 30 s).
-            thread.join(timeout=STOP_TIMEOUT)
-            if thread.is_alive():
-                log.error("access records still being written after %g s; giving up",
-                          STOP_TIMEOUT)
+        # The thread files what the helper sent last: a flood can be thousands of
+        # records for the database, which may also be busy (its timeout is 30 s).
+        if not child.stop(proc, thread, STOP_TIMEOUT):
+            log.error("access records still being written after %g s; giving up",
+                      STOP_TIMEOUT)
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
-
-
-def _first_line(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:
-    """The helper's first message, {} if it exited first, None after timeout."""
-    poller = select.poll()
-    poller.register(stream.fileno(), select.POLLIN)
-    if not poller.poll(int(timeout * 1000)):
-        return None
-    line = stream.readline()
-    return json.loads(line) if line else {}
 
 
 def probe(policy: Policy) -> tuple[str, str, tuple[str, ...]] | None:

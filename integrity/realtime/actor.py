@@ -54,17 +54,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import subprocess
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import IO
 
 from integrity.paths import display, is_within
 from integrity.realtime.fanotify import privilege_problem
-from integrity.realtime.helper import Config, Message, helper_command, unwire, wire
+from integrity.realtime import child
+from integrity.realtime.helper import Config, Message, unwire, wire
 from integrity.realtime.marks import covering_root, normalise_roots
 from integrity.realtime.processes import Actor, unknown
 
@@ -138,26 +137,13 @@ class ActorListener:
         self._thread.start()
 
     def _start_helper(self) -> str | None:
-        try:
-            proc = subprocess.Popen(helper_command(), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, close_fds=True)
-        except OSError as exc:
-            return f"fanotify unavailable: cannot start its helper: {exc.strerror}"
-        self._proc, self.helper_pid = proc, proc.pid
-        assert proc.stdin is not None and proc.stdout is not None
         config: Config = {"roots": [wire(r) for r in self.roots], "fid": self._fid,
                           "modify": self._modify, "ignore": [os.getpid()]}
-        try:
-            proc.stdin.write(json.dumps(config).encode() + b"\n")
-            proc.stdin.flush()
-            ready = _first_line(proc.stdout, START_TIMEOUT)
-        except (OSError, ValueError) as exc:
-            return f"fanotify unavailable: its helper failed to start: {exc}"
-        if ready is None:
-            return (f"fanotify unavailable: its helper did not start within "
-                    f"{START_TIMEOUT:g} s")
-        if not ready.get("ready"):
-            return "fanotify unavailable: its helper exited while starting"
+        command = child.helper_command("integrity.realtime.helper", "main")
+        self._proc, ready = child.spawn(command, config, START_TIMEOUT, "its helper")
+        self.helper_pid = self._proc.pid if self._proc is not None else None
+        if isinstance(ready, str):
+            return ready
         if ready["problem"]:
             return str(ready["problem"])
         self.mode = ready["mode"]
@@ -266,20 +252,8 @@ class ActorListener:
         """Close the helper's stdin (its stop signal), reap it, then join the thread."""
         self._closed = True
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.stdin is not None:
-                try:
-                    proc.stdin.close()
-                except OSError:
-                    pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=5)
+        child.stop(proc, thread, 5)
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
 
@@ -291,11 +265,3 @@ class ActorListener:
         self.close()
 
 
-def _first_line(stream: IO[bytes], timeout: float) -> Message | None:
-    """The helper's first message, {} if it exited first, None after timeout seconds."""
-    poller = select.poll()
-    poller.register(stream.fileno(), select.POLLIN)
-    if not poller.poll(int(timeout * 1000)):
-        return None
-    line = stream.readline()
-    return json.loads(line) if line else {}

@@ -1,7 +1,7 @@
 """The fanotify helper process: marks the trees, reads /proc for each writer, reports.
 
-It runs apart from the daemon (see actor.py for why): `helper_command()` starts this
-interpreter with `python -E -s -S`, so only the standard library and our stdlib-only
+It runs apart from the daemon (see actor.py for why): `child.helper_command()` starts
+this interpreter with `python -E -s -S`, so only the standard library and our stdlib-only
 modules (paths, realtime.fanotify, marks, mounts, procfs, processes) may be imported
 here. It reads one JSON `Config` line on stdin, answers with one `Message` saying
 whether it is ready, then sends `Message` lines (JSON) as events come, and stops at
@@ -82,15 +82,6 @@ def wire(path: bytes) -> str:
 def unwire(text: str) -> bytes:
     """The path wire() was given."""
     return text.encode("utf-8", "surrogateescape")
-
-
-def helper_command() -> list[str]:
-    """This interpreter, without site or environment, importing this very package."""
-    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    # The one entry point of the helper: keep it in step with main() below.
-    code = (f"import sys; sys.path.insert(0, {parent!r}); "
-            "from integrity.realtime.helper import main; main()")
-    return [sys.executable or "python3", "-E", "-s", "-S", "-c", code]
 
 
 def _send(message: Message) -> None:

@@ -348,11 +348,3 @@ def _listen(marks: OpenMarks, ignore: set[int]) -> None:
                             flush_at = time.monotonic() + FLUSH_SECONDS
         if burst and processes.readings == readings:
             time.sleep(PAUSE)
-
-
-def helper_command() -> list[str]:
-    """This interpreter, without site or environment, importing this very package."""
-    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = (f"import sys; sys.path.insert(0, {parent!r}); "
-            "from integrity.realtime.reads import helper_main; helper_main()")
-    return [sys.executable or "python3", "-E", "-s", "-S", "-c", code]

@@ -65,9 +65,15 @@ class WorkerFailed(IntegrityError):
 
 
 def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
-           conn: _Pipe) -> None:
+           conn: _Pipe, parent: int) -> None:
     batch: list[object] = []
     for item in hash_tree(policy, roots, share=(part, parts)):
+        # A parent killed outright (SIGTERM, SIGKILL) cannot stop us, and our pipe may
+        # not break with it: a sibling worker forked later holds its read end too.
+        # Orphaned, we would read on to the end of the tree (at the paced rate, for
+        # hours): one getppid() per entry stops us instead.
+        if os.getppid() != parent:
+            raise BrokenPipeError
         if isinstance(item, ScanWarning):
             batch.append(item)
         else:  # rules travel as their root (pickled once per batch): the parent has
@@ -95,6 +101,7 @@ class ScanWorker:
         self.policy = policy
         read_end, write_end = os.pipe()  # both close on exec
         reader, writer = _Pipe(read_end), _Pipe(write_end)
+        parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the child, reported via the pipe
             reader.close()
@@ -105,7 +112,7 @@ class ScanWorker:
                 if setup is not None:
                     setup()
                 _child(policy, list(roots) if roots is not None else None, part, parts,
-                       writer)
+                       writer, parent)
             except BrokenPipeError:
                 code = 0  # the parent stopped reading: nothing left to do
             except BaseException as exc:  # noqa: BLE001 - reported, then exit

@@ -91,7 +91,7 @@ def write_lock_held(db: Path) -> bool:
 
 # -- kill -9 during approve ----------------------------------------------------------------
 
-FILES = 5000
+FILES = 2000
 
 
 def write_versions(sub: Path, version: int) -> dict[bytes, bytes]:

@@ -34,7 +34,7 @@ from test_service import (RELOAD_SECONDS, Daemon, Site, site, start,  # noqa: F4
 MIB = 1 << 20
 #: The tree the rate tests read: 8 MiB in files of 1 MiB, 256 KiB and 3 KiB.
 TREE_BYTES = 4 * MIB + 12 * (256 << 10) + 341 * 3072 + 2 * 1024
-RATE = 4 * MIB
+RATE = 8 * MIB
 #: Elapsed time must be at least this share of TREE_BYTES / RATE. (Files changed in
 #: the last 10 s are read twice, hasher.RECENT_NS: a scan then reads more, never
 #: less, so the bound holds either way.)

@@ -492,8 +492,9 @@ def test_unprivileged_listener_says_why(world_dir: Path) -> None:
     site = world_dir / "site" / "integrity"
     (site / "realtime").mkdir(parents=True)
     for name in ("__init__.py", "paths.py", "realtime/__init__.py", "realtime/actor.py",
-                 "realtime/child.py", "realtime/fanotify.py", "realtime/helper.py", "realtime/marks.py",
-                 "realtime/mounts.py", "realtime/processes.py", "realtime/procfs.py"):
+                 "realtime/child.py", "realtime/fanotify.py", "realtime/helper.py",
+                 "realtime/marks.py", "realtime/mounts.py", "realtime/processes.py",
+                 "realtime/procfs.py"):
         shutil.copy(REPO / "integrity" / name, site / name)
     for path in [world_dir / "site", *(world_dir / "site").rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)

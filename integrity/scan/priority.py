@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -135,6 +135,11 @@ def scan_priority(settings: ScanSettings, scheduled: bool = False) -> Iterator[N
             pass
 
 
+class Abandoned(Exception):
+    """Whoever wanted this scan is gone: it ends. (Not an OSError, which the hasher
+    takes for a file it could not read.)"""
+
+
 class ReadLimit:
     """A ceiling on one thread's read rate: bytes charged as they are read; the
     thread sleeps while it is ahead of `rate` bytes per second since it started."""
@@ -143,11 +148,16 @@ class ReadLimit:
         self.rate = rate
         self.started = time.monotonic()
         self.read = 0
+        #: Asked before each sleep: True when whoever wants this scan is gone, which
+        #: ends it (Abandoned).
+        self.abandoned: Callable[[], bool] | None = None
 
     def charge(self, size: int) -> None:
         self.read += size
         ahead = self.read / self.rate - (time.monotonic() - self.started)
         if ahead > _MIN_SLEEP:
+            if self.abandoned is not None and self.abandoned():
+                raise Abandoned
             time.sleep(ahead)
 
 

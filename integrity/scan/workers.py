@@ -21,6 +21,7 @@ from integrity.errors import IntegrityError, ScanWarning
 from integrity.paths import to_key
 from integrity.policy import Policy
 from integrity.scan import hasher
+from integrity.scan.priority import Abandoned, current_limit
 from integrity.scan.records import Hashed, hash_tree
 
 _BATCH = 512
@@ -68,23 +69,29 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
            conn: _Pipe, parent: int) -> None:
     batch: list[object] = []
     for item in hash_tree(policy, roots, share=(part, parts)):
-        # A parent killed outright (SIGTERM, SIGKILL) cannot stop us, and our pipe may
-        # not break with it: a sibling worker forked later holds its read end too.
-        # Orphaned, we would read on to the end of the tree (at the paced rate, for
-        # hours): one getppid() per entry stops us instead.
-        if os.getppid() != parent:
-            raise BrokenPipeError
         if isinstance(item, ScanWarning):
             batch.append(item)
         else:  # rules travel as their root (pickled once per batch): the parent has
             # the same policy, and finds a wildcard rule's instance by it
             batch.append((item.path, item.record, item.problem, item.rule.path))
         if len(batch) >= _BATCH:
+            if _orphaned(parent):
+                raise Abandoned
             conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
             batch = []
     if batch:
         conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
     conn.send_bytes(_DONE)
+
+
+def _orphaned(parent: int) -> bool:
+    """True once the parent that forked us is gone (killed outright: SIGTERM, SIGKILL).
+
+    Our pipe may not break with it (a sibling worker forked later holds its read end
+    too), so an orphan would read on to the end of the tree, at the paced rate for
+    hours. Asked once per batch and before each paced sleep, off the per-file path.
+    """
+    return os.getppid() != parent
 
 
 class ScanWorker:
@@ -111,10 +118,13 @@ class ScanWorker:
                 hasher.single_threaded()
                 if setup is not None:
                     setup()
+                limit = current_limit()
+                if limit is not None:  # a paced worker spends its time asleep
+                    limit.abandoned = lambda: _orphaned(parent)
                 _child(policy, list(roots) if roots is not None else None, part, parts,
                        writer, parent)
-            except BrokenPipeError:
-                code = 0  # the parent stopped reading: nothing left to do
+            except (BrokenPipeError, Abandoned):
+                code = 0  # the parent stopped reading, or is gone: nothing left to do
             except BaseException as exc:  # noqa: BLE001 - reported, then exit
                 try:
                     writer.send_bytes(b"error" + str(exc).encode(errors="replace"))

@@ -91,14 +91,21 @@ def test_init_force_leaves_one_generation_of_pages(tmp_path: Path) -> None:
     db = tmp_path / "size.db"
     store = Store(f"sqlite:///{db}")
     try:
-        build_baseline(lambda: store, policy, parallel=0)
-        _, vacuum, first, _ = pages(db)
+        _, vacuum, empty, _ = pages(db)  # the schema, no baseline yet
         assert vacuum == 2  # incremental
+        build_baseline(lambda: store, policy, parallel=0)
+        _, _, first, _ = pages(db)
+        generation = first - empty
         for _ in range(3):
             build_baseline(lambda: store, policy, parallel=0, force=True)
         _, _, count, free = pages(db)
         assert free == 0
-        assert count <= first + 2, (first, count)
+        # Kept pages would add a generation per --force (3 here). What may remain is
+        # B-tree fill: a generation written beside the one it retires splits pages
+        # at other points than the first, append-only build (a few percent, varying
+        # with the key bytes, so with the path of tmp_path), and the ledger's record
+        # of each generation.
+        assert count - first <= generation // 8, (empty, first, count)
         assert store.baselines.require().generation == 4
         assert verify(lambda: store, policy, parallel=0).result.changes == []
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import operator
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -71,6 +72,18 @@ def leaf(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None) -
 
 
 _blake3 = blake3.blake3
+_digest = operator.methodcaller("digest")
+_leaf_input = _LEAF.__add__
+
+
+def row_leaves(rows: Sequence[tuple[object, ...]]) -> list[bytes]:
+    """leaf() of each stored row laid out as (key, *record[1:], package, kept).
+
+    The same digests, through one chain of C-level maps per batch: no Python frame
+    per row, for the process that seals a whole baseline while a verify reads it.
+    """
+    return list(map(_digest, map(_blake3, map(_leaf_input, map(str.encode,
+                                                                map(repr, rows))))))
 
 
 def seal(entries_root: str, policy_digest: str, generation: int,

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import database_at
+from conftest import child_pids, database_at
 from integrity.ops.baseline import build_baseline
 from integrity.ops.seal import check_root
+from integrity.ops.seal_reader import SealReader
 from integrity.ops.verify import verify
 from integrity.policy import parse
 from integrity.store import Store
-from integrity.trust import MerkleRoot, root_of
+from integrity.trust import MerkleRoot, TrustError, leaf, root_of, row_leaves
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 64, 1000, 1023, 1024, 1025, 5000])
@@ -66,6 +67,73 @@ def test_init_seals_in_blocks_what_verify_reads_leaf_by_leaf(
         assert any(kept is not None for _, _, _, kept in entries)
         check_root(info, root_of(entries))  # TrustError if a leaf differed
         assert verify(lambda: store, policy, parallel=parallel).result.changes == []
+    finally:
+        store.close()
+
+
+def test_row_leaves_are_the_leaves_of_the_entries(tmp_path: Path) -> None:
+    """The seal reader's batch leaves (over the driver's raw rows) are leaf() of each
+    entry as verify reads it: package owners and kept texts included."""
+    _, data = kept_and_packaged_policy(tmp_path)
+    store = Store(f"sqlite:///{tmp_path}/leaves.db")
+    try:
+        build_baseline(lambda: store, parse(data), parallel=0)
+        with store.baselines.snapshot() as snap:
+            entries = list(snap.entries())
+            rows = [row for batch in snap.row_batches(7) for row in batch]
+    finally:
+        store.close()
+    assert any(package is not None for _, _, package, _ in entries)
+    assert any(kept is not None for _, _, _, kept in entries)
+    assert [row[0] for row in rows] == [key for key, _, _, _ in entries]
+    assert row_leaves(rows) == [leaf(*entry) for entry in entries]
+
+
+def test_the_seal_reader_hands_over_the_rows_it_sealed(tmp_path: Path) -> None:
+    """A child reads the baseline in its own transaction and checks the seal; the
+    rows it hands over are the entries, kept texts noted, and it leaves no process."""
+    _, data = kept_and_packaged_policy(tmp_path)
+    store = Store(f"sqlite:///{tmp_path}/reader.db")
+    try:
+        info = build_baseline(lambda: store, parse(data), parallel=0).baseline
+        expected = list(store.baselines.entries(info.id))
+        with SealReader(store) as reader:
+            assert reader.info == info
+            got = list(reader.entries())
+            assert reader.sealed
+            reader.finish()  # nothing left to take: the verdict is in
+            assert child_pids() != set()
+        assert child_pids() == set()
+        assert got == [(key, rec) for key, rec, _, _ in expected]
+        assert reader.kept == {key: kept for key, _, _, kept in expected if kept}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("column", ["size", "package", "kept", "delete"])
+def test_a_verify_on_two_cores_refuses_an_edited_row(tmp_path: Path, column: str) -> None:
+    """Verify with workers seals the baseline in the reader: an edit of any column,
+    or a deleted row, anywhere in the table, is refused as tampering and recorded."""
+    etc, data = kept_and_packaged_policy(tmp_path)
+    policy = parse(data)
+    db = tmp_path / "edited.db"
+    store = Store(f"sqlite:///{db}")
+    try:
+        build_baseline(lambda: store, policy, parallel=0)
+        assert verify(lambda: store, policy, parallel=2).result.changes == []
+        store.close()
+        with sqlite3.connect(db) as conn:
+            key = bytes(os.fsencode(etc / "app.conf")).replace(b"/", b"\x00")
+            edit = {"size": "UPDATE entry SET size = size + 1 WHERE key = ?",
+                    "package": "UPDATE entry SET package = 'dpkg' WHERE key = ?",
+                    "kept": "UPDATE entry SET kept = NULL WHERE key = ?",
+                    "delete": "DELETE FROM entry WHERE key = ?"}[column]
+            assert conn.execute(edit, (key,)).rowcount == 1
+        with pytest.raises(TrustError, match="tampering"):
+            verify(lambda: store, policy, parallel=2)
+        warnings = [e for e in store.events.list() if e["classification"] == "tampering"]
+        assert len(warnings) == 1 and warnings[0]["severity"] == "critical"
+        assert child_pids() == set()
     finally:
         store.close()
 

@@ -3,9 +3,11 @@ of its rows is trusted, and pinned from off the host.
 
 A baseline's root (trust.seal) covers every entry column, the sealed policy, the
 generation number and the activation time. Every verify recomputes it over the rows it
-reads (`SealCheck` watches the entry stream go by), approvals check it inside their
-own write transaction, and the watcher keeps a small `SealedIndex` so that a realtime
-re-check of one path verifies that path's rows without reading the whole baseline.
+reads (`SealCheck` watches the entry stream go by; on several cores a whole-tree
+verify has `seal_reader.SealReader` read and seal them in a child), approvals check
+it inside their own write transaction, and the watcher keeps a small `SealedIndex` so
+that a realtime re-check of one path verifies that path's rows without reading the
+whole baseline.
 Pins an operator keeps elsewhere: the root (`--expect-root`), the signing key's
 fingerprint (`--expect-key`) and the head of the event chain (`--expect-head`).
 """

@@ -22,7 +22,9 @@ from integrity.paths import key_range, to_key
 from integrity.policy import Policy
 from integrity.policy.sealed import differences, sealed_text
 from integrity.record import FileRecord
+from integrity.ops.seal_reader import SealReader
 from integrity.scan import Progress, ScanResult, TreeScan, check_entries, normalize_paths
+from integrity.scan.scanner import worker_processes
 from integrity.scan.compare import Change, change_states
 from integrity.scan.walker import SkippedTree
 from integrity.times import utcnow
@@ -101,20 +103,30 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
             scan = TreeScan(effective, normalize_paths(effective, paths, waypoints=True) or None,
                             fast=fast, parallel=parallel, max_read_rate=rate)
         run_id = store.runs.start(source, info.id, scan.wanted, fast)
+        # A person's (or timer's) whole-tree verify on more than one core: the CLI has
+        # no other thread using the store, so it may fork (the watcher's store is shared).
+        reading = (source == "verify" and index is None and not scan.wanted
+                   and worker_processes(parallel) > 0)
         ranges = [key_range(r) for r in scan.roots]
         kept: dict[bytes, bytes] = {}
         with _tampering_recorded(store, source, context):
             check_head(store, pins.head)
             if index is not None:
                 result = scan.compare(_pairs(index.entries(store, ranges), kept), progress)
+            elif reading:
+                # The whole baseline, read and sealed by a child on another core.
+                with SealReader(store) as reader:
+                    chosen, info = info, reader.info
+                    _same_policy(chosen, info)
+                    result = scan.compare(reader.entries(), progress)
+                    reader.finish()
+                    kept = reader.kept
             else:
                 # One read transaction: the baseline row and the entries checked
                 # against it are one state, whatever an approval commits meanwhile.
                 with store.baselines.snapshot() as snap:
                     chosen, info = info, snap.require()
-                    if info.policy != chosen.policy:  # `approve --policy` just now
-                        raise BaselineError("the policy was approved while this verify "
-                                            "ran; nothing was recorded: run it again")
+                    _same_policy(chosen, info)
                     if scan.wanted:
                         verify_seal(info, snap.entries())
                         result = scan.compare(_pairs(snap.entries(ranges), kept), progress)
@@ -138,6 +150,14 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     store.runs.finish(run_id, scanned=result.scanned, errors=len(result.warnings),
                       exit_code=verification.exit_code, **result.counts())
     return verification
+
+
+def _same_policy(chosen: BaselineInfo, info: BaselineInfo) -> None:
+    """Refuse a verify that read a baseline whose sealed policy is not the one it
+    chose its scan by (`approve --policy` committed meanwhile)."""
+    if info.policy != chosen.policy:
+        raise BaselineError("the policy was approved while this verify ran; nothing "
+                            "was recorded: run it again")
 
 
 def _early_scan(policy: Policy, paths: Sequence[str | bytes], fast: bool,

@@ -29,7 +29,7 @@ _DONE = b"done"
 _HEADER = struct.Struct("<Q")
 
 
-class _Pipe:
+class Pipe:
     """Length-prefixed messages over one end of an os.pipe (multiprocessing.connection
     costs ~8 ms of imports, a good part of what `verify` of /etc may spend starting)."""
 
@@ -66,7 +66,7 @@ class WorkerFailed(IntegrityError):
 
 
 def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
-           conn: _Pipe, parent: int) -> None:
+           conn: Pipe, parent: int) -> None:
     batch: list[object] = []
     for item in hash_tree(policy, roots, share=(part, parts)):
         if isinstance(item, ScanWarning):
@@ -75,7 +75,7 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
             # the same policy, and finds a wildcard rule's instance by it
             batch.append((item.path, item.record, item.problem, item.rule.path))
         if len(batch) >= _BATCH:
-            if _orphaned(parent):
+            if orphaned(parent):
                 raise Abandoned
             conn.send_bytes(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
             batch = []
@@ -84,7 +84,7 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
     conn.send_bytes(_DONE)
 
 
-def _orphaned(parent: int) -> bool:
+def orphaned(parent: int) -> bool:
     """True once the parent that forked us is gone (killed outright: SIGTERM, SIGKILL).
 
     Our pipe may not break with it (a sibling worker forked later holds its read end
@@ -107,7 +107,7 @@ class ScanWorker:
                  setup: Callable[[], None] | None = None) -> None:
         self.policy = policy
         read_end, write_end = os.pipe()  # both close on exec
-        reader, writer = _Pipe(read_end), _Pipe(write_end)
+        reader, writer = Pipe(read_end), Pipe(write_end)
         parent = os.getpid()
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - runs in the child, reported via the pipe
@@ -120,7 +120,7 @@ class ScanWorker:
                     setup()
                 limit = current_limit()
                 if limit is not None:  # a paced worker spends its time asleep
-                    limit.abandoned = lambda: _orphaned(parent)
+                    limit.abandoned = lambda: orphaned(parent)
                 _child(policy, list(roots) if roots is not None else None, part, parts,
                        writer, parent)
             except (BrokenPipeError, Abandoned):

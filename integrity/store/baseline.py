@@ -12,7 +12,7 @@ import contextlib
 import datetime as dt
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -36,6 +36,8 @@ Owner = Callable[[bytes], "str | None"]
 Entry = tuple[bytes, FileRecord, "str | None", "bytes | None"]
 #: The stream of a baseline's entries in key order.
 Entries = Iterator[Entry]
+#: One stored entry as the driver returns it: (key, *record[1:], package, kept).
+Row = tuple[object, ...]
 #: (root, signature or None, signer's raw public key or None)
 Sealed = tuple[str, "bytes | None", "bytes | None"]
 
@@ -213,6 +215,28 @@ class Snapshot:
     def entries(self, ranges: Sequence[tuple[bytes, bytes]] | None = None) -> Entries:
         """The baseline's entries in key order, optionally within key ranges."""
         return entries_in(self.conn, self.require().id, ranges)
+
+    def row_batches(self, size: int) -> Iterator[list[Row]]:
+        """Every entry of the baseline as the driver returns it, `size` rows at a time
+        in key order: (key, *record[1:], package, kept) tuples, read through the DB-API
+        cursor of this transaction (the seal reader pickles them whole; SQLAlchemy's
+        row objects cost more than the rows)."""
+        e = schema.entry
+        cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
+        compiled = sa.select(*cols).where(e.c.baseline_id == self.require().id) \
+            .order_by(e.c.key).compile(dialect=self.conn.dialect)
+        params = compiled.construct_params()
+        args: Sequence[object] | Mapping[str, object] = params
+        if compiled.positional:
+            args = tuple(params[name] for name in compiled.positiontup or ())
+        cursor = self.conn.connection.cursor()
+        try:
+            cursor.execute(str(compiled), args)
+            while rows := cursor.fetchmany(size):
+                # Tuples, whatever the driver's row type: the seal hashes their repr.
+                yield list(rows) if type(rows[0]) is tuple else [tuple(row) for row in rows]
+        finally:
+            cursor.close()
 
 
 def entries_in(conn: sa.Connection, baseline_id: int,

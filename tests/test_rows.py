@@ -111,9 +111,11 @@ def test_the_seal_reader_hands_over_the_rows_it_sealed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("column", ["size", "package", "kept", "delete"])
-def test_a_verify_on_two_cores_refuses_an_edited_row(tmp_path: Path, column: str) -> None:
-    """Verify with workers seals the baseline in the reader: an edit of any column,
-    or a deleted row, anywhere in the table, is refused as tampering and recorded."""
+def test_a_verify_on_two_cores_refuses_an_edited_row(
+        tmp_path: Path, column: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verify with workers seals the baseline in the reader (from any size here): an
+    edit of any column, or a deleted row, is refused as tampering and recorded."""
+    monkeypatch.setattr("integrity.ops.verify.SEAL_READER_MIN", 0)
     etc, data = kept_and_packaged_policy(tmp_path)
     policy = parse(data)
     db = tmp_path / "edited.db"
@@ -134,6 +136,40 @@ def test_a_verify_on_two_cores_refuses_an_edited_row(tmp_path: Path, column: str
         warnings = [e for e in store.events.list() if e["classification"] == "tampering"]
         assert len(warnings) == 1 and warnings[0]["severity"] == "critical"
         assert child_pids() == set()
+    finally:
+        store.close()
+
+
+def test_the_seal_reader_checks_a_version_1_seal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baseline sealed before seal version 2 (a root over the entries' attributes
+    alone) is checked by the reader with version 1 leaves, and still catches an edit."""
+    from integrity.store.ledger import journal
+    from integrity.trust import root_of_v1
+
+    monkeypatch.setattr("integrity.ops.verify.SEAL_READER_MIN", 0)
+    etc, data = kept_and_packaged_policy(tmp_path)
+    policy = parse(data)
+    db = tmp_path / "v1.db"
+    store = Store(f"sqlite:///{db}")
+    try:
+        info = build_baseline(lambda: store, policy, parallel=0).baseline
+        old_root = root_of_v1(store.baselines.entries(info.id))
+        store.close()
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE baseline SET seal_version = 1, policy = NULL, root = ?",
+                         (old_root,))
+            conn.execute("DELETE FROM ledger")  # as migration 0008 found it: re-entered
+        with store.writer() as conn, conn.begin():
+            journal(conn, "baseline", [info.id])
+        assert verify(lambda: store, policy, parallel=2).result.changes == []
+        store.close()
+        with sqlite3.connect(db) as conn:
+            key = bytes(os.fsencode(etc / "blob")).replace(b"/", b"\x00")
+            assert conn.execute("UPDATE entry SET mtime = mtime + 1 WHERE key = ?",
+                                (key,)).rowcount == 1
+        with pytest.raises(TrustError, match="tampering"):
+            verify(lambda: store, policy, parallel=2)
     finally:
         store.close()
 

@@ -71,6 +71,12 @@ class Verification:
         return 1 if self.policy_changes else self.result.exit_code
 
 
+#: Entries from which a whole-tree verify seals the baseline in a child (SealReader).
+#: Below it, the fork and the second connection cost more than they save: /etc's
+#: 1,216 entries took 0.05 s longer, the 20k tree 0.2 s shorter.
+SEAL_READER_MIN = 5000
+
+
 def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes] = (),
            *, fast: bool = False, progress: Progress | None = None,
            parallel: bool | int | None = None, source: str = "verify",
@@ -103,10 +109,11 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
             scan = TreeScan(effective, normalize_paths(effective, paths, waypoints=True) or None,
                             fast=fast, parallel=parallel, max_read_rate=rate)
         run_id = store.runs.start(source, info.id, scan.wanted, fast)
-        # A person's (or timer's) whole-tree verify on more than one core: the CLI has
-        # no other thread using the store, so it may fork (the watcher's store is shared).
+        # A person's (or timer's) whole-tree verify of a large baseline on more than one
+        # core: the CLI has no other thread using the store, so it may fork (the
+        # watcher's store is shared).
         reading = (source == "verify" and index is None and not scan.wanted
-                   and worker_processes(parallel) > 0)
+                   and info.entries >= SEAL_READER_MIN and worker_processes(parallel) > 0)
         ranges = [key_range(r) for r in scan.roots]
         kept: dict[bytes, bytes] = {}
         with _tampering_recorded(store, source, context):

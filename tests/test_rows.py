@@ -19,7 +19,7 @@ from integrity.ops.baseline import build_baseline
 from integrity.ops.seal import check_root
 from integrity.ops.seal_reader import SealReader
 from integrity.ops.verify import verify
-from integrity.policy import parse
+from integrity.policy import Policy, parse
 from integrity.store import Store
 from integrity.trust import MerkleRoot, TrustError, leaf, root_of, row_leaves
 
@@ -110,16 +110,22 @@ def test_the_seal_reader_hands_over_the_rows_it_sealed(tmp_path: Path) -> None:
         store.close()
 
 
+def _sealed_by_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                          ) -> tuple[Path, Policy, Path, Store]:
+    """The kept-and-packaged tree, its policy, a database for it and its store, with
+    the seal reader used from the first entry (verify with parallel=2)."""
+    monkeypatch.setattr("integrity.ops.verify.SEAL_READER_MIN", 0)
+    etc, data = kept_and_packaged_policy(tmp_path)
+    db = tmp_path / "sealed.db"
+    return etc, parse(data), db, Store(f"sqlite:///{db}")
+
+
 @pytest.mark.parametrize("column", ["size", "package", "kept", "delete"])
 def test_a_verify_on_two_cores_refuses_an_edited_row(
         tmp_path: Path, column: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Verify with workers seals the baseline in the reader (from any size here): an
     edit of any column, or a deleted row, is refused as tampering and recorded."""
-    monkeypatch.setattr("integrity.ops.verify.SEAL_READER_MIN", 0)
-    etc, data = kept_and_packaged_policy(tmp_path)
-    policy = parse(data)
-    db = tmp_path / "edited.db"
-    store = Store(f"sqlite:///{db}")
+    etc, policy, db, store = _sealed_by_the_reader(tmp_path, monkeypatch)
     try:
         build_baseline(lambda: store, policy, parallel=0)
         assert verify(lambda: store, policy, parallel=2).result.changes == []
@@ -147,11 +153,7 @@ def test_the_seal_reader_checks_a_version_1_seal(
     from integrity.store.ledger import journal
     from integrity.trust import root_of_v1
 
-    monkeypatch.setattr("integrity.ops.verify.SEAL_READER_MIN", 0)
-    etc, data = kept_and_packaged_policy(tmp_path)
-    policy = parse(data)
-    db = tmp_path / "v1.db"
-    store = Store(f"sqlite:///{db}")
+    etc, policy, db, store = _sealed_by_the_reader(tmp_path, monkeypatch)
     try:
         info = build_baseline(lambda: store, policy, parallel=0).baseline
         old_root = root_of_v1(store.baselines.entries(info.id))

@@ -21,7 +21,7 @@ from integrity.ops.seal import check_root
 from integrity.paths import from_key
 from integrity.record import FileRecord
 from integrity.scan.priority import Abandoned
-from integrity.scan.workers import Pipe, orphaned
+from integrity.scan.workers import Pipe, orphaned, stop_child
 from integrity.trust import LEAF_BATCH, MerkleRoot, TrustError, leaf_v1, row_leaves
 
 if TYPE_CHECKING:
@@ -98,11 +98,7 @@ class SealReader:
         if self.pid <= 0:
             return
         self.pipe.close()
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        os.waitpid(self.pid, 0)
+        stop_child(self.pid)
         self.pid = -1
 
     def _next(self) -> tuple[bytes, bytes]:

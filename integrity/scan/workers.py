@@ -94,6 +94,15 @@ def orphaned(parent: int) -> bool:
     return os.getppid() != parent
 
 
+def stop_child(pid: int) -> None:
+    """SIGTERM a forked child (once its pipe is closed, if it still runs) and reap it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
 class ScanWorker:
     """One forked walk-and-hash of the policy's trees (or `roots`), read as a stream.
 
@@ -165,11 +174,7 @@ class ScanWorker:
         if self.pid <= 0:
             return
         self.reader.close()
-        try:
-            os.kill(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        os.waitpid(self.pid, 0)
+        stop_child(self.pid)
         self.pid = -1
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import child_pids, database_at
 from integrity.ops.baseline import build_baseline
-from integrity.ops.seal import check_root
+from integrity.ops.seal import KeptTexts, check_root
 from integrity.ops.seal_reader import SealReader
 from integrity.ops.verify import verify
 from integrity.policy import Policy, parse
@@ -101,12 +101,15 @@ def test_the_seal_reader_hands_over_the_rows_it_sealed(tmp_path: Path) -> None:
         with SealReader(store) as reader:
             assert reader.pid in child_pids() - before
             assert reader.info == info
-            got = list(reader.entries())
+            got = []
+            for key, rec in reader.entries():
+                got.append((key, rec))
+                reader.kept.judged(rec.path, changed=True)
             assert reader.sealed
             reader.finish()  # nothing left to take: the verdict is in
         assert child_pids() <= before
         assert got == [(key, rec) for key, rec, _, _ in expected]
-        assert reader.kept == {key: kept for key, _, _, kept in expected if kept}
+        assert reader.kept.changed == {key: kept for key, _, _, kept in expected if kept}
     finally:
         store.close()
 
@@ -174,6 +177,53 @@ def test_the_seal_reader_checks_a_version_1_seal(
             verify(lambda: store, policy, parallel=2)
     finally:
         store.close()
+
+
+def test_kept_texts_hold_only_what_the_scan_has_not_judged() -> None:
+    """Digests wait in key order until their entry is judged: a changed entry's is
+    kept for its diff, an unchanged one's goes, and so does any passed over (an entry
+    not compared: no longer covered, or unreadable)."""
+    kept = KeptTexts()
+    for name in (b"a", b"b", b"c", b"d", b"e"):
+        kept.add(b"\x00etc\x00" + name, name * 32)
+    kept.judged(b"/etc/a", changed=False)
+    kept.judged(b"/etc/c", changed=True)  # b was never judged: gone with it
+    assert kept.changed == {b"\x00etc\x00c": b"c" * 32}
+    assert [key for key, _ in kept._pending] == [b"\x00etc\x00d", b"\x00etc\x00e"]
+    kept.judged(b"/etc/ca", changed=True)  # no kept text of its own
+    kept.judged(b"/etc/e", changed=True)
+    assert kept.changed == {b"\x00etc\x00c": b"c" * 32, b"\x00etc\x00e": b"e" * 32}
+    assert not kept._pending
+
+
+@pytest.mark.parametrize("reader", [False, True])
+def test_a_diff_is_found_among_many_kept_texts(
+        tmp_path: Path, reader: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verify (in-process, and with the seal reader) keeps the kept-text digests of
+    the files it finds modified, wherever they are among thousands kept, and shows
+    their diffs."""
+    monkeypatch.setattr("integrity.ops.verify.SEAL_READER_MIN", 0 if reader else 10**9)
+    etc = tmp_path / "etc"
+    for d in range(20):
+        (etc / f"d{d:02d}").mkdir(parents=True)
+        for f in range(100):
+            (etc / f"d{d:02d}" / f"f{f:03d}.conf").write_text(f"option{f} = {d}\n")
+    policy = parse({"rule": [{"path": str(etc), "check": "config"}]})
+    store = Store(f"sqlite:///{tmp_path}/kept.db")
+    try:
+        build_baseline(lambda: store, policy, parallel=0)
+        changed = [etc / "d00" / "f000.conf", etc / "d07" / "f050.conf",
+                   etc / "d19" / "f099.conf"]
+        for path in changed:
+            path.write_text(path.read_text().replace("=", "= changed"))
+        found = verify(lambda: store, policy, parallel=2)
+    finally:
+        store.close()
+    assert sorted(c.path for c in found.result.changes) == sorted(
+        os.fsencode(p) for p in changed)
+    assert sorted(found.diffs) == sorted(os.fsencode(p) for p in changed)
+    for path in changed:
+        assert "+option" in found.diffs[os.fsencode(path)]
 
 
 def pages(db: Path) -> tuple[int, int, int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, overload
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, overload
 import blake3
 
 from integrity.errors import IntegrityError
-from integrity.paths import display, from_key
+from integrity.paths import display, from_key, to_key
 from integrity.policy import Policy
 from integrity.policy.sealed import as_sealed, sealed_digest, sealed_text
 from integrity.record import FileRecord
@@ -45,6 +46,37 @@ class Pins:
     head: str | None = None
 
 
+class KeptTexts:
+    """The kept-text digests of baseline entries streaming past a scan, each held
+    until the scan has judged its entry: a changed entry's stays (its diff needs it),
+    the others go. Memory follows the scan's read-ahead, not the baseline: 100,000
+    kept texts held to the end cost the watcher's catch-up scan 20 MiB.
+
+    Entries are added and judged in key order (the merge's), so whatever is still
+    pending ahead of a judged key was never compared (not covered, or unreadable).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+        #: key -> kept-text digest, of the entries the scan found changed.
+        self.changed: dict[bytes, bytes] = {}
+
+    def add(self, key: bytes, digest: bytes) -> None:
+        """An entry with kept text has streamed past."""
+        self._pending.append((key, digest))
+
+    def judged(self, path: bytes, changed: bool) -> None:
+        """The scan compared the entry at `path` (scanner.Judged)."""
+        pending = self._pending
+        if not pending:
+            return
+        key = to_key(path)
+        while pending and pending[0][0] <= key:
+            first, digest = pending.popleft()
+            if changed and first == key:
+                self.changed[key] = digest
+
+
 class SealCheck:
     """Computes a baseline's entries root from its rows as they stream past."""
 
@@ -53,13 +85,13 @@ class SealCheck:
         self._merkle = MerkleRoot()
         self._leaf_v2 = info.seal_version >= 2
         self._leaves: list[bytes] = []
-        #: The kept text digest of each entry that has one, by key (for diffs).
-        self.kept: dict[bytes, bytes] = {}
+        #: The kept text digests, for the diffs of what the scan finds changed.
+        self.kept = KeptTexts()
 
     def stream(self, entries: Entries) -> Iterator[tuple[bytes, FileRecord]]:
         """The (key, record) pairs the scan wants, each entering the root on the way
         (leaves go into the tree LEAF_BATCH at a time: MerkleRoot.add_many)."""
-        kept = self.kept
+        keep = self.kept.add
         leaves = self._leaves
         add_many = self._merkle.add_many
         if self._leaf_v2:
@@ -69,7 +101,7 @@ class SealCheck:
                     add_many(leaves)
                     leaves.clear()
                 if text is not None:
-                    kept[key] = text
+                    keep(key, text)
                 yield key, rec
         else:
             for key, rec, _package, _text in entries:

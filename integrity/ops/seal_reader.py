@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 from integrity.errors import IntegrityError
-from integrity.ops.seal import check_root
+from integrity.ops.seal import KeptTexts, check_root
 from integrity.paths import from_key
 from integrity.record import FileRecord
 from integrity.scan.priority import Abandoned
@@ -56,8 +56,8 @@ class SealReader:
             os._exit(_child(store, Pipe(write_end), parent))
         os.close(write_end)
         self.pipe = Pipe(read_end)
-        #: The kept text digest of each entry that has one, by key (for diffs).
-        self.kept: dict[bytes, bytes] = {}
+        #: The kept text digests, for the diffs of what the scan finds changed.
+        self.kept = KeptTexts()
         self.sealed = False
         tag, body = self._next()
         if tag != _INFO:
@@ -73,7 +73,7 @@ class SealReader:
 
     def entries(self) -> Iterator[tuple[bytes, FileRecord]]:
         """(key, record) of every entry in key order, as the scan's merge takes them."""
-        kept = self.kept
+        keep = self.kept.add
         record = FileRecord
         while True:
             tag, body = self._next()
@@ -85,7 +85,7 @@ class SealReader:
             for row in pickle.loads(body):
                 key = row[0]
                 if row[15] is not None:
-                    kept[key] = row[15]
+                    keep(key, row[15])
                 yield key, record(from_key(key), *row[1:14])
 
     def finish(self) -> None:

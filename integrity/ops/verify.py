@@ -125,9 +125,9 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
                 with SealReader(store) as reader:
                     chosen, info = info, reader.info
                     _same_policy(chosen, info)
-                    result = scan.compare(reader.entries(), progress)
+                    result = scan.compare(reader.entries(), progress, reader.kept.judged)
                     reader.finish()
-                    kept = reader.kept
+                    kept = reader.kept.changed
             else:
                 # One read transaction: the baseline row and the entries checked
                 # against it are one state, whatever an approval commits meanwhile.
@@ -139,9 +139,10 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
                         result = scan.compare(_pairs(snap.entries(ranges), kept), progress)
                     else:  # every entry is read anyway: the seal is checked on the way
                         sealing = SealCheck(info)
-                        result = scan.compare(sealing.stream(snap.entries()), progress)
+                        result = scan.compare(sealing.stream(snap.entries()), progress,
+                                              sealing.kept.judged)
                         sealing.finish()
-                        kept = sealing.kept
+                        kept = sealing.kept.changed
             check_pins(info, effective, pins, policy)
     finally:
         if scan is not None:

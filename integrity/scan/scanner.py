@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: A baseline as the scan reads it: (key, record) in key order.
 Baseline = Iterator[tuple[bytes, FileRecord]]
+#: Told of each baseline entry once compared: (path, whether it changed).
+Judged = Callable[[bytes, bool], None]
 
 
 @dataclass
@@ -133,16 +135,18 @@ class TreeScan:
         items = hash_in_process(self.policy, self.roots)
         return limited(items, self.rate) if self.rate else items
 
-    def compare(self, base: Baseline, progress: Progress | None = None) -> ScanResult:
-        """Compare the live trees with `base` (the baseline entries under the roots)."""
+    def compare(self, base: Baseline, progress: Progress | None = None,
+                judged: Judged | None = None) -> ScanResult:
+        """Compare the live trees with `base` (the baseline entries under the roots);
+        `judged` hears of each baseline entry compared, in key order (see collect)."""
         if not self.fast:
             outcomes = _full_outcomes(merge(self.live(), base, self.policy), progress)
-            return collect(outcomes, self.policy)
+            return collect(outcomes, self.policy, judged)
         # --fast hashes in this thread what changed: the only reads it makes.
         limit_reads(self.rate)
         try:
             return collect(_fast_outcomes(self.policy, self.roots, base, progress),
-                           self.policy)
+                           self.policy, judged)
         finally:
             limit_reads(None)
 
@@ -175,8 +179,13 @@ def hash_in_process(policy: Policy, roots: list[bytes] | None, descend: bool = T
     return hash_tree(policy, roots, descend=descend)
 
 
-def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy) -> ScanResult:
-    """Compare each outcome under its rule; gather changes and warnings."""
+def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy,
+            judged: Judged | None = None) -> ScanResult:
+    """Compare each outcome under its rule; gather changes and warnings.
+
+    `judged(path, changed)` is called for each baseline entry compared, in key order,
+    so that what is held per entry until then (kept-text digests) can go.
+    """
     result = ScanResult()
     for item in outcomes:
         if isinstance(item, ScanWarning):
@@ -203,6 +212,8 @@ def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy) -> ScanRe
         if change is not None:
             result.changes.append(change)
             result.rules[change.path] = rule.at(change.path)  # its severity override
+        if judged is not None and old is not None:
+            judged(old.path, change is not None)
     return result
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, overload
@@ -24,6 +25,8 @@ from integrity.policy.wildcards import Waypoints
 from integrity.record import NONE
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+#: What os.fsencode encodes names with (scandir of a descriptor yields str names).
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 #: The way down to a named path: O_PATH needs only search permission, as a path
 #: lookup does, and serves as the dir_fd of every *at call we make.
 _PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -256,7 +259,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
         except OSError:
             root_dev = st.st_dev
         frame = _open_frame(root, parent_fd, rule, record_children, root_dev, 0,
-                            searching)
+                            searching, dirs_only)
     finally:
         os.close(parent_fd)
     if isinstance(frame, ScanWarning):
@@ -267,8 +270,8 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
 
 
 def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
-                root_dev: int, depth: int, searching: bool = False
-                ) -> _Frame | ScanWarning:
+                root_dev: int, depth: int, searching: bool = False,
+                dirs_only: bool = False) -> _Frame | ScanWarning:
     """Open and list a directory; a failure becomes a SkippedTree warning."""
     name = os.fsdecode(path.rsplit(b"/", 1)[1]) if path != b"/" else "/"
     fd = -1
@@ -277,8 +280,13 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
         with os.scandir(fd) as listing:
             # d_type says which entries are directories (an lstat only where the
             # filesystem does not fill it in); everything else is lstat-ed later.
-            names = [(os.fsencode(e.name), e.name, e.is_dir(follow_symlinks=False))
-                     for e in listing]
+            # Names are encoded as os.fsencode would, without its call per name.
+            if dirs_only:  # the watcher's walk: the rest would be skipped anyway
+                names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name, True)
+                         for e in listing if e.is_dir(follow_symlinks=False)]
+            else:
+                names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name,
+                          e.is_dir(follow_symlinks=False)) for e in listing]
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -368,7 +376,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
             if dirs_only and not recorded and mine:
                 yield Passage(path, st)
             child = _open_frame(path, frame.fd, rule, record_children, root_dev,
-                                frame.depth + 1, searching)
+                                frame.depth + 1, searching, dirs_only)
             if isinstance(child, ScanWarning):
                 if (recorded or record_children) and mine:
                     yield child

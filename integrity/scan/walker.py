@@ -271,9 +271,11 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
 
 def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
                 root_dev: int, depth: int, searching: bool = False,
-                dirs_only: bool = False) -> _Frame | ScanWarning:
-    """Open and list a directory; a failure becomes a SkippedTree warning."""
-    name = os.fsdecode(path.rsplit(b"/", 1)[1]) if path != b"/" else "/"
+                dirs_only: bool = False, name: str | None = None) -> _Frame | ScanWarning:
+    """Open and list a directory (`name`: its name in parent_fd, when the caller has
+    it from the listing); a failure becomes a SkippedTree warning."""
+    if name is None:
+        name = os.fsdecode(path.rsplit(b"/", 1)[1]) if path != b"/" else "/"
     fd = -1
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
@@ -376,7 +378,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
             if dirs_only and not recorded and mine:
                 yield Passage(path, st)
             child = _open_frame(path, frame.fd, rule, record_children, root_dev,
-                                frame.depth + 1, searching, dirs_only)
+                                frame.depth + 1, searching, dirs_only, name)
             if isinstance(child, ScanWarning):
                 if (recorded or record_children) and mine:
                     yield child

@@ -17,7 +17,7 @@ import pytest
 from conftest import child_pids, database_at
 from integrity.ops.baseline import build_baseline
 from integrity.ops.seal import KeptTexts, check_root
-from integrity.ops.seal_reader import SealReader
+from integrity.ops.seal_reader import SealReader, SealReaderFailed
 from integrity.ops.verify import verify
 from integrity.policy import Policy, parse
 from integrity.store import Store
@@ -112,6 +112,19 @@ def test_the_seal_reader_hands_over_the_rows_it_sealed(tmp_path: Path) -> None:
         assert reader.kept.changed == {key: kept for key, _, _, kept in expected if kept}
     finally:
         store.close()
+
+
+def test_a_seal_reader_that_fails_says_why_and_leaves_no_process(tmp_path: Path) -> None:
+    """The child's own error (here: no baseline yet) comes back as one message, and
+    the child is reaped although no `with` block was entered."""
+    store = Store(f"sqlite:///{tmp_path}/empty.db")
+    before = child_pids()
+    try:
+        with pytest.raises(SealReaderFailed, match="no baseline yet"):
+            SealReader(store)
+    finally:
+        store.close()
+    assert child_pids() <= before
 
 
 def _sealed_by_the_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

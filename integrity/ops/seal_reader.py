@@ -59,9 +59,13 @@ class SealReader:
         #: The kept text digests, for the diffs of what the scan finds changed.
         self.kept = KeptTexts()
         self.sealed = False
-        tag, body = self._next()
-        if tag != _INFO:
-            self._fail(tag, body)
+        try:
+            tag, body = self._next()
+            if tag != _INFO:
+                self._fail(tag, body)
+        except BaseException:
+            self.close()  # no `with` reaps a child whose constructor raised
+            raise
         #: The baseline as the child's read transaction saw it.
         self.info: BaselineInfo = pickle.loads(body)
 

@@ -94,8 +94,9 @@ class SealReader:
 
     def finish(self) -> None:
         """Take what the scan left unread; raise unless the seal held over all of it."""
-        for _ in self.entries() if not self.sealed else ():
-            pass
+        if not self.sealed:
+            for _ in self.entries():
+                pass
 
     def close(self) -> None:
         """Stop the child (if still running) and reap it."""

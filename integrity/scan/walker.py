@@ -282,13 +282,11 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
         with os.scandir(fd) as listing:
             # d_type says which entries are directories (an lstat only where the
             # filesystem does not fill it in); everything else is lstat-ed later.
-            # Names are encoded as os.fsencode would, without its call per name.
-            if dirs_only:  # the watcher's walk: the rest would be skipped anyway
-                names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name, True)
-                         for e in listing if e.is_dir(follow_symlinks=False)]
-            else:
-                names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name,
-                          e.is_dir(follow_symlinks=False)) for e in listing]
+            # Names are encoded as os.fsencode would, without its call per name; a
+            # directories-only walk (the watcher's) keeps only directories.
+            names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name, is_dir)
+                     for e in listing
+                     if (is_dir := e.is_dir(follow_symlinks=False)) or not dirs_only]
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -315,8 +313,6 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 continue
             raw, name, listed_dir = frame.pending[frame.index]
             frame.index += 1
-            if dirs_only and not listed_dir:
-                continue
             # Share the walk between workers by a name hash alone (the same in every
             # forked worker): each worker lists the directories itself, so a type
             # read from its own listing could differ from another's for an entry

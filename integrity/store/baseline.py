@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -182,7 +183,7 @@ class Baselines:
         """path -> entry of a baseline for those of `paths` it holds: one query per
         CHUNK paths (approving thousands of paths asks for their entries at once)."""
         e = schema.entry
-        cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
+        cols = _stored_columns()
         found: dict[bytes, Entry] = {}
         with self.db.reader() as conn:
             for chunk in chunks(sorted({to_key(path) for path in paths})):
@@ -222,9 +223,9 @@ class Snapshot:
         cursor of this transaction (the seal reader pickles them whole; SQLAlchemy's
         row objects cost more than the rows)."""
         e = schema.entry
-        cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
-        compiled = sa.select(*cols).where(e.c.baseline_id == self.require().id) \
-            .order_by(e.c.key).compile(dialect=self.conn.dialect)
+        compiled = sa.select(*_stored_columns()).where(
+            e.c.baseline_id == self.require().id).order_by(e.c.key).compile(
+            dialect=self.conn.dialect)
         params = compiled.construct_params()
         args: Sequence[object] | Mapping[str, object] = params
         if compiled.positional:
@@ -234,7 +235,8 @@ class Snapshot:
             cursor.execute(str(compiled), args)
             while rows := cursor.fetchmany(size):
                 # Tuples, whatever the driver's row type: the seal hashes their repr.
-                yield list(rows) if type(rows[0]) is tuple else [tuple(row) for row in rows]
+                yield (cast("list[Row]", rows) if type(rows) is list and type(rows[0]) is tuple
+                       else [tuple(row) for row in rows])
         finally:
             cursor.close()
 
@@ -243,7 +245,7 @@ def entries_in(conn: sa.Connection, baseline_id: int,
                ranges: Sequence[tuple[bytes, bytes]] | None = None) -> Entries:
     """(key, record) of a baseline in key order, on an open connection."""
     e = schema.entry
-    cols = [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
+    cols = _stored_columns()
     bounds: Sequence[tuple[bytes | None, bytes | None]] = ranges or [(None, None)]
     for low, high in bounds:
         query = sa.select(*cols).where(e.c.baseline_id == baseline_id)
@@ -254,6 +256,13 @@ def entries_in(conn: sa.Connection, baseline_id: int,
         for row in result:
             key = row[0]
             yield key, FileRecord(from_key(key), *row[1:14]), row[14], row[15]
+
+
+def _stored_columns() -> list[sa.Column[Any]]:
+    """An entry's columns as it is read back: key, the record's fields in FileRecord
+    order, package, kept (the layout of Entry and of Row)."""
+    e = schema.entry
+    return [e.c[name] for name in schema.ENTRY_COLUMNS] + [e.c.package, e.c.kept]
 
 
 def sweep_contents(conn: sa.Connection) -> None:

@@ -18,15 +18,14 @@ from integrity.errors import ScanWarning, UsageError
 from integrity.content.keep import Kept
 from integrity.ops.content import ContentKeeper, texts
 from integrity.ops.seal import init_sealer
-from integrity.paths import to_key
 from integrity.policy import Policy
 from integrity.policy.sealed import sealed_text
-from integrity.record import FileRecord
 from integrity.scan import Progress, TreeScan
-from integrity.trust import LEAF_BATCH, MerkleRoot, leaf, signer_of
+from integrity.trust import LEAF_BATCH, MerkleRoot, row_leaves, signer_of
 
 if TYPE_CHECKING:
     from integrity.store import BaselineInfo, Store
+    from integrity.store.baseline import Row
 
 
 @dataclass
@@ -60,9 +59,11 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
         keeper = ContentKeeper(store, policy)
         pending: dict[bytes, Kept] = {}
 
-        def records() -> Iterator[tuple[FileRecord, str | None, bytes | None]]:
-            leaves: list[bytes] = []
-            for item in live:
+        def rows() -> Iterator[Row]:
+            # Each row is laid out as stored, (key, *record[1:], package, kept), which
+            # is also what a leaf is made of: leaves are made a batch at a time.
+            batch: list[Row] = []
+            for key, item in live:
                 if isinstance(item, ScanWarning):
                     warnings.append(item)
                     continue
@@ -82,18 +83,19 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                         if len(pending) >= 256:
                             store.contents.put(texts(pending))
                             pending.clear()
-                    digest = kept.digest if kept is not None else None
-                    leaves.append(leaf(to_key(rec.path), rec, package, digest))
-                    if len(leaves) >= LEAF_BATCH:
-                        merkle.add_many(leaves)
-                        leaves = []
-                    yield rec, package, digest
-            merkle.add_many(leaves)
+                    row = (key, *rec[1:], package,
+                           kept.digest if kept is not None else None)
+                    batch.append(row)
+                    if len(batch) >= LEAF_BATCH:
+                        merkle.add_many(row_leaves(batch))
+                        batch = []
+                    yield row
+            merkle.add_many(row_leaves(batch))
             store.contents.put(texts(pending))
 
         with store.exclusive():
             info = store.baselines.write(
-                records(), policy_source=policy.source, policy_digest=policy.digest,
+                rows(), policy_source=policy.source, policy_digest=policy.digest,
                 sealed_policy=text, actor=actor, force=force,
                 seal=init_sealer(sign_key, merkle, text))
     return InitResult(info, warnings)

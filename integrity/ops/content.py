@@ -46,7 +46,7 @@ class ContentKeeper:
 
     def wants(self, rec: FileRecord, rule: Rule | None) -> bool:
         """Whether content would be kept for this record under its rule."""
-        return (rule is not None and Attr.DIFF in rule.check and rec.type == "file"
+        return (rule is not None and rule.keeps_texts and rec.type == "file"
                 and rec.content is not None and rec.size <= self.policy.content.max_diff_size)
 
     def keep(self, rec: FileRecord, rule: Rule | None) -> Kept | None:

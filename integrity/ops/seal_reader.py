@@ -78,7 +78,7 @@ class SealReader:
     def entries(self) -> Iterator[tuple[bytes, FileRecord]]:
         """(key, record) of every entry in key order, as the scan's merge takes them."""
         keep = self.kept.add
-        record = FileRecord
+        new, record = tuple.__new__, FileRecord  # not FileRecord(): its __new__ is Python
         while True:
             tag, body = self._next()
             if tag != _ROWS:
@@ -90,7 +90,7 @@ class SealReader:
                 key = row[0]
                 if row[15] is not None:
                     keep(key, row[15])
-                yield key, record(from_key(key), *row[1:14])
+                yield key, new(record, (from_key(key), *row[1:14]))
 
     def finish(self) -> None:
         """Take what the scan left unread; raise unless the seal held over all of it."""

@@ -112,6 +112,8 @@ class Rule:
     # Derived once: the scan asks these for every entry.
     hashes: bool = field(init=False, compare=False, repr=False)
     wants_xattrs: bool = field(init=False, compare=False, repr=False)
+    #: `diff`: small text files are kept for diffs (asked per entry by init).
+    keeps_texts: bool = field(init=False, compare=False, repr=False)
     #: A declared rule whose path holds `*` (its instances have `pattern` set).
     wildcard: bool = field(init=False, compare=False, repr=False)
     #: Where a walk for this rule starts: its path, or a wildcard's literal base.
@@ -122,6 +124,7 @@ class Rule:
         wildcard = self.pattern is None and is_pattern(self.path)
         object.__setattr__(self, "hashes", Attr.CONTENT in self.check)
         object.__setattr__(self, "wants_xattrs", Attr.XATTRS in self.check)
+        object.__setattr__(self, "keeps_texts", Attr.DIFF in self.check)
         object.__setattr__(self, "wildcard", wildcard)
         object.__setattr__(self, "base", literal_base(self.path) if wildcard else self.path)
         object.__setattr__(self, "searches", bool(self.includes.patterns) and self.recursive)

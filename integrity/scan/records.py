@@ -38,9 +38,12 @@ READAHEAD = 16
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 _RETRIES = 2
 #: While read-ahead is off, every this many files one hash is timed; one that takes
-#: longer than _COLD_SECONDS waited for the disk.
+#: longer than _COLD_SECONDS waited for the disk, or was preempted: read-ahead starts
+#: after _COLD_SAMPLES such samples in a row (one preemption on a busy host turned it
+#: on for the rest of a warm scan, at ~1 µs a file).
 _SAMPLE_EVERY = 32
 _COLD_SECONDS = 0.0005
+_COLD_SAMPLES = 2
 _SAMPLE_SIZE = 64 << 10
 
 
@@ -168,9 +171,7 @@ def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True
               share: tuple[int, int] | None = None) -> Iterator[Hashed | ScanWarning]:
     """Walk and hash everything the rules hash, in walk order (see walker.walk for
     `descend` and `share`): the stream a baseline is built from."""
-    pairs = ((e, None) if isinstance(e, WalkEntry) else e
-             for e in walk(policy, roots, descend=descend, share=share))
-    for out in materialize(pairs, _hash_all, None, READAHEAD):
+    for out in hash_walk(policy, roots, descend=descend, share=share):
         if isinstance(out, ScanWarning):
             yield out
         else:
@@ -179,8 +180,13 @@ def hash_tree(policy: Policy, roots: list[bytes] | None, *, descend: bool = True
             yield Hashed(entry.path, out.record, out.problem, entry.rule)
 
 
-def _hash_all(entry: WalkEntry, _old: FileRecord | None) -> bool:
-    return entry.rule.hashes
+def hash_walk(policy: Policy, roots: list[bytes] | None, *, descend: bool = True,
+              share: tuple[int, int] | None = None) -> Iterator[Materialized | ScanWarning]:
+    """hash_tree's stream as materialize gives it (every entry set), for a worker
+    that forwards it without building a Hashed per file."""
+    pairs = ((e, None) if isinstance(e, WalkEntry) else e
+             for e in walk(policy, roots, descend=descend, share=share))
+    return materialize(pairs, None, None, READAHEAD)
 
 
 class _Opened(NamedTuple):
@@ -195,10 +201,11 @@ class _Opened(NamedTuple):
 
 
 def materialize(items: Iterable[Pair | ScanWarning],
-                want_hash: Callable[[WalkEntry, FileRecord | None], bool],
+                want_hash: Callable[[WalkEntry, FileRecord | None], bool] | None,
                 progress: Progress | None = None, readahead: int = READAHEAD,
                 ) -> Iterator[Materialized | ScanWarning]:
-    """Turn walk entries into FileRecords, hashing where `want_hash` says so.
+    """Turn walk entries into FileRecords, hashing where `want_hash` says so (None:
+    every file whose rule hashes).
 
     Each input is (live entry or None, baseline record or None), passed through
     alongside the result; warnings pass through unchanged. Order is preserved.
@@ -211,7 +218,8 @@ def materialize(items: Iterable[Pair | ScanWarning],
     # Read-ahead costs ~5 µs a file on a warm cache and halves a cold run, so it
     # starts off and is switched on when a sampled file takes disk-like time.
     depth = 0 if _WILLNEED is not None else -1
-    sample = 0
+    held = 0  # entries the window holds back: the read-ahead depth
+    sample = slow = 0
     tick = progress.tick if progress else None
     every = progress.every if progress else 0
     n = 0
@@ -230,7 +238,8 @@ def materialize(items: Iterable[Pair | ScanWarning],
         problem: ScanWarning | None = None
         if entry is not None:
             mode = entry.st.st_mode
-            if stat.S_ISREG(mode) and want_hash(entry, old):
+            if _S_ISREG(mode) and (entry.rule.hashes if want_hash is None
+                                   else want_hash(entry, old)):
                 try:
                     fd = open_at(entry.name, entry.dir_fd)
                 except FileNotFoundError:
@@ -252,18 +261,23 @@ def materialize(items: Iterable[Pair | ScanWarning],
                 # Now, while entry.dir_fd is still the walk's: _finish may run after
                 # the walk has moved on (read-ahead) and closed it.
                 xattrs = _xattrs_unopened(entry, old)
-        window.append(_new(_Opened, (entry, old, fd, link, xattrs, problem)))
-        if depth == 0 and fd >= 0 and entry.st.st_size <= _SAMPLE_SIZE:  # type: ignore[union-attr]
-            sample += 1
-            if sample % _SAMPLE_EVERY == 0:
-                started = time.perf_counter()
-                out = _finish(window.popleft(), recent, limit)
-                if time.perf_counter() - started > _COLD_SECONDS:
-                    depth = readahead
-                    log.debug("cold cache: reading ahead %d files", depth)
-                yield out
-        while len(window) > max(depth, 0):
-            yield _finish(window.popleft(), recent, limit)
+        opened = _new(_Opened, (entry, old, fd, link, xattrs, problem))
+        if held:
+            window.append(opened)
+            while len(window) > held:
+                yield _finish(window.popleft(), recent, limit)
+        elif depth == 0 and fd >= 0 and (
+                entry.st.st_size <= _SAMPLE_SIZE  # type: ignore[union-attr]
+                and (sample := sample + 1) % _SAMPLE_EVERY == 0):
+            started = time.perf_counter()
+            out = _finish(opened, recent, limit)
+            slow = slow + 1 if time.perf_counter() - started > _COLD_SECONDS else 0
+            if slow >= _COLD_SAMPLES:
+                depth = held = readahead
+                log.debug("cold cache: reading ahead %d files", depth)
+            yield out
+        else:  # nothing held back: the window is empty
+            yield _finish(opened, recent, limit)
         if tick is not None:
             n += 1
             if entry is not None:
@@ -338,9 +352,12 @@ def _finish(item: _Opened | ScanWarning, recent: int,
     if isinstance(problem, Vanished):
         return _new(Materialized, (None, problem, entry, old))
     if problem is None and old is not None and _S_ISREG(mode):
-        # --fast, unchanged stat: keep the baseline digest.
-        return _new(Materialized, (
-            FileRecord.from_stat(entry.path, st, old.content, None, xattrs), None, entry, old))
+        # --fast, unchanged stat: keep the baseline digest (FileRecord.from_stat,
+        # spelled out: this runs once per file of a --fast verify).
+        return _new(Materialized, (_new(FileRecord, (
+            entry.path, "file", old.content, st.st_size, mode & 0o7777, st.st_uid,
+            st.st_gid, st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns, None,
+            xattrs, st.st_dev)), None, entry, old))
     return _new(Materialized, (
         FileRecord.from_stat(entry.path, st, None, link, xattrs), problem, entry, old))
 

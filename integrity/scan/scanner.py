@@ -23,7 +23,7 @@ from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, compare
 from integrity.scan.priority import limit_reads, limited
 from integrity.scan.records import READAHEAD, Hashed, Progress, hash_tree, materialize
 from integrity.scan.walker import SkippedTree, WalkEntry, walk, walk_roots
-from integrity.scan.workers import ScanWorkers, worker_count
+from integrity.scan.workers import Keyed, ScanWorkers, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 Baseline = Iterator[tuple[bytes, FileRecord]]
 #: Told of each baseline entry once compared: (path, whether it changed).
 Judged = Callable[[bytes, bool], None]
+#: What a scan merges with the baseline: walk entries (--fast) or hashed ones.
+LiveItem = TypeVar("LiveItem", WalkEntry, Hashed)
 
 
 @dataclass
@@ -128,11 +130,12 @@ class TreeScan:
             self._workers.close()
             self._workers = None
 
-    def live(self) -> Iterator[Hashed | ScanWarning]:
-        """Every live entry, hashed, in key order (what a baseline is built from)."""
+    def live(self) -> Iterator[Keyed]:
+        """Every live entry, hashed, with its key, in key order (what a baseline is
+        built from)."""
         if self._workers is not None:
             return iter(self._workers)
-        items = hash_in_process(self.policy, self.roots)
+        items = keyed(hash_in_process(self.policy, self.roots))
         return limited(items, self.rate) if self.rate else items
 
     def compare(self, base: Baseline, progress: Progress | None = None,
@@ -153,7 +156,7 @@ class TreeScan:
 
 def check_entries(policy: Policy, paths: Sequence[bytes], base: Baseline) -> ScanResult:
     """Targeted rehash: compare just these entries (not their subtrees) with `base`."""
-    live = hash_in_process(policy, list(paths), descend=False)
+    live = keyed(hash_in_process(policy, list(paths), descend=False))
     return collect(_full_outcomes(merge(live, base, policy), None), policy)
 
 
@@ -179,6 +182,12 @@ def hash_in_process(policy: Policy, roots: list[bytes] | None, descend: bool = T
     return hash_tree(policy, roots, descend=descend)
 
 
+def keyed(items: Iterable[LiveItem | ScanWarning]
+          ) -> Iterator[tuple[bytes, LiveItem | ScanWarning]]:
+    """Each item with its database key (the workers send theirs ready-made)."""
+    return ((to_key(item.path), item) for item in items)
+
+
 def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy,
             judged: Judged | None = None) -> ScanResult:
     """Compare each outcome under its rule; gather changes and warnings.
@@ -200,15 +209,21 @@ def collect(outcomes: Iterator[Outcome | ScanWarning], policy: Policy,
             rule = policy.rule_for(old.path)
         if rule is None:
             continue
-        attrs = rule.check
-        if problem is not None and new is not None and new.content is None:
-            attrs &= ~Attr.CONTENT
-        if problem is not None and new is None and (
-                old is None or not isinstance(problem, Vanished)):
-            # Not in the baseline and gone before it could be read: the warning is
-            # all there is to say. Otherwise unreadable: an error, not a removal.
-            continue
-        change = compare(old, new, attrs)
+        if problem is None and new == old:
+            # Every field as recorded (most entries of a verify): no checked
+            # attribute can differ, whatever the rule checks.
+            change = None
+        else:
+            attrs = rule.check
+            if problem is not None and new is not None and new.content is None:
+                attrs &= ~Attr.CONTENT
+            if problem is not None and new is None and (
+                    old is None or not isinstance(problem, Vanished)):
+                # Not in the baseline and gone before it could be read: the warning
+                # is all there is to say. Otherwise unreadable: an error, not a
+                # removal.
+                continue
+            change = compare(old, new, attrs)
         if change is not None:
             result.changes.append(change)
             result.rules[change.path] = rule.at(change.path)  # its severity override
@@ -226,11 +241,11 @@ def _full_outcomes(pairs: Iterator[tuple[Hashed | None, FileRecord | None] | Sca
             continue
         live, old = item
         if live is None:
-            yield Outcome(None, None, None, old)
+            yield _new(Outcome, (None, None, None, old))
             continue
         if progress is not None and live.record is not None:
             progress.add(live.record.size)
-        yield Outcome(live.record, live.problem, live.rule, old)
+        yield _new(Outcome, (live.record, live.problem, live.rule, old))
 
 
 def _fast_reason(st: os.stat_result, old: FileRecord) -> str | None:
@@ -263,7 +278,7 @@ def _fast_outcomes(policy: Policy, roots: list[bytes], base: Baseline,
             log.debug("rehashing %s: %s", display(entry.path), reason)
         return reason is not None
 
-    pairs = merge(walk(policy, roots), base, policy)
+    pairs = merge(keyed(walk(policy, roots)), base, policy)
     for out in materialize(pairs, want_hash, progress, READAHEAD):
         if isinstance(out, ScanWarning):
             yield out
@@ -273,12 +288,11 @@ def _fast_outcomes(policy: Policy, roots: list[bytes], base: Baseline,
                       out.old)
 
 
-LiveItem = TypeVar("LiveItem", WalkEntry, Hashed)
-
-
-def merge(live: Iterator[LiveItem | ScanWarning], base: Baseline, policy: Policy
+def merge(live: Iterator[tuple[bytes, LiveItem | ScanWarning]], base: Baseline,
+          policy: Policy
           ) -> Iterator[tuple[LiveItem | None, FileRecord | None] | ScanWarning]:
-    """Pair live entries with baseline records by key: one streaming pass.
+    """Pair live entries (with their keys) with baseline records by key: one
+    streaming pass.
 
     Baseline entries the policy no longer covers are dropped, not called removed;
     entries below a directory that could not be listed are unknown, not removed.
@@ -291,8 +305,7 @@ def merge(live: Iterator[LiveItem | ScanWarning], base: Baseline, policy: Policy
         old_key, old = next(base, (None, None))
 
     advance()
-    for item in live:
-        key = to_key(item.path)
+    for key, item in live:
         while old is not None and old_key is not None and old_key < key:
             if policy.covers(old.path):
                 yield None, old
@@ -318,3 +331,6 @@ def merge(live: Iterator[LiveItem | ScanWarning], base: Baseline, policy: Policy
         if policy.covers(old.path):
             yield None, old
         advance()
+
+
+_new = tuple.__new__  # a NamedTuple's own __new__ is a Python-level call

@@ -304,82 +304,103 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
     stack = [top]
     part, parts = share or (0, 1)
     rule_at = policy.rule_at
+    lstat, is_directory = os.stat, stat.S_ISDIR
     try:
         while stack:
             frame = stack[-1]
-            if frame.index >= len(frame.pending):
-                os.close(frame.fd)
-                stack.pop()
-                continue
-            raw, name, listed_dir = frame.pending[frame.index]
-            frame.index += 1
-            # Share the walk between workers by a name hash alone (the same in every
-            # forked worker): each worker lists the directories itself, so a type
-            # read from its own listing could differ from another's for an entry
-            # that changes type meanwhile, and a share by type could miss it. All
-            # workers descend every directory; only its owner reports an entry, its
-            # warnings and its skipped subtree. Others' non-directories need no lstat.
-            mine = parts == 1 or hash(raw) % parts == part
-            if not mine and not listed_dir:
-                continue
-            path = frame.path + b"/" + raw if frame.path != b"/" else b"/" + raw
-            child_rule = rule_at(path)
-            excluded = False
-            if child_rule is not None:
-                rule, recorded = child_rule, True
-            else:
-                rule = frame.rule
-                if frame.searching:
-                    excluded = True
-                    recorded = rule.includes.match(path, raw)
-                elif frame.record_children:
-                    excluded = rule.excludes.match(path, raw)
-                    # An include glob wins over an exclude.
-                    recorded = not excluded or (bool(rule.includes.patterns)
-                                                and rule.includes.match(path, raw))
+            # The directory's state, in locals while its entries are walked (the
+            # per-entry loop is the walk's hot path).
+            pending, fd, frame_rule = frame.pending, frame.fd, frame.rule
+            prefix = frame.path + b"/" if frame.path != b"/" else b"/"
+            frame_searching, record_all = frame.searching, frame.record_children
+            excludes, includes = frame_rule.excludes, frame_rule.includes
+            any_includes = bool(includes.patterns)
+            depth = frame.depth + 1
+            # Rules and waypoints lie only below waypoints (ancestors of rule roots):
+            # in any other directory no child is either, and both look-ups are skipped.
+            above_rules = frame.path in waypoints
+            below: _Frame | None = None
+            i, count = frame.index, len(pending)
+            while i < count:
+                raw, name, listed_dir = pending[i]
+                i += 1
+                # Share the walk between workers by a name hash alone (the same in
+                # every forked worker): each worker lists the directories itself, so
+                # a type read from its own listing could differ from another's for
+                # an entry that changes type meanwhile, and a share by type could
+                # miss it. All workers descend every directory; only its owner
+                # reports an entry, its warnings and its skipped subtree. Others'
+                # non-directories need no lstat.
+                mine = parts == 1 or hash(raw) % parts == part
+                if not mine and not listed_dir:
+                    continue
+                path = prefix + raw
+                child_rule = rule_at(path) if above_rules else None
+                excluded = False
+                if child_rule is not None:
+                    rule, recorded = child_rule, True
                 else:
-                    recorded = False
-            search = excluded and rule.searches
-            if not recorded and not (search and listed_dir) and path not in waypoints:
-                continue
-            try:
-                st = os.stat(name, dir_fd=frame.fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # vanished between listing and lstat: simply not there
-            except OSError as exc:
+                    rule = frame_rule
+                    if frame_searching:
+                        excluded = True
+                        recorded = includes.match(path, raw)
+                    elif record_all:
+                        excluded = excludes.match(path, raw)
+                        # An include glob wins over an exclude.
+                        recorded = not excluded or (any_includes
+                                                    and includes.match(path, raw))
+                    else:
+                        recorded = False
+                search = excluded and rule.searches
+                if not recorded and not (search and listed_dir) and not (
+                        above_rules and path in waypoints):
+                    continue
+                try:
+                    st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # vanished between listing and lstat: simply not there
+                except OSError as exc:
+                    if recorded and mine:
+                        yield ScanWarning(path, "lstat", exc.strerror or str(exc))
+                    continue
                 if recorded and mine:
-                    yield ScanWarning(path, "lstat", exc.strerror or str(exc))
-                continue
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if recorded and mine:
-                yield WalkEntry(path, name, st, frame.fd, rule)
-            if not is_dir:
-                continue
-            searching = False
-            if child_rule is not None:
-                record_children, root_dev = True, st.st_dev
+                    yield WalkEntry(path, name, st, fd, rule)
+                if not is_directory(st.st_mode):
+                    continue
+                searching = False
+                if child_rule is not None:
+                    record_children, root_dev = True, st.st_dev
+                else:
+                    root_dev = frame.root_dev
+                    same_fs = not (rule.one_filesystem and st.st_dev != root_dev)
+                    record_children = (recorded and not excluded and rule.recursive
+                                       and same_fs)
+                    searching = search and same_fs
+                if not record_children and not searching and not (
+                        above_rules and path in waypoints):
+                    continue
+                if depth > MAX_DEPTH:
+                    if mine:
+                        yield SkippedTree(path, "descend",
+                                          f"deeper than {MAX_DEPTH} levels",
+                                          "subtree skipped")
+                    continue
+                if dirs_only and not recorded and mine:
+                    yield Passage(path, st)
+                child = _open_frame(path, fd, rule, record_children, root_dev, depth,
+                                    searching, dirs_only, name)
+                if isinstance(child, ScanWarning):
+                    if (recorded or record_children) and mine:
+                        yield child
+                    continue
+                below = child
+                break
+            frame.index = i
+            if below is not None:
+                stack.append(below)  # its parent's walk resumes at `index` after it
             else:
-                root_dev = frame.root_dev
-                same_fs = not (rule.one_filesystem and st.st_dev != root_dev)
-                record_children = (recorded and not excluded and rule.recursive
-                                   and same_fs)
-                searching = search and same_fs
-            if not record_children and not searching and path not in waypoints:
-                continue
-            if frame.depth + 1 > MAX_DEPTH:
-                if mine:
-                    yield SkippedTree(path, "descend", f"deeper than {MAX_DEPTH} levels",
-                                      "subtree skipped")
-                continue
-            if dirs_only and not recorded and mine:
-                yield Passage(path, st)
-            child = _open_frame(path, frame.fd, rule, record_children, root_dev,
-                                frame.depth + 1, searching, dirs_only, name)
-            if isinstance(child, ScanWarning):
-                if (recorded or record_children) and mine:
-                    yield child
-                continue
-            stack.append(child)
+                os.close(fd)
+                stack.pop()
     finally:
         for frame in stack:
             os.close(frame.fd)

@@ -16,13 +16,18 @@ import pickle
 import signal
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 
 from integrity.errors import IntegrityError, ScanWarning
 from integrity.paths import to_key
-from integrity.policy import Policy
+from integrity.policy import Policy, Rule
+from integrity.record import FileRecord
 from integrity.scan import hasher
 from integrity.scan.priority import Abandoned, current_limit
-from integrity.scan.records import Hashed, hash_tree
+from integrity.scan.records import Hashed, hash_walk
+
+#: A live entry (or a warning) with its database key, as the scan merges them.
+Keyed = tuple[bytes, Hashed | ScanWarning]
 
 _BATCH = 512
 _DONE = b"done"
@@ -67,13 +72,20 @@ class WorkerFailed(IntegrityError):
 
 def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
            conn: Pipe, parent: int) -> None:
+    # Each entry travels with its key, computed once here, as plain tuples: a
+    # FileRecord pickles through a Python-level __getnewargs__ (2 µs a record against
+    # 0.7 µs for its tuple). Rules travel as their root (pickled once per batch): the
+    # parent has the same policy, and finds a wildcard rule's instance by it.
     batch: list[object] = []
-    for item in hash_tree(policy, roots, share=(part, parts)):
+    for item in hash_walk(policy, roots, share=(part, parts)):
         if isinstance(item, ScanWarning):
-            batch.append(item)
-        else:  # rules travel as their root (pickled once per batch): the parent has
-            # the same policy, and finds a wildcard rule's instance by it
-            batch.append((item.path, item.record, item.problem, item.rule.path))
+            batch.append((to_key(item.path), item))
+        else:
+            record, problem, entry = item.record, item.problem, item.entry
+            path = entry.path  # type: ignore[union-attr]
+            batch.append((to_key(path), path,
+                          None if record is None else tuple(record), problem,
+                          entry.rule.path))  # type: ignore[union-attr]
         if len(batch) >= _BATCH:
             if orphaned(parent):
                 raise Abandoned
@@ -144,8 +156,9 @@ class ScanWorker:
         writer.close()
         self.reader = reader
 
-    def __iter__(self) -> Iterator[Hashed | ScanWarning]:
-        rule_at = self.policy.rule_at
+    def __iter__(self) -> Iterator[Keyed]:
+        rules: dict[bytes, Rule] = {}
+        record = FileRecord
         try:
             while True:
                 try:
@@ -158,16 +171,23 @@ class ScanWorker:
                 if data.startswith(b"error"):
                     raise WorkerFailed(f"scan worker failed: {data[5:].decode()}")
                 for item in pickle.loads(data):
-                    if isinstance(item, ScanWarning):
+                    if len(item) == 2:  # (key, warning)
                         yield item
-                    else:
-                        path, rec, problem, root = item
-                        rule = rule_at(root)
-                        if rule is None:
-                            raise WorkerFailed(f"scan worker named no rule at {root!r}")
-                        yield Hashed(path, rec, problem, rule)
+                        continue
+                    key, path, rec, problem, root = item
+                    rule = rules.get(root) or self._rule(root, rules)
+                    yield key, Hashed(path, None if rec is None else _new(record, rec),
+                                      problem, rule)
         finally:
             self.close()
+
+    def _rule(self, root: bytes, known: dict[bytes, Rule]) -> Rule:
+        """The rule (or wildcard rule instance) a worker named by its root."""
+        rule = self.policy.rule_at(root)
+        if rule is None:
+            raise WorkerFailed(f"scan worker named no rule at {root!r}")
+        known[root] = rule
+        return rule
 
     def close(self) -> None:
         """Stop the worker (if still running) and reap it."""
@@ -192,18 +212,14 @@ class ScanWorkers:
             self.close()
             raise
 
-    def __iter__(self) -> Iterator[Hashed | ScanWarning]:
+    def __iter__(self) -> Iterator[Keyed]:
+        """(key, entry or warning) in key order."""
         if len(self.workers) == 1:
             return iter(self.workers[0])
-        return self._merged()
-
-    def _merged(self) -> Iterator[Hashed | ScanWarning]:
         # The walker gives every name to exactly one worker, whatever its type in
         # each worker's own listing, so the streams merge without duplicates, and
         # an entry and the warnings about it come in one stream, in its order.
-        for _, item in heapq.merge(*[((to_key(i.path), i) for i in w)
-                                     for w in self.workers], key=_first):
-            yield item
+        return heapq.merge(*self.workers, key=_first)
 
     def close(self) -> None:
         """Stop and reap every worker."""
@@ -211,8 +227,8 @@ class ScanWorkers:
             worker.close()
 
 
-def _first(pair: tuple[bytes, object]) -> bytes:
-    return pair[0]
+_first = itemgetter(0)
+_new = tuple.__new__
 
 
 def worker_count() -> int:

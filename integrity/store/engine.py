@@ -134,7 +134,8 @@ class Database:
     def unchecked_writer(self) -> Iterator[sa.Connection]:
         """A write transaction without foreign-key enforcement (SQLite), for deleting
         whole generations, entries before their baseline row: SQLite's bookkeeping
-        made deleting a million entries 4x slower (1.9 s against 0.5)."""
+        made deleting a million entries 4x slower (1.9 s against 0.5); and for a new
+        generation's rows, which all name the baseline row written before them."""
         with self.writer() as conn:
             driver = conn.connection.driver_connection if self._is_sqlite() else None
             if driver is not None:  # only outside a transaction

@@ -260,7 +260,13 @@ def materialize(items: Iterable[Pair | ScanWarning],
                     not isinstance(problem, Vanished)):
                 # Now, while entry.dir_fd is still the walk's: _finish may run after
                 # the walk has moved on (read-ahead) and closed it.
-                xattrs = _xattrs_unopened(entry, old)
+                st = entry.st
+                if old is not None and st.st_ctime_ns == old.ctime \
+                        and st.st_ino == old.inode:
+                    # Any xattr change moves ctime, which user space cannot set back.
+                    xattrs = old.xattrs
+                else:
+                    xattrs = _xattrs_at(entry.dir_fd, entry.name, entry.path, True)
         opened = _new(_Opened, (entry, old, fd, link, xattrs, problem))
         if held:
             window.append(opened)
@@ -287,15 +293,6 @@ def materialize(items: Iterable[Pair | ScanWarning],
                 tick(progress)  # type: ignore[arg-type]
     while window:
         yield _finish(window.popleft(), recent, limit)
-
-
-def _xattrs_unopened(entry: WalkEntry, old: FileRecord | None) -> bytes | None:
-    """xattr digest of an entry that is not opened for hashing (see xattr_digest_at)."""
-    st = entry.st
-    if old is not None and st.st_ctime_ns == old.ctime and st.st_ino == old.inode:
-        # Any xattr change moves ctime, which user space cannot set back.
-        return old.xattrs
-    return _xattrs_at(entry.dir_fd, entry.name, entry.path, True)
 
 
 def _finish(item: _Opened | ScanWarning, recent: int,

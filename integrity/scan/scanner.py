@@ -273,7 +273,12 @@ def _fast_outcomes(policy: Policy, roots: list[bytes], base: Baseline,
             return False
         if old is None or old.type != "file":
             return True
-        reason = _fast_reason(entry.st, old)
+        st = entry.st
+        if (st.st_size == old.size and st.st_mtime_ns == old.mtime
+                and st.st_ctime_ns == old.ctime and st.st_ino == old.inode
+                and old.content is not None):
+            return False  # _fast_reason's None, without its call for every file
+        reason = _fast_reason(st, old)
         if reason and verbose:
             log.debug("rehashing %s: %s", display(entry.path), reason)
         return reason is not None
@@ -284,8 +289,8 @@ def _fast_outcomes(policy: Policy, roots: list[bytes], base: Baseline,
             yield out
             continue
         entry = out.entry
-        yield Outcome(out.record, out.problem, entry.rule if entry is not None else None,
-                      out.old)
+        yield _new(Outcome, (out.record, out.problem,
+                             entry.rule if entry is not None else None, out.old))
 
 
 def merge(live: Iterator[tuple[bytes, LiveItem | ScanWarning]], base: Baseline,

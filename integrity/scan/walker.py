@@ -305,6 +305,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
     part, parts = share or (0, 1)
     rule_at = policy.rule_at
     lstat, is_directory = os.stat, stat.S_ISDIR
+    new_tuple = tuple.__new__  # WalkEntry's own __new__ is a Python-level call
     try:
         while stack:
             frame = stack[-1]
@@ -364,7 +365,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                         yield ScanWarning(path, "lstat", exc.strerror or str(exc))
                     continue
                 if recorded and mine:
-                    yield WalkEntry(path, name, st, fd, rule)
+                    yield new_tuple(WalkEntry, (path, name, st, fd, rule))
                 if not is_directory(st.st_mode):
                     continue
                 searching = False

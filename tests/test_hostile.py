@@ -676,7 +676,7 @@ def test_worker_shares_cover_an_entry_that_changes_type(tmp_path: Path) -> None:
     root = tmp_path / "etc"
     root.mkdir()
     # A name that the file share gives to worker 1 (the non-file share is worker 0's).
-    name = next(f"flip{i}" for i in range(100) if hash(f"flip{i}".encode()) % 2 == 1)
+    name = next(f"flip{i}" for i in range(100) if hash(f"flip{i}") % 2 == 1)
     flip = root / name
     flip.write_text("a regular file\n")
     policy = parse({"rule": [{"path": str(root), "check": "static"}]}, "hostile.toml")

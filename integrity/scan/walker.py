@@ -259,7 +259,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
         except OSError:
             root_dev = st.st_dev
         frame = _open_frame(root, parent_fd, rule, record_children, root_dev, 0,
-                            searching, dirs_only)
+                            searching, dirs_only, share=share or (0, 1))
     finally:
         os.close(parent_fd)
     if isinstance(frame, ScanWarning):
@@ -271,9 +271,12 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
 
 def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
                 root_dev: int, depth: int, searching: bool = False,
-                dirs_only: bool = False, name: str | None = None) -> _Frame | ScanWarning:
+                dirs_only: bool = False, name: str | None = None,
+                share: tuple[int, int] = (0, 1)) -> _Frame | ScanWarning:
     """Open and list a directory (`name`: its name in parent_fd, when the caller has
-    it from the listing); a failure becomes a SkippedTree warning."""
+    it from the listing); a failure becomes a SkippedTree warning. With a `share`
+    of the walk, other workers' non-directories are left out (see _descend)."""
+    part, parts = share
     if name is None:
         name = os.fsdecode(path.rsplit(b"/", 1)[1]) if path != b"/" else "/"
     fd = -1
@@ -286,7 +289,8 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
             # directories-only walk (the watcher's) keeps only directories.
             names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name, is_dir)
                      for e in listing
-                     if (is_dir := e.is_dir(follow_symlinks=False)) or not dirs_only]
+                     if (is_dir := e.is_dir(follow_symlinks=False)) or not dirs_only
+                     and (parts == 1 or hash(e.name) % parts == part)]
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -302,7 +306,8 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
              share: tuple[int, int] | None = None, dirs_only: bool = False,
              ) -> Iterator[WalkEntry | Passage | ScanWarning]:
     stack = [top]
-    part, parts = share or (0, 1)
+    share = share or (0, 1)
+    part, parts = share
     rule_at = policy.rule_at
     lstat, is_directory = os.stat, stat.S_ISDIR
     new_tuple = tuple.__new__  # WalkEntry's own __new__ is a Python-level call
@@ -331,10 +336,8 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 # an entry that changes type meanwhile, and a share by type could
                 # miss it. All workers descend every directory; only its owner
                 # reports an entry, its warnings and its skipped subtree. Others'
-                # non-directories need no lstat.
-                mine = parts == 1 or hash(raw) % parts == part
-                if not mine and not listed_dir:
-                    continue
+                # non-directories are not even listed (_open_frame).
+                mine = parts == 1 or hash(name) % parts == part
                 path = prefix + raw
                 child_rule = rule_at(path) if above_rules else None
                 excluded = False
@@ -389,7 +392,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 if dirs_only and not recorded and mine:
                     yield Passage(path, st)
                 child = _open_frame(path, fd, rule, record_children, root_dev, depth,
-                                    searching, dirs_only, name)
+                                    searching, dirs_only, name, share)
                 if isinstance(child, ScanWarning):
                     if (recorded or record_children) and mine:
                         yield child

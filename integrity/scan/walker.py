@@ -16,7 +16,7 @@ import stat
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, overload
 
 from integrity.errors import ScanWarning
 from integrity.paths import is_within, to_key
@@ -64,7 +64,7 @@ class SkippedTree(ScanWarning):
     """A directory whose contents could not be listed: nothing below it is known."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Frame:
     path: bytes
     fd: int
@@ -77,6 +77,9 @@ class _Frame:
     #: Below an excluded directory of a rule with include globs: only names matching
     #: them are recorded, and every directory is searched.
     searching: bool = False
+    #: What _descend derives from the rest for its per-entry loop, kept for when the
+    #: walk comes back from a subdirectory.
+    derived: tuple[Any, ...] | None = None
 
 
 def walk_roots(policy: Policy, roots: Iterable[bytes] | None = None) -> list[bytes]:
@@ -314,19 +317,29 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
     try:
         while stack:
             frame = stack[-1]
+            pending, fd, i = frame.pending, frame.fd, frame.index
+            count = len(pending)
+            if i >= count:
+                os.close(fd)
+                stack.pop()
+                continue
             # The directory's state, in locals while its entries are walked (the
             # per-entry loop is the walk's hot path).
-            pending, fd, frame_rule = frame.pending, frame.fd, frame.rule
-            prefix = frame.path + b"/" if frame.path != b"/" else b"/"
-            frame_searching, record_all = frame.searching, frame.record_children
-            excludes, includes = frame_rule.excludes, frame_rule.includes
-            any_includes = bool(includes.patterns)
-            depth = frame.depth + 1
-            # Rules and waypoints lie only below waypoints (ancestors of rule roots):
-            # in any other directory no child is either, and both look-ups are skipped.
-            above_rules = frame.path in waypoints
+            derived = frame.derived
+            if derived is None:
+                frame_rule = frame.rule
+                derived = frame.derived = (
+                    frame_rule, frame.path + b"/" if frame.path != b"/" else b"/",
+                    frame.searching, frame.record_children, frame_rule.excludes,
+                    frame_rule.includes, bool(frame_rule.includes.patterns),
+                    frame.depth + 1,
+                    # Rules and waypoints lie only below waypoints (ancestors of rule
+                    # roots): in any other directory no child is either, and both
+                    # look-ups are skipped.
+                    frame.path in waypoints)
+            (frame_rule, prefix, frame_searching, record_all, excludes, includes,
+             any_includes, depth, above_rules) = derived
             below: _Frame | None = None
-            i, count = frame.index, len(pending)
             while i < count:
                 raw, name, listed_dir = pending[i]
                 i += 1

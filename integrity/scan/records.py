@@ -184,9 +184,8 @@ def hash_walk(policy: Policy, roots: list[bytes] | None, *, descend: bool = True
               share: tuple[int, int] | None = None) -> Iterator[Materialized | ScanWarning]:
     """hash_tree's stream as materialize gives it (every entry set), for a worker
     that forwards it without building a Hashed per file."""
-    pairs = ((e, None) if isinstance(e, WalkEntry) else e
-             for e in walk(policy, roots, descend=descend, share=share))
-    return materialize(pairs, None, None, READAHEAD)
+    entries = walk(policy, roots, descend=descend, share=share)
+    return materialize(entries, None, None, READAHEAD, bare=True)
 
 
 class _Opened(NamedTuple):
@@ -200,15 +199,16 @@ class _Opened(NamedTuple):
     problem: ScanWarning | None
 
 
-def materialize(items: Iterable[Pair | ScanWarning],
+def materialize(items: Iterable[Pair | WalkEntry | ScanWarning],
                 want_hash: Callable[[WalkEntry, FileRecord | None], bool] | None,
                 progress: Progress | None = None, readahead: int = READAHEAD,
-                ) -> Iterator[Materialized | ScanWarning]:
+                bare: bool = False) -> Iterator[Materialized | ScanWarning]:
     """Turn walk entries into FileRecords, hashing where `want_hash` says so (None:
     every file whose rule hashes).
 
     Each input is (live entry or None, baseline record or None), passed through
-    alongside the result; warnings pass through unchanged. Order is preserved.
+    alongside the result, or with `bare` a walk entry alone (no baseline record);
+    warnings pass through unchanged. Order is preserved.
     """
     # Warnings wait in the window too, so they leave in the order they came.
     window: deque[_Opened | ScanWarning] = deque()
@@ -231,7 +231,12 @@ def materialize(items: Iterable[Pair | ScanWarning],
             else:
                 yield item
             continue
-        entry, old = item
+        entry: WalkEntry | None
+        old: FileRecord | None
+        if bare:
+            entry, old = item, None  # type: ignore[assignment]
+        else:
+            entry, old = item  # type: ignore[misc]
         fd: int = -1
         link: bytes | None = None
         xattrs: bytes | None = None
@@ -267,23 +272,22 @@ def materialize(items: Iterable[Pair | ScanWarning],
                     xattrs = old.xattrs
                 else:
                     xattrs = _xattrs_at(entry.dir_fd, entry.name, entry.path, True)
-        opened = _new(_Opened, (entry, old, fd, link, xattrs, problem))
         if held:
-            window.append(opened)
+            window.append(_new(_Opened, (entry, old, fd, link, xattrs, problem)))
             while len(window) > held:
-                yield _finish(window.popleft(), recent, limit)
+                yield _finish_held(window.popleft(), recent, limit)
         elif depth == 0 and fd >= 0 and (
                 entry.st.st_size <= _SAMPLE_SIZE  # type: ignore[union-attr]
                 and (sample := sample + 1) % _SAMPLE_EVERY == 0):
             started = time.perf_counter()
-            out = _finish(opened, recent, limit)
+            out = _finish(entry, old, fd, link, xattrs, problem, recent, limit)
             slow = slow + 1 if time.perf_counter() - started > _COLD_SECONDS else 0
             if slow >= _COLD_SAMPLES:
                 depth = held = readahead
                 log.debug("cold cache: reading ahead %d files", depth)
             yield out
         else:  # nothing held back: the window is empty
-            yield _finish(opened, recent, limit)
+            yield _finish(entry, old, fd, link, xattrs, problem, recent, limit)
         if tick is not None:
             n += 1
             if entry is not None:
@@ -292,20 +296,27 @@ def materialize(items: Iterable[Pair | ScanWarning],
             if n % every == 0:
                 tick(progress)  # type: ignore[arg-type]
     while window:
-        yield _finish(window.popleft(), recent, limit)
+        yield _finish_held(window.popleft(), recent, limit)
 
 
-def _finish(item: _Opened | ScanWarning, recent: int,
-            limit: ReadLimit | None = None) -> Materialized | ScanWarning:
+def _finish_held(item: _Opened | ScanWarning, recent: int, limit: ReadLimit | None
+                 ) -> Materialized | ScanWarning:
+    """_finish of what waited in the read-ahead window (warnings pass through)."""
+    if isinstance(item, ScanWarning):
+        return item
+    return _finish(*item, recent, limit)
+
+
+def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: bytes | None,
+            xattrs: bytes | None, problem: ScanWarning | None, recent: int,
+            limit: ReadLimit | None = None) -> Materialized:
     """Hash an opened file (or record a non-file) and build its FileRecord.
 
     A file whose ctime is at or after `recent` may be mid-write and is read twice
     (see hasher's docstring). The small-file case is spelled out inline: it runs
-    once per file of a scan.
+    once per file of a scan. Its arguments are an _Opened's fields, passed one by
+    one: the window is empty on a warm scan, and no tuple is built for it.
     """
-    if isinstance(item, ScanWarning):
-        return item
-    entry, old, fd, link, xattrs, problem = item
     if entry is None:
         return _new(Materialized, (None, None, None, old))
     want_xattrs = entry.rule.wants_xattrs

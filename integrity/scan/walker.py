@@ -72,7 +72,8 @@ class _Frame:
     record_children: bool
     root_dev: int
     depth: int
-    pending: list[tuple[bytes, str, bool]]
+    #: (name as bytes, name, a directory in our listing, in our share of the walk)
+    pending: list[tuple[bytes, str, bool, bool]]
     index: int = 0
     #: Below an excluded directory of a rule with include globs: only names matching
     #: them are recorded, and every directory is searched.
@@ -290,10 +291,12 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
             # filesystem does not fill it in); everything else is lstat-ed later.
             # Names are encoded as os.fsencode would, without its call per name; a
             # directories-only walk (the watcher's) keeps only directories.
-            names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name, is_dir)
+            # `|`, not `or`: both walrus targets are set for every entry.
+            names = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e.name, is_dir, mine)
                      for e in listing
-                     if (is_dir := e.is_dir(follow_symlinks=False)) or not dirs_only
-                     and (parts == 1 or hash(e.name) % parts == part)]
+                     if (is_dir := e.is_dir(follow_symlinks=False))
+                     | ((mine := parts == 1 or hash(e.name) % parts == part)
+                        and not dirs_only)]
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -310,7 +313,6 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
              ) -> Iterator[WalkEntry | Passage | ScanWarning]:
     stack = [top]
     share = share or (0, 1)
-    part, parts = share
     rule_at = policy.rule_at
     lstat, is_directory = os.stat, stat.S_ISDIR
     new_tuple = tuple.__new__  # WalkEntry's own __new__ is a Python-level call
@@ -330,7 +332,8 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 frame_rule = frame.rule
                 derived = frame.derived = (
                     frame_rule, frame.path + b"/" if frame.path != b"/" else b"/",
-                    frame.searching, frame.record_children, frame_rule.excludes,
+                    frame.searching, frame.record_children,
+                    frame_rule.excludes if frame_rule.excludes.patterns else None,
                     frame_rule.includes, bool(frame_rule.includes.patterns),
                     frame.depth + 1,
                     # Rules and waypoints lie only below waypoints (ancestors of rule
@@ -341,7 +344,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
              any_includes, depth, above_rules) = derived
             below: _Frame | None = None
             while i < count:
-                raw, name, listed_dir = pending[i]
+                raw, name, listed_dir, mine = pending[i]
                 i += 1
                 # Share the walk between workers by a name hash alone (the same in
                 # every forked worker): each worker lists the directories itself, so
@@ -349,8 +352,8 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 # an entry that changes type meanwhile, and a share by type could
                 # miss it. All workers descend every directory; only its owner
                 # reports an entry, its warnings and its skipped subtree. Others'
-                # non-directories are not even listed (_open_frame).
-                mine = parts == 1 or hash(name) % parts == part
+                # non-directories are not even listed (_open_frame), which says
+                # whose each entry is.
                 path = prefix + raw
                 child_rule = rule_at(path) if above_rules else None
                 excluded = False
@@ -362,7 +365,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                         excluded = True
                         recorded = includes.match(path, raw)
                     elif record_all:
-                        excluded = excludes.match(path, raw)
+                        excluded = excludes is not None and excludes.match(path, raw)
                         # An include glob wins over an exclude.
                         recorded = not excluded or (any_includes
                                                     and includes.match(path, raw))

@@ -81,9 +81,9 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
         if isinstance(item, ScanWarning):
             batch.append((to_key(item.path), item))
         else:
-            record, problem, entry = item.record, item.problem, item.entry
+            record, problem, entry, _ = item
             path = entry.path  # type: ignore[union-attr]
-            batch.append((to_key(path), path,
+            batch.append((path.replace(b"/", b"\x00"), path,  # paths.to_key, inline
                           None if record is None else tuple(record), problem,
                           entry.rule.path))  # type: ignore[union-attr]
         if len(batch) >= _BATCH:

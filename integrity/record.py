@@ -64,6 +64,12 @@ def attr_names(attrs: Attr) -> list[str]:
     return [name for name, flag in ATTR_NAMES.items() if flag in attrs]
 
 
+#: Builds a NamedTuple from a tuple of its fields: `new_tuple(FileRecord, (...))`. The
+#: class's own __new__ is Python code, a frame per call; this is C, for the records a
+#: scan makes once per entry.
+new_tuple = tuple.__new__
+
+
 class FileRecord(NamedTuple):
     """One entry's state. A tuple, because the scan builds one per file on its hot path.
 
@@ -92,10 +98,10 @@ class FileRecord(NamedTuple):
                   link: bytes | None = None, xattrs: bytes | None = None) -> FileRecord:
         """Record of a path from its lstat result and what was read of it."""
         mode = st.st_mode
-        return cls(path, _TYPES.get(stat.S_IFMT(mode), "unknown"), content,
-                   st.st_size, stat.S_IMODE(mode), st.st_uid, st.st_gid,
-                   st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns,
-                   link, xattrs, st.st_dev)
+        return new_tuple(cls, (path, _TYPES.get(stat.S_IFMT(mode), "unknown"), content,
+                               st.st_size, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                               st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns,
+                               link, xattrs, st.st_dev))
 
 
 def iso_ns(ns: int) -> str:

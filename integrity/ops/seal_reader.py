@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 from integrity.errors import IntegrityError
 from integrity.ops.seal import KeptTexts, check_root
 from integrity.paths import from_key
-from integrity.record import FileRecord
+from integrity.record import FileRecord, new_tuple
 from integrity.scan.priority import Abandoned
 from integrity.scan.workers import Pipe, orphaned, stop_child
 from integrity.trust import LEAF_BATCH, MerkleRoot, TrustError, leaf_v1, row_leaves
@@ -78,7 +78,7 @@ class SealReader:
     def entries(self) -> Iterator[tuple[bytes, FileRecord]]:
         """(key, record) of every entry in key order, as the scan's merge takes them."""
         keep = self.kept.add
-        new, record = tuple.__new__, FileRecord  # not FileRecord(): its __new__ is Python
+        new, record = new_tuple, FileRecord
         while True:
             tag, body = self._next()
             if tag != _ROWS:

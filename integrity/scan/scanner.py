@@ -19,6 +19,7 @@ from integrity.errors import ScanWarning, UsageError, Vanished
 from integrity.paths import display, to_key
 from integrity.policy import Policy, Rule
 from integrity.record import Attr, FileRecord
+from integrity.record import new_tuple as _new
 from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, compare
 from integrity.scan.priority import limit_reads, limited
 from integrity.scan.records import READAHEAD, Hashed, Progress, hash_tree, materialize
@@ -337,5 +338,3 @@ def merge(live: Iterator[tuple[bytes, LiveItem | ScanWarning]], base: Baseline,
             yield None, old
         advance()
 
-
-_new = tuple.__new__  # a NamedTuple's own __new__ is a Python-level call

@@ -21,7 +21,7 @@ from operator import itemgetter
 from integrity.errors import IntegrityError, ScanWarning
 from integrity.paths import to_key
 from integrity.policy import Policy, Rule
-from integrity.record import FileRecord
+from integrity.record import FileRecord, new_tuple
 from integrity.scan import hasher
 from integrity.scan.priority import Abandoned, current_limit
 from integrity.scan.records import Hashed, hash_walk
@@ -83,7 +83,7 @@ def _child(policy: Policy, roots: list[bytes] | None, part: int, parts: int,
         else:
             record, problem, entry, _ = item
             path = entry.path  # type: ignore[union-attr]
-            batch.append((path.replace(b"/", b"\x00"), path,  # paths.to_key, inline
+            batch.append((to_key(path), path,
                           None if record is None else tuple(record), problem,
                           entry.rule.path))  # type: ignore[union-attr]
         if len(batch) >= _BATCH:
@@ -158,7 +158,7 @@ class ScanWorker:
 
     def __iter__(self) -> Iterator[Keyed]:
         rules: dict[bytes, Rule] = {}
-        record = FileRecord
+        new, record = new_tuple, FileRecord
         try:
             while True:
                 try:
@@ -176,7 +176,7 @@ class ScanWorker:
                         continue
                     key, path, rec, problem, root = item
                     rule = rules.get(root) or self._rule(root, rules)
-                    yield key, Hashed(path, None if rec is None else _new(record, rec),
+                    yield key, Hashed(path, None if rec is None else new(record, rec),
                                       problem, rule)
         finally:
             self.close()
@@ -228,7 +228,6 @@ class ScanWorkers:
 
 
 _first = itemgetter(0)
-_new = tuple.__new__
 
 
 def worker_count() -> int:

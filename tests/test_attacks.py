@@ -25,7 +25,7 @@ from integrity.ops.seal import root_statement
 from integrity.paths import to_key
 from integrity.store import Store
 from integrity.store.ledger import journal
-from integrity.trust import MerkleRoot, leaf, sign, signer_of
+from integrity.trust import root_of, sign, signer_of
 
 from conftest import Cli
 
@@ -69,9 +69,7 @@ def reseal(db: Path, private: Path | None, policy_text: str | None = None) -> st
     store = Store(f"sqlite:///{db}")
     try:
         info = store.baselines.require()
-        merkle = MerkleRoot()
-        for entry in store.baselines.entries(info.id):
-            merkle.add(leaf(*entry))
+        entries_root = root_of(store.baselines.entries(info.id), info.seal_version)
     finally:
         store.close()
     with sqlite3.connect(db) as conn:
@@ -79,7 +77,7 @@ def reseal(db: Path, private: Path | None, policy_text: str | None = None) -> st
             conn.execute("UPDATE baseline SET policy = ? WHERE state = 'active'",
                          (policy_text,))
             info = info.__class__(**{**info.__dict__, "policy": policy_text})
-        root = root_statement(info, merkle.hexdigest())
+        root = root_statement(info, entries_root)
         signature = sign(root, str(private)) if private else None
         signer = signer_of(str(private)) if private else None
         conn.execute("UPDATE baseline SET root = ?, signature = ?, signer = ? "

@@ -21,7 +21,9 @@ from integrity.ops.seal_reader import SealReader, SealReaderFailed
 from integrity.ops.verify import verify
 from integrity.policy import Policy, parse
 from integrity.store import Store
-from integrity.trust import MerkleRoot, TrustError, leaf, root_of, row_leaves
+from integrity.trust import (LEAF_BATCH, EntriesRoot, MerkleRoot, TrustError, block_leaf,
+                             encode_rows, leaf, root_of, row_leaves)
+from integrity import trust
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3, 5, 64, 1000, 1023, 1024, 1025, 5000])
@@ -39,6 +41,90 @@ def test_merkle_add_many_gives_the_root_of_add(count: int) -> None:
         i += step
     assert many.count == one.count == count
     assert many.hexdigest() == one.hexdigest()
+
+
+def random_rows(rng: random.Random, count: int) -> list[tuple[object, ...]]:
+    """Rows laid out as stored, with every kind of value a column can hold."""
+    def number() -> int:
+        return rng.choice([0, 1, -1, 1 << 31, -(1 << 31), (1 << 31) - 1, (1 << 64) - 1,
+                           -(10 ** 19), rng.getrandbits(rng.randint(1, 70))])
+
+    def blob() -> bytes | None:
+        return rng.choice([None, b"", rng.randbytes(32), rng.randbytes(rng.randint(1, 300))])
+
+    return [(b"/%d\x00\xff" % i + rng.randbytes(rng.randint(0, 40)),
+             rng.choice(["file", "dir", "symlink", "\u00e9t\u00e9"]), blob(),
+             *[number() for _ in range(8)], blob(), blob(), number(),
+             rng.choice([None, "coreutils", "libc6:amd64", "f\u00fcr"]), blob())
+            for i in range(count)]
+
+
+def test_the_block_encoding_is_the_documented_format() -> None:
+    """encode_rows (marshal's version 2 format, in C) writes byte for byte what the
+    Python spelling of the format writes, for every kind of value a row holds; and
+    one row's bytes are pinned here, so a Python whose marshal changes is caught."""
+    rng = random.Random(3)
+    for count in (0, 1, 2, 50):
+        rows = random_rows(rng, count)
+        assert encode_rows(rows) == trust._encode_reference(rows)
+    assert encode_rows([(b"/a", "file", None, 5, -1, 1 << 40)]) == (
+        b"[\x01\x00\x00\x00(\x06\x00\x00\x00s\x02\x00\x00\x00/au\x04\x00\x00\x00fileN"
+        b"i\x05\x00\x00\x00i\xff\xff\xff\xffl\x03\x00\x00\x00\x00\x00\x00\x00\x00\x04")
+    odd = [(b"", "\udcff", True, False, memoryview(b"xy"), -(1 << 31) - 1)]
+    assert encode_rows(odd) == trust._encode_reference(odd)
+    with pytest.raises(TypeError, match="float"):
+        trust._encode_reference([(1.5,)])
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("count", [0, 1, LEAF_BATCH - 1, LEAF_BATCH, LEAF_BATCH + 1, 3000])
+def test_a_root_is_the_same_whatever_batches_its_rows_come_in(
+        version: int, count: int) -> None:
+    """The seal reader adds rows a fetch at a time, init a batch at a time, an
+    in-process verify an entry at a time: every way gives the same root."""
+    from integrity.paths import from_key
+    from integrity.record import FileRecord
+
+    rng = random.Random(count)
+    rows = random_rows(rng, count)
+    entries = [(row[0], FileRecord(from_key(row[0]), *row[1:14]), row[14], row[15])  # type: ignore[arg-type]
+               for row in rows]
+    mixed = EntriesRoot(version)
+    i = 0
+    while i < count:
+        step = rng.randint(1, 1500)
+        if rng.random() < 0.3:
+            for entry in entries[i:i + step]:
+                mixed.add(*entry)  # type: ignore[arg-type]
+        else:
+            mixed.add_rows(rows[i:i + step])
+        i += step
+    expected = root_of(entries, version)  # type: ignore[arg-type]
+    assert mixed.hexdigest() == expected
+    if version == 3 and count:  # a leaf per block of LEAF_BATCH rows, cut at fixed counts
+        merkle = MerkleRoot()
+        for start in range(0, count, LEAF_BATCH):
+            merkle.add(block_leaf(rows[start:start + LEAF_BATCH]))
+        assert merkle.hexdigest() == expected
+    if version == 2 and count:
+        assert root_of(entries, 3) != expected  # type: ignore[arg-type]
+
+
+def test_a_baseline_of_an_unknown_seal_version_is_refused(tmp_path: Path) -> None:
+    """A seal version this integrity does not know is not checked as some other."""
+    _, data = kept_and_packaged_policy(tmp_path)
+    policy = parse(data)
+    db = tmp_path / "unknown.db"
+    store = Store(f"sqlite:///{db}")
+    try:
+        build_baseline(lambda: store, policy, parallel=0)
+        store.close()
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE baseline SET seal_version = 4")
+        with pytest.raises(TrustError, match="seal version 4"):
+            verify(lambda: store, policy, parallel=0)
+    finally:
+        store.close()
 
 
 def kept_and_packaged_policy(tmp_path: Path) -> tuple[Path, dict[str, object]]:
@@ -167,12 +253,11 @@ def test_the_seal_reader_checks_a_version_1_seal(
     """A baseline sealed before seal version 2 (a root over the entries' attributes
     alone) is checked by the reader with version 1 leaves, and still catches an edit."""
     from integrity.store.ledger import journal
-    from integrity.trust import root_of_v1
 
     etc, policy, db, store = _sealed_by_the_reader(tmp_path, monkeypatch)
     try:
         info = build_baseline(lambda: store, policy, parallel=0).baseline
-        old_root = root_of_v1(store.baselines.entries(info.id))
+        old_root = root_of(store.baselines.entries(info.id), 1)
         store.close()
         with sqlite3.connect(db) as conn:
             conn.execute("UPDATE baseline SET seal_version = 1, policy = NULL, root = ?",
@@ -188,6 +273,38 @@ def test_the_seal_reader_checks_a_version_1_seal(
                                 (key,)).rowcount == 1
         with pytest.raises(TrustError, match="tampering"):
             verify(lambda: store, policy, parallel=2)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("parallel", [0, 2])
+def test_a_version_2_seal_still_verifies_and_catches_an_edit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parallel: int) -> None:
+    """A baseline sealed with a leaf per entry (seal version 2) is checked with those
+    leaves, by the seal reader and in-process alike, and an edited row is refused."""
+    from integrity.ops.seal import root_statement
+    from integrity.store.ledger import journal
+
+    etc, policy, db, store = _sealed_by_the_reader(tmp_path, monkeypatch)
+    try:
+        info = build_baseline(lambda: store, policy, parallel=0).baseline
+        assert info.seal_version == 3
+        old = info.__class__(**{**info.__dict__, "seal_version": 2})
+        root = root_statement(old, root_of(store.baselines.entries(info.id), 2))
+        store.close()
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE baseline SET seal_version = 2, root = ?", (root,))
+            conn.execute("DELETE FROM ledger")  # the row changed: entered anew below
+        with store.writer() as conn, conn.begin():
+            journal(conn, "baseline", [info.id])
+        assert verify(lambda: store, policy, parallel=parallel).result.changes == []
+        store.close()
+        with sqlite3.connect(db) as conn:
+            key = bytes(os.fsencode(etc / "blob")).replace(b"/", b"\x00")
+            assert conn.execute("UPDATE entry SET mtime = mtime + 1 WHERE key = ?",
+                                (key,)).rowcount == 1
+        with pytest.raises(TrustError, match="tampering"):
+            verify(lambda: store, policy, parallel=parallel)
     finally:
         store.close()
 

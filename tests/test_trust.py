@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,24 +24,29 @@ def record(path: bytes, size: int = 1, content: bytes | None = b"\x01" * 32) -> 
     return FileRecord(path, "file", content, size, 0o644, 0, 0, 7, 1, 10, 11, None, None, 2049)
 
 
-def test_root_is_deterministic_and_covers_every_field() -> None:
+@pytest.mark.parametrize("version", [2, 3])
+def test_root_is_deterministic_and_covers_every_field(version: int) -> None:
     entries = [(to_key(p), record(p), "base-files", None) for p in (b"/a", b"/a/b", b"/c")]
-    assert root_of(entries) == root_of(list(entries))
+
+    def sealed(given: list[Any]) -> str:
+        return root_of(given, version)
+
+    assert sealed(entries) == sealed(list(entries))
     for index in range(1, len(FileRecord._fields)):
         rec = list(entries[1][1])
         rec[index] = b"\x02" * 32 if isinstance(rec[index], bytes) else (
             "dir" if isinstance(rec[index], str) else (rec[index] or 0) + 1)
         changed = [entries[0], (entries[1][0], FileRecord(*rec), "base-files", None),
                    entries[2]]
-        assert root_of(changed) != root_of(entries), FileRecord._fields[index]
+        assert sealed(changed) != sealed(entries), FileRecord._fields[index]
     # The package owner is sealed too (--package-updates decides by it), and the
     # digest of the kept text (diff and restore read it).
     for package, kept in ((None, None), ("coreutils", None), ("base-files", b"\x03" * 32)):
         changed = [entries[0], (entries[1][0], entries[1][1], package, kept), entries[2]]
-        assert root_of(changed) != root_of(entries), package
-    assert root_of(entries[:2]) != root_of(entries)          # a removed entry shows
-    assert root_of([entries[1], entries[0], entries[2]]) != root_of(entries)  # order counts
-    assert root_of([]) == root_of([]) != root_of(entries[:1])
+        assert sealed(changed) != sealed(entries), package
+    assert sealed(entries[:2]) != sealed(entries)          # a removed entry shows
+    assert sealed([entries[1], entries[0], entries[2]]) != sealed(entries)  # order counts
+    assert sealed([]) == sealed([]) != sealed(entries[:1])
 
 
 def test_streaming_root_matches_a_plain_merkle_tree() -> None:
@@ -180,13 +186,12 @@ def test_a_version_1_seal_still_verifies_and_approve_policy_seals_it_anew(
     """Baselines written before sealed policies carry a root over their entries
     alone: verify still checks that, and `approve --policy` seals the policy in."""
     from integrity.store import Store
-    from integrity.trust import root_of_v1
 
     assert run("init").exit_code == 0
     store = Store(f"sqlite:///{run.db}")
     try:
         info = store.baselines.require()
-        old_root = root_of_v1(store.baselines.entries(info.id))
+        old_root = root_of(store.baselines.entries(info.id), 1)
     finally:
         store.close()
     with sqlite3.connect(run.db) as conn:
@@ -207,5 +212,5 @@ def test_a_version_1_seal_still_verifies_and_approve_policy_seals_it_anew(
     _tamper(run.db, tree / "a.conf", back=True)
     assert run("approve", "--policy").exit_code == 0
     status = json.loads(run("status", "--json").stdout)
-    assert status["baseline"]["seal"]["version"] == 2 and status["baseline"]["root"] != old_root
+    assert status["baseline"]["seal"]["version"] == 3 and status["baseline"]["root"] != old_root
     assert run("verify").exit_code == 0

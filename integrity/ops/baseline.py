@@ -21,7 +21,7 @@ from integrity.ops.seal import init_sealer
 from integrity.policy import Policy
 from integrity.policy.sealed import sealed_text
 from integrity.scan import Progress, TreeScan
-from integrity.trust import LEAF_BATCH, MerkleRoot, row_leaves, signer_of
+from integrity.trust import LEAF_BATCH, EntriesRoot, signer_of
 
 if TYPE_CHECKING:
     from integrity.store import BaselineInfo, Store
@@ -54,7 +54,7 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
         live = scan.live()
         store = open_store()
         owner = package_owner(policy)
-        merkle = MerkleRoot()
+        entries_root = EntriesRoot()
         text = sealed_text(policy)
         keeper = ContentKeeper(store, policy)
         pending: dict[bytes, Kept] = {}
@@ -87,17 +87,17 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                            kept.digest if kept is not None else None)
                     batch.append(row)
                     if len(batch) >= LEAF_BATCH:
-                        merkle.add_many(row_leaves(batch))
+                        entries_root.add_rows(batch)
                         batch = []
                     yield row
-            merkle.add_many(row_leaves(batch))
+            entries_root.add_rows(batch)
             store.contents.put(texts(pending))
 
         with store.exclusive():
             info = store.baselines.write(
                 rows(), policy_source=policy.source, policy_digest=policy.digest,
                 sealed_policy=text, actor=actor, force=force,
-                seal=init_sealer(sign_key, merkle, text))
+                seal=init_sealer(sign_key, entries_root, text))
     return InitResult(info, warnings)
 
 

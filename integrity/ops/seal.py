@@ -28,9 +28,9 @@ from integrity.paths import display, from_key, to_key
 from integrity.policy import Policy
 from integrity.policy.sealed import as_sealed, sealed_digest, sealed_text
 from integrity.record import FileRecord
-from integrity.trust import (EMPTY_ROOT, LEAF_BATCH, MerkleRoot, TrustError,
-                             check_signature, fingerprint, leaf, leaf_v1,
-                             public_key_bytes, seal, sign, signature_valid, signer_of)
+from integrity.trust import (EMPTY_ROOT, EntriesRoot, TrustError, check_signature,
+                             encode_rows, fingerprint, public_key_bytes, seal, sign,
+                             signature_valid, signer_of)
 
 if TYPE_CHECKING:
     from integrity.store import Store
@@ -82,34 +82,19 @@ class SealCheck:
 
     def __init__(self, info: BaselineInfo) -> None:
         self.info = info
-        self._merkle = MerkleRoot()
-        self._leaf_v2 = info.seal_version >= 2
-        self._leaves: list[bytes] = []
+        self._root = EntriesRoot(info.seal_version)
         #: The kept text digests, for the diffs of what the scan finds changed.
         self.kept = KeptTexts()
 
     def stream(self, entries: Entries) -> Iterator[tuple[bytes, FileRecord]]:
-        """The (key, record) pairs the scan wants, each entering the root on the way
-        (leaves go into the tree LEAF_BATCH at a time: MerkleRoot.add_many)."""
+        """The (key, record) pairs the scan wants, each entering the root on the way."""
         keep = self.kept.add
-        leaves = self._leaves
-        add_many = self._merkle.add_many
-        if self._leaf_v2:
-            for key, rec, package, text in entries:
-                leaves.append(leaf(key, rec, package, text))
-                if len(leaves) >= LEAF_BATCH:
-                    add_many(leaves)
-                    leaves.clear()
-                if text is not None:
-                    keep(key, text)
-                yield key, rec
-        else:
-            for key, rec, _package, _text in entries:
-                leaves.append(leaf_v1(key, rec))
-                if len(leaves) >= LEAF_BATCH:
-                    add_many(leaves)
-                    leaves.clear()
-                yield key, rec
+        add = self._root.add
+        for key, rec, package, text in entries:
+            add(key, rec, package, text)
+            if text is not None:
+                keep(key, text)
+            yield key, rec
 
     def consume(self, entries: Entries) -> None:
         """Take a whole stream without passing it on."""
@@ -118,9 +103,7 @@ class SealCheck:
 
     def finish(self) -> None:
         """Raise TrustError unless everything streamed hashes to the recorded root."""
-        self._merkle.add_many(self._leaves)
-        self._leaves.clear()
-        check_root(self.info, self._merkle.hexdigest())
+        check_root(self.info, self._root.hexdigest())
 
 
 def check_root(info: BaselineInfo, entries_root: str) -> None:
@@ -213,11 +196,11 @@ def check_baseline(store: Store, policy: Policy, pins: Pins = Pins()) -> Baselin
     return info
 
 
-def init_sealer(sign_key: str | None, merkle: MerkleRoot, policy_text: str
+def init_sealer(sign_key: str | None, entries: EntriesRoot, policy_text: str
                 ) -> Callable[[int, dt.datetime], Sealed]:
-    """The seal of a new generation whose entries' leaves went into `merkle`."""
+    """The seal of a new generation whose rows went into `entries`."""
     def make(generation: int, activated: dt.datetime) -> Sealed:
-        root = seal(merkle.hexdigest(), sealed_digest(policy_text), generation, activated)
+        root = seal(entries.hexdigest(), sealed_digest(policy_text), generation, activated)
         return _signed(root, sign_key)
     return make
 
@@ -227,15 +210,11 @@ def approval_sealer(sign_key: str | None
     """The seal of the generation an approval writes, from its rows as they stand."""
     def make(entries: Entries, generation: int, activated: dt.datetime,
              policy_text: str) -> Sealed:
-        merkle = MerkleRoot()
-        leaves: list[bytes] = []
+        root_of_entries = EntriesRoot()
         for entry in entries:
-            leaves.append(leaf(*entry))
-            if len(leaves) >= LEAF_BATCH:
-                merkle.add_many(leaves)
-                leaves = []
-        merkle.add_many(leaves)
-        root = seal(merkle.hexdigest(), sealed_digest(policy_text), generation, activated)
+            root_of_entries.add(*entry)
+        root = seal(root_of_entries.hexdigest(), sealed_digest(policy_text), generation,
+                    activated)
         return _signed(root, sign_key)
     return make
 
@@ -276,28 +255,19 @@ class SealedIndex:
     @classmethod
     def _indexed(cls, info: BaselineInfo, entries: Entries, policy: Policy) -> SealedIndex:
         index = cls(info)
-        merkle = MerkleRoot()
-        v2 = info.seal_version >= 2
-        block = blake3.blake3()
-        count = 0
-        leaves: list[bytes] = []
-        for key, rec, package, kept in entries:
-            digest = leaf(key, rec, package, kept)
-            leaves.append(digest if v2 else leaf_v1(key, rec))
-            if len(leaves) >= LEAF_BATCH:
-                merkle.add_many(leaves)
-                leaves = []
-            if count % cls.BLOCK == 0:
-                if count:
-                    index.digests.append(block.digest())
-                block = blake3.blake3()
-                index.firsts.append(key)
-            block.update(digest)
-            count += 1
-        if count:
-            index.digests.append(block.digest())
-        merkle.add_many(leaves)
-        check_root(info, merkle.hexdigest())
+        root = EntriesRoot(info.seal_version)
+        block: list[tuple[object, ...]] = []
+        for entry in entries:
+            root.add(*entry)
+            if len(block) == cls.BLOCK:
+                index.digests.append(_block_digest(block))
+                block = []
+            if not block:
+                index.firsts.append(entry[0])
+            block.append(_row(entry))
+        if block:
+            index.digests.append(_block_digest(block))
+        check_root(info, root.hexdigest())
         check_pins(info, effective_policy(info, policy), current=policy)
         return index
 
@@ -331,16 +301,24 @@ class SealedIndex:
             low = self.firsts[i] if i >= 0 else b""
             high = self.firsts[i + 1] if i + 1 < len(self.firsts) else b"\xff" * 8
             rows = list(snap.entries([(low, high)]))
-            digest = blake3.blake3()
-            for entry in rows:
-                digest.update(leaf(*entry))
-            if (digest.digest() != self.digests[i]) if i >= 0 else bool(rows):
+            if (_block_digest([_row(e) for e in rows]) != self.digests[i]) if i >= 0 \
+                    else bool(rows):
                 asked = [lo for lo, hi in ranges if lo < high and hi > low] or [low]
                 raise TrustError(f"baseline entries around {display(from_key(asked[0]))} "
                                  "changed since the seal was verified: the baseline was "
                                  "changed outside integrity (tampering)")
             found += [e for e in rows if any(lo <= e[0] < hi for lo, hi in ranges)]
         return found
+
+
+def _row(entry: Entry) -> tuple[object, ...]:
+    key, rec, package, kept = entry
+    return (key, *rec[1:], package, kept)
+
+
+def _block_digest(rows: list[tuple[object, ...]]) -> bytes:
+    """What SealedIndex remembers of a block of entries (every column of each)."""
+    return blake3.blake3(encode_rows(rows)).digest()
 
 
 def describe_key(path: str) -> str:

@@ -22,7 +22,7 @@ from integrity.paths import from_key
 from integrity.record import FileRecord, new_tuple
 from integrity.scan.priority import Abandoned
 from integrity.scan.workers import Pipe, orphaned, stop_child
-from integrity.trust import LEAF_BATCH, MerkleRoot, TrustError, leaf_v1, row_leaves
+from integrity.trust import LEAF_BATCH, EntriesRoot, TrustError
 
 if TYPE_CHECKING:
     from integrity.store import BaselineInfo, Store
@@ -129,13 +129,13 @@ def _child(store: Store, pipe: Pipe, parent: int) -> int:
         with store.baselines.snapshot() as snap:
             info = snap.require()
             pipe.send_bytes(_INFO + pickle.dumps(info, pickle.HIGHEST_PROTOCOL))
-            merkle = MerkleRoot()
+            root = EntriesRoot(info.seal_version)
             for rows in snap.row_batches(LEAF_BATCH):
-                merkle.add_many(_leaves(info, rows))
+                root.add_rows(rows)
                 if orphaned(parent):
                     raise Abandoned
                 pipe.send_bytes(_ROWS + pickle.dumps(rows, pickle.HIGHEST_PROTOCOL))
-        check_root(info, merkle.hexdigest())
+        check_root(info, root.hexdigest())
         pipe.send_bytes(_SEALED)
         return 0
     except (BrokenPipeError, Abandoned):
@@ -144,13 +144,6 @@ def _child(store: Store, pipe: Pipe, parent: int) -> int:
         return _report(pipe, _TAMPERED, exc)
     except BaseException as exc:  # noqa: BLE001 - reported, then exit
         return _report(pipe, _FAILED, exc)
-
-
-def _leaves(info: BaselineInfo, rows: list[Row]) -> list[bytes]:
-    if info.seal_version >= 2:
-        return row_leaves(rows)
-    return [leaf_v1(row[0], FileRecord(from_key(row[0]), *row[1:14]))  # type: ignore[arg-type]
-            for row in rows]
 
 
 def _report(pipe: Pipe, tag: bytes, exc: BaseException) -> int:

@@ -38,7 +38,7 @@ Entry = tuple[bytes, FileRecord, "str | None", "bytes | None"]
 #: The stream of a baseline's entries in key order.
 Entries = Iterator[Entry]
 #: One stored entry as the driver returns it and as a generation is written:
-#: (key, *record[1:], package, kept), what trust.row_leaves seals.
+#: (key, *record[1:], package, kept), what trust.EntriesRoot seals.
 Row = tuple[object, ...]
 #: (root, signature or None, signer's raw public key or None)
 Sealed = tuple[str, "bytes | None", "bytes | None"]
@@ -235,7 +235,7 @@ class Snapshot:
         try:
             cursor.execute(str(compiled), args)
             while rows := cursor.fetchmany(size):
-                # Tuples, whatever the driver's row type: the seal hashes their repr.
+                # Tuples, whatever the driver's row type: the seal encodes tuples.
                 yield (cast("list[Row]", rows) if type(rows) is list and type(rows[0]) is tuple
                        else [tuple(row) for row in rows])
         finally:

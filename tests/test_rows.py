@@ -110,6 +110,26 @@ def test_a_root_is_the_same_whatever_batches_its_rows_come_in(
         assert root_of(entries, 3) != expected  # type: ignore[arg-type]
 
 
+def test_bytes_and_nulls_are_stored_as_blobs_and_nulls(tmp_path: Path) -> None:
+    """The store binds bytes and None through identity adapters (engine.py): paths,
+    digests and link targets are still BLOBs, absent values NULLs, and read back equal."""
+    etc, data = kept_and_packaged_policy(tmp_path)
+    os.symlink(b"target\xff", etc / "link")
+    db = tmp_path / "types.db"
+    store = Store(f"sqlite:///{db}")
+    try:
+        info = build_baseline(lambda: store, parse(data), parallel=0).baseline
+        entries = {rec.path: rec for _, rec, _, _ in store.baselines.entries(info.id)}
+    finally:
+        store.close()
+    assert entries[os.fsencode(etc / "link")].link == b"target\xff"
+    with sqlite3.connect(db) as conn:
+        kinds = dict(conn.execute(
+            "SELECT type, typeof(key) || typeof(content) || typeof(link) FROM entry "
+            "WHERE type IN ('file', 'symlink') GROUP BY type"))
+    assert kinds == {"file": "blobblobnull", "symlink": "blobnullblob"}
+
+
 def test_a_baseline_of_an_unknown_seal_version_is_refused(tmp_path: Path) -> None:
     """A seal version this integrity does not know is not checked as some other."""
     _, data = kept_and_packaged_policy(tmp_path)

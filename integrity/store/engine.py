@@ -67,6 +67,7 @@ def _engine(url: str) -> sa.Engine:
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         create_private(database)
+    _bind_bytes_and_null_as_they_are()
     engine = _create(parsed, connect_args={"timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -90,6 +91,24 @@ def _engine(url: str) -> sa.Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _bind_bytes_and_null_as_they_are() -> None:
+    """Register identity adapters for bytes and None parameters in the sqlite3 module.
+
+    CPython's sqlite3 binds only int, float, str and bytearray without the adaptation
+    protocol; every bytes or None parameter goes through it, and before 3.12 its
+    failed `__adapt__` lookup on a type formats an AttributeError message that is
+    thrown away: ~2k instructions a parameter, six per entry row, 0.8 µs a row held
+    under the GIL while `init` writes. A registered adapter is found first; these
+    return the value itself (`bytes(b)` is `b`; `{}.get(None)` is None), so what
+    is stored is unchanged.
+    """
+    import sqlite3
+
+    nothing: dict[None, None] = {}
+    sqlite3.register_adapter(bytes, bytes)
+    sqlite3.register_adapter(type(None), nothing.get)
 
 
 class Database:

@@ -61,8 +61,7 @@ def _field(value: object) -> bytes:
 
 def leaf_v1(key: bytes, rec: FileRecord) -> bytes:
     """Digest of one entry as seal version 1 made it (attributes, no package)."""
-    return blake3.blake3(_LEAF_V1 + b"\x00".join(
-        [_field(key), *(_field(v) for v in rec[1:])])).digest()
+    return leaf_v1_row((key, *rec[1:]))
 
 
 def leaf(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None) -> bytes:
@@ -92,7 +91,8 @@ def row_leaves(rows: Sequence[tuple[object, ...]]) -> list[bytes]:
 
 
 def leaf_v1_row(row: Sequence[object]) -> bytes:
-    """leaf_v1() of a row laid out as stored (key, *record[1:], package, kept)."""
+    """leaf_v1() of a row laid out as stored (key, *record[1:], package, kept): its
+    first 14 columns, tagged (`_field`) and joined."""
     return blake3.blake3(_LEAF_V1 + b"\x00".join(
         [_field(value) for value in row[:14]])).digest()
 

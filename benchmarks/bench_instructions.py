@@ -99,8 +99,12 @@ def main() -> int:
                 sys.exit(f"{name}: {len(small)} processes, then {len(large)}")
             parts = [(b - a) / count / 1000 for a, b in zip(small, large)]
             kinds = ["main"] + [f"child {i}" for i in range(1, len(parts))]
-            shown = ", ".join(f"{kind} {part:.1f}k" for kind, part in zip(kinds, parts))
-            print(f"  {name:<7} {sum(parts):6.1f}k in all: {shown}", flush=True)
+            shown = [f"{kind} {part:.1f}k" for kind, part in zip(kinds, parts)
+                     if kind == "main" or abs(part) >= 0.05]
+            idle = len(parts) - 1 - (len(shown) - 1)
+            note = f" (and {idle} with none per entry: package queries)" if idle else ""
+            print(f"  {name:<7} {sum(parts):6.1f}k in all: {', '.join(shown)}{note}",
+                  flush=True)
     return 0
 
 

@@ -258,15 +258,16 @@ class SealedIndex:
         root = EntriesRoot(info.seal_version)
         block: list[tuple[object, ...]] = []
         for entry in entries:
-            root.add(*entry)
             if len(block) == cls.BLOCK:
                 index.digests.append(_block_digest(block))
+                root.add_rows(block)
                 block = []
             if not block:
                 index.firsts.append(entry[0])
             block.append(_row(entry))
         if block:
             index.digests.append(_block_digest(block))
+            root.add_rows(block)
         check_root(info, root.hexdigest())
         check_pins(info, effective_policy(info, policy), current=policy)
         return index

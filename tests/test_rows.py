@@ -268,40 +268,15 @@ def test_a_verify_on_two_cores_refuses_an_edited_row(
         store.close()
 
 
-def test_the_seal_reader_checks_a_version_1_seal(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A baseline sealed before seal version 2 (a root over the entries' attributes
-    alone) is checked by the reader with version 1 leaves, and still catches an edit."""
-    from integrity.store.ledger import journal
-
-    etc, policy, db, store = _sealed_by_the_reader(tmp_path, monkeypatch)
-    try:
-        info = build_baseline(lambda: store, policy, parallel=0).baseline
-        old_root = root_of(store.baselines.entries(info.id), 1)
-        store.close()
-        with sqlite3.connect(db) as conn:
-            conn.execute("UPDATE baseline SET seal_version = 1, policy = NULL, root = ?",
-                         (old_root,))
-            conn.execute("DELETE FROM ledger")  # as migration 0008 found it: re-entered
-        with store.writer() as conn, conn.begin():
-            journal(conn, "baseline", [info.id])
-        assert verify(lambda: store, policy, parallel=2).result.changes == []
-        store.close()
-        with sqlite3.connect(db) as conn:
-            key = bytes(os.fsencode(etc / "blob")).replace(b"/", b"\x00")
-            assert conn.execute("UPDATE entry SET mtime = mtime + 1 WHERE key = ?",
-                                (key,)).rowcount == 1
-        with pytest.raises(TrustError, match="tampering"):
-            verify(lambda: store, policy, parallel=2)
-    finally:
-        store.close()
-
-
 @pytest.mark.parametrize("parallel", [0, 2])
-def test_a_version_2_seal_still_verifies_and_catches_an_edit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parallel: int) -> None:
-    """A baseline sealed with a leaf per entry (seal version 2) is checked with those
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_seal_still_verifies_and_catches_an_edit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int, parallel: int) -> None:
+    """A baseline sealed before seal version 3, with version 1 (a root over the
+    entries' attributes alone) or version 2 (a leaf per entry), is checked with its own
     leaves, by the seal reader and in-process alike, and an edited row is refused."""
+    from dataclasses import replace
+
     from integrity.ops.seal import root_statement
     from integrity.store.ledger import journal
 
@@ -309,11 +284,14 @@ def test_a_version_2_seal_still_verifies_and_catches_an_edit(
     try:
         info = build_baseline(lambda: store, policy, parallel=0).baseline
         assert info.seal_version == 3
-        old = info.__class__(**{**info.__dict__, "seal_version": 2})
-        root = root_statement(old, root_of(store.baselines.entries(info.id), 2))
+        entries_root = root_of(store.baselines.entries(info.id), version)
+        root = entries_root if version == 1 else root_statement(
+            replace(info, seal_version=version), entries_root)
         store.close()
         with sqlite3.connect(db) as conn:
-            conn.execute("UPDATE baseline SET seal_version = 2, root = ?", (root,))
+            conn.execute("UPDATE baseline SET seal_version = ?, root = ?", (version, root))
+            if version == 1:  # sealed no policy
+                conn.execute("UPDATE baseline SET policy = NULL")
             conn.execute("DELETE FROM ledger")  # the row changed: entered anew below
         with store.writer() as conn, conn.begin():
             journal(conn, "baseline", [info.id])

@@ -302,8 +302,8 @@ class SealedIndex:
             low = self.firsts[i] if i >= 0 else b""
             high = self.firsts[i + 1] if i + 1 < len(self.firsts) else b"\xff" * 8
             rows = list(snap.entries([(low, high)]))
-            if (_block_digest([_row(e) for e in rows]) != self.digests[i]) if i >= 0 \
-                    else bool(rows):
+            digest = _block_digest([_row(e) for e in rows])
+            if (digest != self.digests[i]) if i >= 0 else bool(rows):
                 asked = [lo for lo, hi in ranges if lo < high and hi > low] or [low]
                 raise TrustError(f"baseline entries around {display(from_key(asked[0]))} "
                                  "changed since the seal was verified: the baseline was "

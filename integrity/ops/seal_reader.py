@@ -26,7 +26,6 @@ from integrity.trust import LEAF_BATCH, EntriesRoot, TrustError
 
 if TYPE_CHECKING:
     from integrity.store import BaselineInfo, Store
-    from integrity.store.baseline import Row
 
 # Message tags: the child's snapshot of the baseline, a batch of rows, the end with
 # the seal holding, a seal that does not hold, any other failure.

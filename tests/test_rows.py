@@ -16,7 +16,7 @@ import pytest
 
 from conftest import child_pids, database_at
 from integrity.ops.baseline import build_baseline
-from integrity.ops.seal import KeptTexts, check_root
+from integrity.ops.seal import KeptTexts, SealedIndex, check_root
 from integrity.ops.seal_reader import SealReader, SealReaderFailed
 from integrity.ops.verify import verify
 from integrity.policy import Policy, parse
@@ -296,6 +296,7 @@ def test_an_older_seal_still_verifies_and_catches_an_edit(
         with store.writer() as conn, conn.begin():
             journal(conn, "baseline", [info.id])
         assert verify(lambda: store, policy, parallel=parallel).result.changes == []
+        assert SealedIndex.build(store, policy) is not None  # the watcher's check too
         store.close()
         with sqlite3.connect(db) as conn:
             key = bytes(os.fsencode(etc / "blob")).replace(b"/", b"\x00")
@@ -303,6 +304,8 @@ def test_an_older_seal_still_verifies_and_catches_an_edit(
                                 (key,)).rowcount == 1
         with pytest.raises(TrustError, match="tampering"):
             verify(lambda: store, policy, parallel=parallel)
+        with pytest.raises(TrustError, match="tampering"):
+            SealedIndex.build(store, policy)
     finally:
         store.close()
 

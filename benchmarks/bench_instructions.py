@@ -4,10 +4,10 @@
 Wall times on a shared 2-core machine move by 20-60% within an hour; instruction counts
 do not. This runs the CLI under `valgrind --tool=callgrind` (children traced, so the
 hashing workers and the seal reader are counted too) on the first N and the first 2N
-top directories of bench_baseline.py's generated 1M tree, and prints the difference
-divided by the difference in entries: the per-entry cost with start-up taken out.
+top directories of bench_baseline.py's generated 1M tree (made, or reused, in the same
+cache), and prints the difference divided by the difference in entries: the per-entry
+cost with start-up taken out.
 
-    python3 benchmarks/bench_baseline.py --trees 1m --no-aide --no-cold --runs 1  # the tree
     python3 benchmarks/bench_instructions.py [--dirs 1] [--commands init,verify,fast]
 
 Processes are listed in the order they started: the CLI ("main"), then its children
@@ -29,7 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-TREE = Path("/var/tmp/integrity-bench/tree1m")
+from bench_baseline import GENERATED, age_tree, ensure_tool, prepare_tree
+
 COMMANDS = {"init": ["init", "--force"], "verify": ["verify"], "fast": ["verify", "--fast"]}
 
 
@@ -68,18 +69,21 @@ def main() -> int:
     ap.add_argument("--dirs", type=int, default=1, help="top directories in the first step")
     ap.add_argument("--commands", default="init,verify,fast",
                     help="comma-separated: " + ", ".join(COMMANDS))
-    ap.add_argument("--tree", type=Path, default=TREE)
+    ap.add_argument("--cache", type=Path, default=Path("/var/tmp/integrity-bench"),
+                    help="bench_baseline.py's cache of generated trees")
     args = ap.parse_args()
     integrity = shutil.which("integrity")
     if integrity is None:
         sys.exit("integrity is not on PATH")
-    if shutil.which("valgrind") is None:
-        subprocess.run(["apt-get", "install", "-y", "-q", "valgrind"], check=True,
-                       stdout=subprocess.DEVNULL)
-    tops = sorted(p for p in args.tree.iterdir() if p.is_dir())
+    if not ensure_tool("valgrind", "valgrind"):
+        sys.exit("valgrind is missing and could not be installed")
+    name, params = GENERATED["1m"]
+    tree = args.cache / name
+    prepare_tree(tree, params)
+    age_tree(tree)
+    tops = sorted(p for p in tree.iterdir() if p.is_dir())
     if len(tops) < 2 * args.dirs:
-        sys.exit(f"{args.tree}: fewer than {2 * args.dirs} top directories; generate it with "
-                 "bench_baseline.py --trees 1m")
+        sys.exit(f"{tree}: fewer than {2 * args.dirs} top directories")
     with tempfile.TemporaryDirectory(prefix="integrity-instr-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         steps = (args.dirs, 2 * args.dirs)

@@ -18,7 +18,7 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -59,11 +59,6 @@ def _field(value: object) -> bytes:
     return b"s" + str(value).encode()
 
 
-def leaf_v1(key: bytes, rec: FileRecord) -> bytes:
-    """Digest of one entry as seal version 1 made it (attributes, no package)."""
-    return leaf_v1_row((key, *rec[1:]))
-
-
 def leaf(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None) -> bytes:
     """Digest of one entry: its key, every recorded attribute, its package owner and
     the digest of the text kept for it.
@@ -91,8 +86,8 @@ def row_leaves(rows: Sequence[tuple[object, ...]]) -> list[bytes]:
 
 
 def leaf_v1_row(row: Sequence[object]) -> bytes:
-    """leaf_v1() of a row laid out as stored (key, *record[1:], package, kept): its
-    first 14 columns, tagged (`_field`) and joined."""
+    """Digest of one row as seal version 1 made it: the entry's key and attributes
+    (the first 14 columns of (key, *record[1:], package, kept)), tagged and joined."""
     return blake3.blake3(_LEAF_V1 + b"\x00".join(
         [_field(value) for value in row[:14]])).digest()
 
@@ -165,8 +160,9 @@ class EntriesRoot:
     order either rows laid out as stored, (key, *record[1:], package, kept), a batch
     at a time, or entries one at a time; both may be mixed.
 
-    Version 3 makes a leaf per block of LEAF_BATCH rows (`block_leaf`), so the blocks
-    are cut at fixed counts whatever batches the rows arrive in.
+    Rows wait until LEAF_BATCH of them are in, then enter the tree as one block:
+    version 3's leaf (`block_leaf`), so its blocks are cut at fixed counts whatever
+    batches the rows arrive in; before it, the block's leaves, one per row.
     """
 
     def __init__(self, version: int = SEAL_VERSION) -> None:
@@ -176,54 +172,42 @@ class EntriesRoot:
                              "upgrade integrity, or the baseline was tampered with")
         self.version = version
         self.merkle = MerkleRoot()
-        #: Version 3: the rows of the block being filled; before it, leaves not yet
-        #: added to the tree.
-        self._pending: list[Any] = []
+        self._pending: list[tuple[object, ...]] = []
 
     def add_rows(self, rows: Sequence[tuple[object, ...]]) -> None:
         """The next rows, laid out as stored."""
         pending = self._pending
-        if self.version >= 3:
-            if not pending and len(rows) == LEAF_BATCH:
-                self.merkle.add(block_leaf(rows))
-                return
-            pending.extend(rows)
-            while len(pending) >= LEAF_BATCH:
-                self.merkle.add(block_leaf(pending[:LEAF_BATCH]))
-                del pending[:LEAF_BATCH]
+        if not pending and len(rows) == LEAF_BATCH:
+            self._add_block(rows)
             return
-        pending.extend(row_leaves(rows) if self.version == 2
-                       else [leaf_v1_row(row) for row in rows])
-        if len(pending) >= LEAF_BATCH:
-            self.merkle.add_many(pending)
-            pending.clear()
+        pending.extend(rows)
+        while len(pending) >= LEAF_BATCH:
+            self._add_block(pending[:LEAF_BATCH])
+            del pending[:LEAF_BATCH]
 
     def add(self, key: bytes, rec: FileRecord, package: str | None,
             kept: bytes | None) -> None:
         """The next entry."""
         pending = self._pending
-        if self.version >= 3:
-            pending.append((key, *rec[1:], package, kept))
-            if len(pending) >= LEAF_BATCH:
-                self.merkle.add(block_leaf(pending))
-                pending.clear()
-            return
-        pending.append(leaf(key, rec, package, kept) if self.version == 2
-                       else leaf_v1(key, rec))
+        pending.append((key, *rec[1:], package, kept))
         if len(pending) >= LEAF_BATCH:
-            self.merkle.add_many(pending)
+            self._add_block(pending)
             pending.clear()
 
     def hexdigest(self) -> str:
         """The root of everything added so far."""
-        pending = self._pending
-        if pending:
-            if self.version >= 3:
-                self.merkle.add(block_leaf(pending))
-            else:
-                self.merkle.add_many(pending)
-            pending.clear()
+        if self._pending:
+            self._add_block(self._pending)
+            self._pending.clear()
         return self.merkle.hexdigest()
+
+    def _add_block(self, rows: Sequence[tuple[object, ...]]) -> None:
+        if self.version >= 3:
+            self.merkle.add(block_leaf(rows))
+        elif self.version == 2:
+            self.merkle.add_many(row_leaves(rows))
+        else:
+            self.merkle.add_many([leaf_v1_row(row) for row in rows])
 
 
 def seal(entries_root: str, policy_digest: str, generation: int,

@@ -29,8 +29,8 @@ from integrity.policy import Policy
 from integrity.policy.sealed import as_sealed, sealed_digest, sealed_text
 from integrity.record import FileRecord
 from integrity.trust import (EMPTY_ROOT, EntriesRoot, TrustError, check_signature,
-                             encode_rows, fingerprint, public_key_bytes, seal, sign,
-                             signature_valid, signer_of)
+                             encode_rows, fingerprint, public_key_bytes, root_of, seal,
+                             sign, signature_valid, signer_of)
 
 if TYPE_CHECKING:
     from integrity.store import Store
@@ -210,11 +210,7 @@ def approval_sealer(sign_key: str | None
     """The seal of the generation an approval writes, from its rows as they stand."""
     def make(entries: Entries, generation: int, activated: dt.datetime,
              policy_text: str) -> Sealed:
-        root_of_entries = EntriesRoot()
-        for entry in entries:
-            root_of_entries.add(*entry)
-        root = seal(root_of_entries.hexdigest(), sealed_digest(policy_text), generation,
-                    activated)
+        root = seal(root_of(entries), sealed_digest(policy_text), generation, activated)
         return _signed(root, sign_key)
     return make
 

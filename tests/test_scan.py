@@ -40,6 +40,30 @@ def test_worker_shares_partition_the_walk(wide_tree: Path) -> None:
         assert all(s == sorted(s, key=to_key) for s in shares)
 
 
+def test_workers_stream_many_batches_in_key_order(tmp_path: Path) -> None:
+    """More entries than a worker's batch, several times over, in every worker: the
+    rows are the ones a single process makes, and their seal holds."""
+    root = tmp_path / "many"
+    for d in range(12):
+        sub = root / f"d{d:02}"
+        sub.mkdir(parents=True)
+        for f in range(250):
+            (sub / f"{f:03}").write_bytes(b"%d/%d" % (d, f))
+    policy = parse({"rule": [{"path": str(root), "check": "static"}]})
+    stores = {}
+    for workers in (0, 2, 3):
+        store = stores[workers] = Store(f"sqlite:///{tmp_path}/w{workers}.db")
+        build_baseline(lambda: store, policy, parallel=workers)
+    rows = {n: list(s.baselines.entries(s.baselines.require().id))
+            for n, s in stores.items()}
+    assert len(rows[0]) == 1 + 12 * 251
+    assert rows[2] == rows[0] and rows[3] == rows[0]
+    (root / "d07" / "123").write_bytes(b"changed")
+    result = verify(lambda: stores[2], policy, parallel=2).result
+    assert [(os.fsdecode(c.path), c.kind) for c in result.changes] == [
+        (str(root / "d07" / "123"), "modified")]
+
+
 @pytest.mark.parametrize("workers", [0, 1, 2, 3])
 def test_baseline_is_the_same_with_any_number_of_workers(
         tmp_path: Path, wide_tree: Path, workers: int) -> None:

@@ -10,7 +10,6 @@ refuses the policy instead of leaving the dashboards blank at night.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"{text!r}: port must be 1-65535")
     if match["v6"]:
+        import ipaddress  # 3 ms at every policy load, for a [::1] listen address only
+
         try:
             ipaddress.IPv6Address(host)
         except ValueError:

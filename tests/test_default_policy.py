@@ -97,6 +97,16 @@ def restore() -> Iterator[Restore]:
         undo.undo()
 
 
+def test_the_shipped_default_is_the_packaged_resource() -> None:
+    """shipped_default() spells the path out (importlib.resources costs every policy
+    load ~7 ms); it must still be the file the package ships, and exist."""
+    from importlib import resources
+
+    assert shipped_default() == str(resources.files("integrity.policies")
+                                    .joinpath("default.toml"))
+    assert Path(shipped_default()).is_file()
+
+
 def default_policy(tmp_path: Path) -> Path:
     """The shipped default policy, its alert sink moved under tmp_path."""
     text = Path(shipped_default()).read_text()

@@ -50,10 +50,10 @@ def test_workers_stream_many_batches_in_key_order(tmp_path: Path) -> None:
         for f in range(250):
             (sub / f"{f:03}").write_bytes(b"%d/%d" % (d, f))
     policy = parse({"rule": [{"path": str(root), "check": "static"}]})
-    stores = {}
+    stores: dict[int, Store] = {}
     for workers in (0, 2, 3):
-        store = stores[workers] = Store(f"sqlite:///{tmp_path}/w{workers}.db")
-        build_baseline(lambda: store, policy, parallel=workers)
+        stores[workers] = Store(f"sqlite:///{tmp_path}/w{workers}.db")
+        build_baseline(lambda n=workers: stores[n], policy, parallel=workers)
     rows = {n: list(s.baselines.entries(s.baselines.require().id))
             for n, s in stores.items()}
     assert len(rows[0]) == 1 + 12 * 251

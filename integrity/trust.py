@@ -59,6 +59,13 @@ def _field(value: object) -> bytes:
     return b"s" + str(value).encode()
 
 
+def row_of(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None
+           ) -> tuple[object, ...]:
+    """An entry laid out as it is stored and sealed: (key, *record[1:], package, kept).
+    (init's row loop spells it out inline: it runs once per file of a baseline.)"""
+    return (key, *rec[1:], package, kept)
+
+
 def leaf(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None) -> bytes:
     """Digest of one entry: its key, every recorded attribute, its package owner and
     the digest of the text kept for it.
@@ -67,7 +74,7 @@ def leaf(key: bytes, rec: FileRecord, package: str | None, kept: bytes | None) -
     (types and package names), which is unambiguous and done in C: this runs once
     per entry whenever a baseline is written or checked.
     """
-    return _blake3(_LEAF + repr((key, *rec[1:], package, kept)).encode()).digest()
+    return _blake3(_LEAF + repr(row_of(key, rec, package, kept)).encode()).digest()
 
 
 _blake3 = blake3.blake3
@@ -189,7 +196,7 @@ class EntriesRoot:
             kept: bytes | None) -> None:
         """The next entry."""
         pending = self._pending
-        pending.append((key, *rec[1:], package, kept))
+        pending.append(row_of(key, rec, package, kept))
         if len(pending) >= LEAF_BATCH:
             self._add_block(pending)
             pending.clear()

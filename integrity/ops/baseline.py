@@ -60,8 +60,8 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
         pending: dict[bytes, Kept] = {}
 
         def rows() -> Iterator[Row]:
-            # Each row is laid out as stored, (key, *record[1:], package, kept), which
-            # is also what a leaf is made of: leaves are made a batch at a time.
+            # Each row is laid out as stored (trust.row_of, spelled out: once per
+            # file), which is also what a leaf is made of: a batch at a time.
             batch: list[Row] = []
             for key, item in live:
                 if isinstance(item, ScanWarning):

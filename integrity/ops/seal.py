@@ -29,8 +29,8 @@ from integrity.policy import Policy
 from integrity.policy.sealed import as_sealed, sealed_digest, sealed_text
 from integrity.record import FileRecord
 from integrity.trust import (EMPTY_ROOT, EntriesRoot, TrustError, check_signature,
-                             encode_rows, fingerprint, public_key_bytes, root_of, seal,
-                             sign, signature_valid, signer_of)
+                             encode_rows, fingerprint, public_key_bytes, root_of, row_of,
+                             seal, sign, signature_valid, signer_of)
 
 if TYPE_CHECKING:
     from integrity.store import Store
@@ -260,7 +260,7 @@ class SealedIndex:
                 block = []
             if not block:
                 index.firsts.append(entry[0])
-            block.append(_row(entry))
+            block.append(row_of(*entry))
         if block:
             index.digests.append(_block_digest(block))
             root.add_rows(block)
@@ -298,7 +298,7 @@ class SealedIndex:
             low = self.firsts[i] if i >= 0 else b""
             high = self.firsts[i + 1] if i + 1 < len(self.firsts) else b"\xff" * 8
             rows = list(snap.entries([(low, high)]))
-            digest = _block_digest([_row(e) for e in rows])
+            digest = _block_digest([row_of(*e) for e in rows])
             if (digest != self.digests[i]) if i >= 0 else bool(rows):
                 asked = [lo for lo, hi in ranges if lo < high and hi > low] or [low]
                 raise TrustError(f"baseline entries around {display(from_key(asked[0]))} "
@@ -306,11 +306,6 @@ class SealedIndex:
                                  "changed outside integrity (tampering)")
             found += [e for e in rows if any(lo <= e[0] < hi for lo, hi in ranges)]
         return found
-
-
-def _row(entry: Entry) -> tuple[object, ...]:
-    key, rec, package, kept = entry
-    return (key, *rec[1:], package, kept)
 
 
 def _block_digest(rows: list[tuple[object, ...]]) -> bytes:

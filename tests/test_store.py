@@ -44,43 +44,48 @@ def test_interrupted_init_leaves_the_old_baseline_in_force(run: Cli, tree: Path,
         [sys.executable, "-m", "integrity", "--db", f"sqlite:///{run.db}", "--policy",
          str(run.policy), "-q", "init", "--force"],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    building: list[tuple[object, ...]] = []
-    written = 0
-    seen = 0.0
+    wal = Path(f"{run.db}-wal")
+    locked = grown = False
     try:
         deadline = time.monotonic() + 60
-        conn = ro(run.db)
+        probe = sqlite3.connect(run.db, timeout=0, isolation_level=None)
         try:
+            # init writes its generation in one transaction, holding the write lock
+            # from its first statement to the switch: wait for the lock, then for its
+            # rows to reach the WAL (SQLite spills a large transaction's pages there
+            # before the commit), to kill it mid-write rather than just after it began.
             while time.monotonic() < deadline and proc.poll() is None:
-                building = list(conn.execute(
-                    "SELECT id FROM baseline WHERE state = 'building'"))
-                if building:
-                    # Let it write some rows first, if it shows them within a moment,
-                    # to kill it mid-write rather than just after it started.
-                    seen = seen or time.monotonic()
-                    written = conn.execute(
-                        "SELECT count(*) FROM entry WHERE baseline_id = ?",
-                        building[0]).fetchone()[0]
-                    if written or time.monotonic() - seen > 0.2:
+                try:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.execute("ROLLBACK")
+                except sqlite3.OperationalError as exc:
+                    assert "locked" in str(exc), exc
+                    if not locked:
+                        locked, before, seen = True, wal.stat().st_size, time.monotonic()
+                    grown = wal.stat().st_size > before + 1024 * 1024
+                    if grown or time.monotonic() - seen > 1.0:
                         break
                 time.sleep(0.002)
         finally:
-            conn.close()
-        assert building, ("init finished before it could be interrupted: "
-                          f"{(tmp_path / 'init.log').read_text()!r}")
+            probe.close()
+        assert locked, ("init finished before it could be interrupted: "
+                        f"{(tmp_path / 'init.log').read_text()!r}")
         proc.send_signal(signal.SIGKILL)
-        print(f"killed init with {written} rows of its new baseline written")
+        print(f"killed init holding the write lock, its WAL grown {grown}: "
+              f"{wal.stat().st_size:,} bytes")
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
         log.close()
     assert proc.returncode == -signal.SIGKILL
+    assert grown, "init wrote no rows to the WAL before it was killed"
 
-    # The old generation is still the active one; the dead one is left unfinished.
-    states = rows(run.db, "SELECT id, state, entries FROM baseline ORDER BY id")
-    assert (old_id, "active", 7) in states
-    assert [s for s in states if s[1] == "active"] == [(old_id, "active", 7)]
+    # The old generation is still the only one: nothing of the dead one is left.
+    assert rows(run.db, "SELECT id, state, entries FROM baseline") == [
+        (old_id, "active", 7)]
+    assert rows(run.db, "SELECT baseline_id, count(*) FROM entry GROUP BY baseline_id") \
+        == [(old_id, 7)]
 
     # verify works and measures against the old baseline: the new files are added.
     result = run("verify", "--json")
@@ -92,7 +97,7 @@ def test_interrupted_init_leaves_the_old_baseline_in_force(run: Cli, tree: Path,
     added = {c["path"] for c in doc["changes"] if c["kind"] == "added"}
     assert added == {str(tree / f"f{i:05d}") for i in range(MANY)}
 
-    # The next init --force completes and sweeps the remains of the killed one.
+    # The next init --force completes.
     result = run("init", "--force")
     assert result.exit_code == 0, result.stderr
     [(new_id, state, entries)] = rows(run.db, "SELECT id, state, entries FROM baseline")

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from integrity.errors import ScanWarning, UsageError
-from integrity.content.keep import Kept
-from integrity.ops.content import ContentKeeper, texts
+from integrity.ops.content import ContentKeeper
 from integrity.ops.seal import init_sealer
 from integrity.policy import Policy
 from integrity.policy.sealed import sealed_text
@@ -57,7 +56,9 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
         entries_root = EntriesRoot()
         text = sealed_text(policy)
         keeper = ContentKeeper(store, policy)
-        pending: dict[bytes, Kept] = {}
+        from integrity.store.contents import PendingTexts
+
+        pending = PendingTexts()
 
         def rows() -> Iterator[Row]:
             # Each row is laid out as stored (trust.row_of, spelled out: once per
@@ -77,12 +78,8 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                     kept = keeper.keep(rec, item.rule) if keeper.wants(rec, item.rule) \
                         else None
                     if kept is not None:
-                        # Stored ahead of the switch that makes the entries name them
-                        # (swept if this init never gets there).
-                        pending[kept.digest] = kept
-                        if len(pending) >= 256:
-                            store.contents.put(texts(pending))
-                            pending.clear()
+                        # Stored with the rows, in the generation's transaction.
+                        pending.add(kept.digest, kept.text, kept.redacted)
                     row = (key, *rec[1:], package,
                            kept.digest if kept is not None else None)
                     batch.append(row)
@@ -91,13 +88,12 @@ def build_baseline(open_store: Callable[[], Store], policy: Policy, *,
                         batch = []
                     yield row
             entries_root.add_rows(batch)
-            store.contents.put(texts(pending))
 
         with store.exclusive():
             info = store.baselines.write(
                 rows(), policy_source=policy.source, policy_digest=policy.digest,
                 sealed_policy=text, actor=actor, force=force,
-                seal=init_sealer(sign_key, entries_root, text))
+                seal=init_sealer(sign_key, entries_root, text), texts=pending)
     return InitResult(info, warnings)
 
 

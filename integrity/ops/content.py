@@ -24,7 +24,6 @@ from integrity.scan.compare import MODIFIED, Change
 
 if TYPE_CHECKING:
     from integrity.store import Store
-    from integrity.store.contents import Text
     from integrity.store.events import Actor
     from integrity.store.outbox import Route
 
@@ -90,11 +89,6 @@ class ContentKeeper:
             if isinstance(live, Kept) and stored is not None:
                 found[change.path] = unified(stored[0], live.text, display(change.path))
         return found
-
-
-def texts(kept: Mapping[bytes, Kept]) -> list[Text]:
-    """Rows for the contents table."""
-    return [(k.digest, k.text, k.redacted) for k in kept.values()]
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from integrity.errors import BaselineError, DatabaseError
 from integrity.paths import from_key, to_key
 from integrity.record import FileRecord
 from integrity.store import schema
+from integrity.store.contents import PendingTexts, Text, put_in
 from integrity.store.engine import Database, cause, chunks, inserted_id
 from integrity.store.ledger import forget, journal
 from integrity.trust import SEAL_VERSION
@@ -97,32 +98,38 @@ class Baselines:
     def write(self, rows: Iterable[Row], *,
               policy_source: str, policy_digest: str, sealed_policy: str,
               actor: str | None, force: bool,
-              seal: Callable[[int, dt.datetime], Sealed]) -> BaselineInfo:
+              seal: Callable[[int, dt.datetime], Sealed],
+              texts: PendingTexts | None = None) -> BaselineInfo:
         """Store a new generation from its rows (see Row) in key order and
-        switch to it. The kept texts must be in the contents table already
-        (ops puts them there as the scan goes; unreferenced ones are swept here).
+        switch to it, in one write transaction.
 
-        `seal(generation, activated)` is called once every record is written, for the
-        root, signature and signer the new generation is activated with; the
-        generation number continues from the baseline it replaces. The switch is
-        entered in the ledger: a chain that does not name the baseline in force was
-        rewritten.
+        `texts` holds the kept texts the rows name (ops adds them as the scan
+        goes); they are stored in the same transaction. `seal(generation, activated)`
+        is called once every record is written, for the root, signature and signer
+        the new generation is activated with; the generation number continues from
+        the baseline it replaces. The switch is entered in the ledger: a chain that
+        does not name the baseline in force was rewritten.
+
+        The generation it replaces is deleted at the start of that transaction, while
+        the scan goes on, and the new rows take its pages: readers see the old
+        baseline until the commit, an interrupted or killed init leaves it as it
+        was, and the file never holds two generations (deleting a million rows after
+        the switch, then moving the new rows' pages into the holes, cost ~1.4 s).
+        Other writers of the database wait for the commit (up to the busy timeout).
         """
-        b, e = schema.baseline, schema.entry
-        with self.db.writer() as conn, conn.begin():
-            if not force and conn.execute(
-                    sa.select(b.c.id).where(b.c.state == "active")).first():
-                raise BaselineError(f"{self.db.name()}: a baseline exists already; use "
-                                    "'init --force' to replace it, or 'approve' to "
-                                    "accept changes")
-            _sweep(conn)
-            new_id = inserted_id(conn.execute(b.insert().values(
-                state="building", created=utcnow(), policy_source=policy_source,
-                policy_digest=policy_digest, entries=0, actor=actor)))
-        writer = _BatchWriter(self.db, e)
+        b = schema.baseline
+        writer = _GenerationWriter(self.db, schema.entry)
         try:
+            new_id, previous = writer.call(
+                lambda conn: _open_generation(conn, self.db.name(), force=force,
+                                              policy_source=policy_source,
+                                              policy_digest=policy_digest, actor=actor))
+            if previous is not None:
+                writer.run(lambda conn: _delete_entries(conn, previous.id))
+            if texts is not None:
+                texts.sink = writer.keep
             positional = writer.positional
-            columns = e.c.keys()
+            columns = schema.entry.c.keys()
             batch: list[object] = []
             for stored in rows:
                 row = (new_id, *stored)
@@ -131,41 +138,30 @@ class Baselines:
                     writer.put(batch)
                     batch = []
             writer.put(batch)
-            count = writer.close()
-            with self.db.writer() as conn, conn.begin():
-                previous = active_in(conn)
-                generation = previous.generation + 1 if previous else 1
-                activated = utcnow().replace(microsecond=0)
-                root, signature, signer = seal(generation, activated)
+            if texts is not None:
+                texts.flush()
+            generation = previous.generation + 1 if previous else 1
+            activated = utcnow().replace(microsecond=0)
+            root, signature, signer = seal(generation, activated)
+
+            def switch(conn: sa.Connection) -> None:
                 if previous is not None:
-                    conn.execute(b.update().where(b.c.id == previous.id)
-                                 .values(state="retired"))
+                    conn.execute(b.delete().where(b.c.id == previous.id))
                     forget(conn, "baseline", [previous.id])
                 conn.execute(b.update().where(b.c.id == new_id).values(
-                    state="active", activated=activated, entries=count, root=root,
-                    signature=signature, generation=generation, policy=sealed_policy,
-                    signer=signer, seal_version=SEAL_VERSION))
+                    state="active", activated=activated, entries=writer.count,
+                    root=root, signature=signature, generation=generation,
+                    policy=sealed_policy, signer=signer, seal_version=SEAL_VERSION))
                 journal(conn, "baseline", [new_id])
+                sweep_contents(conn)
+
+            writer.call(switch)
+            writer.commit()
         except BaseException:
             writer.abort()
-            self._discard(new_id)
             raise
-        with self.db.unchecked_writer() as conn:
-            _sweep(conn)  # entries first: fine without foreign-key checks
-            sweep_contents(conn)
         self.db.give_back_free_pages()
         return self.require()
-
-    def _discard(self, baseline_id: int) -> None:
-        """Best-effort removal of an unfinished generation (the sweep catches the rest)."""
-        try:
-            with self.db.unchecked_writer() as conn:
-                conn.execute(schema.entry.delete()
-                             .where(schema.entry.c.baseline_id == baseline_id))
-                conn.execute(schema.baseline.delete()
-                             .where(schema.baseline.c.id == baseline_id))
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            pass
 
     def entries(self, baseline_id: int,
                 ranges: Sequence[tuple[bytes, bytes]] | None = None) -> Entries:
@@ -273,21 +269,52 @@ def sweep_contents(conn: sa.Connection) -> None:
         sa.select(e.c.kept).where(e.c.kept.is_not(None)))))
 
 
+def _open_generation(conn: sa.Connection, name: str, *, force: bool, policy_source: str,
+                     policy_digest: str, actor: str | None
+                     ) -> tuple[int, BaselineInfo | None]:
+    """The new generation's row, inside the writer's transaction; and the baseline
+    in force it replaces (None on the first init)."""
+    b = schema.baseline
+    previous = active_in(conn)
+    if previous is not None and not force:
+        raise BaselineError(f"{name}: a baseline exists already; use 'init --force' to "
+                            "replace it, or 'approve' to accept changes")
+    _sweep(conn)
+    new_id = inserted_id(conn.execute(b.insert().values(
+        state="building", created=utcnow(), policy_source=policy_source,
+        policy_digest=policy_digest, entries=0, actor=actor)))
+    return new_id, previous
+
+
+def _delete_entries(conn: sa.Connection, baseline_id: int) -> None:
+    e = schema.entry
+    conn.execute(e.delete().where(e.c.baseline_id == baseline_id))
+
+
 def _sweep(conn: sa.Connection) -> None:
-    """Delete generations that are not in force: leftovers of crashes and swaps."""
+    """Delete generations that are not in force: remains of an init killed by an
+    older version of integrity, which committed its rows batch by batch."""
     b, e = schema.baseline, schema.entry
     stale = sa.select(b.c.id).where(b.c.state != "active")
     conn.execute(e.delete().where(e.c.baseline_id.in_(stale)))
     conn.execute(b.delete().where(b.c.state != "active"))
 
 
-class _BatchWriter:
-    """Writes baseline batches on a thread of its own while the scan goes on.
+#: A unit of work for the writer's transaction.
+_Job = Callable[[sa.Connection], object]
+
+
+class _GenerationWriter:
+    """One write transaction on a thread of its own, fed while the scan goes on.
 
     sqlite3 releases the GIL while SQLite works on a batch, so the B-tree inserts of
     one batch overlap with hashing the next. Rows go to the DBAPI's executemany as
     tuples: Core's per-row parameter processing cost ~9 µs a row, and our column
     types need no conversion. The statement is still compiled by the dialect.
+    Every statement of the generation runs on this thread's connection (an SQLite
+    connection belongs to the thread that opened it), without foreign-key checks:
+    every row names the generation written just before them, and SQLite's check
+    would cost ~1 µs a row for nothing.
     """
 
     def __init__(self, db: Database, table: sa.Table) -> None:
@@ -298,44 +325,77 @@ class _BatchWriter:
         self.db = db
         self.count = 0
         self.error: BaseException | None = None
-        self.queue: queue.Queue[list[object] | None] = queue.Queue(maxsize=2)
+        self.aborted = False
+        self.served = False
+        self.jobs: queue.Queue[tuple[_Job, queue.Queue[object] | None] | None] = \
+            queue.Queue(maxsize=2)
         self.thread = threading.Thread(target=self._run, name="baseline-writer",
                                        daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while True:
-            batch = self.queue.get()
-            if batch is None:
-                return
-            if self.error is not None or not batch:
-                continue
-            try:
-                # Every row names the generation written just before them: SQLite's
-                # foreign-key check would cost ~1 µs a row for nothing.
-                with self.db.unchecked_writer() as conn:
-                    conn.exec_driver_sql(self.sql, batch)  # type: ignore[arg-type, unused-ignore]
-                self.count += len(batch)
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer
-                self.error = exc
+        try:
+            with self.db.unchecked_writer() as conn:
+                self._serve(conn)
+                if self.error is not None or self.aborted:
+                    raise _RolledBack
+        except _RolledBack:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the producer
+            self.error = self.error or exc
+            if not self.served:  # no transaction (BEGIN failed): answer until told to stop
+                self._serve(None)
+
+    def _serve(self, conn: sa.Connection | None) -> None:
+        while (job := self.jobs.get()) is not None:
+            work, reply = job
+            value: object = None
+            if conn is not None and self.error is None and not self.aborted:
+                try:
+                    value = work(conn)
+                except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                    self.error = exc
+            if reply is not None:
+                reply.put(value)
+        self.served = True
+
+    def run(self, work: _Job) -> None:
+        """Queue work for the transaction (blocks while two jobs are pending)."""
+        self._raise()
+        self.jobs.put((work, None))
+
+    def call(self, work: _Job) -> Any:
+        """Run work in the transaction and return its result."""
+        reply: queue.Queue[object] = queue.Queue(maxsize=1)
+        self._raise()
+        self.jobs.put((work, reply))
+        value = reply.get()
+        self._raise()
+        return value
 
     def put(self, batch: list[object]) -> None:
-        """Queue a batch (blocks while two are pending); re-raise a writer failure."""
-        self._raise()
-        self.queue.put(batch)
+        """Queue a batch of rows."""
+        def insert(conn: sa.Connection) -> None:
+            conn.exec_driver_sql(self.sql, batch)  # type: ignore[arg-type, unused-ignore]
+            self.count += len(batch)
+        if batch:
+            self.run(insert)
 
-    def close(self) -> int:
-        """Wait for every batch; return the row count or raise the writer's error."""
-        self.queue.put(None)
+    def keep(self, texts: list[Text]) -> None:
+        """Queue kept texts the rows name."""
+        self.run(lambda conn: put_in(conn, texts))
+
+    def commit(self) -> None:
+        """Commit once every job is done; raise the writer's error, if any."""
+        self.jobs.put(None)
         self.thread.join()
         self._raise()
-        return self.count
 
     def abort(self) -> None:
-        """Stop after the batch in progress (the caller discards the generation)."""
-        self.error = self.error or RuntimeError("aborted")
+        """Roll back after the job in progress (the old baseline stays whole)."""
+        self.aborted = True
         if self.thread.is_alive():
-            self.queue.put(None)
+            self.jobs.put(None)
             self.thread.join()
 
     def _raise(self) -> None:
@@ -345,3 +405,7 @@ class _BatchWriter:
                 raise DatabaseError(f"{self.db.name()}: cannot write baseline: "
                                     f"{cause(error)}") from None
             raise error
+
+
+class _RolledBack(Exception):
+    """Leaves the writer's transaction without committing it."""

@@ -5,7 +5,7 @@ restored)."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import blake3
 import sqlalchemy as sa
@@ -36,16 +36,37 @@ def put_in(conn: sa.Connection, texts: Iterable[Text]) -> None:
              "redacted": int(redacted)} for digest, (text, redacted) in wanted.items()])
 
 
+class PendingTexts:
+    """Kept texts a new generation's rows name, handed to its transaction a few
+    hundred at a time (a text may be max_diff_size: a whole batch of rows' worth
+    could be gigabytes)."""
+
+    #: Texts held before they are handed over.
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self.texts: dict[bytes, Text] = {}
+        #: Where texts go; set by the generation's writer (store.baseline).
+        self.sink: Callable[[list[Text]], None] | None = None
+
+    def add(self, digest: bytes, text: bytes, redacted: bool) -> None:
+        """Hold one text (deduplicated by digest); hand them over past LIMIT."""
+        self.texts[digest] = (digest, text, redacted)
+        if len(self.texts) >= self.LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand every held text to the sink, if there is one yet."""
+        if self.texts and self.sink is not None:
+            self.sink(list(self.texts.values()))
+            self.texts = {}
+
+
 class Contents:
     """Kept texts of one database."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-
-    def put(self, texts: Iterable[Text]) -> None:
-        """Store texts ahead of the baseline that will name them (swept if it never does)."""
-        with self.db.writer() as conn, conn.begin():
-            put_in(conn, texts)
 
     def get(self, digest: bytes) -> tuple[bytes, bool] | None:
         """(text, redacted) for a digest, or None; ContentTampered when the stored

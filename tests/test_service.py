@@ -594,6 +594,41 @@ def test_systemd_notify_protocol(site: Site, start: Callable[..., Daemon],
     assert_no_crash(site)
 
 
+#: How long the test holds the write lock, as an init writing its generation does.
+LOCK_HELD_SECONDS = 4.0
+
+
+def test_the_watcher_waits_out_an_init_holding_the_write_lock(
+        site: Site, start: Callable[..., Daemon], notify_socket: NotifySocket) -> None:
+    """`init` holds the database's write lock from its first row to the switch (~15 s
+    for a million files). The daemon's realtime write waits for it, and its main loop
+    goes on answering systemd's watchdog: a heartbeat that cannot be written within
+    one interval is skipped (it used to wait for the lock, and no ping was sent)."""
+    daemon = start(env={"NOTIFY_SOCKET": str(notify_socket.path),
+                        "WATCHDOG_USEC": "1000000"})  # a ping, and a heartbeat, every 0.5 s
+    notify_socket.next("WATCHDOG", 3)
+    target = site.tree / "a.conf"
+    holder = sqlite3.connect(site.db, timeout=10, isolation_level=None)
+    pings = 0
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        held = time.monotonic()
+        rewrite(target, b"changed while init holds the write lock\n")
+        while time.monotonic() - held < LOCK_HELD_SECONDS:
+            notify_socket.next("WATCHDOG", 2)
+            pings += 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert pings >= LOCK_HELD_SECONDS, pings  # ~2 a second
+    event = wait_for_event(site, target)
+    assert event["source"] == "realtime" and event["kind"] == "modified", event
+    assert "heartbeat not recorded: database error: database is locked" in site.stderr()
+    assert daemon.running()  # the next heartbeat was written
+    assert daemon.terminate() == 0
+    assert_no_crash(site)
+
+
 # -- a root attacker against the running watcher -----------------------------------------
 
 def test_a_digest_planted_in_the_baseline_before_the_write_is_caught_in_real_time(

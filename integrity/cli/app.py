@@ -53,12 +53,15 @@ class Env:
         from integrity.store import engine
         return self.db_option or self.policy.database or engine.default_url()
 
-    def store(self, *, must_exist: bool = True, check_schema: bool = True) -> Store:
+    def store(self, *, must_exist: bool = True, check_schema: bool = True,
+              busy_timeout: float | None = None) -> Store:
         """The database, opened once (the first caller's options decide)."""
         if self._store is None:
             from integrity.store import Store
+            from integrity.store.engine import BUSY_TIMEOUT
             self._store = Store(self.db_url(), must_exist=must_exist,
-                                check_schema=check_schema)
+                                check_schema=check_schema,
+                                busy_timeout=busy_timeout or BUSY_TIMEOUT)
         return self._store
 
     def close(self) -> None:

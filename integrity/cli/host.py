@@ -25,12 +25,13 @@ def watch(env: Env) -> None:
     """
     from integrity.realtime.sdnotify import Notifier
     from integrity.policy import default_policy_path
-    from integrity.realtime.service import Service
+    from integrity.realtime.service import WRITE_PATIENCE_SECONDS, Service
 
     if not env.verbose:
         log_to_stderr()
     env.policy  # validate before anything starts  # noqa: B018
-    service = Service(env.store(), env.policy_path or default_policy_path(),
+    service = Service(env.store(busy_timeout=WRITE_PATIENCE_SECONDS),
+                      env.policy_path or default_policy_path(),
                       notifier=Notifier.from_environ())
     sys.exit(service.run())
 

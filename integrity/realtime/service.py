@@ -32,6 +32,7 @@ from integrity.realtime.usage import UsageServices
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
 from integrity.scan import Progress
 from integrity.store import Store
+from integrity.store.engine import as_database_error
 from integrity.trust import TrustError
 
 if TYPE_CHECKING:  # imported when first used: not every command needs them
@@ -43,6 +44,10 @@ if TYPE_CHECKING:  # imported when first used: not every command needs them
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10
+#: How long the watcher's writes wait for the database's write lock. An `init` holds
+#: it from its first row to the switch (~15 s a million files here); an event written
+#: late is better than one lost. The same wait `approve` gives an init (exclusive()).
+WRITE_PATIENCE_SECONDS = 600.0
 #: How often subtrees inotify cannot cover (watch limit, NFS) are scanned.
 UNWATCHED_SCAN_SECONDS = 300
 #: How late a scheduled full scan or prune may still run (a busy or suspended host, a
@@ -245,14 +250,26 @@ class Service:
         if self.notifier is not None:
             getattr(self.notifier, method)(*args)
 
-    def _beat(self, state: str) -> None:
+    def _beat(self, state: str, patience: float | None = None) -> None:
         watches = len(self.watcher.wd_path) if self.watcher else 0
         # One line per tree, escaped: `status` splits this column on newlines.
         unwatched = "\n".join(escape(f"{display(u.root)}: {u.reason}")
                               for u in self.unwatched)
         self.watcher_id = self.store.runs.heartbeat(
             self.watcher_id, interval=self.heartbeat_seconds, state=state,
-            watches=watches, unwatched=unwatched or None)
+            watches=watches, unwatched=unwatched or None, patience=patience)
+
+    def _beat_running(self, interval: float) -> None:
+        """A heartbeat that waits one interval at most: while another process holds
+        the write lock (an init writing its generation) the main loop goes on
+        answering systemd's watchdog, and the next beat tries again."""
+        try:
+            self._beat("running", patience=interval)
+        except Exception as exc:  # noqa: BLE001 - only the driver's errors are expected
+            error = as_database_error(exc)
+            if error is None:
+                raise
+            log.warning("heartbeat not recorded: %s", error)
 
     def _install_signals(self) -> None:
         def on_term(_signum: int, _frame: FrameType | None) -> None:
@@ -432,8 +449,8 @@ class Service:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self._reload()
-            self._beat("running")
             self._notify("watchdog")
+            self._beat_running(interval)
         self._shutdown()
         return 0
 

@@ -14,7 +14,7 @@ from integrity.store.access import Access
 from integrity.store.approvals import Approvals
 from integrity.store.baseline import BaselineInfo, Baselines
 from integrity.store.contents import Contents
-from integrity.store.engine import Database
+from integrity.store.engine import BUSY_TIMEOUT, Database
 from integrity.store.events import Events
 from integrity.store.ledger import Ledger
 from integrity.store.outbox import Outbox
@@ -30,8 +30,9 @@ class Store(Database):
     """An open integrity database, with one accessor per table family."""
 
     def __init__(self, url: str, *, must_exist: bool = False,
-                 check_schema: bool = True) -> None:
-        super().__init__(url, must_exist=must_exist, check_schema=check_schema)
+                 check_schema: bool = True, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        super().__init__(url, must_exist=must_exist, check_schema=check_schema,
+                         busy_timeout=busy_timeout)
         self.baselines = Baselines(self)
         self.events = Events(self)
         self.approvals = Approvals(self)

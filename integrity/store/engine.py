@@ -57,7 +57,12 @@ def default_url() -> str:
     return "sqlite:///" + os.path.join(os.path.abspath(state), "integrity", "integrity.db")
 
 
-def _engine(url: str) -> sa.Engine:
+#: Seconds a writer waits for SQLite's write lock before it fails. An `init` holds
+#: the lock from its first row to the switch: about 15 s at a million files here.
+BUSY_TIMEOUT = 30.0
+
+
+def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT) -> sa.Engine:
     """Create the engine; for SQLite set WAL, a busy timeout and real transactions."""
     from integrity.store.files import create_private, parse_url
 
@@ -68,7 +73,7 @@ def _engine(url: str) -> sa.Engine:
     if database and database != ":memory:" and not database.startswith("file:"):
         create_private(database)
     _bind_bytes_and_null_as_they_are()
-    engine = _create(parsed, connect_args={"timeout": 30})
+    engine = _create(parsed, connect_args={"timeout": busy_timeout})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -76,7 +81,7 @@ def _engine(url: str) -> sa.Engine:
         # swaps; we issue BEGIN ourselves (SQLAlchemy's documented recipe).
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys = ON")
         # WAL is switched on once, when the schema is created (it persists in the
         # file): a database that is not ours must never be modified by opening it.
@@ -115,11 +120,12 @@ class Database:
     """An open integrity database whose schema is at the revision this code needs."""
 
     def __init__(self, url: str, *, must_exist: bool = False,
-                 check_schema: bool = True) -> None:
+                 check_schema: bool = True, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.url = url
         if must_exist:
             _require_existing(url)
-        self.engine = _engine(url)
+        self.busy_timeout = busy_timeout
+        self.engine = _engine(url, busy_timeout)
         if check_schema:
             self._ensure_schema()
 
@@ -170,6 +176,21 @@ class Database:
                         conn.invalidate()  # never back to the pool unchecked
                         raise
 
+    @contextlib.contextmanager
+    def patience(self, conn: sa.Connection, seconds: float) -> Iterator[None]:
+        """Wait at most `seconds` for SQLite's write lock on this connection, outside a
+        transaction (a heartbeat that cannot be written now is skipped, not waited
+        for)."""
+        driver = conn.connection.driver_connection if self._is_sqlite() else None
+        if driver is None:
+            yield
+            return
+        driver.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        try:
+            yield
+        finally:
+            driver.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
     def give_back_free_pages(self) -> None:
         """Shrink the file by the pages a retired generation left free (SQLite with
         auto_vacuum=INCREMENTAL: every database this code creates or upgrades).
@@ -188,8 +209,7 @@ class Database:
         finally:
             raw.close()
 
-    @staticmethod
-    def _vacuum_pages(driver: Any) -> None:
+    def _vacuum_pages(self, driver: Any) -> None:
         """incremental_vacuum with a larger cache, then the WAL truncated."""
         if driver.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
             return
@@ -206,7 +226,7 @@ class Database:
         try:
             driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
-            driver.execute("PRAGMA busy_timeout = 30000")
+            driver.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def _is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"

@@ -6,6 +6,7 @@ older than three of its intervals is stale.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -96,11 +97,15 @@ class Runs:
         return RunInfo(*values)
 
     def heartbeat(self, watcher_id: int | None, *, interval: int, state: str,
-                  watches: int, unwatched: str | None) -> int:
-        """Record that this watcher is alive (creating its row on the first beat)."""
+                  watches: int, unwatched: str | None,
+                  patience: float | None = None) -> int:
+        """Record that this watcher is alive (creating its row on the first beat),
+        waiting at most `patience` seconds for the write lock when given."""
         w = schema.watcher
         now = utcnow()
-        with self.db.writer() as conn, conn.begin():
+        with self.db.writer() as conn, \
+                (self.db.patience(conn, patience) if patience else contextlib.nullcontext()), \
+                conn.begin():
             if watcher_id is None:
                 return inserted_id(conn.execute(w.insert().values(
                     host=socket.gethostname(), pid=os.getpid(), started=now,

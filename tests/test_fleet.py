@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import wait_until
+from conftest import rows, wait_until
 from fleethosts import (Central, Host, edit_and_reseal, edit_entry, flags, make_hosts,
                         rejected)
 from test_service import NotifySocket
@@ -265,6 +265,25 @@ def test_resolving_a_fork_restarts_the_chain_and_resends_the_baseline(
     web1.run("verify")
     web1.push_ok()
     assert central.status()[0] == 0
+
+
+def test_init_force_spools_one_full_push_not_the_old_entries(
+        central: Central, tmp_path: Path) -> None:
+    """init deletes the generation it replaces inside its transaction, after taking it
+    out of force: the spool's triggers see a new baseline to send whole, not every
+    old entry's deletion (a million rows on a big host)."""
+    web1, = make_hosts(central, tmp_path, ["web1"])
+    [(old_id,)] = rows(web1.db, "SELECT id FROM baseline")
+    before = rows(web1.db, "SELECT coalesce(max(seq), 0) FROM fleet_entry")[0][0]
+    web1.change("etc/app.conf", "listen 8080\n")
+    assert web1.run("init", "--force").exit_code == 0
+    [(new_id,)] = rows(web1.db, "SELECT id FROM baseline")
+    assert new_id != old_id
+    assert rows(web1.db, "SELECT baseline_id, key FROM fleet_entry WHERE seq > ?",
+                (before,)) == [(new_id, None)]
+    web1.push_ok()
+    state = central.host_status("web1")
+    assert state["baseline"]["complete"] and state["baseline"]["entries"] == 6, state
 
 
 @pytest.mark.parametrize("how, kind, words", [

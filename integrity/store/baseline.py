@@ -1,8 +1,8 @@
 """Baseline generations and their entries: written whole, swapped atomically, streamed.
 
-Rows are written in batches into a `building` generation; only the final transaction
-makes it active, so any failure, an interrupt included, leaves the previous baseline in
-force. Entries are read back as one stream in key order, which is depth-first walk
+A new generation is written in one transaction that takes the one it replaces out of
+force and deletes it first, then writes the rows in batches and activates the new one:
+any failure, an interrupt or SIGKILL included, leaves the previous baseline in force. Entries are read back as one stream in key order, which is depth-first walk
 order (paths.to_key), so verify can merge them with a live walk.
 """
 
@@ -280,6 +280,11 @@ def _open_generation(conn: sa.Connection, name: str, *, force: bool, policy_sour
         raise BaselineError(f"{name}: a baseline exists already; use 'init --force' to "
                             "replace it, or 'approve' to accept changes")
     _sweep(conn)
+    if previous is not None:
+        # Not in force from here on, inside this transaction: deleting its entries
+        # is not a change of the baseline in force (a fleet host's spool triggers
+        # would record a million deletions for nothing).
+        conn.execute(b.update().where(b.c.id == previous.id).values(state="retired"))
     new_id = inserted_id(conn.execute(b.insert().values(
         state="building", created=utcnow(), policy_source=policy_source,
         policy_digest=policy_digest, entries=0, actor=actor)))

@@ -16,9 +16,10 @@ metadata = MetaData(naming_convention={
     "pk": "pk_%(table_name)s",
 })
 
-#: One baseline generation. Exactly one is `active`; `init` fills a `building` one and
-#: switches states in a single transaction, so a crash never leaves a half baseline
-#: in force. Leftover `building`/`retired` generations are swept on the next init.
+#: One baseline generation. Exactly one is `active`; `init` retires it, fills a
+#: `building` one and activates it in a single transaction, so a crash never leaves a
+#: half baseline in force. `building`/`retired` rows left by older versions (which
+#: committed batch by batch) are swept on the next init.
 baseline = Table(
     "baseline", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),

@@ -39,8 +39,9 @@ GENESIS = "0" * 64
 RESEALED = b""
 
 _ACTIVE = "(SELECT id FROM baseline WHERE state = 'active')"
-#: name -> DDL. The entry triggers fire for the active baseline only: init writes a
-#: `building` generation (its activation is one marker), approvals the active one.
+#: name -> DDL. The entry triggers fire for the active baseline only: init retires the
+#: old generation before deleting its rows and writes a `building` one (its
+#: activation is one marker), approvals the active one.
 TRIGGERS = {
     "fleet_ledger_spool":
         "CREATE TRIGGER IF NOT EXISTS fleet_ledger_spool AFTER INSERT ON ledger BEGIN "

@@ -185,6 +185,12 @@ class Database:
         if driver is None:
             yield
             return
+        with self._busy_wait(driver, seconds):
+            yield
+
+    @contextlib.contextmanager
+    def _busy_wait(self, driver: Any, seconds: float) -> Iterator[None]:
+        """SQLite's busy timeout of this driver connection, then ours again."""
         driver.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
         try:
             yield
@@ -222,11 +228,8 @@ class Database:
             driver.execute("PRAGMA shrink_memory")
         # The WAL back to zero bytes, waiting a moment at most for readers (a
         # watcher's read transaction must not stall init for the busy timeout).
-        driver.execute("PRAGMA busy_timeout = 1000")
-        try:
+        with self._busy_wait(driver, 1.0):
             driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            driver.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def _is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"

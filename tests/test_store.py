@@ -8,6 +8,7 @@ the file from the outside, the way an operator would.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import signal
@@ -15,11 +16,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from conftest import REPO, Cli, database_at, one_line, ro, rows
+from integrity.errors import DatabaseError
+from integrity.paths import to_key
 from integrity.store import Store
 from integrity.store.engine import HEAD, REVISIONS
 
@@ -105,6 +110,112 @@ def test_interrupted_init_leaves_the_old_baseline_in_force(run: Cli, tree: Path,
     assert rows(run.db, "SELECT baseline_id, count(*) FROM entry GROUP BY baseline_id") \
         == [(new_id, MANY + 7)]
     assert run("verify", "--fast").exit_code == 0
+
+
+# -- writers and a running init ----------------------------------------------------------
+
+#: Another process doing what init and approve do: the baseline lock (an flock on
+#: `<database>.lock`), then SQLite's write lock, held for argv[2] seconds.
+HOLDER = r"""
+import fcntl, os, sqlite3, sys, time
+lock = os.open(sys.argv[1] + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX)
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+os.close(lock)
+"""
+
+
+@contextlib.contextmanager
+def init_holding(db: Path, seconds: float) -> Iterator[float]:
+    """A process holding both locks as a long init does; yields when it holds them
+    (the time.monotonic() it did) and reaps it after."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(db), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        yield time.monotonic()
+    finally:
+        assert proc.wait(timeout=seconds + 30) == 0
+
+
+def _begin_write(store: Store) -> None:
+    with store.writer() as conn, conn.begin():
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
+
+
+def test_a_write_waits_for_an_init_past_its_busy_timeout(
+        run: Cli, caplog: pytest.LogCaptureFixture) -> None:
+    """A cold init of a million files holds SQLite's write lock for over a minute,
+    past any busy timeout a command should have for an unknown holder: a command's
+    write (a timer's `verify` recording its events) waits for the baseline lock."""
+    assert run("init").exit_code == 0
+    url = f"sqlite:///{run.db}"
+    impatient = Store(url, busy_timeout=0.5)
+    patient = Store(url, busy_timeout=0.5, baseline_wait=30)
+    try:
+        with init_holding(run.db, 3.0) as held:
+            with pytest.raises(OperationalError, match="database is locked"):
+                _begin_write(impatient)  # the busy timeout alone gives up
+            _begin_write(patient)
+            waited = time.monotonic() - held
+        assert waited >= 2.5, waited
+        [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert warning == (f"{url}: another init or approve is writing the baseline; "
+                           "waiting for it (up to 30 s)")
+    finally:
+        impatient.close()
+        patient.close()
+
+
+def test_a_write_gives_up_on_an_init_after_its_wait(run: Cli) -> None:
+    assert run("init").exit_code == 0
+    store = Store(f"sqlite:///{run.db}", busy_timeout=0.2, baseline_wait=1)
+    try:
+        with init_holding(run.db, 3.0) as held:
+            with pytest.raises(DatabaseError) as raised:
+                _begin_write(store)
+            assert 1.0 <= time.monotonic() - held < 2.5
+        assert str(raised.value) == (f"sqlite:///{run.db}: another init or approve "
+                                     "holds the baseline lock (waited 1 s)")
+    finally:
+        store.close()
+
+
+def test_writes_under_our_own_baseline_lock_do_not_wait_for_it(run: Cli) -> None:
+    """init's generation writer and approve's transaction run inside exclusive():
+    they must not wait for the lock their own process holds."""
+    assert run("init").exit_code == 0
+    store = Store(f"sqlite:///{run.db}", baseline_wait=5)
+    try:
+        with store.exclusive():
+            started = time.monotonic()
+            _begin_write(store)
+            assert time.monotonic() - started < 2
+        _begin_write(store)
+    finally:
+        store.close()
+
+
+def test_verify_during_an_init_waits_and_records_its_events(run: Cli, tree: Path) -> None:
+    """The whole command, in its own process: one line on stderr says it waits, then
+    the change is recorded as usual."""
+    assert run("init").exit_code == 0
+    (tree / "a.conf").write_text("changed during an init\n")
+    with init_holding(run.db, 2.0):
+        verify = subprocess.run(
+            [sys.executable, "-m", "integrity", "--db", f"sqlite:///{run.db}", "--policy",
+             str(run.policy), "-q", "verify"], capture_output=True, text=True, cwd=REPO,
+            timeout=60)
+    assert verify.returncode == 1, verify.stderr
+    assert one_line(verify.stderr) == (
+        f"sqlite:///{run.db}: another init or approve is writing the baseline; "
+        "waiting for it (up to 600 s)")
+    assert rows(run.db, "SELECT kind, key FROM event") == [
+        ("modified", to_key(os.fsencode(tree / "a.conf")))]
 
 
 # -- hostile database files -------------------------------------------------------------

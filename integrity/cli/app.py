@@ -55,13 +55,18 @@ class Env:
 
     def store(self, *, must_exist: bool = True, check_schema: bool = True,
               busy_timeout: float | None = None) -> Store:
-        """The database, opened once (the first caller's options decide)."""
+        """The database, opened once (the first caller's options decide).
+
+        A command's writes wait for another process's init or approve (up to 600 s,
+        saying so once), then up to 30 s for any other writer. A daemon passes its
+        own `busy_timeout` and waits only for that."""
         if self._store is None:
             from integrity.store import Store
-            from integrity.store.engine import BUSY_TIMEOUT
+            from integrity.store.engine import BASELINE_WAIT, BUSY_TIMEOUT
             self._store = Store(self.db_url(), must_exist=must_exist,
                                 check_schema=check_schema,
-                                busy_timeout=busy_timeout or BUSY_TIMEOUT)
+                                busy_timeout=busy_timeout or BUSY_TIMEOUT,
+                                baseline_wait=0.0 if busy_timeout else BASELINE_WAIT)
         return self._store
 
     def close(self) -> None:

@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 10
 #: How long the watcher's writes wait for the database's write lock. An `init` holds
 #: it from its first row to the switch (~15 s a million files here); an event written
-#: late is better than one lost. The same wait `approve` gives an init (exclusive()).
+#: late is better than one lost. The same wait `approve` gives an init (exclusive()),
+#: but through the busy timeout: the main loop's heartbeat must not wait on the
+#: baseline lock as a CLI command's writes do (Database(baseline_wait=)).
 WRITE_PATIENCE_SECONDS = 600.0
 #: How often subtrees inotify cannot cover (watch limit, NFS) are scanned.
 UNWATCHED_SCAN_SECONDS = 300

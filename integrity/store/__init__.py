@@ -30,9 +30,10 @@ class Store(Database):
     """An open integrity database, with one accessor per table family."""
 
     def __init__(self, url: str, *, must_exist: bool = False,
-                 check_schema: bool = True, busy_timeout: float = BUSY_TIMEOUT) -> None:
+                 check_schema: bool = True, busy_timeout: float = BUSY_TIMEOUT,
+                 baseline_wait: float = 0.0) -> None:
         super().__init__(url, must_exist=must_exist, check_schema=check_schema,
-                         busy_timeout=busy_timeout)
+                         busy_timeout=busy_timeout, baseline_wait=baseline_wait)
         self.baselines = Baselines(self)
         self.events = Events(self)
         self.approvals = Approvals(self)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -60,18 +60,29 @@ def default_url() -> str:
 #: Seconds a writer waits for SQLite's write lock before it fails. An `init` holds
 #: the lock from its first row to the switch: about 15 s at a million files here.
 BUSY_TIMEOUT = 30.0
+#: Seconds an init or approve waits for the one holding the baseline lock, and a
+#: CLI command's write for either (`Database(baseline_wait=)`): a cold init of a
+#: million files holds SQLite's write lock for over a minute.
+BASELINE_WAIT = 600.0
+
+#: Baseline lock files this process holds (exclusive()): its own writes never wait
+#: for them.
+_held_locks: set[str] = set()
 
 
-def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT) -> sa.Engine:
+def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT,
+            baseline_wait: float = 0.0) -> sa.Engine:
     """Create the engine; for SQLite set WAL, a busy timeout and real transactions."""
-    from integrity.store.files import create_private, parse_url
+    from integrity.store.files import create_private, parse_url, redact
 
     parsed = parse_url(url)
     if parsed.get_backend_name() != "sqlite":
         return _create(parsed)
     database = parsed.database or ""
+    lock = None
     if database and database != ":memory:" and not database.startswith("file:"):
         create_private(database)
+        lock = database + ".lock"
     _bind_bytes_and_null_as_they_are()
     engine = _create(parsed, connect_args={"timeout": busy_timeout})
 
@@ -93,9 +104,73 @@ def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT) -> sa.Engine:
         # Writers take the write lock up front: a deferred transaction that upgrades
         # to a writer later can fail with SQLITE_BUSY no timeout can cure.
         immediate = conn.get_execution_options().get("write", False)
+        if immediate and baseline_wait and lock is not None:
+            _begin_after_baseline(conn.connection.driver_connection, lock, baseline_wait,
+                                  redact(parsed))
+            return
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _begin_after_baseline(driver: Any, lock: str, wait: float, name: str) -> None:
+    """BEGIN IMMEDIATE once no other process holds the baseline lock, waiting up to
+    `wait` s for it: an init or approve holds SQLite's write lock far longer than a
+    busy timeout should be, and a timer's `verify` must not fail because of it."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        _wait_for_baseline_lock(lock, deadline, wait, name)
+        try:
+            driver.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError:
+            # Taken between our look and our BEGIN: wait for it, unless it is free.
+            if time.monotonic() >= deadline or not _held_elsewhere(lock):
+                raise
+
+
+def _held_elsewhere(lock: str) -> bool:
+    """Whether another process holds the baseline lock file `lock` now."""
+    import fcntl
+
+    if lock in _held_locks:
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # no lock file yet (no init ever ran), or not ours to read
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False  # closing fd lets it go at once
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _wait_for_baseline_lock(lock: str, deadline: float, wait: float, name: str) -> None:
+    """Wait until `deadline` (time.monotonic) for no other process to hold `lock`."""
+    _poll_lock(lambda: not _held_elsewhere(lock), deadline, wait, name)
+
+
+def _poll_lock(take: Callable[[], bool], deadline: float, wait: float, name: str) -> None:
+    """Call `take` until it succeeds, every 50 ms up to `deadline` (time.monotonic),
+    saying once on stderr that we wait; then fail with one line."""
+    import time
+
+    told = False
+    while not take():
+        if time.monotonic() >= deadline:
+            raise DatabaseError(f"{name}: another init or approve holds the baseline "
+                                f"lock (waited {wait:.0f} s)")
+        if not told:
+            log.warning("%s: another init or approve is writing the baseline; waiting "
+                        "for it (up to %.0f s)", name, wait)
+            told = True
+        time.sleep(0.05)
 
 
 def _bind_bytes_and_null_as_they_are() -> None:
@@ -120,12 +195,15 @@ class Database:
     """An open integrity database whose schema is at the revision this code needs."""
 
     def __init__(self, url: str, *, must_exist: bool = False,
-                 check_schema: bool = True, busy_timeout: float = BUSY_TIMEOUT) -> None:
+                 check_schema: bool = True, busy_timeout: float = BUSY_TIMEOUT,
+                 baseline_wait: float = 0.0) -> None:
+        """`baseline_wait`: seconds a write transaction first waits for another
+        process's init or approve (SQLite); 0 leaves it to the busy timeout."""
         self.url = url
         if must_exist:
             _require_existing(url)
         self.busy_timeout = busy_timeout
-        self.engine = _engine(url, busy_timeout)
+        self.engine = _engine(url, busy_timeout, baseline_wait)
         if check_schema:
             self._ensure_schema()
 
@@ -243,7 +321,7 @@ class Database:
         return database
 
     @contextlib.contextmanager
-    def exclusive(self, timeout: float = 600.0) -> Iterator[None]:
+    def exclusive(self, timeout: float = BASELINE_WAIT) -> Iterator[None]:
         """Hold the baseline lock: inits and approvals of one database take turns.
 
         A baseline is written in many transactions (batches, then the switch), so
@@ -378,18 +456,21 @@ def _file_lock(path: str, timeout: float, name: str) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise DatabaseError(f"{path}: cannot open the baseline lock: {exc.strerror}") from None
+
+    def take() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise DatabaseError(f"{name}: another init or approve holds the "
-                                        f"baseline lock (waited {timeout:.0f} s)") from None
-                time.sleep(0.05)
-        yield
+        _poll_lock(take, time.monotonic() + timeout, timeout, name)
+        _held_locks.add(path)
+        try:
+            yield
+        finally:
+            _held_locks.discard(path)
     finally:
         os.close(fd)
 

@@ -177,8 +177,8 @@ def test_a_write_gives_up_on_an_init_after_its_wait(run: Cli) -> None:
     try:
         with init_holding(run.db, 3.0) as held:
             with pytest.raises(DatabaseError) as raised:
-                _begin_write(store)
-            assert 1.0 <= time.monotonic() - held < 2.5
+                _begin_write(store)  # before the holder lets go at 3 s
+            assert time.monotonic() - held >= 1.0
         assert str(raised.value) == (f"sqlite:///{run.db}: another init or approve "
                                      "holds the baseline lock (waited 1 s)")
     finally:
@@ -192,9 +192,7 @@ def test_writes_under_our_own_baseline_lock_do_not_wait_for_it(run: Cli) -> None
     store = Store(f"sqlite:///{run.db}", baseline_wait=5)
     try:
         with store.exclusive():
-            started = time.monotonic()
-            _begin_write(store)
-            assert time.monotonic() - started < 2
+            _begin_write(store)  # waiting for itself, it would fail after 5 s
         _begin_write(store)
     finally:
         store.close()

@@ -264,10 +264,33 @@ def measure(cmd: Command, runs: int, errlog: Path, *, warm_up: bool = True,
         result.runs.append(wall)
         result.codes.add(code)
         result.rss_kib = max(result.rss_kib, rss)
-    print(f"  {cmd.name:<22} best {result.best:8.3f} s  median {result.median:8.3f} s"
+    _print_result(result)
+    return result
+
+
+def measure_rounds(cmds: list[Command], runs: int, errlog: Path) -> dict[str, Result]:
+    """Warm, side by side: a warm-up run of each command, then `runs` rounds that run
+    each command once in turn, so that a machine that drifts (a neighbour, the CPU's
+    clock) moves every command's figures alike instead of only those measured then."""
+    results = {cmd.name: Result(cmd) for cmd in cmds}
+    for cmd in cmds:
+        run_once(cmd, errlog)
+    for _ in range(runs):
+        for cmd in cmds:
+            wall, code, rss = run_once(cmd, errlog)
+            result = results[cmd.name]
+            result.runs.append(wall)
+            result.codes.add(code)
+            result.rss_kib = max(result.rss_kib, rss)
+    for result in results.values():
+        _print_result(result)
+    return results
+
+
+def _print_result(result: Result) -> None:
+    print(f"  {result.cmd.name:<22} best {result.best:8.3f} s  median {result.median:8.3f} s"
           f"  peak RSS {result.rss_kib * KIB / MB:6.1f} MB"
           + (f"  (exit {sorted(result.codes)})" if result.codes - {0} else ""), flush=True)
-    return result
 
 
 def compile_package(integrity: list[str]) -> None:
@@ -402,10 +425,10 @@ def bench_tree(name: str, root: Path, integrity: list[str], args: argparse.Names
         fast = Command("integrity verify --fast", [*base, "verify", "--fast"], (0, 1))
         runs = args.runs
         res: dict[str, Result] = {}
-        print("warm cache (a warm-up run, then best and median of "
-              f"{runs}):", flush=True)
-        for cmd in (find, b3_read, b3_mmap, init, verify, fast):
-            res[cmd.name] = measure(cmd, runs, errlog)
+        print("warm cache (a warm-up run of each, then best and median of "
+              f"{runs} rounds running each in turn):", flush=True)
+        res.update(measure_rounds([find, b3_read, b3_mmap, init, verify, fast], runs,
+                                  errlog))
         entries_db = active_entries(db)
         per_entry = db_bytes(db) / max(entries_db, 1)
         print(f"  database: {db_bytes(db) / MB:.1f} MB for {entries_db:,} entries "

@@ -185,6 +185,33 @@ def test_usr_merge_spellings_find_the_same_package() -> None:
     assert managers.owners(b"/usr/bin/ls") == managers.owners(b"/bin/ls") == ["coreutils"]
 
 
+def test_the_owner_map_agrees_with_the_owners_of_each_path() -> None:
+    """init records owner_map()'s answer for every entry (read from all of dpkg's
+    lists at once): a package that owns the path, as owners() says of each path,
+    for every listed path below the roots and nothing outside them. Checked against
+    this machine's real package database."""
+    managers = PackageManagers(rpm=None)
+    roots = [b"/usr/sbin", b"/etc"]
+    found = managers.owner_map(roots)
+    assert found[b"/etc/dpkg/dpkg.cfg"] == "dpkg"
+    # Listed as /sbin/start-stop-daemon (merged /usr): found under its canonical name.
+    assert found[managers.canonical(b"/sbin/start-stop-daemon")] == "dpkg"
+    assert all(p.startswith((b"/usr/sbin/", b"/etc/")) or p in roots for p in found), \
+        sorted(p for p in found if not p.startswith((b"/usr/sbin/", b"/etc/")))[:5]
+    for path, package in sorted(found.items()):
+        # A directory several packages list (/etc) may be recorded with any of them.
+        assert package in managers.owners(path), path
+    # Every listed path below the roots is there (the lists, read another way).
+    listed = set()
+    for name in os.listdir("/var/lib/dpkg/info"):
+        if name.endswith(".list"):
+            for line in Path("/var/lib/dpkg/info", name).read_bytes().split(b"\n"):
+                path = managers.canonical(line) if line else b""
+                if path.startswith((b"/usr/sbin/", b"/etc/")) or path in roots:
+                    listed.add(path)
+    assert set(found) == listed
+
+
 def test_attributes_need_a_package_that_states_them(system: System,
                                                     debs: dict[str, Path]) -> None:
     system.install(debs["1.1"])

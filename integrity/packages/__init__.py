@@ -121,6 +121,9 @@ class PackageManagers:
                         owners = backend.owners(path)
                         if owners:
                             part[path] = owners[0]
+            if not found:
+                found = part  # the first backend's answer, as it is
+                continue
             for path, key in part.items():
                 found.setdefault(path, key)
         return found

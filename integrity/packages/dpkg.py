@@ -180,6 +180,9 @@ class Dpkg:
         over trees no package touches costs one read of dpkg's lists, not a parse.
         """
         needles = [s + end for r in roots for s in spellings(r) for end in (b"/", b"\n")]
+        # One C-level test per listed path (a generator per line took half the time:
+        # /usr's 126k lines, 0.16-0.21 s of init's main process).
+        below, at = tuple(r + b"/" for r in roots), set(roots)
         found: dict[bytes, str] = {}
         canon = self._canon
         info = os.path.join(self._admindir, "info")
@@ -199,8 +202,7 @@ class Dpkg:
             for line in data.split(b"\n"):
                 if line:
                     path = canon(line)
-                    if path not in found and any(
-                            path == r or path.startswith(r + b"/") for r in roots):
+                    if (path.startswith(below) or path in at) and path not in found:
                         found[path] = key
         return found
 

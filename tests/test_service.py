@@ -603,14 +603,20 @@ def test_the_watcher_waits_out_an_init_holding_the_write_lock(
     """`init` holds the database's write lock from its first row to the switch (~15 s
     for a million files). The daemon's realtime write waits for it, and its main loop
     goes on answering systemd's watchdog: a heartbeat that cannot be written within
-    one interval is skipped (it used to wait for the lock, and no ping was sent)."""
+    one interval is skipped (it used to wait for the lock, and no ping was sent).
+    The baseline lock is held too, as init holds it: the daemon, unlike a CLI
+    command, must not wait on it before its writes."""
+    import fcntl
+
     daemon = start(env={"NOTIFY_SOCKET": str(notify_socket.path),
                         "WATCHDOG_USEC": "1000000"})  # a ping, and a heartbeat, every 0.5 s
     notify_socket.next("WATCHDOG", 3)
     target = site.tree / "a.conf"
+    baseline_lock = os.open(f"{site.db}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     holder = sqlite3.connect(site.db, timeout=10, isolation_level=None)
     pings = 0
     try:
+        fcntl.flock(baseline_lock, fcntl.LOCK_EX)
         holder.execute("BEGIN IMMEDIATE")
         held = time.monotonic()
         rewrite(target, b"changed while init holds the write lock\n")
@@ -620,6 +626,7 @@ def test_the_watcher_waits_out_an_init_holding_the_write_lock(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+        os.close(baseline_lock)
     assert pings >= LOCK_HELD_SECONDS, pings  # ~2 a second
     event = wait_for_event(site, target)
     assert event["source"] == "realtime" and event["kind"] == "modified", event

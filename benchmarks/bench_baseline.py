@@ -85,6 +85,12 @@ class Result:
     codes: set[int] = field(default_factory=set)
     rss_kib: int = 0
 
+    def add(self, wall: float, code: int, rss_kib: int) -> None:
+        """One timed run's figures."""
+        self.runs.append(wall)
+        self.codes.add(code)
+        self.rss_kib = max(self.rss_kib, rss_kib)
+
     @property
     def best(self) -> float:
         return min(self.runs)
@@ -260,10 +266,7 @@ def measure(cmd: Command, runs: int, errlog: Path, *, warm_up: bool = True,
     for _ in range(runs):
         if cold:
             drop_caches()
-        wall, code, rss = run_once(cmd, errlog)
-        result.runs.append(wall)
-        result.codes.add(code)
-        result.rss_kib = max(result.rss_kib, rss)
+        result.add(*run_once(cmd, errlog))
     _print_result(result)
     return result
 
@@ -277,11 +280,7 @@ def measure_rounds(cmds: list[Command], runs: int, errlog: Path) -> dict[str, Re
         run_once(cmd, errlog)
     for _ in range(runs):
         for cmd in cmds:
-            wall, code, rss = run_once(cmd, errlog)
-            result = results[cmd.name]
-            result.runs.append(wall)
-            result.codes.add(code)
-            result.rss_kib = max(result.rss_kib, rss)
+            results[cmd.name].add(*run_once(cmd, errlog))
     for result in results.values():
         _print_result(result)
     return results

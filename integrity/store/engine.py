@@ -70,6 +70,17 @@ BASELINE_WAIT = 600.0
 _held_locks: set[str] = set()
 
 
+def _on_disk(database: str) -> bool:
+    """Whether a SQLite URL's database part names a file of its own (not memory, not
+    a `file:` URI): where files beside it (the baseline lock, sidecars) can live."""
+    return bool(database) and database != ":memory:" and not database.startswith("file:")
+
+
+def _lock_file(database: str) -> str:
+    """The baseline lock beside a SQLite database file (exclusive())."""
+    return database + ".lock"
+
+
 def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT,
             baseline_wait: float = 0.0) -> sa.Engine:
     """Create the engine; for SQLite set WAL, a busy timeout and real transactions."""
@@ -80,9 +91,9 @@ def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT,
         return _create(parsed)
     database = parsed.database or ""
     lock = None
-    if database and database != ":memory:" and not database.startswith("file:"):
+    if _on_disk(database):
         create_private(database)
-        lock = database + ".lock"
+        lock = _lock_file(database)
     _bind_bytes_and_null_as_they_are()
     engine = _create(parsed, connect_args={"timeout": busy_timeout})
 
@@ -122,7 +133,7 @@ def _begin_after_baseline(driver: Any, lock: str, wait: float, name: str) -> Non
 
     deadline = time.monotonic() + wait
     while True:
-        _wait_for_baseline_lock(lock, deadline, wait, name)
+        _poll_lock(lambda: not _held_elsewhere(lock), deadline, wait, name)
         try:
             driver.execute("BEGIN IMMEDIATE")
             return
@@ -149,11 +160,6 @@ def _held_elsewhere(lock: str) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def _wait_for_baseline_lock(lock: str, deadline: float, wait: float, name: str) -> None:
-    """Wait until `deadline` (time.monotonic) for no other process to hold `lock`."""
-    _poll_lock(lambda: not _held_elsewhere(lock), deadline, wait, name)
 
 
 def _poll_lock(take: Callable[[], bool], deadline: float, wait: float, name: str) -> None:
@@ -220,8 +226,7 @@ class Database:
         """A file of ours kept beside the database, not in it (a copy of the database
         alone does not carry it): `<database>.<name>` for SQLite."""
         database = self.engine.url.database or ""
-        if self.engine.dialect.name == "sqlite" and database not in ("", ":memory:") \
-                and not database.startswith("file:"):
+        if self._is_sqlite() and _on_disk(database):
             return f"{database}.{name}"
         return os.path.join(os.path.dirname(default_url().split(":///", 1)[1]), name)
 
@@ -315,10 +320,7 @@ class Database:
     def _file(self) -> str | None:
         """The SQLite database's file, or None (another database, or in memory)."""
         database = self.engine.url.database or ""
-        if not self._is_sqlite() or database in ("", ":memory:") \
-                or database.startswith("file:"):
-            return None
-        return database
+        return database if self._is_sqlite() and _on_disk(database) else None
 
     @contextlib.contextmanager
     def exclusive(self, timeout: float = BASELINE_WAIT) -> Iterator[None]:
@@ -329,12 +331,12 @@ class Database:
         on `<database>.lock` beside the file; other databases: an advisory lock.
         Waits up to `timeout` seconds for the holder, then fails with one line.
         """
-        database = self.engine.url.database or ""
-        if self.engine.dialect.name == "sqlite":
-            if database in ("", ":memory:") or database.startswith("file:"):
+        if self._is_sqlite():
+            database = self._file()
+            if database is None:
                 yield
                 return
-            with _file_lock(database + ".lock", timeout, self.name()):
+            with _file_lock(_lock_file(database), timeout, self.name()):
                 yield
             return
         if self.engine.dialect.name == "postgresql":
@@ -497,8 +499,7 @@ def _require_existing(url: str) -> None:
 
     parsed = parse_url(url)
     database = parsed.database or ""
-    if (parsed.get_backend_name() == "sqlite" and database
-            and database != ":memory:" and not database.startswith("file:")
+    if (parsed.get_backend_name() == "sqlite" and _on_disk(database)
             and not os.path.exists(database)):
         raise DatabaseError(f"{database}: no database yet: run 'integrity init'")
 

@@ -32,7 +32,7 @@ import integrity.packages
 from integrity.packages import PackageManagers
 
 from conftest import REPO, Cli, one_line
-from debs import build_deb, dpkg, owned
+from debs import build_deb, dpkg, dpkg_tool, owned
 
 
 def events(run: Cli, *args: str) -> dict[str, dict[str, Any]]:
@@ -579,6 +579,37 @@ def test_removing_a_file_no_package_ever_owned_is_not_explained_by_an_upgrade(
     assert local not in {a["path"] for a in doc["approved"]}, \
         "a never-owned file's removal was approved because some package was upgraded"
     assert _left(doc)[local][0] == "removed"
+
+
+@needs_dpkg
+def test_removing_a_locally_diverted_file_is_not_explained_by_an_upgrade(
+        host: Host, debs: dict[str, Path]) -> None:
+    """After `dpkg-divert --local --rename`, the file at the original name is the
+    admin's and the package's lives at the diverted name. An attacker who deletes the
+    admin's file while the package is upgraded must not have it approved as the
+    upgrade's: the baseline records it as nobody's, as dpkg says."""
+    run = host.cli
+    host.install(debs["1.0"])
+    diverted = NOTES + ".distrib"
+    dpkg_tool("dpkg-divert", "--local", "--rename", "--divert", diverted, "--add", NOTES)
+    host.cleanups.append(
+        lambda: dpkg_tool("dpkg-divert", "--local", "--rename", "--remove", NOTES))
+    host.create(NOTES, b"the admin's own notes\n")
+    assert run("init").exit_code == 0
+    owners = dict(query(run.db, "SELECT e.key, e.package FROM entry e JOIN baseline b "
+                               "ON b.id = e.baseline_id WHERE b.state = 'active'"))
+    assert (owners[key(NOTES)], owners[key(diverted)]) == (None, PKG)
+    host.install(debs["1.1"], logged=True)
+    os.unlink(NOTES)
+    changes = changed_paths(run, expect=1)
+    assert changes[NOTES]["kind"] == "removed" and changes[DROPPED]["kind"] == "removed"
+    doc = approve_json(run, "--package-updates")
+    assert DROPPED in {a["path"] for a in doc["approved"]}
+    assert NOTES not in {a["path"] for a in doc["approved"]}, \
+        "the admin's diverted-away file was approved as removed by the package's upgrade"
+    assert _left(doc)[NOTES] == ("removed", "not owned by any package when the baseline "
+                                            "was taken: its removal is not explained by "
+                                            "a package")
 
 
 @dataclass(frozen=True)

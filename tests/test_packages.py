@@ -199,8 +199,8 @@ def test_the_owner_map_agrees_with_the_owners_of_each_path() -> None:
     assert all(p.startswith((b"/usr/sbin/", b"/etc/")) or p in roots for p in found), \
         sorted(p for p in found if not p.startswith((b"/usr/sbin/", b"/etc/")))[:5]
     for path, package in sorted(found.items()):
-        # A directory several packages list (/etc) may be recorded with any of them.
-        assert package in managers.owners(path), path
+        # A directory several packages list (/etc): the same one as approve records.
+        assert managers.owners(path)[0] == package, path
     # Every listed path below the roots is there (the lists, read another way).
     listed = set()
     for name in os.listdir("/var/lib/dpkg/info"):
@@ -369,6 +369,11 @@ def test_local_diversion_moves_ownership(system: System, debs: dict[str, Path]) 
     managers = system.managers()
     moved = managers.check_content(diverted.encode())
     assert moved.vouched and moved.package == PKG
+    # What init records: the package's file under its new name, nobody's at the old.
+    owners = managers.owner_map([SHARE.encode()])
+    assert owners[diverted.encode()] == PKG
+    assert NOTES.encode() not in owners
+    assert owners[DATA.encode()] == PKG
     _write(NOTES, b"the admin's own version\n")
     system.cleanups.append(lambda: os.unlink(NOTES))
     assert managers.check_content(NOTES.encode()).reason == "not owned by any package"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -183,6 +184,11 @@ def wait_for_log(site: Site, text: str, timeout: float) -> None:
     wait_until(lambda: text in site.stderr(), f"{text!r} in the daemon's stderr", timeout)
 
 
+def full_scans(site: Site) -> int:
+    """How many full scans (the catch-up, a reload's, a scheduled one) have finished."""
+    return len(re.findall(r"^INFO scan: \d+ entries", site.stderr(), re.M))
+
+
 def assert_no_crash(site: Site) -> None:
     log = site.stderr()
     assert "Traceback" not in log and "Exception in thread" not in log, log
@@ -317,11 +323,15 @@ def test_sighup_with_a_valid_policy_takes_effect(
     watches = site.status()["watcher"]["watches"]
     (site.tree / "spool" / "before").write_text("seen\n")  # watched before the reload
     wait_for_event(site, site.tree / "spool" / "before", kind="added", source="realtime")
+    scans = full_scans(site)
     site.write_policy(exclude=["spool"])
     daemon.signal(signal.SIGHUP)
     wait_for_log(site, "policy reloaded", RELOAD_SECONDS)
     wait_until(lambda: site.status()["watcher"]["watches"] == watches - 1,
                "one watch fewer (spool is excluded now)", 5)
+    # The reload rescans: a change it saw first would be a scan's event, not ours.
+    wait_until(lambda: full_scans(site) > scans, "the rescan after the reload",
+               RELOAD_SECONDS)
     (site.tree / "spool" / "after").write_text("not watched any more\n")
     rewrite(site.tree / "c.conf", b"control after reload\n")
     wait_for_event(site, site.tree / "c.conf", source="realtime")

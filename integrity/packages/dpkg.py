@@ -22,6 +22,7 @@ import grp
 import os
 import pwd
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from integrity.packages.common import (spellings, PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
@@ -70,6 +71,7 @@ class Dpkg:
         self._owners: dict[bytes, str | list[str]] | None = None
         self._diverted_to: dict[bytes, tuple[bytes, str]] = {}
         self._diverted_from: dict[bytes, tuple[bytes, str]] = {}
+        self._diversions_read = False
         self._overrides: dict[bytes, tuple[bytes, bytes, int]] | None = None
         self._md5sums: dict[str, dict[bytes, str]] = {}
         self._debs: dict[str, tuple[dict[bytes, Member] | None, str]] = {}
@@ -145,68 +147,91 @@ class Dpkg:
         """path -> owning package key(s), from every info/*.list, plus diversions."""
         if self._owners is None:
             owners: dict[bytes, str | list[str]] = {}
-            info = os.path.join(self._admindir, "info")
             canon = self._canon
-            with os.scandir(info) as entries:
-                for entry in entries:
-                    if not entry.name.endswith(".list"):
+            for key, data in self._lists():
+                for line in data.split(b"\n"):
+                    if not line:
                         continue
-                    key = entry.name[:-5]
-                    try:
-                        with open(entry.path, "rb") as handle:
-                            lines = handle.read().split(b"\n")
-                    except OSError:
-                        continue
-                    for line in lines:
-                        if not line:
-                            continue
-                        path = canon(line)
-                        known = owners.get(path)
-                        if known is None:
-                            owners[path] = key
-                        elif isinstance(known, str):
-                            owners[path] = [known, key]
-                        else:
-                            known.append(key)
+                    path = canon(line)
+                    known = owners.get(path)
+                    if known is None:
+                        owners[path] = key
+                    elif isinstance(known, str):
+                        owners[path] = [known, key]
+                    else:
+                        known.append(key)
             self._owners = owners
             self._load_diversions()
         return self._owners
 
     def index_under(self, roots: list[bytes]) -> dict[bytes, str]:
-        """path -> first owning package, only for paths at or below `roots`.
+        """path -> first owning package, only for paths at or below `roots`: what
+        owners(path)[0] says of each, diversions included.
 
         For recording owners in a baseline: a .list file that names nothing below
         the roots (in any spelling) is skipped after one substring test, so a policy
         over trees no package touches costs one read of dpkg's lists, not a parse.
         """
+        below, at = tuple(r + b"/" for r in roots), set(roots)
+        self._load_diversions()
+        # A diverted path is answered from every package listing its original name
+        # (see _locate), so those names are collected whole, wherever they are.
+        moved = {t: d for t, d in self._diverted_to.items()
+                 if t.startswith(below) or t in at}
+        kept = {s: d for s, d in self._diverted_from.items()
+                if s.startswith(below) or s in at}
+        sources = {source for source, _ in moved.values()} | set(kept)
+        listers: dict[bytes, list[str]] = {source: [] for source in sources}
         needles = [s + end for r in roots for s in spellings(r) for end in (b"/", b"\n")]
+        needles += [s + b"\n" for source in sources for s in spellings(source)]
         # One C-level test per listed path (a generator per line took half the time:
         # /usr's 126k lines, 0.16-0.21 s of init's main process).
-        below, at = tuple(r + b"/" for r in roots), set(roots)
         found: dict[bytes, str] = {}
         canon = self._canon
-        info = os.path.join(self._admindir, "info")
-        try:
-            listing = sorted(e.name for e in os.scandir(info) if e.name.endswith(".list"))
-        except OSError:
-            return found
-        for name in listing:
-            try:
-                with open(os.path.join(info, name), "rb") as handle:
-                    data = b"\n" + handle.read()
-            except OSError:
-                continue
+        for key, data in self._lists():
             if not any(b"\n" + needle in data for needle in needles):
                 continue
-            key = name[:-5]
             for line in data.split(b"\n"):
                 if line:
                     path = canon(line)
                     if (path.startswith(below) or path in at) and path not in found:
                         found[path] = key
+                    if path in listers:
+                        listers[path].append(key)
+        for target, (source, by) in moved.items():
+            self._record_first(found, target, [key for key in listers[source]
+                                               if by == ":" or key.split(":")[0] != by])
+        for source, (_, by) in kept.items():
+            self._record_first(found, source,
+                               [key for key in listers[source] if key.split(":")[0] == by])
         return found
 
+    @staticmethod
+    def _record_first(found: dict[bytes, str], path: bytes, keys: list[str]) -> None:
+        if keys:
+            found[path] = keys[0]
+        else:
+            found.pop(path, None)
+
+    def _lists(self) -> Iterator[tuple[str, bytes]]:
+        """(package key, its .list file's bytes with a newline in front) for every
+        package, in name order: the order owners() gives a path listed by several."""
+        info = os.path.join(self._admindir, "info")
+        try:
+            listing = sorted(e.name for e in os.scandir(info) if e.name.endswith(".list"))
+        except OSError:
+            return
+        for name in listing:
+            try:
+                with open(os.path.join(info, name), "rb") as handle:
+                    yield name[:-5], b"\n" + handle.read()
+            except OSError:
+                continue
+
     def _load_diversions(self) -> None:
+        if self._diversions_read:
+            return
+        self._diversions_read = True
         try:
             with open(os.path.join(self._admindir, "diversions"), "rb") as handle:
                 lines = handle.read().split(b"\n")

@@ -19,6 +19,7 @@ import os
 import pwd
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -610,6 +611,154 @@ def test_removing_a_locally_diverted_file_is_not_explained_by_an_upgrade(
     assert _left(doc)[NOTES] == ("removed", "not owned by any package when the baseline "
                                             "was taken: its removal is not explained by "
                                             "a package")
+
+
+@needs_dpkg
+def test_an_added_file_passes_only_in_the_shape_a_package_gives_it(
+        host: Host, debs: dict[str, Path]) -> None:
+    """dpkg's database states no modes or owners: an added file whose content
+    matches is approved only as root's, without setuid, setgid, sticky or
+    world-writable bits. An attacker's setuid bit or chown on a file a fresh install
+    or an upgrade added stays open."""
+    run = host.cli
+    assert run("init").exit_code == 0
+    host.install(debs["1.0"], logged=True)
+    os.chmod(TOOL, 0o4755)
+    os.chmod(LIB, 0o1777)
+    host.install(debs["1.1"], logged=True)  # adds NEW_CONF; the tool is replaced
+    os.chmod(TOOL, 0o4755)
+    os.chown(NEW_CONF, 65534, 65534)
+    changes = changed_paths(run, expect=1)
+    assert {changes[p]["kind"] for p in (TOOL, LIB, NEW_CONF, DATA)} == {"added"}
+    doc = approve_json(run, "--package-updates")
+    approved = {a["path"] for a in doc["approved"]}
+    assert {DATA, CONF, SHARE} <= approved
+    assert not {TOOL, LIB, NEW_CONF} & approved, "an added path's attributes were not checked"
+    left = _left(doc)
+    assert left[TOOL] == ("added", f"added as 4755 0:0, and the package does not state "
+                                   f"file attributes ({PKG} 1.1: no {PKG}_1.1_all.deb in "
+                                   f"/var/cache/apt/archives; no dpkg-statoverride entry)")
+    assert left[LIB][1].startswith("added as 1777 0:0, and the package does not state")
+    assert left[NEW_CONF][1].startswith("added as 0644 65534:65534, and the package")
+    assert {TOOL, LIB, NEW_CONF} <= set(changed_paths(run, expect=1))
+
+
+@needs_dpkg
+def test_an_added_file_with_a_capability_is_left_open(host: Host,
+                                                      debs: dict[str, Path]) -> None:
+    run = host.cli
+    assert run("init").exit_code == 0
+    host.install(debs["1.1"], logged=True)
+    # vfs_cap_data revision 2: cap_setuid (7) effective and permitted.
+    os.setxattr(TOOL, "security.capability", struct.pack("<IIIII", 0x02000001, 1 << 7,
+                                                          0, 0, 0))
+    changed_paths(run, expect=1)
+    doc = approve_json(run, "--package-updates")
+    assert TOOL not in {a["path"] for a in doc["approved"]}
+    assert _left(doc)[TOOL] == ("added", "package managers do not state extended "
+                                         "attributes")
+
+
+@needs_dpkg
+def test_a_packaged_file_replaced_by_a_directory_is_left_open(
+        host: Host, debs: dict[str, Path]) -> None:
+    """A directory is vouched for by being listed; not where the package ships a file
+    (an AppArmor profile or a PAM file emptied out by a directory in its place)."""
+    run = host.cli
+    host.install(debs["1.1"])
+    assert run("init").exit_code == 0
+    mode = os.stat(DATA).st_mode & 0o7777
+    os.unlink(DATA)
+    os.mkdir(DATA, mode)
+    host.cleanups.append(lambda: os.rmdir(DATA))
+    assert changed_paths(run, expect=1)[DATA]["kind"] == "modified"
+    doc = approve_json(run, "--package-updates")
+    assert DATA not in {a["path"] for a in doc["approved"]}
+    assert _left(doc)[DATA] == ("modified", f"a directory where {PKG} 1.1 ships a file")
+
+
+@needs_dpkg
+def test_a_hard_link_to_a_packaged_file_is_left_open(host: Host, debs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    """No package run makes a second link to a file it installed: the old setuid
+    binary kept alive through a link outside the tree, for one."""
+    run = host.cli
+    host.install(debs["1.1"])
+    assert run("init").exit_code == 0
+    kept = f"{LIB}/.kept"  # in the package's directory, on its filesystem
+    os.link(TOOL, kept)
+    host.cleanups.append(lambda: os.unlink(kept))
+    assert "nlink" in changed_paths(run, expect=1)[TOOL]["changed"]
+    doc = approve_json(run, "--package-updates")
+    assert TOOL not in {a["path"] for a in doc["approved"]}
+    assert _left(doc)[TOOL] == ("modified", "a hard link was made to it (links 1 -> 2, "
+                                            "the same inode): no package run does that")
+
+
+RACE_PKG = "integrity-test-race"
+RACE_DIR = "/usr/share/integrity-test-race"
+RACE_FILE = f"{RACE_DIR}/big"
+
+
+@needs_dpkg
+def test_bytes_swapped_in_during_the_vouching_are_not_approved(tmp_path: Path) -> None:
+    """The attack: the approval records the tampered file as read through the tree,
+    then the package check reads the path again. An attacker watching with inotify
+    swaps the parent directory for a link to a decoy holding the package's bytes
+    just then (renameat2 RENAME_EXCHANGE, atomic), and back once the decoy is opened.
+    The tampered file's inode, size and times never change. What is judged must be
+    what is recorded: the change stays open."""
+    good = bytes(range(256)) * (64 << 12)  # 16 MiB: a window wide enough to hit
+    deb = build_deb(tmp_path, RACE_PKG, "1.0", {RACE_FILE: good})
+    log = tmp_path / "dpkg.log"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[[rule]]\npath = "{RACE_DIR}"\ncheck = "static"\n')
+    run = Cli(tmp_path / "state" / "integrity.db", policy)
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "big").write_bytes(good)
+    aside = RACE_DIR + ".real"
+    attacker = f"""
+import ctypes, os
+from inotify_simple import INotify, flags
+libc = ctypes.CDLL(None, use_errno=True)
+def exchange(a, b):
+    if libc.renameat2(-100, a.encode(), -100, b.encode(), 2) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+read = INotify(); read.add_watch({RACE_FILE!r}, flags.CLOSE_NOWRITE)
+opened = INotify(); opened.add_watch({str(decoy / "big")!r}, flags.OPEN)
+os.symlink({str(decoy)!r}, {aside!r})
+print("ready", flush=True)
+read.read(timeout=20000)      # the approval has read the tampered file
+exchange({aside!r}, {RACE_DIR!r})
+opened.read(timeout=3000)     # the package check opens the decoy (or does not)
+exchange({aside!r}, {RACE_DIR!r})
+os.unlink({aside!r})
+"""
+    with owned(RACE_PKG, log, [RACE_FILE, aside]):
+        dpkg(log, "-i", str(deb))
+        assert run("init").exit_code == 0
+        with open(RACE_FILE, "r+b") as handle:  # same inode, same size
+            handle.write(b"EVIL")
+        assert set(changed_paths(run, expect=1)) == {RACE_FILE}
+        proc = subprocess.Popen([sys.executable, "-c", attacker], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        try:
+            doc = approve_json(run, "--package-updates")
+        finally:
+            proc.communicate(timeout=30)
+            if os.path.islink(RACE_DIR) and os.path.isdir(aside):
+                os.unlink(RACE_DIR)
+                os.rename(aside, RACE_DIR)
+            if os.path.islink(aside):
+                os.unlink(aside)
+        assert proc.returncode == 0  # the swap happened, and was undone
+        assert doc["approved"] == [], "the decoy's bytes vouched for the tampered file"
+        assert _left(doc)[RACE_FILE] == ("modified", "changed while it was being "
+                                                     "approved: not the state that was read")
+        # (The swaps themselves changed the directory's ctime: a change of its own.)
+        assert changed_paths(run, expect=1)[RACE_FILE]["kind"] == "modified"
 
 
 @dataclass(frozen=True)

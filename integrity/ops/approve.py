@@ -42,6 +42,42 @@ _OWNERSHIP = {"mode", "uid", "gid"}
 _ALL = Attr(sum(a.value for a in Attr if a is not Attr.GROWING))
 
 
+def _vouch_added(managers: PackageManagers, path: bytes, new: FileRecord) -> Verdict:
+    """An added path passes on its content, and on its attributes where the package
+    states them; where it states none, only in the shape a package gives by default:
+    root's, neither setuid, setgid, sticky nor world-writable, no extended attributes."""
+    from integrity.packages import LiveFile, Verdict
+
+    if new.xattrs is not None:
+        return Verdict(False, "package managers do not state extended attributes")
+    content = managers.check_content(path, LiveFile(path, new))
+    if not content.vouched:
+        return content
+    attributes = managers.check_attributes(path, new.mode, new.uid, new.gid)
+    if attributes.vouched:
+        return _all_of([content, attributes])
+    if not attributes.unstated:
+        return attributes  # the package states other attributes
+    special = new.mode & 0o7000 or (new.mode & 0o002 and new.type != "symlink")
+    if (new.uid, new.gid) == (0, 0) and not special:
+        return content
+    return Verdict(False, f"added as {new.mode:04o} {new.uid}:{new.gid}, and the "
+                          f"{attributes.reason}", None, attributes.package)
+
+
+def _all_of(verdicts: list[Verdict]) -> Verdict:
+    """The first verdict that does not vouch, else one vouching at the weakest
+    evidence of them all."""
+    from integrity.packages import Verdict
+
+    for verdict in verdicts:
+        if not verdict.vouched:
+            return verdict
+    levels = {v.evidence for v in verdicts}
+    weakest = "package-db" if "package-db" in levels else verdicts[-1].evidence
+    return Verdict(True, verdicts[-1].reason, weakest, verdicts[-1].package)
+
+
 @dataclass(frozen=True)
 class Approved:
     """One approved path: the change it had and the evidence it rested on."""
@@ -230,29 +266,33 @@ class Approver:
                new: FileRecord | None, since: float, package: str | None) -> Verdict:
         """The package manager's verdict on how path differs from the baseline now
         (every part must hold); `package` is the owner the baseline recorded."""
-        from integrity.packages import Verdict
+        from integrity.packages import LiveFile, Verdict
 
         if new is None and old is None:
             return Verdict(True, "no longer differs from the baseline")
         if new is None:
             assert old is not None
             return managers.check_removed(path, since, package)
-        changed = set(diff(old, new, _ALL)) if old is not None else {"added"}
+        if old is None:
+            return _vouch_added(managers, path, new)
+        changed = set(diff(old, new, _ALL))
         if not changed:
             return Verdict(True, "no longer differs from the baseline")
         if "xattrs" in changed:
             return Verdict(False, "package managers do not state extended attributes")
+        if new.type == old.type == "file" and new.inode == old.inode \
+                and new.nlink > old.nlink:
+            # dpkg and rpm install a file under a new inode; a link to the old one is
+            # someone's (a setuid binary kept alive past its upgrade, say).
+            return Verdict(False, f"a hard link was made to it (links {old.nlink} -> "
+                                  f"{new.nlink}, the same inode): no package run does that")
         verdicts = []
-        if old is None or changed & _REPLACEMENT:
-            verdicts.append(managers.check_content(path))
-        if old is not None and changed & _OWNERSHIP:
+        if changed & _REPLACEMENT:
+            # The bytes judged must be those recorded (see LiveFile).
+            verdicts.append(managers.check_content(path, LiveFile(path, new)))
+        if changed & _OWNERSHIP:
             verdicts.append(managers.check_attributes(path, new.mode, new.uid, new.gid))
-        for verdict in verdicts:
-            if not verdict.vouched:
-                return verdict
-        levels = {v.evidence for v in verdicts}
-        weakest = "package-db" if "package-db" in levels else verdicts[-1].evidence
-        return Verdict(True, verdicts[-1].reason, weakest, verdicts[-1].package)
+        return _all_of(verdicts)
 
     def _commit(self, targets: list[tuple[bytes, bool]], events: Sequence[OpenEvent],
                 mode: str) -> ApprovalOutcome:

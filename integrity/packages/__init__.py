@@ -30,7 +30,7 @@ from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, LiveFile, Ver
 from integrity.packages.dpkg import Dpkg
 from integrity.packages.rpm import Rpm
 
-__all__ = ["PackageManagers", "Verdict", "SIGNED_ARCHIVE", "PACKAGE_DB"]
+__all__ = ["LiveFile", "PackageManagers", "Verdict", "SIGNED_ARCHIVE", "PACKAGE_DB"]
 
 NOT_OWNED = "not owned by any package"
 

@@ -7,8 +7,9 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from integrity.scan import hasher
 from integrity.paths import display
+from integrity.record import FileRecord
+from integrity.scan import hasher
 
 SIGNED_ARCHIVE = "signed-archive"
 PACKAGE_DB = "package-db"
@@ -30,6 +31,9 @@ class Verdict:
     reason: str
     evidence: str | None = None
     package: str | None = None
+    #: Not vouched because the package states nothing about it (no verified .deb, no
+    #: statoverride), as opposed to stating something else.
+    unstated: bool = False
 
 
 class LiveError(Exception):
@@ -42,22 +46,33 @@ class LiveFile:
     md5 and sha256 are read in one pass (dpkg needs md5, a .deb check sha256); the
     read goes through `hasher.digest_path`, so links are never followed and a file
     that changes while read is reported rather than mis-hashed.
+
+    With `state`, the record an approval is about to write, what is judged must be
+    that entry: the same inode, and bytes with the recorded BLAKE3 (read in the same
+    pass). The path is read again by name, and a parent directory swapped for a link
+    meanwhile would otherwise have other bytes judged than those recorded.
     """
 
     _FIRST_PASS = ("md5", "sha256")
 
-    def __init__(self, path: bytes) -> None:
+    def __init__(self, path: bytes, state: FileRecord | None = None) -> None:
         self.path = path
+        self.state = state
         self._stat: os.stat_result | None = None
         self._digests: dict[str, str] = {}
 
     def lstat(self) -> os.stat_result:
-        """The entry's lstat, taken once; raises LiveError when it is gone."""
+        """The entry's lstat, taken once; raises LiveError when it is gone (or is not
+        the entry `state` recorded)."""
         if self._stat is None:
             try:
-                self._stat = os.lstat(self.path)
+                st = os.lstat(self.path)
             except OSError as exc:
                 raise LiveError(_os_reason("cannot stat", exc)) from exc
+            state = self.state
+            if state is not None and (st.st_ino, st.st_dev) != (state.inode, state.dev):
+                raise LiveError(_CHANGED)
+            self._stat = st
         return self._stat
 
     def kind(self) -> str:
@@ -74,23 +89,35 @@ class LiveFile:
     def readlink(self) -> bytes:
         """The symlink's target; raises LiveError when unreadable."""
         try:
-            return os.readlink(self.path)
+            target = os.readlink(self.path)
         except OSError as exc:
             raise LiveError(_os_reason("cannot read link", exc)) from exc
+        if self.state is not None and target != self.state.link:
+            raise LiveError(_CHANGED)
+        return target
 
     def digest(self, algorithm: str) -> str:
         """Hex digest of the file's content; raises LiveError when it cannot be read."""
         if algorithm not in self._digests:
             wanted = (self._FIRST_PASS if algorithm in self._FIRST_PASS
                       and not self._digests else (algorithm,))
+            recorded = self.state.content if self.state is not None else None
+            if recorded is not None and "blake3" not in self._digests:
+                wanted = (*wanted, "blake3")
             try:
-                digests = hasher.digest_path(self.path, wanted)
+                digests = hasher.digest_path(self.path, dict.fromkeys(wanted))
             except hasher.FileChanged as exc:
                 raise LiveError("file kept changing while it was read") from exc
             except OSError as exc:
                 raise LiveError(_os_reason("cannot read", exc)) from exc
+            if recorded is not None and digests["blake3"] != recorded:
+                raise LiveError(_CHANGED)
             self._digests.update((name, value.hex()) for name, value in digests.items())
         return self._digests[algorithm]
+
+
+#: Why a LiveFile with a `state` refuses what it finds at the path.
+_CHANGED = "changed while it was being approved: not the state that was read"
 
 
 def _os_reason(what: str, exc: OSError) -> str:

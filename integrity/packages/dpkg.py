@@ -354,6 +354,11 @@ class Dpkg:
         try:
             kind = live.kind()
             if kind == "dir":
+                # dpkg records a digest for each regular file it ships: a directory
+                # there replaced the package's file.
+                if conffile is not None or self._md5(key, source) is not None:
+                    return Verdict(False, f"a directory where {label} ships a file",
+                                   None, key)
                 return Verdict(True, f"directory listed by {label}", PACKAGE_DB, key)
             members, why_not = self._deb(key)
             member = members.get(source) if members else None
@@ -447,7 +452,7 @@ class Dpkg:
         more = f"; and {len(missing) - 2} more" if len(missing) > 2 else ""
         return Verdict(False, f"package does not state file attributes "
                        f"({'; '.join(missing[:2])}{more}; no dpkg-statoverride entry)",
-                       None, located[0][0])
+                       None, located[0][0], unstated=True)
 
     def removals_since(self, since: float) -> list[tuple[str, str]]:
         """(package name, description) of dpkg's remove/purge/upgrade actions logged

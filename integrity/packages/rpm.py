@@ -13,6 +13,7 @@ import grp
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
@@ -103,6 +104,10 @@ class Rpm:
         try:
             kind = live.kind()
             if kind == "dir":
+                if not stat.S_ISDIR(record.mode):
+                    return Verdict(False, f"a directory where {label} ships a "
+                                   f"{'symlink' if stat.S_ISLNK(record.mode) else 'file'}",
+                                   None, key)
                 return Verdict(True, f"directory listed by {label}", PACKAGE_DB, key)
             if kind == "symlink":
                 if live.readlink() == record.link:

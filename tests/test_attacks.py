@@ -361,3 +361,72 @@ def test_deleting_owed_alerts_is_tampering(run: Cli, tree: Path) -> None:
     assert code == 1 and not data["chain"]["ok"]
     assert any(p.startswith("outbox ") and "gone (deleted)" in p
                for p in data["chain"]["problems"]), data["chain"]
+
+
+LEASE_HOLDER = r"""
+import fcntl, os, signal, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+broken = False
+def on_break(signum, frame):
+    global broken
+    broken = True
+signal.signal(signal.SIGIO, on_break)
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+print("ready", flush=True)
+while True:
+    time.sleep(0.001)
+    if broken:  # a blocking opener waits for this: let it in...
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        broken = False
+        while True:  # ...and take the lease back once it has closed the file
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+                break
+            except OSError:
+                time.sleep(0.001)
+"""
+
+
+def test_a_file_lease_does_not_hide_a_content_change(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    """The attack: root holds a write lease on a changed sshd_config. A non-blocking
+    open fails at once (EWOULDBLOCK) while sshd, cron or cat wait a moment for the
+    holder and read the new bytes. The scan used to report the file as unreadable
+    and drop its content from the comparison: no event, no alert. It must read what
+    every other reader reads, in verify, --fast and the watcher's re-check alike."""
+    from integrity.ops.seal import SealedIndex
+    from integrity.ops.verify import check_paths
+    from integrity.policy import load
+
+    tree = tmp_path / "ssh"
+    tree.mkdir()
+    conf = tree / "sshd_config"
+    conf.write_text("AllowUsers alice\n")
+    policy_path = write_policy({"path": str(tree), "check": "config", "severity": "critical"})
+    cli = Cli(tmp_path / "state" / "integrity.db", policy_path)
+    assert cli("init").exit_code == 0
+    conf.write_text("AllowUsers mallo\n")  # the same size: only the content differs
+    holder = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, str(conf)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        with pytest.raises(BlockingIOError):  # the lease is there
+            os.close(os.open(conf, os.O_RDONLY | os.O_NONBLOCK))
+        for args in (("verify",), ("verify", "--fast")):
+            report = json.loads(cli(*args, "--json").stdout)
+            assert report["errors"] == [], args
+            assert [(c["path"], c["changed"]) for c in report["changes"]] == [
+                (str(conf), ["content"])], args
+        store = Store(f"sqlite:///{cli.db}")
+        try:
+            conf.write_text("AllowUsers eve\n")  # a change for the re-check to find
+            policy = load(policy_path)
+            checked = check_paths(store, policy, [os.fsencode(conf)],
+                                  SealedIndex.build(store, policy))
+            assert [c.path for c in checked.result.changes] == [os.fsencode(conf)]
+            assert checked.result.warnings == []
+        finally:
+            store.close()
+    finally:
+        holder.kill()
+        holder.wait()

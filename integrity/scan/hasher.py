@@ -74,6 +74,25 @@ def open_at(name: bytes | str, dir_fd: int | None = None) -> int:
         fd = os.open(name, _BASE_FLAGS, dir_fd=dir_fd)
         _flags = _BASE_FLAGS
         return fd
+    except BlockingIOError:
+        return _open_leased(name, dir_fd)
+
+
+def _open_leased(name: bytes | str, dir_fd: int | None) -> int:
+    """Open a file someone holds a lease on (fcntl F_SETLEASE): a non-blocking open
+    fails at once, while every other reader waits for the holder to let go (at most
+    /proc/sys/fs/lease-break-time) and reads the bytes it let in. So do we: the entry
+    is pinned with O_PATH, checked to be a regular file (never a FIFO to block on),
+    and opened again through /proc/self/fd, blocking."""
+    pinned = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(pinned).st_mode):
+            raise BlockingIOError(errno.EWOULDBLOCK, "not a regular file", name)
+        # The magic link leads to the pinned entry itself, never beyond it.
+        return os.open(f"/proc/self/fd/{pinned}",
+                       _flags & ~(os.O_NONBLOCK | os.O_NOFOLLOW))
+    finally:
+        os.close(pinned)
 
 
 def same_file(before: os.stat_result, after: os.stat_result) -> bool:

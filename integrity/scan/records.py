@@ -342,7 +342,12 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
                 digest = _blake3(data).digest()
             else:
                 digest = blake3_fd(fd, st, recent)
-            xattrs = (xattr_digest(fd) if want_xattrs and _listxattr(fd) else None)
+            try:
+                xattrs = (xattr_digest(fd) if want_xattrs and _listxattr(fd) else None)
+            except OSError as exc:
+                if exc.errno != _ENOTSUP:  # a filesystem without them (a FUSE server)
+                    raise
+                xattrs = None
         except FileChanged:
             _close(fd)
             rec, problem = _rehash_by_path(entry, want_xattrs, recent)
@@ -373,6 +378,7 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
 
 
 _read, _fstat, _close, _listxattr = os.read, os.fstat, os.close, os.listxattr
+_ENOTSUP = errno.ENOTSUP
 _S_ISREG = stat.S_ISREG
 _blake3 = blake3.blake3
 

@@ -1,0 +1,108 @@
+"""Filesystems other than ext4 under a rule: what the kernel answers there must not
+cost a file its content check."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import Cli
+
+#: A read-only FUSE filesystem of one file, /conf, that supports no extended
+#: attributes (listxattr answers ENOSYS, as sshfs and many FUSE servers do; the
+#: kernel turns it into EOPNOTSUPP). SIGUSR1 changes the file's bytes, not its size
+#: or times: only its content tells.
+SERVER = r"""
+import errno, signal, stat, sys, time
+from fuse import FUSE, FuseOSError, Operations
+
+content = {"bytes": b"AllowUsers alice\n"}
+then = time.time() - 600
+
+class NoXattrs(Operations):
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2,
+                    "st_mtime": then, "st_ctime": then, "st_atime": then}
+        if path != "/conf":
+            raise FuseOSError(errno.ENOENT)
+        return {"st_mode": stat.S_IFREG | 0o644, "st_nlink": 1,
+                "st_size": len(content["bytes"]), "st_mtime": then, "st_ctime": then,
+                "st_atime": then}
+
+    def readdir(self, path, fh):
+        return [".", "..", "conf"]
+
+    def read(self, path, size, offset, fh):
+        return content["bytes"][offset:offset + size]
+
+    def listxattr(self, path):
+        raise FuseOSError(errno.ENOSYS)
+
+    def getxattr(self, path, name, position=0):
+        raise FuseOSError(errno.ENOSYS)
+
+def swap(*_):
+    content["bytes"] = b"AllowUsers mallo\n"
+
+signal.signal(signal.SIGUSR1, swap)
+FUSE(NoXattrs(), sys.argv[1], foreground=True, ro=True, direct_io=True, nothreads=True)
+"""
+
+
+@pytest.fixture
+def fuse_mount(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """The mount point of SERVER, and a function that changes its file's bytes."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.fail("needs root and /dev/fuse (scripts/test runs as root)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(mnt)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not (mnt / "conf").exists():
+            assert server.poll() is None, server.communicate()[1]
+            assert time.monotonic() < deadline, "the FUSE server did not mount"
+            time.sleep(0.05)
+        with pytest.raises(OSError) as unsupported:
+            os.listxattr(mnt / "conf")
+        assert unsupported.value.errno == 95  # EOPNOTSUPP, as the scan meets it
+
+        def swap() -> None:
+            server.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 5
+            while (mnt / "conf").read_bytes() != b"AllowUsers mallo\n":
+                assert time.monotonic() < deadline, "the FUSE server did not swap"
+                time.sleep(0.02)
+
+        yield mnt, swap
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        server.wait(timeout=10)
+
+
+def test_a_filesystem_without_extended_attributes_keeps_its_content_checked(
+        fuse_mount: tuple[Path, Callable[[], None]],
+        write_policy: Callable[..., Path], tmp_path: Path) -> None:
+    """listxattr failing with EOPNOTSUPP used to fail the whole read: init stored the
+    file without a digest, with a warning, and no content change was ever reported."""
+    mnt, swap = fuse_mount
+    policy = write_policy({"path": str(mnt), "check": "config", "severity": "critical"})
+    cli = Cli(tmp_path / "state" / "integrity.db", policy)
+    init = cli("init")
+    assert init.exit_code == 0, init.stderr
+    assert "warning" not in init.stderr.lower(), init.stderr
+    swap()
+    report = json.loads(cli("verify", "--json").stdout)
+    assert report["errors"] == []
+    assert [(c["path"], c["changed"]) for c in report["changes"]] == [
+        (str(mnt / "conf"), ["content"])]

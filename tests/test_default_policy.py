@@ -163,8 +163,17 @@ def test_the_default_policy_catches_what_attackers_plant(tmp_path: Path,
     restore.create(home / ".ssh" / "authorized_keys", b"ssh-ed25519 AAAA newuser\n")
     os.chown(home, 65534, 65534)
     (WEB / "html" / "build-integrity-test.txt").write_bytes(b"build 2\n")
+    # Names editors and package managers leave behind: logrotate runs a drop-in
+    # called .#x as root, nginx includes sites-enabled/x~. None may hide.
+    leftovers = [Path("/etc/default") / name.format(os.getpid()) for name in (
+        ".#integrity-test-{}", "integrity-test-{}~", ".integrity-test-{}.swp",
+        "integrity-test-{}.dpkg-tmp", "integrity-test-{}.rpmnew.tmp")]
+    for leftover in leftovers:
+        restore.create(leftover, b"/var/log/x {\n  postrotate\n    id\n  endscript\n}\n")
 
     found = changes(cli)
+    for leftover in leftovers:
+        assert seen(found, leftover) == ("added", "/etc", "high"), leftover
     assert seen(found, pam_module) == ("added", "/usr/lib", "critical")
     assert seen(found, ROOT_KEYS) == ("modified", "/root/.ssh", "critical")
     assert found[str(ROOT_KEYS)]["changed"] == ["content", "size"]

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -19,7 +20,7 @@ from conftest import Cli
 #: A read-only FUSE filesystem of one file, /conf, that supports no extended
 #: attributes (listxattr answers ENOSYS, as sshfs and many FUSE servers do; the
 #: kernel turns it into EOPNOTSUPP). SIGUSR1 changes the file's bytes, not its size
-#: or times: only its content tells.
+#: or times: only its content tells. SIGUSR2 makes reads fail with EIO, or work again.
 SERVER = r"""
 import errno, signal, stat, sys, time
 from fuse import FUSE, FuseOSError, Operations
@@ -42,6 +43,8 @@ class NoXattrs(Operations):
         return [".", "..", "conf"]
 
     def read(self, path, size, offset, fh):
+        if failing:
+            raise FuseOSError(errno.EIO)
         return content["bytes"][offset:offset + size]
 
     def listxattr(self, path):
@@ -53,14 +56,28 @@ class NoXattrs(Operations):
 def swap(*_):
     content["bytes"] = b"AllowUsers mallo\n"
 
+def toggle(*_):
+    global failing
+    failing = not failing
+
+failing = False
 signal.signal(signal.SIGUSR1, swap)
+signal.signal(signal.SIGUSR2, toggle)
 FUSE(NoXattrs(), sys.argv[1], foreground=True, ro=True, direct_io=True, nothreads=True)
 """
 
 
+class Fuse(NamedTuple):
+    """SERVER's mount point; change its file's bytes; make its reads fail (or not)."""
+
+    mnt: Path
+    swap: Callable[[], None]
+    toggle: Callable[[], None]
+
+
 @pytest.fixture
-def fuse_mount(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
-    """The mount point of SERVER, and a function that changes its file's bytes."""
+def fuse_mount(tmp_path: Path) -> Iterator[Fuse]:
+    """SERVER, mounted."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.fail("needs root and /dev/fuse (scripts/test runs as root)")
     mnt = tmp_path / "mnt"
@@ -84,18 +101,21 @@ def fuse_mount(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
                 assert time.monotonic() < deadline, "the FUSE server did not swap"
                 time.sleep(0.02)
 
-        yield mnt, swap
+        def toggle() -> None:
+            server.send_signal(signal.SIGUSR2)
+            time.sleep(0.2)  # direct_io: the next read asks the server
+
+        yield Fuse(mnt, swap, toggle)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         server.wait(timeout=10)
 
 
 def test_a_filesystem_without_extended_attributes_keeps_its_content_checked(
-        fuse_mount: tuple[Path, Callable[[], None]],
-        write_policy: Callable[..., Path], tmp_path: Path) -> None:
+        fuse_mount: Fuse, write_policy: Callable[..., Path], tmp_path: Path) -> None:
     """listxattr failing with EOPNOTSUPP used to fail the whole read: init stored the
     file without a digest, with a warning, and no content change was ever reported."""
-    mnt, swap = fuse_mount
+    mnt, swap = fuse_mount.mnt, fuse_mount.swap
     policy = write_policy({"path": str(mnt), "check": "config", "severity": "critical"})
     cli = Cli(tmp_path / "state" / "integrity.db", policy)
     init = cli("init")
@@ -106,3 +126,43 @@ def test_a_filesystem_without_extended_attributes_keeps_its_content_checked(
     assert report["errors"] == []
     assert [(c["path"], c["changed"]) for c in report["changes"]] == [
         (str(mnt / "conf"), ["content"])]
+
+
+def test_an_entry_that_cannot_be_read_is_alerted_until_it_can(
+        fuse_mount: Fuse, write_policy: Callable[..., Path], tmp_path: Path) -> None:
+    """A file that cannot be read cannot be compared: its change would go unseen.
+    Whatever makes the read fail (an I/O error here; a fanotify permission event
+    denying our opens, for root), it is an open warning alerted once at its rule's
+    severity, and its resolution alerted when it can be read again."""
+    alerts = tmp_path / "alerts.jsonl"
+    policy = write_policy({"path": str(fuse_mount.mnt), "check": "config",
+                           "severity": "critical"},
+                          extra=f'[[alert]]\ntype = "jsonl"\npath = "{alerts}"\n')
+    cli = Cli(tmp_path / "state" / "integrity.db", policy)
+    assert cli("init").exit_code == 0
+    conf = str(fuse_mount.mnt / "conf")
+
+    def warnings() -> list[dict[str, Any]]:
+        return [e for e in cli.json("events")
+                if e["kind"] == "warning" and e["path"] == conf]
+
+    def alerted() -> list[dict[str, Any]]:
+        lines = alerts.read_text().splitlines() if alerts.exists() else []
+        return [a for a in map(json.loads, lines) if a["path"] == conf]
+
+    fuse_mount.toggle()
+    for _ in range(2):
+        result = cli("verify", "--json")
+        assert result.exit_code == 1
+        assert [e["path"] for e in json.loads(result.stdout)["errors"]] == [conf]
+    [warning] = warnings()
+    assert (warning["status"], warning["severity"], warning["classification"],
+            warning["count"]) == ("open", "critical", "unreadable", 2)
+    assert "Input/output error" in warning["new"]["warning"]
+    assert len(alerted()) == 1  # once, not at every scan
+
+    fuse_mount.toggle()
+    assert cli("verify").exit_code == 0
+    [warning] = warnings()
+    assert warning["status"] == "resolved"
+    assert len(alerted()) == 2  # and its resolution

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from integrity.errors import BaselineError, ScanWarning, UsageError
+from integrity.errors import BaselineError, ScanWarning, UsageError, Vanished
 from integrity.ops.seal import (Pins, SealCheck, SealedIndex, check_head, check_pins,
                                 effective_policy, verify_seal)
 from integrity.paths import key_range, to_key
@@ -261,7 +261,7 @@ def record(store: Store, policy: Policy, result: ScanResult, source: str,
     record it with its diff; open events in `scope` that no longer differ are closed. A
     change a maintenance window expected is recorded as such (ops/windows.py)."""
     from integrity.ops.windows import Expectations
-    from integrity.store.events import EXPECTED, Sighting, UNEXPLAINED
+    from integrity.store.events import EXPECTED, Sighting, UNEXPLAINED, Unreadable
 
     context = context or EventContext()
     actor_of = context.actor_of if source == "realtime" else None
@@ -285,11 +285,16 @@ def record(store: Store, policy: Policy, result: ScanResult, source: str,
                                   rule.name if rule else None, severity, classification,
                                   actor, diffs.get(change.path),
                                   window.id if window is not None else None))
+    unreadable = []
+    for warning in result.warnings:
+        rule = policy.rule_for(warning.path)
+        if rule is not None and not isinstance(warning, (SkippedTree, Vanished)):
+            unreadable.append(Unreadable(warning.path, warning.error, rule.severity))
     return store.events.record(
         sightings, source, scope,
         unknown=[w.path for w in result.warnings if not isinstance(w, SkippedTree)],
         skipped=[w.path for w in result.warnings if isinstance(w, SkippedTree)],
-        routes=context.routes, covered=policy.covers)
+        routes=context.routes, covered=policy.covers, unreadable=unreadable)
 
 
 def _when(change: Change, now: dt.datetime) -> dt.datetime:

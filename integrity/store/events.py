@@ -12,7 +12,7 @@ import datetime as dt
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import sqlalchemy as sa
 
@@ -118,7 +118,8 @@ class Events:
     def record(self, sightings: Sequence[Sighting], source: str,
                scope: Sequence[tuple[bytes, bytes]], *, unknown: Iterable[bytes] = (),
                skipped: Iterable[bytes] = (), routes: Sequence[Route] = (),
-               covered: Callable[[bytes], bool] | None = None) -> Recorded:
+               covered: Callable[[bytes], bool] | None = None,
+               unreadable: Sequence[Unreadable] = ()) -> Recorded:
         """Record a scan's changes; return what was new, updated and reverted.
 
         Open events inside `scope` (key ranges the scan examined) whose path no
@@ -126,6 +127,10 @@ class Events:
         `unknown` and below `skipped` directories (not examinable this time); those
         the policy no longer covers (`covered` False) are closed as excluded. New
         events are owed to `routes` in the same transaction.
+
+        Each `unreadable` entry (one the scan could not check) opens a warning,
+        alerted once; an open one in `scope` that was read this time is resolved,
+        and its resolution alerted.
         """
         e = schema.event
         now = utcnow()
@@ -189,7 +194,8 @@ class Events:
                 for chunk in chunks(ids):
                     conn.execute(e.update().where(e.c.id.in_(chunk))
                                  .values(status=status, last_seen=now))
-            journal(conn, "event", [*new_ids, *touched, *gone])
+            noticed = _unreadable_in(conn, scope, unreadable, source, now, routes)
+            journal(conn, "event", [*new_ids, *touched, *gone, *noticed])
         return Recorded(new_ids, updated, len(gone))
 
     def warn(self, path: bytes, message: str, *, source: str = "realtime",
@@ -358,6 +364,58 @@ def _doc(row: sa.RowMapping) -> EventDoc:
         "diff": row["diff"], "chain": None,
         "window": row["window_id"], "ticket": row["ticket"],
     }
+
+
+#: The classification of a warning that a scan could not check an entry.
+UNREADABLE = "unreadable"
+
+
+class Unreadable(NamedTuple):
+    """An entry a scan could not check, why, and the severity of its rule."""
+
+    path: bytes
+    message: str
+    severity: str
+
+
+def _unreadable_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]],
+                   unreadable: Sequence[Unreadable], source: str, now: dt.datetime,
+                   routes: Sequence[Route]) -> list[int]:
+    """Open (and alert) a warning per entry a scan could not check, unless one is open;
+    resolve (and alert) the open ones in `scope` it checked this time. The ids touched.
+
+    An entry that cannot be read cannot be compared: its change would be unseen, so
+    that is alerted as loudly as a change, whatever made the read fail."""
+    e = schema.event
+    warned: dict[bytes, tuple[int, str]] = {}
+    for low, high in scope:
+        warned.update((bytes(key), (event_id, severity))
+                      for key, event_id, severity in conn.execute(
+            sa.select(e.c.key, e.c.id, e.c.severity).where(
+                e.c.status == OPEN, e.c.kind == WARNING,
+                e.c.classification == UNREADABLE, e.c.key >= low, e.c.key < high)))
+    touched: list[int] = []
+    now_unreadable = {to_key(u.path): u for u in unreadable}
+    for key, item in now_unreadable.items():
+        state = json.dumps({"warning": item.message})
+        existing = warned.get(key)
+        if existing is not None:
+            conn.execute(e.update().where(e.c.id == existing[0]).values(
+                count=e.c.count + 1, last_seen=now, new=state))
+            touched.append(existing[0])
+            continue
+        event_id = inserted_id(conn.execute(e.insert().values(
+            key=key, kind=WARNING, changed="", source=source, rule=None,
+            severity=item.severity, classification=UNREADABLE, status=OPEN, count=1,
+            first_seen=now, last_seen=now, old=None, new=state, actor=None)))
+        enqueue(conn, routes, [(event_id, item.severity)])
+        touched.append(event_id)
+    readable = [found for key, found in warned.items() if key not in now_unreadable]
+    for event_id, _ in readable:
+        conn.execute(e.update().where(e.c.id == event_id).values(
+            status=RESOLVED, last_seen=now))
+    enqueue(conn, routes, readable)
+    return touched + [event_id for event_id, _ in readable]
 
 
 def _open_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]]

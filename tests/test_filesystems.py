@@ -166,3 +166,54 @@ def test_an_entry_that_cannot_be_read_is_alerted_until_it_can(
     [warning] = warnings()
     assert warning["status"] == "resolved"
     assert len(alerted()) == 2  # and its resolution
+
+
+@pytest.fixture
+def bind_mounts() -> Iterator[Callable[[Path, Path], None]]:
+    """mount --bind, undone after the test."""
+    mounted: list[Path] = []
+
+    def bind(source: Path, target: Path) -> None:
+        subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+        mounted.append(target)
+
+    yield bind
+    for target in reversed(mounted):
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+@pytest.mark.parametrize("rule_on_the_file", [False, True])
+def test_a_filesystem_mounted_over_a_protected_file_is_alerted(
+        bind_mounts: Callable[[Path, Path], None], write_policy: Callable[..., Path],
+        tmp_path: Path, rule_on_the_file: bool) -> None:
+    """The attack: bind-mount a file (or a FUSE file that serves the original bytes
+    to us and others to everyone else) over sshd_config. No inotify event, and the
+    scan reads what the mount shows. The walk sees the file on another device than
+    its directory, confirms the mount point in /proc/self/mountinfo, and reports it
+    at every scan, --fast included, until it is gone."""
+    tree = tmp_path / "ssh"
+    tree.mkdir()
+    conf = tree / "sshd_config"
+    conf.write_text("AllowUsers alice\n")
+    decoy = tmp_path / "elsewhere" / "decoy"  # another filesystem would do as well
+    decoy.parent.mkdir()
+    decoy.write_text("AllowUsers alice\n")  # even the same bytes
+    alerts = tmp_path / "alerts.jsonl"
+    policy = write_policy({"path": str(conf if rule_on_the_file else tree),
+                           "check": "config", "severity": "critical"},
+                          extra=f'[[alert]]\ntype = "jsonl"\npath = "{alerts}"\n')
+    cli = Cli(tmp_path / "state" / "integrity.db", policy)
+    assert cli("init").exit_code == 0
+    bind_mounts(decoy, conf)
+    assert os.stat(conf).st_dev == os.stat(tree).st_dev  # the same filesystem: a bind
+    for args in (("verify",), ("verify", "--fast")):
+        result = cli(*args, "--json")
+        assert result.exit_code == 1, args
+        assert json.loads(result.stdout)["errors"] == [{
+            "path": str(conf), "error": "mount check failed: a filesystem is mounted on "
+                                        "it (checked as the mount shows it)"}], args
+    alerted = [json.loads(line) for line in alerts.read_text().splitlines()]
+    assert [(a["path"], a["kind"], a["severity"]) for a in alerted] == [
+        (str(conf), "warning", "critical")]
+    subprocess.run(["umount", str(conf)], check=True)
+    assert cli("verify").exit_code == 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, overload
@@ -65,6 +67,35 @@ class SkippedTree(ScanWarning):
     """A directory whose contents could not be listed: nothing below it is known."""
 
 
+def mount_points() -> dict[bytes, frozenset[bytes]]:
+    """Where filesystems are mounted now: directory -> names of the entries in it that
+    are mount points, from /proc/self/mountinfo (read once per walk). A bind
+    mount of a file from the same filesystem keeps its device: only the mount table
+    tells."""
+    table: dict[bytes, set[bytes]] = {}
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            for line in handle:
+                fields = line.split(b" ", 5)
+                if len(fields) > 4 and fields[4] != b"/":
+                    point = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
+                    parent, _, name = point.rpartition(b"/")
+                    table.setdefault(parent or b"/", set()).add(name)
+    except OSError:
+        pass
+    return {parent: frozenset(names) for parent, names in table.items()}
+
+
+def mount_warning(path: bytes) -> ScanWarning:
+    """A filesystem mounted on a protected file: what is read is the mount's, and a
+    mount makes no inotify event. Reported at every scan while it is there."""
+    return ScanWarning(path, "mount check", "a filesystem is mounted on it",
+                       "checked as the mount shows it")
+
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
 #: A directory's rule and what its entries are judged by, derived once per directory:
 #: (rule, prefix: the path and a slash, searching, record_all, excludes or None when
 #: the rule excludes nothing, includes, any includes, the depth of the entries'
@@ -92,6 +123,10 @@ class _Frame:
     #: What _descend derives from the rest for its per-entry loop, kept for when the
     #: walk comes back from a subdirectory.
     scope: _Scope | None = None
+    #: The walk's mount table (see mount_points), and the names of this directory's
+    #: entries that are mount points (None: none is).
+    table: dict[bytes, frozenset[bytes]] | None = None
+    mounts: frozenset[bytes] | None = None
 
 
 def walk_roots(policy: Policy, roots: Iterable[bytes] | None = None) -> list[bytes]:
@@ -176,9 +211,10 @@ def walk(policy: Policy, roots: Iterable[bytes] | None = None, *,
     waypoints = policy.waypoints
     starts = walk_roots(policy, roots) if descend else sorted(
         roots if roots is not None else policy.bases, key=to_key)
+    table = mount_points()
     for root in starts:
         yield from _walk_root(policy, root, waypoints, descend, share or (0, 1),
-                              dirs_only)
+                              table, dirs_only)
 
 
 def open_parent(path: bytes, top: bytes) -> tuple[int, str]:
@@ -227,8 +263,8 @@ def lstat_in_tree(path: bytes, top: bytes) -> os.stat_result:
 
 
 def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
-               share: tuple[int, int], dirs_only: bool = False,
-               ) -> Iterator[WalkEntry | Passage | ScanWarning]:
+               share: tuple[int, int], table: dict[bytes, frozenset[bytes]],
+               dirs_only: bool = False) -> Iterator[WalkEntry | Passage | ScanWarning]:
     part = share[0]
     found = policy.rule_for(root)
     if found is None and root not in waypoints:
@@ -259,6 +295,9 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
         recorded = found is not None and policy.covers(root)
         if recorded and not part and (is_dir or not dirs_only):
             yield WalkEntry(root, name, st, parent_fd, rule)
+            if not is_dir and os.path.basename(root) in table.get(
+                    os.path.dirname(root), ()):
+                yield mount_warning(root)
         if not is_dir or not descend:
             return
         # Inside an excluded directory of a rule with include globs: searched.
@@ -275,7 +314,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
         except OSError:
             root_dev = st.st_dev
         frame = _open_frame(root, parent_fd, rule, record_children, root_dev, 0,
-                            searching, dirs_only, share=share)
+                            searching, dirs_only, share=share, table=table)
     finally:
         os.close(parent_fd)
     if isinstance(frame, ScanWarning):
@@ -288,7 +327,9 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
 def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
                 root_dev: int, depth: int, searching: bool = False,
                 dirs_only: bool = False, name: str | None = None,
-                share: tuple[int, int] = (0, 1)) -> _Frame | ScanWarning:
+                share: tuple[int, int] = (0, 1),
+                table: dict[bytes, frozenset[bytes]] | None = None
+                ) -> _Frame | ScanWarning:
     """Open and list a directory (`name`: its name in parent_fd, when the caller has
     it from the listing); a failure becomes a SkippedTree warning. With a `share`
     of the walk, other workers' non-directories are left out (see _descend)."""
@@ -317,7 +358,8 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
                            exc.strerror or str(exc), consequence)
     names.sort()
     return _Frame(path, fd, rule, record_children, root_dev, depth, names,
-                  searching=searching)
+                  searching=searching, table=table,
+                  mounts=table.get(path) if table is not None else None)
 
 
 def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
@@ -329,7 +371,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
     try:
         while stack:
             frame = stack[-1]
-            pending, fd, i = frame.pending, frame.fd, frame.index
+            pending, fd, i, mounts = frame.pending, frame.fd, frame.index, frame.mounts
             count = len(pending)
             if i >= count:
                 os.close(fd)
@@ -391,6 +433,10 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                     continue
                 if recorded and mine:
                     yield new_tuple(WalkEntry, (path, name, st, fd, rule))
+                    # After its entry: what the mount shows is still compared.
+                    if mounts is not None and raw in mounts \
+                            and not is_directory(st.st_mode):
+                        yield mount_warning(path)
                 if not is_directory(st.st_mode):
                     continue
                 searching = False
@@ -414,7 +460,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 if dirs_only and not recorded and mine:
                     yield Passage(path, st)
                 child = _open_frame(path, fd, rule, record_children, root_dev, depth,
-                                    searching, dirs_only, name, share)
+                                    searching, dirs_only, name, share, frame.table)
                 if isinstance(child, ScanWarning):
                     if (recorded or record_children) and mine:
                         yield child

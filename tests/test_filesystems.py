@@ -20,7 +20,8 @@ from conftest import Cli
 #: A read-only FUSE filesystem of one file, /conf, that supports no extended
 #: attributes (listxattr answers ENOSYS, as sshfs and many FUSE servers do; the
 #: kernel turns it into EOPNOTSUPP). SIGUSR1 changes the file's bytes, not its size
-#: or times: only its content tells. SIGUSR2 makes reads fail with EIO, or work again.
+#: or times: only its content tells. SIGUSR2 makes reads fail with EIO, or work again;
+#: SIGHUP the same for listing the directory.
 SERVER = r"""
 import errno, signal, stat, sys, time
 from fuse import FUSE, FuseOSError, Operations
@@ -40,6 +41,8 @@ class NoXattrs(Operations):
                 "st_atime": then}
 
     def readdir(self, path, fh):
+        if hiding:
+            raise FuseOSError(errno.EIO)
         return [".", "..", "conf"]
 
     def read(self, path, size, offset, fh):
@@ -60,9 +63,14 @@ def toggle(*_):
     global failing
     failing = not failing
 
-failing = False
+def hide(*_):
+    global hiding
+    hiding = not hiding
+
+failing = hiding = False
 signal.signal(signal.SIGUSR1, swap)
 signal.signal(signal.SIGUSR2, toggle)
+signal.signal(signal.SIGHUP, hide)
 FUSE(NoXattrs(), sys.argv[1], foreground=True, ro=True, direct_io=True, nothreads=True)
 """
 
@@ -73,6 +81,7 @@ class Fuse(NamedTuple):
     mnt: Path
     swap: Callable[[], None]
     toggle: Callable[[], None]
+    hide: Callable[[], None]
 
 
 @pytest.fixture
@@ -105,7 +114,11 @@ def fuse_mount(tmp_path: Path) -> Iterator[Fuse]:
             server.send_signal(signal.SIGUSR2)
             time.sleep(0.2)  # direct_io: the next read asks the server
 
-        yield Fuse(mnt, swap, toggle)
+        def hide() -> None:
+            server.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+
+        yield Fuse(mnt, swap, toggle, hide)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         server.wait(timeout=10)
@@ -128,8 +141,10 @@ def test_a_filesystem_without_extended_attributes_keeps_its_content_checked(
         (str(mnt / "conf"), ["content"])]
 
 
+@pytest.mark.parametrize("what", ["file", "directory"])
 def test_an_entry_that_cannot_be_read_is_alerted_until_it_can(
-        fuse_mount: Fuse, write_policy: Callable[..., Path], tmp_path: Path) -> None:
+        fuse_mount: Fuse, write_policy: Callable[..., Path], tmp_path: Path,
+        what: str) -> None:
     """A file that cannot be read cannot be compared: its change would go unseen.
     Whatever makes the read fail (an I/O error here; a fanotify permission event
     denying our opens, for root), it is an open warning alerted once at its rule's
@@ -140,7 +155,9 @@ def test_an_entry_that_cannot_be_read_is_alerted_until_it_can(
                           extra=f'[[alert]]\ntype = "jsonl"\npath = "{alerts}"\n')
     cli = Cli(tmp_path / "state" / "integrity.db", policy)
     assert cli("init").exit_code == 0
-    conf = str(fuse_mount.mnt / "conf")
+    # A file that cannot be read; a directory that cannot be listed hides its tree.
+    conf = str(fuse_mount.mnt / "conf") if what == "file" else str(fuse_mount.mnt)
+    toggle = fuse_mount.toggle if what == "file" else fuse_mount.hide
 
     def warnings() -> list[dict[str, Any]]:
         return [e for e in cli.json("events")
@@ -150,7 +167,7 @@ def test_an_entry_that_cannot_be_read_is_alerted_until_it_can(
         lines = alerts.read_text().splitlines() if alerts.exists() else []
         return [a for a in map(json.loads, lines) if a["path"] == conf]
 
-    fuse_mount.toggle()
+    toggle()
     for _ in range(2):
         result = cli("verify", "--json")
         assert result.exit_code == 1
@@ -161,7 +178,7 @@ def test_an_entry_that_cannot_be_read_is_alerted_until_it_can(
     assert "Input/output error" in warning["new"]["warning"]
     assert len(alerted()) == 1  # once, not at every scan
 
-    fuse_mount.toggle()
+    toggle()
     assert cli("verify").exit_code == 0
     [warning] = warnings()
     assert warning["status"] == "resolved"

@@ -288,7 +288,8 @@ def record(store: Store, policy: Policy, result: ScanResult, source: str,
     unreadable = []
     for warning in result.warnings:
         rule = policy.rule_for(warning.path)
-        if rule is not None and not isinstance(warning, (SkippedTree, Vanished)):
+        # A directory that could not be listed hides all below it: alerted as well.
+        if rule is not None and not isinstance(warning, Vanished):
             unreadable.append(Unreadable(warning.path, warning.error, rule.severity))
     return store.events.record(
         sightings, source, scope,

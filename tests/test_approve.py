@@ -695,6 +695,25 @@ def test_a_hard_link_to_a_packaged_file_is_left_open(host: Host, debs: dict[str,
                                             "the same inode): no package run does that")
 
 
+@needs_dpkg
+def test_a_removed_packages_conffile_recreated_by_hand_is_left_open(
+        host: Host, debs: dict[str, Path]) -> None:
+    """dpkg keeps a removed package's conffiles (config-files) and writes none of them
+    until the package is installed again: one deleted before the baseline and put
+    back with the package's bytes afterwards was put back by someone else."""
+    run = host.cli
+    host.install(debs["1.1"])
+    dpkg(host.log, "-r", PKG)
+    os.unlink(CONF)
+    assert run("init").exit_code == 0
+    host.create(CONF, b"setting = 1.1\n")  # what 1.1 shipped
+    assert changed_paths(run, expect=1)[CONF]["kind"] == "added"
+    doc = approve_json(run, "--package-updates")
+    assert CONF not in {a["path"] for a in doc["approved"]}
+    assert _left(doc)[CONF] == ("added", f"{PKG} 1.1 is not installed (config-files); "
+                                         "dpkg writes no conffile of it")
+
+
 RACE_PKG = "integrity-test-race"
 RACE_DIR = "/usr/share/integrity-test-race"
 RACE_FILE = f"{RACE_DIR}/big"

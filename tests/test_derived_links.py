@@ -257,3 +257,186 @@ def test_service_links_from_install_to_purge(tmp_path: Path, svc_deb: Path) -> N
     approved, left = approve(run)
     assert left == {}
     assert set(approved) == set(changes) >= {WANTS, ALIAS, MASK, f"/etc/rc2.d/S01{SVC}"}
+
+
+# -- links a person made, dressed as a package run's ------------------------------------
+
+@needs_root
+@pytest.mark.skipif(shutil.which("deb-systemd-helper") is None,
+                    reason="needs init-system-helpers")
+def test_a_service_enabled_by_hand_after_a_disable_before_the_baseline_stays_open(
+        tmp_path: Path, svc_deb: Path) -> None:
+    """The admin disabled a packaged service before the baseline (the links are gone,
+    deb-systemd-helper's record and markers stay); re-enabling it by hand is no package
+    run's, even after the package was upgraded (its postinst then leaves it disabled)."""
+    run = policy(tmp_path, [WANTS, ALIAS, MASK, UNIT_FILE])
+    dpkg_cmd("-i", str(svc_deb))
+    target = os.readlink(WANTS)
+    os.unlink(WANTS)  # systemctl disable
+    os.unlink(ALIAS)
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+
+    os.symlink(target, WANTS)  # systemctl enable, by hand
+    os.symlink(target, ALIAS)
+    assert set(changes_of(run)) == {WANTS, ALIAS}
+    approved, left = approve(run)
+    assert approved == {}
+    assert left[WANTS] == (f"{UNIT} was enabled, but {SVC} was not installed or upgraded "
+                           "since the baseline: no package run made this link (a person's "
+                           "systemctl enable)")
+    assert set(left) == {WANTS, ALIAS}
+
+    # The package upgraded since: its postinst sees the unit disabled and keeps it so.
+    os.unlink(WANTS)
+    os.unlink(ALIAS)
+    dpkg_cmd("-i", str(svc_deb))
+    assert not os.path.lexists(WANTS) and not os.path.lexists(ALIAS)
+    changes_of(run)
+    _, left = approve(run)
+    assert left == {}
+    os.symlink(target, WANTS)
+    os.symlink(target, ALIAS)
+    changes_of(run)
+    approved, left = approve(run)
+    assert approved == {}
+    marker = f"/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/{UNIT}"
+    assert left[WANTS] == (f"deb-systemd-helper's enabled marker {marker} predates the "
+                           "baseline, which did not have this link: a person disabled the "
+                           "unit, and deb-systemd-helper never enables it again, so "
+                           "re-adding the link is a person's systemctl enable")
+    assert set(left) == {WANTS, ALIAS}
+
+
+MASKED_DIR = "/var/lib/systemd/deb-systemd-helper-masked"
+
+
+@needs_root
+def test_a_mask_made_by_hand_with_a_planted_masked_marker_stays_open(
+        tmp_path: Path, svc_deb: Path) -> None:
+    """systemctl mask by hand (a link to /dev/null) plus an empty marker planted in
+    deb-systemd-helper's masked state: no package was removed, so it stays open, for
+    an installed unit (think auditd), for a unit nothing ships, and for a unit whose
+    file was deleted by hand."""
+    other = "integrity-test-nothing-ships.service"
+    other_link = f"/etc/systemd/system/{other}"
+    run = policy(tmp_path, [WANTS, ALIAS, MASK, UNIT_FILE, other_link])
+    dpkg_cmd("-i", str(svc_deb))
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    made_dir = not os.path.isdir(MASKED_DIR)
+    planted = [Path(MASKED_DIR, UNIT), Path(MASKED_DIR, other)]
+    try:
+        os.makedirs(MASKED_DIR, exist_ok=True)
+        for marker in planted:
+            marker.touch()
+        os.symlink("/dev/null", MASK)
+        os.symlink("/dev/null", other_link)
+        assert set(changes_of(run)) == {MASK, other_link}
+        approved, left = approve(run)
+        assert approved == {}
+        assert left == {
+            MASK: f"{UNIT} is masked, but its unit file /lib/systemd/system/{UNIT} is "
+                  "still installed: deb-systemd-helper masks a unit only when its package "
+                  "is removed (a person's systemctl mask)",
+            other_link: f"{other} is masked, but no removal of its unit file by its "
+                        "package is in this approval: nothing shows that the package "
+                        "shipping it was removed"}
+
+        # The unit file deleted by hand as well: its package was not removed.
+        os.unlink(f"/lib/systemd/system/{UNIT}")
+        changes_of(run)
+        approved, left = approve(run)
+        assert approved == {}
+        assert left[MASK] == (f"{UNIT} is masked, but {SVC}, which shipped it, was not "
+                              "removed since the baseline (dpkg's log)")
+    finally:
+        for path in (MASK, other_link):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        for marker in planted:
+            marker.unlink(missing_ok=True)
+        if made_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(MASKED_DIR)
+
+
+@needs_root
+def test_alternatives_registered_by_hand_for_a_packaged_file_stay_open(
+        tmp_path: Path, alt_debs: dict[str, Path]) -> None:
+    """update-alternatives run by hand writes the very database the links are judged
+    by: a group registered for any protected path with a packaged choice (dash), or a
+    packaged choice added by hand to a package's group, is no package run's."""
+    run = policy(tmp_path, ALT_RULES)
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    subprocess.run(["update-alternatives", "--install", PLANTED_LINK, ALT, "/usr/bin/dash",
+                    "50"], check=True, capture_output=True)
+    assert os.readlink(PLANTED_LINK) == ALT_SEL and os.readlink(ALT_SEL) == "/usr/bin/dash"
+    assert set(changes_of(run)) == {PLANTED_LINK, ALT_SEL}
+    approved, left = approve(run)
+    assert approved == {}
+    why = (f"{ALT} agrees with dpkg's alternatives database, but dash, which ships the "
+           "choice /usr/bin/dash, was not installed or upgraded since the baseline: the "
+           "group was registered or changed by hand (update-alternatives), not by a "
+           "package run")
+    assert left == {PLANTED_LINK: why, ALT_SEL: why}
+    subprocess.run(["update-alternatives", "--remove-all", ALT], check=True,
+                   capture_output=True)
+
+    # A package's group, then a choice of higher priority added to it by hand.
+    dpkg_cmd("-i", str(alt_debs["a"]))
+    changes_of(run)
+    approved, left = approve(run)
+    assert left == {} and approved[ALT_SEL] == "derived:alternatives"
+    (tmp_path / "again").mkdir()
+    run = policy(tmp_path / "again", ALT_RULES)
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    subprocess.run(["update-alternatives", "--install", ALT_LINK, ALT, "/usr/bin/dash",
+                    "100"], check=True, capture_output=True)
+    assert os.readlink(ALT_SEL) == "/usr/bin/dash"
+    changes_of(run)
+    _, left = approve(run)
+    assert left[ALT_SEL] == why
+
+
+@needs_root
+def test_alternatives_fall_back_when_the_selected_package_is_removed(
+        tmp_path: Path, alt_debs: dict[str, Path]) -> None:
+    """Both choices installed before the baseline; removing the selected one's package
+    moves the selection (and the slave links) back to the other, whose package did not
+    run: the fallback passes because the choice it had is gone with its package."""
+    dpkg_cmd("-i", str(alt_debs["a"]))
+    dpkg_cmd("-i", str(alt_debs["b"]))
+    assert os.readlink(ALT_SEL) == f"{ALT_DIR}/b" and not os.path.lexists(ALT_MAN)
+    run = policy(tmp_path, ALT_RULES)
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    dpkg_cmd("-r", f"{ALT}-b")
+    assert os.readlink(ALT_SEL) == f"{ALT_DIR}/a" and os.path.lexists(ALT_MAN)
+    changes = changes_of(run)
+    approved, left = approve(run)
+    assert left == {}
+    assert set(approved) == set(changes) >= {ALT_SEL, ALT_MAN, ALT_SEL_MAN}
+    assert {approved[p] for p in (ALT_SEL, ALT_MAN, ALT_SEL_MAN)} == \
+        {"derived:alternatives"}
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("deb-systemd-helper") is None,
+                    reason="needs init-system-helpers")
+def test_a_service_of_a_package_removed_since_the_baseline_is_masked(
+        tmp_path: Path, svc_deb: Path) -> None:
+    """Installed before the baseline, removed after: deb-systemd-helper's mask passes."""
+    run = policy(tmp_path, [WANTS, ALIAS, MASK, UNIT_FILE])
+    dpkg_cmd("-i", str(svc_deb))
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    dpkg_cmd("-r", SVC)
+    assert os.readlink(MASK) == "/dev/null"
+    changes = changes_of(run)
+    approved, left = approve(run)
+    assert left == {}
+    assert set(approved) == set(changes) == {MASK, UNIT_FILE}
+    assert approved[MASK] == "derived:deb-systemd-helper"

@@ -244,7 +244,7 @@ class Approver:
                 self._vouch(managers, event.path, old, new, since, package))))
         # Derived files (bytecode, alternatives, trigger caches...) are judged as a
         # batch: a .pyc needs its source's verdict, a cache is made once.
-        verdicts = rejudge(managers, [change for *_, change in judged])
+        verdicts = rejudge(managers, [change for *_, change in judged], since=since)
         for (event, ups, dels, change), verdict in zip(judged, verdicts):
             new = change.new
             if (verdict.vouched and new is not None

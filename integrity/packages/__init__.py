@@ -172,6 +172,17 @@ class PackageManagers:
         backend, _ = found
         return backend.check_attributes(self._canon(path), stat.S_IMODE(mode), uid, gid)
 
+    def dpkg_logged_since(self, since: float,
+                          actions: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(package name, description) of what dpkg's log records of `actions`
+        ("install", "upgrade", "remove", "purge") after unix time `since`, oldest first:
+        what a package run since the baseline did. Empty without dpkg."""
+        backends = self._usable()
+        if isinstance(backends, _Unavailable):
+            return []
+        return [event for backend in backends if isinstance(backend, Dpkg)
+                for event in backend.logged_since(since, actions)]
+
     def check_removed(self, path: bytes, since: float, owner: str | None) -> Verdict:
         """Is the disappearance of path (present at unix time `since`) explained?
 

@@ -75,7 +75,7 @@ class Dpkg:
         self._overrides: dict[bytes, tuple[bytes, bytes, int]] | None = None
         self._md5sums: dict[str, dict[bytes, str]] = {}
         self._debs: dict[str, tuple[dict[bytes, Member] | None, str]] = {}
-        self._log_events: list[tuple[float, str, str]] | None = None
+        self._log_events: list[tuple[float, str, str, str]] | None = None
 
     # -- loading -----------------------------------------------------------------
 
@@ -349,8 +349,12 @@ class Dpkg:
                            None, key)
         label = package.label
         conffile = package.conffiles.get(source)
-        if package.state not in _FILES_PRESENT and conffile is None:
-            return Verdict(False, f"{label} is not installed ({package.state})", None, key)
+        if package.state not in _FILES_PRESENT:
+            # config-files: dpkg keeps a removed package's conffiles, and writes none
+            # until the package is installed again (recreated by hand, it stays open).
+            what = "; dpkg writes no conffile of it" if conffile is not None else ""
+            return Verdict(False, f"{label} is not installed ({package.state}){what}",
+                           None, key)
         try:
             kind = live.kind()
             if kind == "dir":
@@ -457,10 +461,16 @@ class Dpkg:
     def removals_since(self, since: float) -> list[tuple[str, str]]:
         """(package name, description) of dpkg's remove/purge/upgrade actions logged
         after `since`, oldest first."""
+        return self.logged_since(since, ("remove", "purge", "upgrade"))
+
+    def logged_since(self, since: float, actions: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(package name, description) of dpkg's `actions` ("install", "upgrade",
+        "remove", "purge") logged after `since`, oldest first."""
         if self._log_events is None:
             self._log_events = read_dpkg_log(self._log)
         # The log counts whole seconds: an action in the baseline's second may follow it.
-        return [(name, text) for when, name, text in self._log_events if when + 1 > since]
+        return [(name, text) for when, action, name, text in self._log_events
+                if when + 1 > since and action in actions]
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:

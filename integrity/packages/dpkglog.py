@@ -1,7 +1,8 @@
-"""dpkg's log: which packages were removed, purged or upgraded, and when.
+"""dpkg's log: which packages were installed, removed, purged or upgraded, and when.
 
 A removed file is explained by its package's removal or upgrade only if dpkg logged
-one after the baseline was taken; rotated logs (log.1, log.N.gz) are read too.
+one after the baseline was taken; a link a maintainer script made (see `derived`) only
+if its package's install or upgrade was; rotated logs (log.1, log.N.gz) are read too.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import re
 import time
 
 _LOG_LINE = re.compile(
-    rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (remove|purge|upgrade) (\S+) (\S+) (\S+)", re.M)
-_LOG_VERB = {b"remove": "removed", b"purge": "purged", b"upgrade": "upgraded"}
+    rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (install|remove|purge|upgrade) (\S+) (\S+) (\S+)", re.M)
+_LOG_VERB = {b"install": "installed", b"remove": "removed", b"purge": "purged",
+             b"upgrade": "upgraded"}
 
 
-def read_dpkg_log(log: str) -> list[tuple[float, str, str]]:
-    """(time, package name, description) of every remove/purge/upgrade in dpkg's log
-    and its rotations, oldest first."""
+def read_dpkg_log(log: str) -> list[tuple[float, str, str, str]]:
+    """(time, action, package name, description) of every install/remove/purge/upgrade
+    in dpkg's log and its rotations, oldest first; the action is dpkg's word for it."""
     rotated = sorted(glob.glob(glob.escape(log) + ".*.gz"),
                      key=lambda p: int(p.rsplit(".", 2)[-2])
                      if p.rsplit(".", 2)[-2].isdigit() else 0)
-    events: list[tuple[float, str, str]] = []
+    events: list[tuple[float, str, str, str]] = []
     for path in reversed([log, log + ".1", *rotated]):
         try:
             opener = gzip.open if path.endswith(".gz") else open
@@ -38,8 +40,9 @@ def read_dpkg_log(log: str) -> list[tuple[float, str, str]]:
             except ValueError:
                 continue
             verb = _LOG_VERB[match.group(2)]
-            change = f"{old} -> {new}" if action == "upgrade" else old
-            events.append((when, pkg.split(":", 1)[0],
+            change = (f"{old} -> {new}" if action == "upgrade" else
+                      new if action == "install" else old)
+            events.append((when, action, pkg.split(":", 1)[0],
                            f"dpkg {verb} {pkg} {change} at {stamp}"))
     events.sort(key=lambda event: event[0])
     return events

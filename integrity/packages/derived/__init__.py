@@ -63,8 +63,10 @@ def kinds() -> list[Kind]:
 
 
 def rejudge(managers: PackageManagers, changes: Sequence[Change],
-            use: Sequence[Kind] | None = None) -> list[Verdict]:
-    """The final verdict on each change of one approval, in order.
+            use: Sequence[Kind] | None = None, since: float | None = None) -> list[Verdict]:
+    """The final verdict on each change of one approval, in order; `since` is when the
+    baseline was taken (unix time): links a maintainer script made pass only when
+    dpkg logged that package's run after it.
 
     A change the package managers vouch for, or a path an installed package lists,
     keeps their verdict: a package's own file is judged against the package, never
@@ -76,7 +78,7 @@ def rejudge(managers: PackageManagers, changes: Sequence[Change],
     sandbox: Sandbox | None = None
     results: dict[bytes, Verdict] = {}
     if candidates:
-        ctx = Context(managers, changes)
+        ctx = Context(managers, changes, since)
         sandbox = ctx.sandbox
         for change in candidates:
             if ctx.owners(change.path):

@@ -13,7 +13,14 @@ slave files. From it:
   it); in manual mode only the choice already there (a changed manual selection is a
   person's `--set`, not a package's); a slave to that choice's slave file;
 - the choice must be a file an installed package ships (a group registered by hand
-  for /usr/local/bin/evil does not pass).
+  for /usr/local/bin/evil does not pass);
+- a link being made (added, or pointed elsewhere) passes only when a package run since
+  the baseline can have made it: dpkg's log shows the selected choice's package
+  installed or upgraded since (its postinst registers the group), or the selection
+  fell back because the choice the baseline selected is gone (no longer a choice, no
+  package ships it) and dpkg logged a removal or upgrade since. update-alternatives
+  run by hand writes the same database, so agreeing with it is not enough: a group
+  registered by hand (`--install /any/path name /usr/bin/dash 50`) stays open.
 
 Added, modified and removed links are judged alike; the link's owner must be root.
 """
@@ -125,21 +132,24 @@ class Alternatives:
                 name = change.path[len(ALTDIR) + 1:]
                 verdicts[change.path] = self._selection(change, names.get(name), ctx)
             else:
-                verdicts[change.path] = self._generic(change, links.get(change.path))
+                verdicts[change.path] = self._generic(change, links.get(change.path), ctx)
         return verdicts
 
-    def _generic(self, change: Change, found: tuple[Group, bytes | None] | None) -> Verdict:
+    def _generic(self, change: Change, found: tuple[Group, bytes | None] | None,
+                 ctx: Context) -> Verdict:
         if found is None:
             return link_verdict(change, None, TOOL, "no alternatives group names this "
                                 "link", NAME)
         group, slave = found
         choice, why = _selected(group)
         if slave is None:
-            return link_verdict(change, ALTDIR + b"/" + group.name, TOOL,
-                                f"the generic link of {display(group.name)}", NAME)
+            return _by_package(change, group, choice, link_verdict(
+                change, ALTDIR + b"/" + group.name, TOOL,
+                f"the generic link of {display(group.name)}", NAME), ctx)
         if choice is not None and slave in choice.slaves:
-            return link_verdict(change, ALTDIR + b"/" + slave, TOOL,
-                                f"a slave link of {display(group.name)}; {why}", NAME)
+            return _by_package(change, group, choice, link_verdict(
+                change, ALTDIR + b"/" + slave, TOOL,
+                f"a slave link of {display(group.name)}; {why}", NAME), ctx)
         return link_verdict(change, None, TOOL, f"a slave of {display(group.name)} that "
                             f"the selected choice lacks; {why}", NAME)
 
@@ -160,7 +170,55 @@ class Alternatives:
         if target is not None and change.new is not None and not ctx.owners(target):
             return Verdict(False, f"{display(target)} is not installed by any package "
                            f"({why})")
-        return link_verdict(change, target, TOOL, why, NAME)
+        return _by_package(change, group, choice, link_verdict(change, target, TOOL, why,
+                                                               NAME), ctx)
+
+
+def _by_package(change: Change, group: Group, choice: Choice | None, verdict: Verdict,
+                ctx: Context) -> Verdict:
+    """A link being made (added, or pointed elsewhere) that agrees with dpkg's database
+    passes only if a package run since the baseline can have made it: update-alternatives
+    run by hand writes that database too. Either the selected choice's package was
+    installed or upgraded since (its postinst registers the group), or the selection
+    fell back because the choice it had is gone with its package."""
+    new, old = change.new, change.old
+    if not verdict.vouched or new is None or (
+            old is not None and old.type == new.type and old.link == new.link):
+        return verdict
+    if choice is None:
+        return Verdict(False, f"{display(group.name)} has no selected choice")
+    owners = ctx.owners(choice.path)
+    run = ctx.installed_since(owners)
+    if run is not None:
+        return Verdict(True, f"{verdict.reason}; {run}", verdict.evidence, verdict.package)
+    dropped = _dropped_choice(group, ctx)
+    if dropped is not None:
+        return Verdict(True, f"{verdict.reason}; {dropped}", verdict.evidence,
+                       verdict.package)
+    return Verdict(False, f"{display(group.name)} agrees with dpkg's alternatives "
+                   f"database, but {owners[0] if owners else 'no package'}, which ships "
+                   f"the choice {display(choice.path)}, was not installed or upgraded "
+                   "since the baseline: the group was registered or changed by hand "
+                   "(update-alternatives), not by a package run")
+
+
+def _dropped_choice(group: Group, ctx: Context) -> str | None:
+    """How the selection fell back after a package run, or None: the baseline selected
+    a file that is no longer a choice and no installed package ships, and dpkg logged a
+    removal or upgrade since (its prerm drops the choice as its files go)."""
+    selection = ctx.changes.get(ALTDIR + b"/" + group.name)
+    old = selection.old if selection is not None else None
+    if old is None or old.type != "symlink" or not old.link:
+        return None
+    if any(choice.path == old.link for choice in group.choices) or ctx.owners(old.link):
+        return None
+    runs = [text for texts in ctx.logged_since("remove", "purge", "upgrade").values()
+            for text in texts]
+    if not runs:
+        return None
+    return (f"the choice the baseline selected, {display(old.link)}, is gone with its "
+            f"package (dpkg logged {len(runs)} removal(s) or upgrade(s) since: "
+            f"{runs[-1]})")
 
 
 def _selected(group: Group) -> tuple[Choice | None, str]:

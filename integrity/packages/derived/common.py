@@ -110,9 +110,14 @@ class Context:
     is checked once.
     """
 
-    def __init__(self, managers: PackageManagers, changes: Iterable[Change]) -> None:
+    def __init__(self, managers: PackageManagers, changes: Iterable[Change],
+                 since: float | None = None) -> None:
         self.managers = managers
         self.changes: Mapping[bytes, Change] = {c.path: c for c in changes}
+        #: When the baseline was taken (unix time); None when unknown, and then no
+        #: package run can be shown to have happened since.
+        self.since = since
+        self._logged: dict[tuple[str, ...], dict[str, list[str]]] = {}
         self._lock = threading.RLock()
         self.sandbox: Sandbox = Sandbox(self.vouched)
         self._vouched: dict[bytes, Verdict] = {}
@@ -145,6 +150,36 @@ class Context:
         with self._lock:
             verdict = self.managers.check_content(path, live)
         return (live if verdict.vouched else None), verdict
+
+    def logged_since(self, *actions: str) -> dict[str, list[str]]:
+        """package name -> what dpkg's log says of its `actions` ("install", "upgrade",
+        "remove", "purge") since the baseline, oldest first; cached. Empty when the
+        baseline's time is not known."""
+        with self._lock:
+            if actions not in self._logged:
+                found: dict[str, list[str]] = {}
+                if self.since is not None:
+                    for name, text in self.managers.dpkg_logged_since(self.since, actions):
+                        found.setdefault(name, []).append(text)
+                self._logged[actions] = found
+            return self._logged[actions]
+
+    def installed_since(self, packages: Iterable[str]) -> str | None:
+        """What dpkg logged of installing or upgrading one of `packages` ("name" or
+        "name:arch") since the baseline (the latest), or None: a maintainer script of
+        theirs can have run since only then."""
+        logged = self.logged_since("install", "upgrade")
+        events = [text for key in packages for text in logged.get(key.split(":", 1)[0], [])]
+        return events[-1] if events else None
+
+    def made_since(self, path: bytes) -> bool:
+        """Was path (not followed) last modified at or after the baseline's second?"""
+        if self.since is None:
+            return False
+        try:
+            return os.lstat(path).st_mtime >= self.since
+        except OSError:
+            return False
 
     def package_files(self, key: str) -> list[bytes]:
         """The paths dpkg lists for an installed package (its info/KEY.list)."""

@@ -6,9 +6,18 @@ an empty file at the link's relative path there. A link under /etc/systemd/syste
 passes when such a record lists it, its marker exists, and the unit file (a file its
 package shipped, unchanged) says, through its [Install] section (WantedBy, RequiredBy,
 Alias, Also, DefaultInstance: read as deb-systemd-helper reads it), that the link
-points exactly where it does. A mask link (to /dev/null) passes while
-deb-systemd-helper's masked state records it. A link no record lists must be gone: a
-`systemctl disable` by hand leaves the record, so the removal stays open.
+points exactly where it does. A link being made (added, or pointed elsewhere) must
+also be a package run's: dpkg's log shows the unit's package installed or upgraded
+since the baseline, and the enabled marker was made since. deb-systemd-helper makes a
+link only for a unit without a marker, and makes the marker with it, so a marker
+older than the baseline, which lacked the link, means a person disabled the unit;
+re-adding the link (`systemctl enable` by hand) stays open. A mask link (to /dev/null)
+passes while deb-systemd-helper's masked state records it; made now, it passes only
+when the masked marker was made since the baseline, the unit file is gone, its removal
+is in the same approval, and dpkg logged the removal or purge of the package the
+baseline recorded as its owner (a mask by hand, of auditd say, stays open). A link no
+record lists must be gone: a `systemctl disable` by hand leaves the record, so the
+removal stays open.
 
 **update-rc.d** (without insserv) links `/etc/rcN.d/S01NAME` for each Default-Start
 level of the LSB header of `/etc/init.d/NAME` (K01 for a disabled service) and
@@ -83,15 +92,23 @@ class SystemdLinks:
               listed: dict[bytes, list[bytes]], ctx: Context) -> Verdict:
         enabled, masked = _INSTANCES[instance]
         new_link = change.new.link if change.new is not None else None
+        # The link is being made (added, or pointed elsewhere), not removed or kept.
+        made = change.new is not None and (change.old is None or change.old.type !=
+                                           change.new.type or change.old.link != new_link)
         if os.path.lexists(os.path.join(masked, rel)) and b"/" not in rel and (
                 change.new is None or new_link == b"/dev/null"):
+            why = _masked_by_removal(instance, rel, os.path.join(masked, rel), ctx) \
+                if made else None
+            if why is not None:
+                return Verdict(False, why)
             return link_verdict(change, b"/dev/null", SYSTEMD_TOOL,
                                 f"{display(rel)} is masked while its package is removed")
         units = listed.get(change.path, [])
         if not units:
             return link_verdict(change, None, SYSTEMD_TOOL, "no unit's "
                                 f"{SYSTEMD_TOOL} record lists it")
-        if not os.path.lexists(os.path.join(enabled, rel)):
+        marker = os.path.join(enabled, rel)
+        if not os.path.lexists(marker):
             return Verdict(False, f"{SYSTEMD_TOOL} lists it for {display(units[0])} but "
                            "has not enabled it (no marker in its state)")
         reasons = []
@@ -109,9 +126,57 @@ class SystemdLinks:
             if dest is None:
                 reasons.append(f"{display(path)} asks for no such link")
                 continue
-            return link_verdict(change, dest, SYSTEMD_TOOL,
-                                f"[Install] of {display(path)} ({verdict.reason})")
+            how = f"[Install] of {display(path)} ({verdict.reason})"
+            if made:
+                # deb-systemd-helper makes a link only for a unit with no enabled
+                # marker yet, and makes the marker with it; only its package's postinst
+                # runs it (a person's `systemctl enable` is no package run).
+                owners = ctx.owners(path)
+                run = ctx.installed_since(owners)
+                if run is None:
+                    return Verdict(False, f"{display(unit)} was enabled, but "
+                                   f"{owners[0] if owners else 'no package'} was not "
+                                   "installed or upgraded since the baseline: no package "
+                                   "run made this link (a person's systemctl enable)")
+                if not ctx.made_since(marker):
+                    return Verdict(False, f"{SYSTEMD_TOOL}'s enabled marker "
+                                   f"{display(marker)} predates the baseline, which did not "
+                                   "have this link: a person disabled the unit, and "
+                                   f"{SYSTEMD_TOOL} never enables it again, so re-adding "
+                                   "the link is a person's systemctl enable")
+                how += f"; {run}"
+            return link_verdict(change, dest, SYSTEMD_TOOL, how)
         return Verdict(False, "; ".join(reasons))
+
+
+def _masked_by_removal(instance: bytes, unit: bytes, marker: bytes,
+                       ctx: Context) -> str | None:
+    """Why a mask link (to /dev/null) being made now is not deb-systemd-helper's, or
+    None: it masks a unit only from its package's postrm on removal, so the unit file
+    must be gone, its removal in this approval, and its package's removal or purge
+    logged by dpkg since the baseline (the masked marker made since, too)."""
+    name = display(unit)
+    if _find_unit(instance, unit).startswith(b"/"):
+        return (f"{name} is masked, but its unit file {display(_find_unit(instance, unit))}"
+                " is still installed: deb-systemd-helper masks a unit only when its "
+                "package is removed (a person's systemctl mask)")
+    if not ctx.made_since(marker):
+        return (f"{name} is masked, but deb-systemd-helper's masked marker "
+                f"{display(marker)} predates the baseline")
+    removed = ctx.logged_since("remove", "purge")
+    owners = []
+    for top in (b"/lib/systemd/", b"/usr/lib/systemd/"):
+        gone = ctx.changes.get(top + instance + b"/" + unit)
+        if gone is not None and gone.new is None and gone.verdict.package:
+            owner = gone.verdict.package
+            owners.append(owner)
+            if removed.get(owner.split(":", 1)[0]):
+                return None
+    if owners:
+        return (f"{name} is masked, but {owners[0]}, which shipped it, was not removed "
+                "since the baseline (dpkg's log)")
+    return (f"{name} is masked, but no removal of its unit file by its package is in this "
+            "approval: nothing shows that the package shipping it was removed")
 
 
 def _records(state: bytes) -> dict[bytes, list[bytes]]:

@@ -317,6 +317,30 @@ def test_sighup_with_a_broken_policy_keeps_running(
     assert_no_crash(site)
 
 
+def test_a_mount_over_a_watched_file_is_alerted_at_once_and_its_end_too(
+        site: Site, start: Callable[..., Daemon], tmp_path: Path) -> None:
+    """The attack: bind-mount a decoy over a.conf. A mount makes no inotify event; the
+    watcher polls the mount table, re-checks what was mounted on, and the walk reports
+    the mount: an alerted warning now, not at the next full scan. Its end, too."""
+    daemon = start()
+    target = site.tree / "a.conf"
+    decoy = tmp_path / "decoy.conf"
+    decoy.write_bytes(target.read_bytes())  # even the same bytes
+    subprocess.run(["mount", "--bind", str(decoy), str(target)], check=True)
+    try:
+        warning = wait_for_event(site, target, kind="warning", status="open")
+        assert warning["classification"] == "unreadable"
+        assert "a filesystem is mounted on it" in warning["new"]["warning"]
+        wait_until(lambda: site.alerts_for(target), "the mount's alert", REALTIME_SECONDS)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    wait_for_event(site, target, kind="warning", status="resolved")
+    wait_until(lambda: len(site.alerts_for(target)) == 2, "the alert of its end",
+               REALTIME_SECONDS)
+    assert daemon.terminate() == 0
+    assert_no_crash(site)
+
+
 def test_sighup_with_a_valid_policy_takes_effect(
         site: Site, start: Callable[..., Daemon]) -> None:
     daemon = start()

@@ -133,7 +133,7 @@ class Service:
                             routes=self.dispatcher.routes())
 
     def _alert(self, verification: Verification) -> None:
-        if verification.recorded.new:
+        if verification.recorded.new or verification.recorded.warned:
             self.dispatcher.wake()  # the outbox rows were written with the events
 
     def _full_scan(self, source: str = "scan", progress: Progress | None = None

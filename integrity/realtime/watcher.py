@@ -15,6 +15,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import stat
 import threading
 import time
@@ -30,7 +31,7 @@ from integrity.policy import Policy
 from integrity.realtime.mounts import (blind_mounts_below, blind_reason, filesystem_type,
                                        read_mounts)
 from integrity.realtime.procfs import read_int
-from integrity.scan.walker import Passage, WalkEntry, walk
+from integrity.scan.walker import Passage, WalkEntry, mount_points, walk
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,12 @@ class Watcher:
         #: Watches on the parents of rule roots that are not themselves watched.
         self.anchors: dict[int, bytes] = {}
         self._skip: list[bytes] = []
+        # A mount makes no inotify event: the mount table is polled instead (its
+        # POLLPRI says it changed), and what was mounted or unmounted is re-checked.
+        self._mountinfo = open("/proc/self/mountinfo", "rb")  # closed in close()
+        self._mount_poll = select.poll()
+        self._mount_poll.register(self._mountinfo, select.POLLPRI | select.POLLERR)
+        self._mount_table = mount_points()
 
     # -- set-up -----------------------------------------------------------------
 
@@ -269,8 +276,22 @@ class Watcher:
                 continue
             if events:
                 self.handle(events)
+            if self._mount_poll.poll(0):
+                self._mounts_changed(self.clock())
             self._flush()
         self._flush(force=True)
+
+    def _mounts_changed(self, now: float) -> None:
+        """Re-check every covered path something was mounted on or unmounted from (a
+        file mounted over is reported by the walk: see walker.mount_points)."""
+        table = mount_points()
+        old, self._mount_table = self._mount_table, table
+        for parent in set(old) | set(table):
+            for name in old.get(parent, frozenset()) ^ table.get(parent, frozenset()):
+                path = (parent if parent != b"/" else b"") + b"/" + name
+                if self.policy.covers(path):
+                    log.info("the mount table changed at %s: re-checking it", display(path))
+                    self._hint(path, now)
 
     def handle(self, events: Iterable[InotifyEvent]) -> None:
         """Turn raw events into hints and watch-map updates."""
@@ -408,4 +429,5 @@ class Watcher:
     def close(self) -> None:
         """Release the inotify instance and every watch (after `run` has returned)."""
         self.inotify.close()
+        self._mountinfo.close()
 

@@ -91,11 +91,13 @@ class Sighting:
 
 @dataclass(frozen=True)
 class Recorded:
-    """What recording a scan did: ids of new events, counts of updated and reverted."""
+    """What recording a scan did: ids of new events, counts of updated and reverted,
+    and whether it owed alerts for warnings (an entry unreadable, or readable again)."""
 
     new: list[int]
     updated: int
     reverted: int
+    warned: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,9 @@ class Events:
                 for chunk in chunks(ids):
                     conn.execute(e.update().where(e.c.id.in_(chunk))
                                  .values(status=status, last_seen=now))
-            noticed = _unreadable_in(conn, scope, unreadable, source, now, routes)
+            noticed, warned = _unreadable_in(conn, scope, unreadable, source, now, routes)
             journal(conn, "event", [*new_ids, *touched, *gone, *noticed])
-        return Recorded(new_ids, updated, len(gone))
+        return Recorded(new_ids, updated, len(gone), warned)
 
     def warn(self, path: bytes, message: str, *, source: str = "realtime",
              severity: str = "high", resolved: bool = False,
@@ -380,9 +382,10 @@ class Unreadable(NamedTuple):
 
 def _unreadable_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]],
                    unreadable: Sequence[Unreadable], source: str, now: dt.datetime,
-                   routes: Sequence[Route]) -> list[int]:
+                   routes: Sequence[Route]) -> tuple[list[int], bool]:
     """Open (and alert) a warning per entry a scan could not check, unless one is open;
-    resolve (and alert) the open ones in `scope` it checked this time. The ids touched.
+    resolve (and alert) the open ones in `scope` it checked this time. The ids touched,
+    and whether any alert is owed.
 
     An entry that cannot be read cannot be compared: its change would be unseen, so
     that is alerted as loudly as a change, whatever made the read fail."""
@@ -395,6 +398,7 @@ def _unreadable_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]],
                 e.c.status == OPEN, e.c.kind == WARNING,
                 e.c.classification == UNREADABLE, e.c.key >= low, e.c.key < high)))
     touched: list[int] = []
+    alerted = False
     now_unreadable = {to_key(u.path): u for u in unreadable}
     for key, item in now_unreadable.items():
         state = json.dumps({"warning": item.message})
@@ -410,12 +414,13 @@ def _unreadable_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]],
             first_seen=now, last_seen=now, old=None, new=state, actor=None)))
         enqueue(conn, routes, [(event_id, item.severity)])
         touched.append(event_id)
+        alerted = True
     readable = [found for key, found in warned.items() if key not in now_unreadable]
     for event_id, _ in readable:
         conn.execute(e.update().where(e.c.id == event_id).values(
             status=RESOLVED, last_seen=now))
     enqueue(conn, routes, readable)
-    return touched + [event_id for event_id, _ in readable]
+    return touched + [event_id for event_id, _ in readable], alerted or bool(readable)
 
 
 def _open_in(conn: sa.Connection, scope: Sequence[tuple[bytes, bytes]]

@@ -362,6 +362,29 @@ def test_a_mask_made_by_hand_with_a_planted_masked_marker_stays_open(
 
 
 @needs_root
+def test_an_admins_mask_removed_by_hand_stays_open(tmp_path: Path, svc_deb: Path) -> None:
+    """The admin masked a unit (systemctl mask: a link to /dev/null, no marker of
+    deb-systemd-helper's) before the baseline; an attacker unmasks it. No package was
+    installed again or purged, so no postinst or postrm unmasked it: it stays open."""
+    run = policy(tmp_path, [WANTS, ALIAS, MASK, UNIT_FILE])
+    dpkg_cmd("-i", str(svc_deb))
+    os.symlink("/dev/null", MASK)
+    try:
+        quiet_dpkg_log()
+        assert run("init").exit_code == 0
+        os.unlink(MASK)
+        assert set(changes_of(run)) == {MASK}
+        approved, left = approve(run)
+        assert approved == {}
+        assert left == {MASK: f"the mask of {UNIT} was removed, but dpkg logged no "
+                              "install, upgrade or purge of a package shipping it since "
+                              "the baseline (a person's systemctl unmask)"}
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(MASK)
+
+
+@needs_root
 def test_alternatives_registered_by_hand_for_a_packaged_file_stay_open(
         tmp_path: Path, alt_debs: dict[str, Path]) -> None:
     """update-alternatives run by hand writes the very database the links are judged

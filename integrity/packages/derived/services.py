@@ -15,7 +15,9 @@ re-adding the link (`systemctl enable` by hand) stays open. A mask link (to /dev
 passes while deb-systemd-helper's masked state records it; made now, it passes only
 when the masked marker was made since the baseline, the unit file is gone, its removal
 is in the same approval, and dpkg logged the removal or purge of the package the
-baseline recorded as its owner (a mask by hand, of auditd say, stays open). A link no
+baseline recorded as its owner (a mask by hand, of auditd say, stays open). A mask
+removed must be its package's run too (installed again, upgraded or purged since), or
+leave no unit file to run: an admin's mask removed by hand stays open. A link no
 record lists must be gone: a `systemctl disable` by hand leaves the record, so the
 removal stays open.
 
@@ -103,6 +105,19 @@ class SystemdLinks:
                 return Verdict(False, why)
             return link_verdict(change, b"/dev/null", SYSTEMD_TOOL,
                                 f"{display(rel)} is masked while its package is removed")
+        if change.new is None and change.old is not None \
+                and change.old.link == b"/dev/null" and b"/" not in rel:
+            # A mask gone: deb-systemd-helper unmasks a unit only from its package's
+            # postinst (installed again) or postrm (purged). With no unit file left
+            # (purged), nothing was unmasked that could run.
+            run = _unmasked_by_package(instance, rel, ctx) \
+                if _find_unit(instance, rel).startswith(b"/") else "no unit file is left"
+            if run is None:
+                return Verdict(False, f"the mask of {display(rel)} was removed, but dpkg "
+                               "logged no install, upgrade or purge of a package shipping "
+                               "it since the baseline (a person's systemctl unmask)")
+            return link_verdict(change, None, SYSTEMD_TOOL,
+                                f"{display(rel)} unmasked by its package's run: {run}")
         units = listed.get(change.path, [])
         if not units:
             return link_verdict(change, None, SYSTEMD_TOOL, "no unit's "
@@ -177,6 +192,21 @@ def _masked_by_removal(instance: bytes, unit: bytes, marker: bytes,
                 "since the baseline (dpkg's log)")
     return (f"{name} is masked, but no removal of its unit file by its package is in this "
             "approval: nothing shows that the package shipping it was removed")
+
+
+def _unmasked_by_package(instance: bytes, unit: bytes, ctx: Context) -> str | None:
+    """What dpkg logged since the baseline of installing, upgrading or purging a
+    package that ships the unit (installed now, or its unit file's removal in this
+    approval), or None."""
+    found = _find_unit(instance, unit)
+    packages = list(ctx.owners(found)) if found.startswith(b"/") else []
+    for top in (b"/lib/systemd/", b"/usr/lib/systemd/"):
+        gone = ctx.changes.get(top + instance + b"/" + unit)
+        if gone is not None and gone.new is None and gone.verdict.package:
+            packages.append(gone.verdict.package)
+    logged = ctx.logged_since("install", "upgrade", "purge")
+    runs = [text for key in packages for text in logged.get(key.split(":", 1)[0], [])]
+    return runs[-1] if runs else None
 
 
 def _records(state: bytes) -> dict[bytes, list[bytes]]:

@@ -350,6 +350,12 @@ def test_actor_command_lines_are_capped() -> None:
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
+        # Popen returns once the child's execve let go of the old memory, before the
+        # new command line is in place: wait for it, or the read races the exec.
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{child}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the child never finished its exec"
+            time.sleep(0.01)
         actor = Processes().get(child, time.monotonic())
         assert isinstance(actor, dict), actor
         cmdline = actor["cmdline"]

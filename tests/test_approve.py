@@ -485,6 +485,13 @@ def _left(doc: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {item["path"]: (item["kind"], item["reason"]) for item in doc["left_open"]}
 
 
+def left_open(run: Cli, path: str) -> tuple[str, str]:
+    """Run approve --package-updates, which must leave `path` open: its (kind, reason)."""
+    doc = approve_json(run, "--package-updates")
+    assert path not in {a["path"] for a in doc["approved"]}, f"{path} was approved"
+    return _left(doc)[path]
+
+
 @needs_dpkg
 def test_package_updates_approve_exactly_the_upgrade(host: Host,
                                                      debs: dict[str, Path]) -> None:
@@ -633,7 +640,7 @@ def test_an_added_file_passes_only_in_the_shape_a_package_gives_it(
     doc = approve_json(run, "--package-updates")
     approved = {a["path"] for a in doc["approved"]}
     assert {DATA, CONF, SHARE} <= approved
-    assert not {TOOL, LIB, NEW_CONF} & approved, "an added path's attributes were not checked"
+    assert not {TOOL, LIB, NEW_CONF} & approved, "added paths' attributes went unchecked"
     left = _left(doc)
     assert left[TOOL] == ("added", f"added as 4755 0:0, and the package does not state "
                                    f"file attributes ({PKG} 1.1: no {PKG}_1.1_all.deb in "
@@ -653,10 +660,8 @@ def test_an_added_file_with_a_capability_is_left_open(host: Host,
     os.setxattr(TOOL, "security.capability", struct.pack("<IIIII", 0x02000001, 1 << 7,
                                                           0, 0, 0))
     changed_paths(run, expect=1)
-    doc = approve_json(run, "--package-updates")
-    assert TOOL not in {a["path"] for a in doc["approved"]}
-    assert _left(doc)[TOOL] == ("added", "package managers do not state extended "
-                                         "attributes")
+    assert left_open(run, TOOL) == ("added", "package managers do not state extended "
+                                             "attributes")
 
 
 @needs_dpkg
@@ -672,9 +677,7 @@ def test_a_packaged_file_replaced_by_a_directory_is_left_open(
     os.mkdir(DATA, mode)
     host.cleanups.append(lambda: os.rmdir(DATA))
     assert changed_paths(run, expect=1)[DATA]["kind"] == "modified"
-    doc = approve_json(run, "--package-updates")
-    assert DATA not in {a["path"] for a in doc["approved"]}
-    assert _left(doc)[DATA] == ("modified", f"a directory where {PKG} 1.1 ships a file")
+    assert left_open(run, DATA) == ("modified", f"a directory where {PKG} 1.1 ships a file")
 
 
 @needs_dpkg
@@ -689,10 +692,8 @@ def test_a_hard_link_to_a_packaged_file_is_left_open(host: Host, debs: dict[str,
     os.link(TOOL, kept)
     host.cleanups.append(lambda: os.unlink(kept))
     assert "nlink" in changed_paths(run, expect=1)[TOOL]["changed"]
-    doc = approve_json(run, "--package-updates")
-    assert TOOL not in {a["path"] for a in doc["approved"]}
-    assert _left(doc)[TOOL] == ("modified", "a hard link was made to it (links 1 -> 2, "
-                                            "the same inode): no package run does that")
+    assert left_open(run, TOOL) == ("modified", "a hard link was made to it (links 1 -> 2, "
+                                                "the same inode): no package run does that")
 
 
 @needs_dpkg
@@ -708,10 +709,8 @@ def test_a_removed_packages_conffile_recreated_by_hand_is_left_open(
     assert run("init").exit_code == 0
     host.create(CONF, b"setting = 1.1\n")  # what 1.1 shipped
     assert changed_paths(run, expect=1)[CONF]["kind"] == "added"
-    doc = approve_json(run, "--package-updates")
-    assert CONF not in {a["path"] for a in doc["approved"]}
-    assert _left(doc)[CONF] == ("added", f"{PKG} 1.1 is not installed (config-files); "
-                                         "dpkg writes no conffile of it")
+    assert left_open(run, CONF) == ("added", f"{PKG} 1.1 is not installed (config-files); "
+                                             "dpkg writes no conffile of it")
 
 
 RACE_PKG = "integrity-test-race"

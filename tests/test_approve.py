@@ -485,6 +485,20 @@ def _left(doc: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {item["path"]: (item["kind"], item["reason"]) for item in doc["left_open"]}
 
 
+def upgrade_and_delete(host: Host, debs: dict[str, Path], path: str) -> tuple[str, str]:
+    """Upgrade to 1.1 and delete `path` by hand meanwhile: the upgrade's own removal
+    (DROPPED) is approved, and `path`'s is left open: its (kind, reason)."""
+    host.install(debs["1.1"], logged=True)
+    os.unlink(path)
+    changes = changed_paths(host.cli, expect=1)
+    assert changes[path]["kind"] == "removed" and changes[DROPPED]["kind"] == "removed"
+    doc = approve_json(host.cli, "--package-updates")
+    approved = {a["path"] for a in doc["approved"]}
+    assert DROPPED in approved
+    assert path not in approved, f"{path}'s removal was approved with the upgrade"
+    return _left(doc)[path]
+
+
 def left_open(run: Cli, path: str) -> tuple[str, str]:
     """Run approve --package-updates, which must leave `path` open: its (kind, reason)."""
     doc = approve_json(run, "--package-updates")
@@ -578,15 +592,7 @@ def test_removing_a_file_no_package_ever_owned_is_not_explained_by_an_upgrade(
     local = f"{SHARE}/local-notes"
     host.create(local, b"the admin's own file\n")
     assert run("init").exit_code == 0
-    host.install(debs["1.1"], logged=True)
-    os.unlink(local)
-    changes = changed_paths(run, expect=1)
-    assert changes[local]["kind"] == "removed" and changes[DROPPED]["kind"] == "removed"
-    doc = approve_json(run, "--package-updates")
-    assert DROPPED in {a["path"] for a in doc["approved"]}
-    assert local not in {a["path"] for a in doc["approved"]}, \
-        "a never-owned file's removal was approved because some package was upgraded"
-    assert _left(doc)[local][0] == "removed"
+    assert upgrade_and_delete(host, debs, local)[0] == "removed"
 
 
 @needs_dpkg
@@ -607,17 +613,9 @@ def test_removing_a_locally_diverted_file_is_not_explained_by_an_upgrade(
     owners = dict(query(run.db, "SELECT e.key, e.package FROM entry e JOIN baseline b "
                                "ON b.id = e.baseline_id WHERE b.state = 'active'"))
     assert (owners[key(NOTES)], owners[key(diverted)]) == (None, PKG)
-    host.install(debs["1.1"], logged=True)
-    os.unlink(NOTES)
-    changes = changed_paths(run, expect=1)
-    assert changes[NOTES]["kind"] == "removed" and changes[DROPPED]["kind"] == "removed"
-    doc = approve_json(run, "--package-updates")
-    assert DROPPED in {a["path"] for a in doc["approved"]}
-    assert NOTES not in {a["path"] for a in doc["approved"]}, \
-        "the admin's diverted-away file was approved as removed by the package's upgrade"
-    assert _left(doc)[NOTES] == ("removed", "not owned by any package when the baseline "
-                                            "was taken: its removal is not explained by "
-                                            "a package")
+    assert upgrade_and_delete(host, debs, NOTES) == (
+        "removed", "not owned by any package when the baseline was taken: its removal is "
+                   "not explained by a package")
 
 
 @needs_dpkg

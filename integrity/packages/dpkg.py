@@ -22,7 +22,7 @@ import grp
 import os
 import pwd
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from integrity.packages.common import (spellings, PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
@@ -198,20 +198,13 @@ class Dpkg:
                         found[path] = key
                     if path in listers:
                         listers[path].append(key)
-        for target, (source, by) in moved.items():
-            self._record_first(found, target, [key for key in listers[source]
-                                               if by == ":" or key.split(":")[0] != by])
-        for source, (_, by) in kept.items():
-            self._record_first(found, source,
-                               [key for key in listers[source] if key.split(":")[0] == by])
+        for path in [*moved, *kept]:
+            located = self._diverted(path, listers.__getitem__)
+            if located:
+                found[path] = located[0][0]
+            else:
+                found.pop(path, None)
         return found
-
-    @staticmethod
-    def _record_first(found: dict[bytes, str], path: bytes, keys: list[str]) -> None:
-        if keys:
-            found[path] = keys[0]
-        else:
-            found.pop(path, None)
 
     def _lists(self) -> Iterator[tuple[str, bytes]]:
         """(package key, its .list file's bytes with a newline in front) for every
@@ -313,11 +306,17 @@ class Dpkg:
         the original name only the diverting package's (no one's, for a local one).
         """
         owners = self._load_index()
+        return self._diverted(path, lambda listed: _as_list(owners.get(listed)))
+
+    def _diverted(self, path: bytes, listing: Callable[[bytes], list[str]]
+                  ) -> list[tuple[str, bytes]]:
+        """_locate's answer from `listing` (path -> keys of the packages listing it),
+        the diversions applied (loaded by the caller)."""
         if path in self._diverted_to:
             source, by = self._diverted_to[path]
-            return [(key, source) for key in _as_list(owners.get(source))
+            return [(key, source) for key in listing(source)
                     if by == ":" or key.split(":")[0] != by]
-        keys = _as_list(owners.get(path))
+        keys = listing(path)
         if path in self._diverted_from:
             _, by = self._diverted_from[path]
             keys = [key for key in keys if key.split(":")[0] == by]

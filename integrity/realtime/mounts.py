@@ -1,8 +1,9 @@
 """The mount table, and what inotify and fanotify can see on each kind of filesystem.
 
 One parser of /proc/self/mountinfo (our own mount namespace: what the watcher will
-see) for the watcher, the fanotify marks and `doctor`, and one table of filesystem
-kinds, so that the three never disagree about which trees are blind.
+see) for the watcher, the fanotify marks, `doctor` and the walk (which reports a
+protected file with a filesystem mounted on it), and one table of filesystem kinds, so
+that they never disagree about which trees are blind.
 
 Only the standard library (and paths.py) is imported: the fanotify helper process
 runs with `python -S` and looks up pseudo filesystems here.

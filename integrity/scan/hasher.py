@@ -221,21 +221,29 @@ def _blake3_large(fd: int, size: int) -> bytes:
     return hasher.digest()
 
 
-def xattr_digest(target: int | bytes, follow: bool = False) -> bytes | None:
+#: listxattr's errors that mean "no extended attributes to compare": the filesystem
+#: has none (a FUSE server without them), or the entry is gone or not ours to ask.
+NO_XATTRS = frozenset({errno.ENOTSUP, errno.ENOENT, errno.EPERM})
+
+
+def xattr_digest(target: int | bytes, follow: bool = False,
+                 names: list[str] | None = None) -> bytes | None:
     """Digest of all extended attributes (SELinux labels, ACLs, capabilities), or None.
 
     `target` is an open fd, or a path that is followed only if `follow` (for a
-    /proc/self/fd link, which leads to the entry itself and not beyond it).
+    /proc/self/fd link, which leads to the entry itself and not beyond it). `names`:
+    its listxattr when the caller has it already.
     """
-    try:
-        if isinstance(target, int):
-            names = os.listxattr(target)
-        else:
-            names = os.listxattr(target, follow_symlinks=follow)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.ENOENT, errno.EPERM):
-            return None
-        raise
+    if names is None:
+        try:
+            if isinstance(target, int):
+                names = os.listxattr(target)
+            else:
+                names = os.listxattr(target, follow_symlinks=follow)
+        except OSError as exc:
+            if exc.errno in NO_XATTRS:
+                return None
+            raise
     if not names:
         return None
     hasher = blake3.blake3()

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import blake3
 
 from integrity.errors import ScanWarning, Vanished
-from integrity.scan.hasher import (SMALL_FILE, FileChanged, blake3_fd, open_at, read_recent,
-                     recent_since, xattr_digest, xattr_digest_at)
+from integrity.scan.hasher import (NO_XATTRS, SMALL_FILE, FileChanged, blake3_fd, open_at,
+                     read_recent, recent_since, xattr_digest, xattr_digest_at)
 from integrity.record import FileRecord
 from integrity.record import new_tuple as _new
 from integrity.policy import Policy, Rule
@@ -342,12 +342,18 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
                 digest = _blake3(data).digest()
             else:
                 digest = blake3_fd(fd, st, recent)
-            try:
-                xattrs = (xattr_digest(fd) if want_xattrs and _listxattr(fd) else None)
-            except OSError as exc:
-                if exc.errno != _ENOTSUP:  # a filesystem without them (a FUSE server)
-                    raise
-                xattrs = None
+            xattrs = None
+            if want_xattrs:
+                # Listed once, here: most files have none, and xattr_digest is not
+                # called for them.
+                try:
+                    names = _listxattr(fd)
+                except OSError as exc:
+                    if exc.errno not in NO_XATTRS:
+                        raise
+                    names = None
+                if names:
+                    xattrs = xattr_digest(fd, names=names)
         except FileChanged:
             _close(fd)
             rec, problem = _rehash_by_path(entry, want_xattrs, recent)
@@ -378,7 +384,6 @@ def _finish(entry: WalkEntry | None, old: FileRecord | None, fd: int, link: byte
 
 
 _read, _fstat, _close, _listxattr = os.read, os.fstat, os.close, os.listxattr
-_ENOTSUP = errno.ENOTSUP
 _S_ISREG = stat.S_ISREG
 _blake3 = blake3.blake3
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, overload
@@ -25,6 +23,7 @@ from integrity.paths import is_within, to_key
 from integrity.policy import Policy, Rule
 from integrity.policy.rules import Excludes
 from integrity.policy.wildcards import Waypoints
+from integrity.realtime.mounts import read_mounts
 from integrity.record import NONE, new_tuple
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -69,20 +68,13 @@ class SkippedTree(ScanWarning):
 
 def mount_points() -> dict[bytes, frozenset[bytes]]:
     """Where filesystems are mounted now: directory -> names of the entries in it that
-    are mount points, from /proc/self/mountinfo (read once per walk). A bind
-    mount of a file from the same filesystem keeps its device: only the mount table
-    tells."""
+    are mount points (read once per walk). A bind mount of a file from the same
+    filesystem keeps its device: only the mount table tells."""
     table: dict[bytes, set[bytes]] = {}
-    try:
-        with open("/proc/self/mountinfo", "rb") as handle:
-            for line in handle:
-                fields = line.split(b" ", 5)
-                if len(fields) > 4 and fields[4] != b"/":
-                    point = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), fields[4])
-                    parent, _, name = point.rpartition(b"/")
-                    table.setdefault(parent or b"/", set()).add(name)
-    except OSError:
-        pass
+    for mount in read_mounts():
+        if mount.mount_point != b"/":
+            parent, _, name = mount.mount_point.rpartition(b"/")
+            table.setdefault(parent or b"/", set()).add(name)
     return {parent: frozenset(names) for parent, names in table.items()}
 
 
@@ -91,9 +83,6 @@ def mount_warning(path: bytes) -> ScanWarning:
     mount makes no inotify event. Reported at every scan while it is there."""
     return ScanWarning(path, "mount check", "a filesystem is mounted on it",
                        "checked as the mount shows it")
-
-
-_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
 #: A directory's rule and what its entries are judged by, derived once per directory:
@@ -123,9 +112,7 @@ class _Frame:
     #: What _descend derives from the rest for its per-entry loop, kept for when the
     #: walk comes back from a subdirectory.
     scope: _Scope | None = None
-    #: The walk's mount table (see mount_points), and the names of this directory's
-    #: entries that are mount points (None: none is).
-    table: dict[bytes, frozenset[bytes]] | None = None
+    #: Names of the directory's entries that are mount points (None: none is).
     mounts: frozenset[bytes] | None = None
 
 
@@ -321,7 +308,7 @@ def _walk_root(policy: Policy, root: bytes, waypoints: Waypoints, descend: bool,
         if not part:
             yield frame
         return
-    yield from _descend(policy, frame, waypoints, share, dirs_only)
+    yield from _descend(policy, frame, waypoints, share, table, dirs_only)
 
 
 def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
@@ -358,13 +345,12 @@ def _open_frame(path: bytes, parent_fd: int, rule: Rule, record_children: bool,
                            exc.strerror or str(exc), consequence)
     names.sort()
     return _Frame(path, fd, rule, record_children, root_dev, depth, names,
-                  searching=searching, table=table,
-                  mounts=table.get(path) if table is not None else None)
+                  searching=searching, mounts=table.get(path) if table else None)
 
 
 def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
-             share: tuple[int, int], dirs_only: bool = False,
-             ) -> Iterator[WalkEntry | Passage | ScanWarning]:
+             share: tuple[int, int], table: dict[bytes, frozenset[bytes]],
+             dirs_only: bool = False) -> Iterator[WalkEntry | Passage | ScanWarning]:
     stack = [top]
     rule_at = policy.rule_at
     lstat, is_directory = os.stat, stat.S_ISDIR
@@ -460,7 +446,7 @@ def _descend(policy: Policy, top: _Frame, waypoints: Waypoints,
                 if dirs_only and not recorded and mine:
                     yield Passage(path, st)
                 child = _open_frame(path, fd, rule, record_children, root_dev, depth,
-                                    searching, dirs_only, name, share, frame.table)
+                                    searching, dirs_only, name, share, table)
                 if isinstance(child, ScanWarning):
                     if (recorded or record_children) and mine:
                         yield child

@@ -188,7 +188,7 @@ def _by_package(change: Change, group: Group, choice: Choice | None, verdict: Ve
     if choice is None:
         return Verdict(False, f"{display(group.name)} has no selected choice")
     owners = ctx.owners(choice.path)
-    run = ctx.installed_since(owners)
+    run = ctx.ran_since(owners, "install", "upgrade")
     if run is not None:
         return Verdict(True, f"{verdict.reason}; {run}", verdict.evidence, verdict.package)
     dropped = _dropped_choice(group, ctx)

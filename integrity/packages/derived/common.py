@@ -164,11 +164,11 @@ class Context:
                 self._logged[actions] = found
             return self._logged[actions]
 
-    def installed_since(self, packages: Iterable[str]) -> str | None:
-        """What dpkg logged of installing or upgrading one of `packages` ("name" or
-        "name:arch") since the baseline (the latest), or None: a maintainer script of
-        theirs can have run since only then."""
-        logged = self.logged_since("install", "upgrade")
+    def ran_since(self, packages: Iterable[str], *actions: str) -> str | None:
+        """What dpkg logged last of `actions` on one of `packages` ("name" or
+        "name:arch") since the baseline, or None: a maintainer script of theirs can
+        have run since only then."""
+        logged = self.logged_since(*actions)
         events = [text for key in packages for text in logged.get(key.split(":", 1)[0], [])]
         return events[-1] if events else None
 

@@ -147,7 +147,7 @@ class SystemdLinks:
                 # marker yet, and makes the marker with it; only its package's postinst
                 # runs it (a person's `systemctl enable` is no package run).
                 owners = ctx.owners(path)
-                run = ctx.installed_since(owners)
+                run = ctx.ran_since(owners, "install", "upgrade")
                 if run is None:
                     return Verdict(False, f"{display(unit)} was enabled, but "
                                    f"{owners[0] if owners else 'no package'} was not "
@@ -171,22 +171,17 @@ def _masked_by_removal(instance: bytes, unit: bytes, marker: bytes,
     must be gone, its removal in this approval, and its package's removal or purge
     logged by dpkg since the baseline (the masked marker made since, too)."""
     name = display(unit)
-    if _find_unit(instance, unit).startswith(b"/"):
-        return (f"{name} is masked, but its unit file {display(_find_unit(instance, unit))}"
-                " is still installed: deb-systemd-helper masks a unit only when its "
-                "package is removed (a person's systemctl mask)")
+    found = _find_unit(instance, unit)
+    if found.startswith(b"/"):
+        return (f"{name} is masked, but its unit file {display(found)} is still "
+                "installed: deb-systemd-helper masks a unit only when its package is "
+                "removed (a person's systemctl mask)")
     if not ctx.made_since(marker):
         return (f"{name} is masked, but deb-systemd-helper's masked marker "
                 f"{display(marker)} predates the baseline")
-    removed = ctx.logged_since("remove", "purge")
-    owners = []
-    for top in (b"/lib/systemd/", b"/usr/lib/systemd/"):
-        gone = ctx.changes.get(top + instance + b"/" + unit)
-        if gone is not None and gone.new is None and gone.verdict.package:
-            owner = gone.verdict.package
-            owners.append(owner)
-            if removed.get(owner.split(":", 1)[0]):
-                return None
+    owners = _removed_unit_owners(instance, unit, ctx)
+    if ctx.ran_since(owners, "remove", "purge") is not None:
+        return None
     if owners:
         return (f"{name} is masked, but {owners[0]}, which shipped it, was not removed "
                 "since the baseline (dpkg's log)")
@@ -200,13 +195,19 @@ def _unmasked_by_package(instance: bytes, unit: bytes, ctx: Context) -> str | No
     approval), or None."""
     found = _find_unit(instance, unit)
     packages = list(ctx.owners(found)) if found.startswith(b"/") else []
+    return ctx.ran_since([*packages, *_removed_unit_owners(instance, unit, ctx)],
+                         "install", "upgrade", "purge")
+
+
+def _removed_unit_owners(instance: bytes, unit: bytes, ctx: Context) -> list[str]:
+    """The packages whose removal of the unit file is in this approval (the owner the
+    baseline recorded)."""
+    owners = []
     for top in (b"/lib/systemd/", b"/usr/lib/systemd/"):
         gone = ctx.changes.get(top + instance + b"/" + unit)
         if gone is not None and gone.new is None and gone.verdict.package:
-            packages.append(gone.verdict.package)
-    logged = ctx.logged_since("install", "upgrade", "purge")
-    runs = [text for key in packages for text in logged.get(key.split(":", 1)[0], [])]
-    return runs[-1] if runs else None
+            owners.append(gone.verdict.package)
+    return owners
 
 
 def _records(state: bytes) -> dict[bytes, list[bytes]]:

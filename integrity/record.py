@@ -104,6 +104,11 @@ class FileRecord(NamedTuple):
                                link, xattrs, st.st_dev))
 
 
+#: FileRecord's fields an lstat gives, in order (size, mode, uid, gid, inode, nlink,
+#: mtime, ctime): `record[LSTAT_FIELDS]` compares them with one tuple comparison.
+LSTAT_FIELDS = slice(3, 11)
+
+
 def iso_ns(ns: int) -> str:
     """ISO 8601 UTC with nanoseconds, from nanoseconds since the epoch."""
     seconds, frac = divmod(ns, 1_000_000_000)

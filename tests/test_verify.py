@@ -416,6 +416,21 @@ def test_fast_finds_touched_content_change(config_run: Cli, tree: Path) -> None:
     assert change["changed"] == ["content"]
 
 
+def test_fast_counts_the_files_it_passes_over_and_diffs_the_changed_one(
+        config_run: Cli, tree: Path) -> None:
+    """--fast passes over the files whose every field is as recorded without building
+    their records: they still count as checked, and the changed file among them still
+    gets the diff of its kept text."""
+    whole = verify_json(config_run, expect=0)
+    assert whole["summary"]["scanned"] == 7  # the root, sub, four files and the link
+    (tree / "sub" / "c.txt").write_text("gammb\n")
+    doc = verify_json(config_run, "--fast", expect=1)
+    assert doc["summary"]["scanned"] == 7
+    change = only_change(doc)
+    assert change["path"] == str(tree / "sub" / "c.txt")
+    assert "-gamma\n+gammb\n" in change["diff"]
+
+
 def _forge(path: Path, data: bytes) -> None:
     """Rewrite a file with same-size content and put its old mtime back."""
     st = path.stat()

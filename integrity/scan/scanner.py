@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
@@ -18,7 +19,7 @@ from typing import NamedTuple, TypeVar
 from integrity.errors import ScanWarning, UsageError, Vanished
 from integrity.paths import display, to_key
 from integrity.policy import Policy, Rule
-from integrity.record import Attr, FileRecord
+from integrity.record import FILE, LSTAT_FIELDS, Attr, FileRecord
 from integrity.record import new_tuple as _new
 from integrity.scan.compare import ADDED, MODIFIED, REMOVED, Change, compare
 from integrity.scan.priority import limit_reads, limited
@@ -149,8 +150,11 @@ class TreeScan:
         # --fast hashes in this thread what changed: the only reads it makes.
         limit_reads(self.rate)
         try:
-            return collect(_fast_outcomes(self.policy, self.roots, base, progress),
-                           self.policy, judged)
+            as_recorded = _AsRecorded(progress, judged)
+            result = collect(_fast_outcomes(self.policy, self.roots, base, progress,
+                                            as_recorded), self.policy, judged)
+            result.scanned += as_recorded.count
+            return result
         finally:
             limit_reads(None)
 
@@ -264,8 +268,58 @@ def _fast_reason(st: os.stat_result, old: FileRecord) -> str | None:
     return None
 
 
+class _AsRecorded:
+    """Counts the files --fast finds as recorded, which it passes over (see
+    _drop_as_recorded), and tells `progress` and `judged` of each as collect would."""
+
+    def __init__(self, progress: Progress | None, judged: Judged | None) -> None:
+        self.count = 0
+        self.progress = progress
+        self.judged = judged
+
+
+def _drop_as_recorded(pairs: Iterator[tuple[WalkEntry | None, FileRecord | None]
+                                      | ScanWarning], seen: _AsRecorded
+                      ) -> Iterator[tuple[WalkEntry | None, FileRecord | None] | ScanWarning]:
+    """--fast's pairs, less the regular files whose every field is as recorded.
+
+    Such a file is not hashed (borg's rule: size, mtime, ctime and inode as
+    recorded), its xattr digest is the baseline's (ctime and inode as recorded), and
+    its other fields are compared here: the record materialize would build for it
+    equals the baseline's, so no rule can find a change in it. Most entries of a
+    --fast verify are such files; building, passing on and comparing a record for
+    each cost 2.9 µs of the main process's 9 µs per entry at a million files.
+    """
+    is_file, regular, lstat_fields = stat.S_ISREG, FILE, LSTAT_FIELDS
+    progress, judged = seen.progress, seen.judged
+    count = 0
+    try:
+        for item in pairs:
+            if type(item) is tuple:
+                entry, old = item
+                if entry is not None and old is not None:
+                    st = entry.st
+                    mode = st.st_mode
+                    if (is_file(mode) and old.type == regular and old.content is not None
+                            and (st.st_size, mode & 0o7777, st.st_uid, st.st_gid,
+                                 st.st_ino, st.st_nlink, st.st_mtime_ns,
+                                 st.st_ctime_ns) == old[lstat_fields]
+                            and st.st_dev == old.dev and (rule := entry.rule).hashes
+                            and (rule.wants_xattrs or old.xattrs is None)):
+                        count += 1
+                        if progress is not None:
+                            progress.add(st.st_size)
+                        if judged is not None:
+                            judged(old.path, False)
+                        continue
+            yield item
+    finally:
+        seen.count += count
+
+
 def _fast_outcomes(policy: Policy, roots: list[bytes], base: Baseline,
-                   progress: Progress | None) -> Iterator[Outcome | ScanWarning]:
+                   progress: Progress | None, as_recorded: _AsRecorded
+                   ) -> Iterator[Outcome | ScanWarning]:
     """--fast: merge first, then hash only files whose stat moved (borg's rule)."""
     verbose = log.isEnabledFor(logging.DEBUG)
 
@@ -284,7 +338,7 @@ def _fast_outcomes(policy: Policy, roots: list[bytes], base: Baseline,
             log.debug("rehashing %s: %s", display(entry.path), reason)
         return reason is not None
 
-    pairs = merge(keyed(walk(policy, roots)), base, policy)
+    pairs = _drop_as_recorded(merge(keyed(walk(policy, roots)), base, policy), as_recorded)
     for out in materialize(pairs, want_hash, progress, READAHEAD):
         if isinstance(out, ScanWarning):
             yield out

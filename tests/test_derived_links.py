@@ -11,6 +11,7 @@ by that log. The tests take tests/test_packages.py's lock.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import rows
 from debs import build_deb, dpkg_cmd
 from test_derived import approve, changes_of, exclusive, needs_root, policy, \
     quiet_dpkg_log
@@ -288,11 +290,15 @@ def test_a_service_enabled_by_hand_after_a_disable_before_the_baseline_stays_ope
     assert set(left) == {WANTS, ALIAS}
 
     # The package upgraded since: its postinst sees the unit disabled and keeps it so.
+    # A scan then sees the links absent, as recorded: the upgrade before it made none
+    # of what is linked after it.
     os.unlink(WANTS)
     os.unlink(ALIAS)
     dpkg_cmd("-i", str(svc_deb))
     assert not os.path.lexists(WANTS) and not os.path.lexists(ALIAS)
+    quiet_dpkg_log()  # the log counts seconds: the scan starts in a later one
     changes_of(run)
+    seen = last_scan_start(tmp_path)
     _, left = approve(run)
     assert left == {}
     os.symlink(target, WANTS)
@@ -300,12 +306,37 @@ def test_a_service_enabled_by_hand_after_a_disable_before_the_baseline_stays_ope
     changes_of(run)
     approved, left = approve(run)
     assert approved == {}
+    assert left[WANTS] == (f"{UNIT} was enabled, but {SVC} was not installed or upgraded "
+                           f"since its last sighting as recorded ({seen}): no package run "
+                           "made this link (a person's systemctl enable)")
+
+    # Upgraded after that sighting, and the links made by hand before any scan: the
+    # marker, older than the sighting, tells the person's link from the package's.
+    os.unlink(WANTS)
+    os.unlink(ALIAS)
+    changes_of(run)
+    seen = last_scan_start(tmp_path)
+    dpkg_cmd("-i", str(svc_deb))
+    assert not os.path.lexists(WANTS) and not os.path.lexists(ALIAS)
+    os.symlink(target, WANTS)
+    os.symlink(target, ALIAS)
+    changes_of(run)
+    approved, left = approve(run)
+    assert approved == {UNIT_FILE: "package-db"}  # the upgrade's own
     marker = f"/var/lib/systemd/deb-systemd-helper-enabled/multi-user.target.wants/{UNIT}"
-    assert left[WANTS] == (f"deb-systemd-helper's enabled marker {marker} predates the "
-                           "baseline, which did not have this link: a person disabled the "
-                           "unit, and deb-systemd-helper never enables it again, so "
-                           "re-adding the link is a person's systemctl enable")
+    assert left[WANTS] == (f"deb-systemd-helper's enabled marker {marker} predates its "
+                           f"last sighting as recorded ({seen}), which did not have this "
+                           "link: a person disabled the unit, and deb-systemd-helper never "
+                           "enables it again, so re-adding the link is a person's "
+                           "systemctl enable")
     assert set(left) == {WANTS, ALIAS}
+
+
+def last_scan_start(tmp_path: Path) -> str:
+    """When the last verify of policy(tmp_path)'s database started, as reasons say it."""
+    (started,), = rows(tmp_path / "state" / "integrity.db",
+                       "SELECT started FROM run ORDER BY id DESC LIMIT 1")
+    return dt.datetime.fromisoformat(started).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 MASKED_DIR = "/var/lib/systemd/deb-systemd-helper-masked"
@@ -422,6 +453,43 @@ def test_alternatives_registered_by_hand_for_a_packaged_file_stay_open(
     changes_of(run)
     _, left = approve(run)
     assert left[ALT_SEL] == why
+
+
+@needs_root
+def test_a_package_run_before_a_path_was_last_seen_as_recorded_explains_nothing_there(
+        tmp_path: Path, alt_debs: dict[str, Path]) -> None:
+    """A package run vouches only for what it can have made: once a scan has seen a
+    path as recorded after the run, a change made there later is someone else's, however
+    much later than the baseline the run was. Both choices' packages are installed and
+    approved, a scan sees the group as recorded, then a person raises the other choice's
+    priority by hand (update-alternatives --install, which leaves the group in automatic
+    mode): the installs explain nothing of it."""
+    run = policy(tmp_path, ALT_RULES)
+    quiet_dpkg_log()
+    assert run("init").exit_code == 0
+    dpkg_cmd("-i", str(alt_debs["a"]))
+    dpkg_cmd("-i", str(alt_debs["b"]))
+    assert os.readlink(ALT_SEL) == f"{ALT_DIR}/b"
+    changes_of(run)
+    approved, left = approve(run)
+    assert left == {} and approved[ALT_SEL] == "derived:alternatives"
+    quiet_dpkg_log()  # the scan below starts in a later second than the installs
+    assert changes_of(run) == {}
+    seen = last_scan_start(tmp_path)
+
+    subprocess.run(["update-alternatives", "--install", ALT_LINK, ALT, f"{ALT_DIR}/a",
+                    "100", "--slave", ALT_MAN, f"{ALT}.1.gz", f"{ALT_DIR}/a.1.gz"],
+                   check=True, capture_output=True)
+    assert os.readlink(ALT_SEL) == f"{ALT_DIR}/a"
+    assert set(changes_of(run)) == {ALT_SEL, ALT_MAN, ALT_SEL_MAN}
+    approved, left = approve(run)
+    assert approved == {}
+    assert left[ALT_SEL] == (
+        f"{ALT} agrees with dpkg's alternatives database, but {ALT}-a, which ships the "
+        f"choice {ALT_DIR}/a, was not installed or upgraded since its last sighting as "
+        f"recorded ({seen}): the group was registered or changed by hand "
+        "(update-alternatives), not by a package run")
+    assert set(left) == {ALT_SEL, ALT_MAN, ALT_SEL_MAN}
 
 
 @needs_root

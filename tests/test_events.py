@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from integrity.paths import to_key
+from integrity.store import Store
 
-from conftest import Cli, one_line
+from conftest import Cli, one_line, rows
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 #: The keys SPEC requires of every object of `events --json`.
@@ -390,3 +391,38 @@ def test_status_reports_a_baseline_replaced_by_init(run: Cli, tree: Path) -> Non
     shutil.rmtree(tree / "sub")
     assert run("init", "--force").exit_code == 0
     assert status_json(run, expect=0)["baseline"]["entries"] == 5
+
+
+# -- when a path was last seen as recorded (what approvals date package runs against) --
+
+def test_when_each_changed_path_was_last_seen_as_recorded(run: Cli, tree: Path) -> None:
+    """The start of the last scan that covered the path and finished before its change
+    was first seen (a scan of other paths does not count), or the last approval of a
+    change there, whichever is later: a package run before that made none of it."""
+    assert run("init").exit_code == 0
+    verify_json(run, expect=0)
+    verify_json(run, str(tree / "sub"), expect=0)
+    (tree / "a.conf").write_text("changed\n")
+    (tree / "sub" / "c.txt").write_text("changed too\n")
+    verify_json(run, expect=1)
+    whole, sub, _ = [dt.datetime.fromisoformat(started) for (started,) in rows(
+        run.db, "SELECT started FROM run WHERE command = 'verify' ORDER BY id")]
+
+    def seen() -> dict[bytes, dt.datetime]:
+        store = Store(f"sqlite:///{run.db}")
+        try:
+            info = store.baselines.require()
+            events = store.events.open()
+            when = store.events.seen_as_recorded(events, info.id, info.created)
+            return {event.path: when[event.id] for event in events}
+        finally:
+            store.close()
+
+    conf, text = os.fsencode(tree / "a.conf"), os.fsencode(tree / "sub" / "c.txt")
+    assert seen() == {conf: whole, text: sub}
+
+    assert run("approve", str(tree / "a.conf"), "--reason", "ticket 1").exit_code == 0
+    (approved,), = rows(run.db, "SELECT max(time) FROM approval")
+    (tree / "a.conf").write_text("changed again\n")
+    verify_json(run, expect=1)
+    assert seen() == {conf: dt.datetime.fromisoformat(approved), text: sub}

@@ -229,7 +229,13 @@ class Approver:
         judged: list[tuple[OpenEvent, list[FileRecord], list[bytes], Change]] = []
         events = self.store.events.open()
         known = self.store.baselines.entries_at(self.baseline.id, [e.path for e in events])
+        # A package run explains a change only if it came after the path was last
+        # seen as recorded: an upgrade approved last week vouches for nothing made by
+        # hand since.
+        seen = self.store.events.seen_as_recorded(events, self.baseline.id,
+                                                  self.baseline.created)
         for event in events:
+            recorded = calendar.timegm(seen[event.id].utctimetuple())
             ups, dels, problems = _reread(self.policy, self.store, self.baseline.id,
                                           event.path, False, known)
             if problems:
@@ -241,7 +247,8 @@ class Approver:
             new = ups[0] if ups else None
             judged.append((event, ups, dels, Change(
                 event.path, old, new,
-                self._vouch(managers, event.path, old, new, since, package))))
+                self._vouch(managers, event.path, old, new, recorded, package),
+                recorded)))
         # Derived files (bytecode, alternatives, trigger caches...) are judged as a
         # batch: a .pyc needs its source's verdict, a cache is made once.
         verdicts = rejudge(managers, [change for *_, change in judged], since=since)

@@ -301,9 +301,9 @@ def _drop_as_recorded(pairs: Iterator[tuple[WalkEntry | None, FileRecord | None]
                     st = entry.st
                     mode = st.st_mode
                     if (is_file(mode) and old.type == regular and old.content is not None
-                            and (st.st_size, mode & 0o7777, st.st_uid, st.st_gid,
-                                 st.st_ino, st.st_nlink, st.st_mtime_ns,
-                                 st.st_ctime_ns) == old[lstat_fields]
+                            and old[lstat_fields] == (  # type: ignore[comparison-overlap]
+                                st.st_size, mode & 0o7777, st.st_uid, st.st_gid, st.st_ino,
+                                st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
                             and st.st_dev == old.dev and (rule := entry.rule).hashes
                             and (rule.wants_xattrs or old.xattrs is None)):
                         count += 1

@@ -111,6 +111,15 @@ class OpenEvent:
     severity: str
 
 
+def _covers(paths: str | None, path: str) -> bool:
+    """Did a run over `paths` (a run's column: displayed paths, one a line; None: the
+    whole baseline) scan `path`?"""
+    if paths is None:
+        return True
+    return any(path == root or path.startswith(root.rstrip("/") + "/")
+               for root in paths.split("\n"))
+
+
 class Events:
     """The event table of one database."""
 
@@ -308,6 +317,50 @@ class Events:
             rows = conn.execute(query.order_by(e.c.key)).all()
         return [OpenEvent(i, from_key(k), kind, tuple(c.split(",")) if c else (), sev)
                 for i, k, kind, c, sev in rows]
+
+    def seen_as_recorded(self, events: Sequence[OpenEvent], baseline_id: int,
+                         since: dt.datetime) -> dict[int, dt.datetime]:
+        """event id -> when its path was last known to be as the baseline records it:
+        the start of the last scan that covered the path and finished before the
+        change was first seen, or the last approval of a change there, or `since` (the
+        baseline's creation), whichever is latest. Whatever made the change ran after
+        that, so a package run before it explains nothing of the change.
+
+        A scan's start, not its end: it may have read the path before a package run
+        that ended while it went on."""
+        e, r, a = schema.event, schema.run, schema.approval
+        ids = [event.id for event in events]
+        if not ids:
+            return {}
+        first: dict[int, tuple[bytes, dt.datetime]] = {}
+        approved: dict[bytes, dt.datetime] = {}
+        with self.db.reader() as conn:
+            for chunk in chunks(ids):
+                for event_id, key, seen in conn.execute(sa.select(
+                        e.c.id, e.c.key, e.c.first_seen).where(e.c.id.in_(chunk))):
+                    first[event_id] = (key, seen)
+            latest = max((seen for _, seen in first.values()), default=since)
+            scans = conn.execute(sa.select(r.c.started, r.c.finished, r.c.paths).where(
+                r.c.baseline_id == baseline_id, r.c.finished.is_not(None),
+                r.c.finished <= latest, r.c.started >= since,
+                r.c.exit_code.in_((0, 1))).order_by(r.c.finished.desc())).all()
+            for keys in chunks(sorted({key for key, _ in first.values()})):
+                for key, when in conn.execute(sa.select(e.c.key, sa.func.max(a.c.time))
+                                              .join(a, a.c.id == e.c.approval_id)
+                                              .where(e.c.key.in_(keys))
+                                              .group_by(e.c.key)):
+                    approved[key] = when
+        bounds = {}
+        for event_id, (key, seen) in first.items():
+            path = display(from_key(key))
+            bound = max(since, approved.get(key, since))
+            for started, finished, paths in scans:  # the last to finish first
+                if finished <= bound:
+                    break  # started before it finished: no later start is left
+                if finished <= seen and started > bound and _covers(paths, path):
+                    bound = started
+            bounds[event_id] = bound
+        return bounds
 
     def open_policy_changes(self) -> list[OpenEvent]:
         """Open events saying the policy file differs from the sealed one."""

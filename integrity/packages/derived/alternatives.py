@@ -188,7 +188,7 @@ def _by_package(change: Change, group: Group, choice: Choice | None, verdict: Ve
     if choice is None:
         return Verdict(False, f"{display(group.name)} has no selected choice")
     owners = ctx.owners(choice.path)
-    run = ctx.ran_since(owners, "install", "upgrade")
+    run = ctx.ran_since(owners, "install", "upgrade", of=change)
     if run is not None:
         return Verdict(True, f"{verdict.reason}; {run}", verdict.evidence, verdict.package)
     dropped = _dropped_choice(group, ctx)
@@ -198,8 +198,8 @@ def _by_package(change: Change, group: Group, choice: Choice | None, verdict: Ve
     return Verdict(False, f"{display(group.name)} agrees with dpkg's alternatives "
                    f"database, but {owners[0] if owners else 'no package'}, which ships "
                    f"the choice {display(choice.path)}, was not installed or upgraded "
-                   "since the baseline: the group was registered or changed by hand "
-                   "(update-alternatives), not by a package run")
+                   f"since {ctx.since_words(change)}: the group was registered or changed "
+                   "by hand (update-alternatives), not by a package run")
 
 
 def _dropped_choice(group: Group, ctx: Context) -> str | None:
@@ -212,7 +212,8 @@ def _dropped_choice(group: Group, ctx: Context) -> str | None:
         return None
     if any(choice.path == old.link for choice in group.choices) or ctx.owners(old.link):
         return None
-    runs = [text for texts in ctx.logged_since("remove", "purge", "upgrade").values()
+    runs = [text for texts in ctx.logged_since("remove", "purge", "upgrade",
+                                               of=selection).values()
             for text in texts]
     if not runs:
         return None

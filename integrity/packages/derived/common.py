@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -47,6 +48,9 @@ class Change:
     old: FileRecord | None
     new: FileRecord | None
     verdict: Verdict
+    #: When the path was last seen as the baseline records it (unix time; None: when
+    #: the baseline was taken): only a package run after that can have made the change.
+    since: float | None = None
 
 
 class Kind(Protocol):
@@ -117,7 +121,7 @@ class Context:
         #: When the baseline was taken (unix time); None when unknown, and then no
         #: package run can be shown to have happened since.
         self.since = since
-        self._logged: dict[tuple[str, ...], dict[str, list[str]]] = {}
+        self._logged: dict[tuple[float | None, tuple[str, ...]], dict[str, list[str]]] = {}
         self._lock = threading.RLock()
         self.sandbox: Sandbox = Sandbox(self.vouched)
         self._vouched: dict[bytes, Verdict] = {}
@@ -151,33 +155,53 @@ class Context:
             verdict = self.managers.check_content(path, live)
         return (live if verdict.vouched else None), verdict
 
-    def logged_since(self, *actions: str) -> dict[str, list[str]]:
-        """package name -> what dpkg's log says of its `actions` ("install", "upgrade",
-        "remove", "purge") since the baseline, oldest first; cached. Empty when the
-        baseline's time is not known."""
-        with self._lock:
-            if actions not in self._logged:
-                found: dict[str, list[str]] = {}
-                if self.since is not None:
-                    for name, text in self.managers.dpkg_logged_since(self.since, actions):
-                        found.setdefault(name, []).append(text)
-                self._logged[actions] = found
-            return self._logged[actions]
+    def since_of(self, change: Change | None) -> float | None:
+        """When a package run must have come after to explain `change` (None: the
+        baseline's time): when its path was last seen as recorded."""
+        if change is not None and change.since is not None and (
+                self.since is None or change.since > self.since):
+            return change.since
+        return self.since
 
-    def ran_since(self, packages: Iterable[str], *actions: str) -> str | None:
+    def since_words(self, change: Change | None) -> str:
+        """since_of(change) as a reason names it ("... since X", "predates X")."""
+        since = self.since_of(change)
+        if since is None or since == self.since:
+            return "the baseline"
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        return f"its last sighting as recorded ({stamp})"
+
+    def logged_since(self, *actions: str, of: Change | None = None) -> dict[str, list[str]]:
+        """package name -> what dpkg's log says of its `actions` ("install", "upgrade",
+        "remove", "purge") since the baseline (or since `of`'s path was last seen as
+        recorded), oldest first; cached. Empty when that time is not known."""
+        since = self.since_of(of)
+        with self._lock:
+            if (since, actions) not in self._logged:
+                found: dict[str, list[str]] = {}
+                if since is not None:
+                    for name, text in self.managers.dpkg_logged_since(since, actions):
+                        found.setdefault(name, []).append(text)
+                self._logged[since, actions] = found
+            return self._logged[since, actions]
+
+    def ran_since(self, packages: Iterable[str], *actions: str,
+                  of: Change | None = None) -> str | None:
         """What dpkg logged last of `actions` on one of `packages` ("name" or
-        "name:arch") since the baseline, or None: a maintainer script of theirs can
-        have run since only then."""
-        logged = self.logged_since(*actions)
+        "name:arch") since the baseline (or since `of`'s path was last seen as
+        recorded), or None: a maintainer script of theirs can have run since only then."""
+        logged = self.logged_since(*actions, of=of)
         events = [text for key in packages for text in logged.get(key.split(":", 1)[0], [])]
         return events[-1] if events else None
 
-    def made_since(self, path: bytes) -> bool:
-        """Was path (not followed) last modified at or after the baseline's second?"""
-        if self.since is None:
+    def made_since(self, path: bytes, of: Change | None = None) -> bool:
+        """Was path (not followed) last modified at or after the baseline's second (or
+        the second `of`'s path was last seen as recorded)?"""
+        since = self.since_of(of)
+        if since is None:
             return False
         try:
-            return os.lstat(path).st_mtime >= self.since
+            return os.lstat(path).st_mtime >= since
         except OSError:
             return False
 

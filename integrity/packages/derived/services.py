@@ -99,8 +99,8 @@ class SystemdLinks:
                                            change.new.type or change.old.link != new_link)
         if os.path.lexists(os.path.join(masked, rel)) and b"/" not in rel and (
                 change.new is None or new_link == b"/dev/null"):
-            why = _masked_by_removal(instance, rel, os.path.join(masked, rel), ctx) \
-                if made else None
+            why = _masked_by_removal(change, instance, rel, os.path.join(masked, rel),
+                                     ctx) if made else None
             if why is not None:
                 return Verdict(False, why)
             return link_verdict(change, b"/dev/null", SYSTEMD_TOOL,
@@ -110,12 +110,13 @@ class SystemdLinks:
             # A mask gone: deb-systemd-helper unmasks a unit only from its package's
             # postinst (installed again) or postrm (purged). With no unit file left
             # (purged), nothing was unmasked that could run.
-            run = _unmasked_by_package(instance, rel, ctx) \
+            run = _unmasked_by_package(change, instance, rel, ctx) \
                 if _find_unit(instance, rel).startswith(b"/") else "no unit file is left"
             if run is None:
                 return Verdict(False, f"the mask of {display(rel)} was removed, but dpkg "
                                "logged no install, upgrade or purge of a package shipping "
-                               "it since the baseline (a person's systemctl unmask)")
+                               f"it since {ctx.since_words(change)} (a person's systemctl "
+                               "unmask)")
             return link_verdict(change, None, SYSTEMD_TOOL,
                                 f"{display(rel)} unmasked by its package's run: {run}")
         units = listed.get(change.path, [])
@@ -147,24 +148,25 @@ class SystemdLinks:
                 # marker yet, and makes the marker with it; only its package's postinst
                 # runs it (a person's `systemctl enable` is no package run).
                 owners = ctx.owners(path)
-                run = ctx.ran_since(owners, "install", "upgrade")
+                run = ctx.ran_since(owners, "install", "upgrade", of=change)
                 if run is None:
                     return Verdict(False, f"{display(unit)} was enabled, but "
                                    f"{owners[0] if owners else 'no package'} was not "
-                                   "installed or upgraded since the baseline: no package "
-                                   "run made this link (a person's systemctl enable)")
-                if not ctx.made_since(marker):
+                                   f"installed or upgraded since {ctx.since_words(change)}: "
+                                   "no package run made this link (a person's systemctl "
+                                   "enable)")
+                if not ctx.made_since(marker, of=change):
                     return Verdict(False, f"{SYSTEMD_TOOL}'s enabled marker "
-                                   f"{display(marker)} predates the baseline, which did not "
-                                   "have this link: a person disabled the unit, and "
-                                   f"{SYSTEMD_TOOL} never enables it again, so re-adding "
-                                   "the link is a person's systemctl enable")
+                                   f"{display(marker)} predates {ctx.since_words(change)}, "
+                                   "which did not have this link: a person disabled the "
+                                   f"unit, and {SYSTEMD_TOOL} never enables it again, so "
+                                   "re-adding the link is a person's systemctl enable")
                 how += f"; {run}"
             return link_verdict(change, dest, SYSTEMD_TOOL, how)
         return Verdict(False, "; ".join(reasons))
 
 
-def _masked_by_removal(instance: bytes, unit: bytes, marker: bytes,
+def _masked_by_removal(change: Change, instance: bytes, unit: bytes, marker: bytes,
                        ctx: Context) -> str | None:
     """Why a mask link (to /dev/null) being made now is not deb-systemd-helper's, or
     None: it masks a unit only from its package's postrm on removal, so the unit file
@@ -176,27 +178,28 @@ def _masked_by_removal(instance: bytes, unit: bytes, marker: bytes,
         return (f"{name} is masked, but its unit file {display(found)} is still "
                 "installed: deb-systemd-helper masks a unit only when its package is "
                 "removed (a person's systemctl mask)")
-    if not ctx.made_since(marker):
+    if not ctx.made_since(marker, of=change):
         return (f"{name} is masked, but deb-systemd-helper's masked marker "
-                f"{display(marker)} predates the baseline")
+                f"{display(marker)} predates {ctx.since_words(change)}")
     owners = _removed_unit_owners(instance, unit, ctx)
-    if ctx.ran_since(owners, "remove", "purge") is not None:
+    if ctx.ran_since(owners, "remove", "purge", of=change) is not None:
         return None
     if owners:
         return (f"{name} is masked, but {owners[0]}, which shipped it, was not removed "
-                "since the baseline (dpkg's log)")
+                f"since {ctx.since_words(change)} (dpkg's log)")
     return (f"{name} is masked, but no removal of its unit file by its package is in this "
             "approval: nothing shows that the package shipping it was removed")
 
 
-def _unmasked_by_package(instance: bytes, unit: bytes, ctx: Context) -> str | None:
+def _unmasked_by_package(change: Change, instance: bytes, unit: bytes,
+                         ctx: Context) -> str | None:
     """What dpkg logged since the baseline of installing, upgrading or purging a
     package that ships the unit (installed now, or its unit file's removal in this
     approval), or None."""
     found = _find_unit(instance, unit)
     packages = list(ctx.owners(found)) if found.startswith(b"/") else []
     return ctx.ran_since([*packages, *_removed_unit_owners(instance, unit, ctx)],
-                         "install", "upgrade", "purge")
+                         "install", "upgrade", "purge", of=change)
 
 
 def _removed_unit_owners(instance: bytes, unit: bytes, ctx: Context) -> list[str]:

@@ -11,6 +11,7 @@ SIGSTOP, which makes the race deterministic instead of likely.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import pwd
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from integrity.policy.severity import Judgement
 from integrity.realtime.actor import ActorListener
 from integrity.realtime.processes import ACTOR_KEYS
 
@@ -157,7 +159,8 @@ def test_shell_writer_is_named(listen: Callable[..., ActorListener], actor_tree:
     parent = actor["ancestors"][0]
     assert parent["pid"] == os.getpid()
     assert parent["exe"] == os.path.realpath(sys.executable)
-    assert set(parent) == {"pid", "exe", "cmdline", "comm"}
+    assert set(parent) == {"pid", "exe", "cmdline", "comm", "uid"}
+    assert parent["uid"] == 0
 
 
 def test_chmod_has_an_actor(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
@@ -188,6 +191,46 @@ def test_unprivileged_writer(listen: Callable[..., ActorListener],
     assert actor["uid"] == NOBODY
     assert actor["user"] == pwd.getpwuid(NOBODY).pw_name
     assert target.stat().st_uid == NOBODY
+
+
+APT_COPY = "/usr/lib/apt/methods/copy"
+
+
+@pytest.mark.skipif(not os.access(APT_COPY, os.X_OK), reason="apt's copy method is needed")
+def test_an_unprivileged_user_running_a_package_tool_is_no_package_manager(
+        listen: Callable[..., ActorListener], world_dir: Path) -> None:
+    """Anyone may run a trusted executable: apt's copy method copies whatever it is
+    told to. www-data dropping a web shell through it must not be a package update
+    (low severity, which sinks above low never hear of); root running it still is."""
+    drop = world_dir / "html"
+    drop.mkdir()
+    os.chown(drop, NOBODY, NOBODY)
+    payload = world_dir / "payload"
+    payload.write_text("<?php system($_GET['c']);\n")
+    payload.chmod(0o644)
+    listener = listen(world_dir)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    judgement = Judgement()
+    friday_noon = dt.datetime(2026, 12, 4, 12, 0)
+    for prefix, name, expected in (
+            ([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"],
+             "shell.php", ("critical", "unexplained")),
+            ([], "by-root.php", ("low", "package-manager"))):
+        target = drop / name
+        copy = subprocess.Popen([*prefix, APT_COPY], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL)
+        assert copy.stdin is not None
+        try:
+            copy.stdin.write(f"600 URI Acquire\nURI: copy:{payload}\nFilename: {target}"
+                             "\n\n".encode())
+            copy.stdin.flush()
+            actor = wait_for(listener, target)  # the method waits for more work: alive
+        finally:
+            copy.communicate(timeout=10)
+        assert target.read_bytes() == payload.read_bytes()
+        assert actor["pid"] == copy.pid and actor["exe"] == APT_COPY, actor
+        assert judgement.judge("critical", actor, friday_noon) == expected, actor
 
 
 def test_login_uid_survives(listen: Callable[..., ActorListener], actor_tree: Path) -> None:

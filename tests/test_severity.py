@@ -72,15 +72,22 @@ def test_judgement_package_manager_wins_over_the_clock() -> None:
     judge = etc.judgement.judge
     assert judge("high", None, FRI_1200) == ("high", "unexplained")
     assert judge("high", None, SAT_0200) == ("critical", "unexplained")  # one step up
-    dpkg = {"exe": "/usr/bin/dpkg", "cmdline": "dpkg --unpack x.deb"}
+    dpkg = {"exe": "/usr/bin/dpkg", "cmdline": "dpkg --unpack x.deb", "uid": 0}
     assert judge("high", dpkg, SAT_0200) == ("low", "package-manager")
-    # A maintainer script run by dpkg, and unattended-upgrade (a Python script).
-    child = {"exe": "/usr/bin/cp", "ancestors": [{"exe": "/usr/bin/dash"},
-                                                 {"exe": "/usr/bin/dpkg"}]}
+    # A maintainer script run by dpkg (as a service's user too), and unattended-upgrade
+    # (a Python script).
+    child = {"exe": "/usr/bin/cp", "uid": 0,
+             "ancestors": [{"exe": "/usr/bin/dash", "uid": 0},
+                           {"exe": "/usr/bin/dpkg", "uid": 0}]}
     assert judge("high", child, FRI_1200) == ("low", "package-manager")
-    upgrade = {"exe": "/usr/bin/python3.11",
+    assert judge("high", {**child, "uid": 113}, FRI_1200) == ("low", "package-manager")
+    upgrade = {"exe": "/usr/bin/python3.11", "uid": 0,
                "cmdline": "/usr/bin/python3 /usr/bin/unattended-upgrade"}
     assert judge("high", upgrade, FRI_1200)[1] == "package-manager"
+    # Anyone can run dpkg (`dpkg -x`), or under it: only root's is a package manager.
+    for user in ({**dpkg, "uid": 33}, {**dpkg, "uid": None}, {**upgrade, "uid": 1000},
+                 {**child, "ancestors": [{"exe": "/usr/bin/dpkg", "uid": 33}]}):
+        assert judge("high", user, FRI_1200) == ("high", "unexplained"), user
     vim = {"exe": "/usr/bin/vim.basic", "cmdline": "vim /etc/x"}
     assert judge("high", vim, FRI_1200) == ("high", "unexplained")
     # Any process can write dpkg's name into its own argv; the kernel's exe cannot be
@@ -92,7 +99,7 @@ def test_judgement_package_manager_wins_over_the_clock() -> None:
                   {"exe": "/usr/bin/perl", "cmdline": "perl -e x /usr/bin/dpkg"},
                   {"exe": "/usr/bin/dash", "cmdline": "sh /tmp/x /usr/bin/dpkg"}):
         assert judge("high", spoof, FRI_1200) == ("high", "unexplained"), spoof
-    assert judge("high", {"exe": "/usr/bin/python3.11", "cmdline":
+    assert judge("high", {"exe": "/usr/bin/python3.11", "uid": 0, "cmdline":
                           "/usr/bin/python3 -E /usr/bin/unattended-upgrade"},
                  FRI_1200)[1] == "package-manager"
     # The rule's own settings replace the policy's: nights, critical, nobody trusted.

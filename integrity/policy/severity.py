@@ -113,19 +113,28 @@ class Judgement:
     trusted_processes: tuple[str, ...] = DEFAULT_TRUSTED_PROCESSES
     trusted_severity: str = "low"
 
-    def trusted(self, actor: Mapping[str, Any] | None) -> bool:
-        """True when the actor, or a process it descends from, is a trusted one."""
+    def trusted(self, actor: Mapping[str, Any] | None, *, as_root: bool = False) -> bool:
+        """True when the actor, or a process it descends from, is a trusted one (with
+        `as_root`, one running as root)."""
         if not actor:
             return False
         return any(_exe_matches(program, pattern)
                    for process in [actor, *(actor.get("ancestors") or ())]
+                   if not as_root or process.get("uid") == 0
                    for program in _programs(process)
                    for pattern in self.trusted_processes)
 
     def judge(self, severity: str, actor: Mapping[str, Any] | None,
               when: dt.datetime) -> tuple[str, str]:
-        """(severity, classification) of a change under a rule of `severity`."""
-        if self.trusted(actor):
+        """(severity, classification) of a change under a rule of `severity`.
+
+        A package manager changes protected files as root. Any user can run the real
+        /usr/bin/dpkg (`dpkg -x x.deb DIR`) or an apt method (`/usr/lib/apt/methods/
+        copy` copies where it is told), and have an interpreter run a trusted script
+        after code of their own (BASH_ENV, a usercustomize.py): as another user they
+        change only what that user may, and that is no package update.
+        """
+        if self.trusted(actor, as_root=True):
             return self.trusted_severity, PACKAGE_MANAGER
         if any(window.contains(when) for window in self.off_hours):
             return self.off_hours_severity or raised(severity), UNEXPLAINED

@@ -45,6 +45,8 @@ class Ancestor(TypedDict):
     exe: str | None
     cmdline: str | None
     comm: str | None
+    #: Its effective uid: only a root process counts as a package manager.
+    uid: int | None
 
 
 class Actor(TypedDict):
@@ -120,7 +122,8 @@ class Processes:
         if len(words) > ANCESTOR_WORDS:
             words = [*words[:ANCESTOR_WORDS], CUT]
         summary = Ancestor(pid=parent["pid"], exe=parent["exe"],
-                           cmdline=" ".join(words) or None, comm=parent["comm"])
+                           cmdline=" ".join(words) or None, comm=parent["comm"],
+                           uid=parent["uid"])
         return [summary, *parent.get("ancestors", ())][:MAX_ANCESTORS]
 
     def user(self, uid: int | None) -> str | None:

@@ -265,3 +265,39 @@ def test_content_settings_are_validated(tmp_path: Path, etc: Path,
         policy = write_policy({"path": str(etc), "check": "config"}, extra=extra)
         result = Cli(tmp_path / "v.db", policy)("init")
         assert result.exit_code == 2 and key in one_line(result.stderr), extra
+
+
+def test_a_secret_named_after_init_leaves_the_database_when_the_policy_is_accepted(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    """An operator who finds credentials kept (postfix's sasl_passwd holds no
+    `name = value` line to redact; a DSN) names the file secret and adds a redact
+    pattern: after `approve --policy` neither value stays in the database, nor comes
+    back in a diff from the baseline's side, as init under that policy would never
+    have kept them. Nothing is approved by it."""
+    root = tmp_path / "etc"
+    (root / "postfix").mkdir(parents=True)
+    sasl = root / "postfix" / "sasl_passwd"
+    sasl.write_text(f"[smtp.example.com]:587 relay@example.com:{MARKER}\n")
+    (root / "main.cf").write_text("relayhost = [smtp.example.com]:587\n")
+    app = root / "app.ini"
+    app.write_text(f"dsn = host=db pw={MARKER}\nport = 5432\n")
+    rule = {"path": str(root), "check": "config"}
+    cli = Cli(tmp_path / "p.db", write_policy(rule))
+    assert cli("init").exit_code == 0
+    assert sum(MARKER.encode() in t for t in kept_texts(cli.db)) == 2  # as the policy said
+    stricter = write_policy(rule, name="stricter.toml", extra=(
+        '\n[content]\nsecret = ["sasl_passwd"]\n'
+        "redact = ['(?m)^(?P<keep>dsn\\s*=\\s*)(?P<value>.+)$']\n"))
+    accepted = cli("approve", "--policy", "--reason", "credentials", policy=stricter)
+    assert accepted.exit_code == 0, accepted.output
+    texts = kept_texts(cli.db)
+    assert not any(MARKER.encode() in t for t in texts)
+    assert b"relayhost = [smtp.example.com]:587\n" in texts  # the others stay
+    assert any(t.startswith(b"dsn = <redacted:") for t in texts)
+    assert cli("verify", policy=stricter).exit_code == 0  # nothing was approved
+    refused = cli("restore", "--yes", str(sasl), policy=stricter)
+    assert refused.exit_code == 2 and "no content was kept" in one_line(refused.stderr)
+    app.write_text(f"dsn = host=db pw={MARKER}\nport = 5433\n")
+    changed = cli("verify", policy=stricter)
+    assert changed.exit_code == 1 and "+port = 5433" in changed.stdout
+    assert MARKER not in changed.stdout

@@ -187,7 +187,8 @@ class Approver:
 
         new, old = self.file_policy, self.policy
         text = sealed_text(new)
-        if self.baseline.policy == text and self.baseline.seal_version >= 2:
+        rekept = self._rekept(new)
+        if self.baseline.policy == text and self.baseline.seal_version >= 2 and not rekept:
             return ApprovalOutcome()
         with TreeScan(new) as scan:
             sealing = SealCheck(self.baseline)
@@ -199,6 +200,7 @@ class Approver:
                    and not old.covers(c.path) and c.path not in unread]
         deletes = [rec.path for _, rec, _, _ in self.store.baselines.entries(self.baseline.id)
                    if not new.covers(rec.path)]
+        upserts += [rec for rec in rekept if rec.path not in {u.path for u in upserts}]
         events = self.store.events.open_policy_changes()
         outcome = self._write(upserts, deletes, events, {}, "policy", UNEXPLAINED,
                               package_owner(new), policy=text)
@@ -206,6 +208,38 @@ class Approver:
                                       f"{w.cause}") for w in result.warnings
                              if not old.covers(w.path)]
         return outcome
+
+    def _rekept(self, policy: Policy) -> list[FileRecord]:
+        """Baseline records (as they are: nothing is approved) whose kept text the
+        policy's `[content]` would not keep as it is: a path it names secret now, a
+        rule without `diff`, a value a new `redact` pattern hides. `[content]` is not
+        sealed (it applies to every output at once); written again by the approval,
+        their text is kept as init would keep it now, from the live file while it is
+        still the baseline's, or not at all (a redacted text is judged by the live
+        file only while that is the baseline's): a credential the operator has just named
+        secret must not stay in the database, nor reach a diff from the baseline side.
+        """
+        from integrity.content.keep import Kept, read_verified
+
+        keeper = ContentKeeper(self.store, policy)
+        found = []
+        for _, rec, _, digest in self.store.baselines.entries(self.baseline.id):
+            rule = policy.rule_for(rec.path)
+            if digest is None or not policy.covers(rec.path):
+                continue
+            if keeper.keeper.is_secret_path(rec.path) or not keeper.wants(rec, rule):
+                found.append(rec)
+                continue
+            assert rule is not None
+            stored = self.store.contents.get(digest)
+            data = stored[0] if stored is not None and not stored[1] else read_verified(
+                rec.path, rule.path, rec.content, policy.content.max_diff_size)
+            if data is None:
+                continue  # redacted, and the file changed since: nothing to judge by
+            now = keeper.keeper.keep(rec.path, data)
+            if not isinstance(now, Kept) or now.digest != digest:
+                found.append(rec)
+        return found
 
     def package_updates(self, managers: PackageManagers | None = None) -> ApprovalOutcome:
         """Approve exactly the open changes a package manager vouches for.

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ from integrity.ops.verify import EventContext, verify
 from integrity.ops.status import FAILING_AFTER
 from integrity.store import Store
 
-from conftest import Cli, Receiver
+from conftest import REPO, Cli, Receiver
 
 
 @pytest.fixture
@@ -207,3 +212,85 @@ def test_a_named_sink_keeps_what_it_is_owed_when_the_tables_are_reordered(
     refused = cli("verify", policy=clash)
     assert refused.exit_code == 2
     assert "alert[1].name: 'siem' names another sink already" in refused.stderr
+
+
+class Trickle:
+    """A peer that starts a reply (`opening`, after reading the request when `listens`
+    first), then sends one more byte every 0.2 s: no socket timeout ever fires, and
+    the reply never ends (for a minute)."""
+
+    def __init__(self, opening: bytes, listens: bool) -> None:
+        self.opening, self.listens = opening, listens
+        self.stop = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            if self.listens:
+                conn.recv(65536)
+            conn.sendall(self.opening)
+            deadline = time.monotonic() + 60
+            while not self.stop.wait(0.2) and time.monotonic() < deadline:
+                conn.sendall(b"x")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("sink", ["webhook", "email"])
+def test_a_peer_that_never_finishes_its_reply_holds_up_no_other_sink(
+        tmp_path: Path, tree: Path, write_policy: Callable[..., Path], sink: str) -> None:
+    """Socket timeouts bound each read, not a reply: a webhook or mail server trickling
+    a byte at a time held the dispatcher, so the jsonl sink behind it got nothing and
+    the timer's `verify` never ended (and no later scheduled verify could start)."""
+    if sink == "webhook":
+        peer = Trickle(b"HTTP/1.1 200 OK\r\nX-Slow: ", listens=True)
+        table = f'type = "webhook"\nurl = "http://127.0.0.1:{peer.port}/hook"\nretries = 0'
+    else:
+        peer = Trickle(b"220-", listens=False)
+        table = (f'type = "email"\nhost = "127.0.0.1"\nport = {peer.port}\n'
+                 'security = "none"\nfrom = "fim@example.org"\nto = ["ops@example.org"]')
+    try:
+        policy = write_policy({"path": str(tree), "check": "static", "severity": "high"},
+                              extra=f"""
+[[alert]]
+{table}
+timeout = 1
+
+[[alert]]
+type = "jsonl"
+path = "{tmp_path}/alerts.jsonl"
+""")
+        cli = Cli(tmp_path / "state" / "integrity.db", policy)
+        assert cli("init").exit_code == 0
+        (tree / "a.conf").write_text("changed\n")
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "integrity", "--db", f"sqlite:///{cli.db}",
+             "--policy", str(policy), "-q", "verify"], capture_output=True, text=True,
+            timeout=30, cwd=REPO)
+        assert done.returncode == 1, done.stderr
+        assert time.monotonic() - started < 15
+        [line] = jsonl(tmp_path)
+        assert line["path"] == str(tree / "a.conf")
+        [owed] = cli.json("status")["alerts"]  # owed still, with why
+        assert owed["sink"].endswith(f":{sink}") and owed["undelivered"] == 1
+        assert "within" in owed["last_error"], owed
+    finally:
+        peer.close()

@@ -11,7 +11,8 @@ Options of a `type = "email"` table:
   the server offers); the password is read from the file at each delivery.
 - `from` (required): the sender address; `to` (required): array of recipients.
 - `subject_prefix` (default "[integrity]").
-- `timeout` (seconds, default 30): per connect and per server reply.
+- `timeout` (seconds, default 30): per connect and per server reply; the whole
+  conversation at most four times that (a server trickling its replies is cut off).
 - `ca_file`: PEM bundle trusted instead of the system's (a private CA).
 - `digest_interval` (seconds, default 300).
 
@@ -34,6 +35,7 @@ from typing import Any, TYPE_CHECKING
 
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
+from integrity.alerts.deadline import Deadline
 from integrity.alerts.options import Options
 from integrity.paths import escape
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SECURITY = ("starttls", "tls", "none")
 PORTS = {"starttls": 587, "tls": 465, "none": 25}
+#: The whole conversation (greeting to QUIT) takes at most this many `timeout`s.
+CONVERSATION = 4
 
 
 class MailSink:
@@ -109,12 +113,30 @@ class MailSink:
 
     def _send(self, msg: EmailMessage, password: str | None,
               context: ssl.SSLContext) -> dict[str, tuple[int, bytes]]:
+        # The conversation as a whole is bounded too: a server trickling its replies
+        # a byte at a time must not hold every other sink (alerts/deadline.py).
+        with Deadline(CONVERSATION * self.timeout) as deadline:
+            try:
+                refused = self._converse(deadline, msg, password, context)
+            except (smtplib.SMTPException, OSError):
+                if not deadline.expired:
+                    raise
+                refused = {}
+        if deadline.expired:
+            raise smtplib.SMTPException(f"no whole conversation within "
+                                        f"{CONVERSATION * self.timeout:g} s")
+        return refused
+
+    def _converse(self, deadline: Deadline, msg: EmailMessage, password: str | None,
+                  context: ssl.SSLContext) -> dict[str, tuple[int, bytes]]:
         smtp: smtplib.SMTP
+        watched = {"deadline": deadline}
         if self.security == "tls":
-            smtp = smtplib.SMTP_SSL(self.host, self.port, timeout=self.timeout,
-                                    context=context)
+            tls: type[_TimedTls] = type("Client", (_TimedTls,), watched)
+            smtp = tls(self.host, self.port, timeout=self.timeout, context=context)
         else:
-            smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+            plain: type[_Timed] = type("Client", (_Timed,), watched)
+            smtp = plain(self.host, self.port, timeout=self.timeout)
         try:
             smtp.ehlo()
             if self.security == "starttls":
@@ -136,6 +158,20 @@ class MailSink:
 
     def close(self) -> None:
         """Nothing stays open between deliveries."""
+
+
+class _Timed(smtplib.SMTP):
+    """smtplib.SMTP whose socket a Deadline (a class attribute, set before the
+    constructor connects) watches."""
+
+    deadline: Deadline
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return self.deadline.connect((host, port), timeout, self.source_address)
+
+
+class _TimedTls(smtplib.SMTP_SSL, _Timed):
+    """SMTP_SSL wraps the socket _Timed makes."""
 
 
 def _cause(exc: Any) -> str:

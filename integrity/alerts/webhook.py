@@ -10,7 +10,9 @@ Options of a `type = "webhook"` table:
   severity, text), which Teams connectors and Power Automate flows accept. The chat
   formats are digests: one message per `digest_interval`.
 - `digest_interval` (seconds, default 60; chat formats only).
-- `timeout` (seconds, default 10): per connection attempt and per read.
+- `timeout` (seconds, default 10): per connection attempt and per read; an attempt as
+  a whole (connecting, sending, the reply) at most three times that, so a peer that
+  trickles its reply a byte at a time is cut off (alerts/deadline.py).
 - `retries` (default 2): further attempts within one delivery after a network error,
   a timeout, HTTP 408, 429 or 5xx, waiting 0.5 s, 1 s, ... or what Retry-After asks,
   up to 30 s. Other 4xx are not retried: the request itself is wrong. Redirects are
@@ -49,6 +51,7 @@ from typing import Any, TYPE_CHECKING
 from integrity import __version__
 from integrity.alerts import DeliveryError, network_cause, read_secret
 from integrity.alerts import text as render
+from integrity.alerts.deadline import Deadline
 from integrity.paths import escape
 from integrity.alerts.options import Options
 
@@ -58,6 +61,8 @@ if TYPE_CHECKING:
 FORMATS = ("json", "slack", "teams")
 RETRY_AFTER_CAP = 30.0
 BACKOFF = 0.5
+#: One attempt (connect, request, reply) takes at most this many `timeout`s.
+ATTEMPT = 3
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _SECRET_NAME = re.compile(r"auth|token|secret|key|passw|cookie|session", re.I)
 _OURS = {"content-length", "host", "transfer-encoding", "connection",
@@ -69,6 +74,35 @@ _SLACK_LIMIT = 39000  # Slack truncates "text" beyond 40,000 characters
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args: Any, **kwargs: Any) -> None:
         return None  # the 3xx becomes an HTTPError: a failed delivery
+
+
+def _timed(base: type[http.client.HTTPConnection],
+           deadline: Deadline) -> type[http.client.HTTPConnection]:
+    """A connection class whose sockets `deadline` shuts down when time is up."""
+    class Timed(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = deadline.connect
+    return Timed
+
+
+class _Http(urllib.request.HTTPHandler):
+    def __init__(self, deadline: Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_timed(http.client.HTTPConnection, self.deadline), req)
+
+
+class _Https(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext, deadline: Deadline) -> None:
+        super().__init__(context=context)
+        self.context, self.deadline = context, deadline
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_timed(http.client.HTTPSConnection, self.deadline), req,
+                            context=self.context)
 
 
 class WebhookSink:
@@ -126,24 +160,32 @@ class WebhookSink:
     def _post(self, body: bytes) -> None:
         url = self._url()
         headers = self._headers(body)
-        opener = self._opener()
+        context = self._context()
         delay = BACKOFF
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(url, data=body, headers=headers, method="POST")
             wait: float | None = None
-            try:
-                with opener.open(request, timeout=self.timeout) as response:
-                    response.read(65536)
+            with Deadline(ATTEMPT * self.timeout) as deadline:
+                opener = urllib.request.build_opener(_Http(deadline),
+                                                     _Https(context, deadline), _NoRedirect())
+                try:
+                    with opener.open(request, timeout=self.timeout) as response:
+                        response.read(65536)
+                    # A reply cut off by the deadline can parse as a whole one.
+                    retry, detail = True, ""
+                except urllib.error.HTTPError as exc:
+                    detail = f"HTTP {exc.code}" + _reply(exc)
+                    retry = exc.code in (408, 429) or exc.code >= 500
+                    wait = _retry_after(exc.headers.get("Retry-After"))
+                    exc.close()
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+                    detail = network_cause(reason)
+                    retry = not isinstance(reason, ssl.SSLCertVerificationError)
+            if deadline.expired:
+                detail = f"no whole reply within {ATTEMPT * self.timeout:g} s"
+            elif not detail:
                 return
-            except urllib.error.HTTPError as exc:
-                detail = f"HTTP {exc.code}" + _reply(exc)
-                retry = exc.code in (408, 429) or exc.code >= 500
-                wait = _retry_after(exc.headers.get("Retry-After"))
-                exc.close()
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-                detail = network_cause(reason)
-                retry = not isinstance(reason, ssl.SSLCertVerificationError)
             if not retry or attempt == self.retries:
                 tries = f" (after {attempt + 1} attempts)" if attempt else ""
                 raise DeliveryError(self.name, f"POST {self._shown}: {detail}{tries}")
@@ -174,15 +216,13 @@ class WebhookSink:
             headers["X-Integrity-Timestamp"] = str(int(time.time()))
         return headers
 
-    def _opener(self) -> urllib.request.OpenerDirector:
+    def _context(self) -> ssl.SSLContext:
         # Built per delivery so a renewed ca_file is picked up without a restart.
         try:
-            context = ssl.create_default_context(cafile=self.ca_file)
+            return ssl.create_default_context(cafile=self.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise DeliveryError(self.name, f"cannot load ca_file {self.ca_file}: "
                                            f"{network_cause(exc)}") from None
-        return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                           _NoRedirect())
 
 
 def _shown(url: str) -> str:

@@ -301,3 +301,58 @@ def test_a_secret_named_after_init_leaves_the_database_when_the_policy_is_accept
     changed = cli("verify", policy=stricter)
     assert changed.exit_code == 1 and "+port = 5433" in changed.stdout
     assert MARKER not in changed.stdout
+
+
+def test_credentials_in_php_json_and_xml_configs_are_redacted(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    """A web root is kept (the web-server profile's `config`): wp-config.php's
+    define('DB_PASSWORD', ...), a JSON "password", a PHP property and an XML element
+    hold credentials in lines `name = value` does not describe; editing a line near
+    them put the password in the diff of every alert."""
+    root = tmp_path / "www"
+    root.mkdir()
+    wp = root / "wp-config.php"
+    wp.write_text("<?php\ndefine( 'DB_NAME', 'wordpress' );\n"
+                  f"define( 'DB_PASSWORD', '{MARKER}' );\n"
+                  f"define( 'AUTH_KEY', '{MARKER}' );\ndefine( 'DB_HOST', 'db1' );\n")
+    app = root / "app.json"
+    app.write_text('{\n  "db": {\n    "user": "app",\n'
+                   f'    "password": "{MARKER}",\n    "host": "db1"\n  }}\n}}\n')
+    joomla = root / "configuration.php"
+    joomla.write_text(f"<?php\nclass JConfig {{\n\tpublic $password = '{MARKER}';\n"
+                      "\tpublic $host = 'db1';\n}\n")
+    xml = root / "web.xml"
+    xml.write_text(f"<db>\n  <password>{MARKER}</password>\n  <host>db1</host>\n</db>\n")
+    cli = Cli(tmp_path / "w.db", write_policy({"path": str(root), "check": "config"}))
+    assert cli("init").exit_code == 0
+    for path in (wp, app, joomla, xml):
+        path.write_text(path.read_text().replace("db1", "db2"))
+    result = cli("verify")
+    assert result.exit_code == 1
+    assert "db2" in result.stdout and "<redacted:" in result.stdout
+    everything = result.stdout + json.dumps(cli.json("events"))
+    assert MARKER not in everything
+    assert MARKER.encode() not in database_bytes(cli.db)
+
+
+def test_a_diff_never_shows_a_value_a_redact_pattern_added_later_hides(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    """`[content]` applies at once: a pattern added after init hides the value in the
+    live text, and must hide it on the baseline's side of a diff as well."""
+    root = tmp_path / "app"
+    root.mkdir()
+    ini = root / "db.ini"
+    ini.write_text(f"dsn = host=db pw={MARKER}\nport = 5432\n")
+    rule = {"path": str(root), "check": "config"}
+    cli = Cli(tmp_path / "r.db", write_policy(rule))
+    assert cli("init").exit_code == 0
+    later = write_policy(rule, name="later.toml", extra=(
+        "[content]\nredact = ['(?m)^(?P<keep>dsn\\s*=\\s*)(?P<value>.+)$']\n"))
+    ini.write_text(f"dsn = host=db pw={MARKER}\nport = 5433\n")
+    result = cli("verify", policy=later)
+    assert result.exit_code == 1 and "+port = 5433" in result.stdout
+    shown = cli("diff", str(ini), policy=later)
+    assert "+port = 5433" in shown.stdout
+    everything = result.stdout + shown.stdout + json.dumps(cli.json("events"))
+    assert MARKER not in everything
+    assert " dsn = <redacted:" in result.stdout  # unchanged: a context line, not -/+

@@ -21,6 +21,8 @@ from integrity.scan.walker import open_parent
 SECRET_CONTENT = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
                             rb"|:\$(?:1|2[aby]?|5|6|7|y|gy|sha1|md5)\$[^:\n]{8,}")
 SECRET, BINARY, TOO_LARGE = "secret", "binary", "too large"
+#: What `redact` puts in place of a value.
+_TAG = re.compile(r"<redacted:[0-9a-f]{8}>")
 #: The first block a NUL in which makes a file binary.
 _BLOCK = 8192
 
@@ -62,6 +64,13 @@ class Keeper:
         stored = redacted.encode("utf-8")
         return Kept(stored, blake3.blake3(stored).digest(), redacted != text)
 
+    def rekept(self, stored: bytes) -> bytes:
+        """A kept text redacted by today's patterns, as a diff's baseline side: a
+        pattern added since it was kept must hide its values there too (tags already
+        in it stay as they are)."""
+        return self.redact(stored.decode("utf-8", "surrogateescape")).encode(
+            "utf-8", "surrogateescape")
+
     def redact(self, text: str) -> str:
         """The text with every credential value replaced by a tag: `<redacted:1a2b3c4d>`.
 
@@ -75,6 +84,8 @@ class Keeper:
 
     def _tag(self, match: re.Match[str]) -> str:
         value = match.group("value")
+        if _TAG.fullmatch(value):
+            return match.group(0)  # redacted already: a text redacted again is the same
         digest = blake3.blake3(value.encode("utf-8", "surrogateescape"), key=self.key)
         start, end = match.span("value")
         whole = match.group(0)

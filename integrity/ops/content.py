@@ -87,7 +87,8 @@ class ContentKeeper:
             digest = kept.get(to_key(change.path))
             stored = self.store.contents.get(digest) if digest is not None else None
             if isinstance(live, Kept) and stored is not None:
-                found[change.path] = unified(stored[0], live.text, display(change.path))
+                found[change.path] = unified(self.keeper.rekept(stored[0]), live.text,
+                                             display(change.path))
         return found
 
 
@@ -127,7 +128,8 @@ def diff_path(store: Store, policy: Policy, path: str) -> DiffOutcome:
         return DiffOutcome(target, None, NOT_KEPT_SECRET)
     if not isinstance(live, Kept):
         return DiffOutcome(target, None, f"the live file is {live}")
-    return DiffOutcome(target, unified(stored[0], live.text, display(target)), None)
+    return DiffOutcome(target, unified(keeper.keeper.rekept(stored[0]), live.text,
+                                       display(target)), None)
 
 
 def _why_not_kept(keeper: ContentKeeper, rec: FileRecord, rule: Rule | None) -> str:

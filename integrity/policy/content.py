@@ -20,13 +20,26 @@ from integrity.errors import PolicyError
 DEFAULT_MAX_DIFF_SIZE = 256 << 10
 DEFAULT_SECRETS = ("/etc/shadow", "/etc/gshadow", "*shadow-", "/etc/ssh/ssh_host_*_key",
                    "*.key")
-#: `name = value`, `name: value` and `export NAME=value` where the name says secret.
+#: Names that say a value is a credential (WordPress's keys and salts, WireGuard's
+#: and wpa_supplicant's pre-shared keys included).
+_SECRET_NAME = (r"[\w.\-]*(?:password|passwd|passphrase|secret|token|api[_\-]?key|apikey"
+                r"|access[_\-]?key|private[_\-]?key|credentials?|auth[_\-]?key"
+                r"|nonce[_\-]?key|logged[_\-]?in[_\-]?key|salt|preshared[_\-]?key|psk)"
+                r"[\w.\-]*")
+#: A quoted value, or one up to the end of its token.
+_QUOTED = r"""(?P<value>"[^"\n]*"|'[^'\n]*'|[^\s,;)\]}]+)"""
 DEFAULT_REDACT = (
-    r"(?i)^(?P<keep>\s*(?:export\s+)?[\w.\-]*(?:password|passwd|passphrase|secret|token"
-    r"|api[_\-]?key|apikey|access[_\-]?key|private[_\-]?key|credentials?)[\w.\-]*\s*"
-    r"[:=]\s*)(?P<value>\S.*?)\s*$",
+    # `name = value`, `name: value` and `export NAME=value`
+    rf"(?i)^(?P<keep>\s*(?:export\s+)?{_SECRET_NAME}\s*[:=]\s*)(?P<value>\S.*?)\s*$",
     # user:password@ in URLs (database and proxy URLs)
     r"(?P<keep>[a-z][a-z0-9+.\-]*://[^/\s:@]+:)(?P<value>[^@\s/]+)(?=@)",
+    # a quoted name: JSON and YAML "password": ..., PHP 'password' => ...,
+    # define('DB_PASSWORD', ...)
+    rf"""(?i)(?P<keep>["']{_SECRET_NAME}["']\s*(?:=>|[:=,])\s*){_QUOTED}""",
+    # PHP variables and properties: $password = ..., public $db_password = ...
+    rf"(?i)(?P<keep>\${_SECRET_NAME}\s*=\s*){_QUOTED}",
+    # XML elements: <password>...</password>
+    rf"(?i)(?P<keep><{_SECRET_NAME}(?:\s[^>\n]*)?>)(?P<value>[^<\n]+)",
 )
 _KEYS = {"max_diff_size", "secret", "redact"}
 

@@ -373,3 +373,31 @@ def test_syslog_leaves_a_message_that_fits_as_it_is(
     assert "truncated=" not in text and 'path="/etc/ok\\\\x1b"' in text
     assert text.endswith("high: added /etc/ok\\x1b by /tmp/\\x1b]0;x\\x07 (pid 9, user root)")
     assert stat.S_ISSOCK(os.stat(address).st_mode)
+
+
+def test_a_name_cannot_split_or_forge_a_json_line(run: Cli, tree: Path, tmp_path: Path,
+                                                  write_policy: Any) -> None:
+    """JSON allows U+2028, U+2029 and U+0085 raw inside a string, and str.splitlines()
+    (and readers built on it) end a line at each: a file name holding one broke its
+    alert into two lines that are not JSON, and could carry a forged event line. In
+    the jsonl file and an exec command's stdin each line must be one whole event."""
+    forged = '{"path":"nothing","kind":"modified","severity":"low"}'
+    name = f"shell\u2028{forged}\u2029x\u0085y.php"
+    stdin_copy = tmp_path / "stdin.jsonl"
+    policy = write_policy({"path": str(tree), "check": "static"}, extra=f"""
+        [[alert]]
+        type = "jsonl"
+        path = "{tmp_path}/alerts.jsonl"
+
+        [[alert]]
+        type = "exec"
+        command = ["/bin/sh", "-c", "cat >> {stdin_copy}"]
+        """)
+    cli = Cli(tmp_path / "j.db", policy)
+    assert cli("init").exit_code == 0
+    (tree / name).write_text("<?php\n")
+    assert cli("verify").exit_code == 1
+    for text in ((tmp_path / "alerts.jsonl").read_text(), stdin_copy.read_text()):
+        events = [json.loads(line) for line in text.splitlines()]  # each one whole
+        assert str(tree / name) in {e["path"] for e in events}  # exact, as JSON is
+        assert all(e["path"].startswith(str(tree)) for e in events), events  # no forgery

@@ -21,6 +21,7 @@ tables are reordered.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -90,6 +91,19 @@ def network_cause(exc: Any) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+#: Characters JSON leaves raw in a string that str.splitlines() (and readers built
+#: on it) take for the end of a line.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029",
+                              "\u0085": "\\u0085"})
+
+
+def json_line(event: Any) -> str:
+    """An event as one line of JSON (no newline), exact, that no reader can split:
+    a file name holding U+2028 must not end its alert's line and start a forged one."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":")
+                      ).translate(_LINE_BREAKS)
 
 
 def read_secret(sink: str, path: str) -> str:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import json
 import os
 import signal
 import subprocess
 import tempfile
 from typing import Any, TYPE_CHECKING
 
-from integrity.alerts import DeliveryError
+from integrity.alerts import DeliveryError, json_line
 from integrity.alerts.options import Options
 from integrity.paths import escape
 
@@ -71,7 +70,7 @@ class CommandSink:
         return env
 
     def _run(self, event: EventDoc) -> None:
-        data = (json.dumps(event, ensure_ascii=False) + "\n").encode("utf-8")
+        data = (json_line(event) + "\n").encode("utf-8")
         shown = self.command[0]
         with tempfile.TemporaryFile() as stderr:
             try:

@@ -28,13 +28,12 @@ from __future__ import annotations
 import errno
 from collections.abc import Sequence
 import fcntl
-import json
 import os
 import stat
 import threading
 from typing import TYPE_CHECKING
 
-from integrity.alerts import DeliveryError
+from integrity.alerts import DeliveryError, json_line
 from integrity.alerts.options import Options
 
 if TYPE_CHECKING:
@@ -62,8 +61,7 @@ class JsonlSink:
 
     def deliver(self, events: Sequence[EventDoc]) -> None:
         """Append events as lines with one write, so a line is never torn."""
-        data = "".join(json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
-                       for event in events).encode("utf-8")
+        data = "".join(json_line(event) + "\n" for event in events).encode("utf-8")
         with self._lock:
             try:
                 self._append(data)

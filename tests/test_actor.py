@@ -233,6 +233,39 @@ def test_an_unprivileged_user_running_a_package_tool_is_no_package_manager(
         assert judgement.judge("critical", actor, friday_noon) == expected, actor
 
 
+def test_a_reused_pid_is_not_taken_for_the_process_that_had_it(
+        listen: Callable[..., ActorListener], world_dir: Path) -> None:
+    """One reading of /proc/PID stands for that process for two seconds, but a pid is
+    free again as soon as its process is reaped: an unprivileged writer that got the
+    pid of root's (cycling through pids, or as here through ns_last_pid) within those
+    seconds was named as root's process, and judged as it, a package manager's
+    included."""
+    drop = world_dir / "drop"
+    drop.mkdir()
+    os.chown(drop, NOBODY, NOBODY)
+    listener = listen(world_dir)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    for attempt in range(20):
+        before = drop / f"by-root-{attempt}"
+        with Writer('echo x > "$1"', str(before)) as root_writer:
+            assert wait_for(listener, before)["uid"] == 0  # read while it is alive
+        # Reaped: its pid is free. Other processes may take it first: try again.
+        last_pid.write_text(str(root_writer.pid - 1))
+        after = drop / f"by-nobody-{attempt}"
+        with Writer('echo y > "$1"', str(after),
+                    prefix=[setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                            "--clear-groups"]) as writer:
+            if writer.pid != root_writer.pid:
+                continue
+            actor = wait_for(listener, after)
+        assert actor["pid"] == writer.pid
+        assert actor["uid"] == NOBODY and actor["user"] == pwd.getpwuid(NOBODY).pw_name, actor
+        return
+    pytest.fail("could not have the pid reused in 20 tries")
+
+
 def test_login_uid_survives(listen: Callable[..., ActorListener], actor_tree: Path) -> None:
     """A child sets its audit login uid (root may, once per process where it is
     immutable); the actor carries it, as /proc/<child>/loginuid says independently."""

@@ -2,7 +2,9 @@
 
 Read in the fanotify helper process (helper.py) at event time, because `chmod`, `cp` or
 `sed -i` exit a moment after their change. One reading of /proc/PID stands for that
-process for PROCESS_TTL seconds, so a process writing 10,000 files costs one reading.
+process for PROCESS_TTL seconds, so a process writing 10,000 files costs one reading
+(and a stat of /proc/PID per event: the pid of a process reaped meanwhile may already
+be another's, and a reading stands only for the process it read).
 
 Only the standard library (and our stdlib-only modules) is imported: the helper runs
 with `python -S`.
@@ -17,8 +19,9 @@ from typing import NotRequired, TypedDict
 from integrity.paths import display
 from integrity.realtime.procfs import read_small, status_uid
 
-#: How long one reading of /proc/PID stands for that process. PIDs are handed out
-#: cyclically, so one cannot be reused within this time.
+#: How long one reading of /proc/PID stands for that process (while that process, not
+#: another, has the pid: pids are reused, by a process cycling through them in well
+#: under this time, or by root through ns_last_pid).
 PROCESS_TTL = 2.0
 #: Parents named in an actor's "ancestors", nearest first.
 MAX_ANCESTORS = 8
@@ -89,6 +92,9 @@ class Processes:
         self._seen: dict[int, tuple[float, Actor | str]] = {}
         self._users: dict[int, str | None] = {}
         self._parents: dict[int, int] = {}
+        #: The /proc/PID inode of each process read: a pid is free again once its
+        #: process is reaped, and a reading stands only for the process read.
+        self._identities: dict[int, int | None] = {}
         #: Readings of /proc so far (the listener's loop watches it for new writers).
         self.readings = 0
 
@@ -99,13 +105,16 @@ class Processes:
         package manager's maintainer script is a shell, its grandparent dpkg.
         """
         hit = self._seen.get(pid)
-        if hit is not None and now - hit[0] < PROCESS_TTL:
+        if hit is not None and now - hit[0] < PROCESS_TTL \
+                and _identity(pid) in (None, self._identities.get(pid)):
             return hit[1]
         info = self.read(pid)
         self.readings += 1
         if len(self._seen) >= 4096:
             self._seen = {p: v for p, v in self._seen.items() if now - v[0] < PROCESS_TTL}
             self._parents = {p: self._parents[p] for p in self._seen if p in self._parents}
+            self._identities = {p: self._identities[p] for p in self._seen
+                                if p in self._identities}
         self._seen[pid] = (now, info)
         if not isinstance(info, str):
             info["ancestors"] = self._lineage(self._parents.get(pid, 0), now)
@@ -145,6 +154,7 @@ class Processes:
         caught in between gives a partial actor: who, without what.
         """
         base = b"/proc/%d/" % pid
+        self._identities[pid] = _identity(pid)
         try:
             try:
                 exe: bytes | None = os.readlink(base + b"exe")
@@ -171,6 +181,17 @@ class Processes:
             actor["unknown"] = (f"process {pid} exited before its exe and command line "
                                 "could be read")
         return actor
+
+
+def _identity(pid: int) -> int | None:
+    """Which process has pid now: the inode number of its /proc/PID, which procfs
+    numbers afresh for every process (one stat, a quarter of reading its stat line);
+    None when no process has it (the one read exited: its late events are its own).
+    A number that changes for the same process (its inode evicted) costs a reading."""
+    try:
+        return os.stat(b"/proc/%d" % pid).st_ino
+    except OSError:
+        return None
 
 
 def capped_cmdline(raw: bytes, truncated: bool = False) -> str:

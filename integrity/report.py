@@ -210,7 +210,8 @@ def events_text(rows: Sequence[EventDoc], out: TextIO) -> None:
         if not extra and row["classification"] == "package-manager":
             extra = " [package-manager]"
         if row.get("ticket"):
-            extra += f" [expected, window {row['window']}, ticket {row['ticket']}]"
+            what = "opened" if row["kind"] == "window" else "expected"
+            extra += f" [{what}, window {row['window']}, ticket {row['ticket']}]"
         actor = actor_text(row["actor"])
         _put(out, f"{row['id']:>6} {row['time']} {row['status']:<8} "
                   f"{row['severity']:<8} {row['kind']:<8} {row['path']}  {changed}"

@@ -225,3 +225,29 @@ def test_migration_keeps_an_old_chain_valid(tmp_path: Path, tree: Path,
     chain = run.json("status")["chain"]
     assert chain["ok"] is True, chain["problems"]
     os.unlink(db)
+
+
+def test_opening_a_window_is_announced_to_the_sinks_it_would_silence(
+        tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> None:
+    """A window lowers every change under it to low: a sink that takes medium and up
+    hears of none of them. Root opening a week-long window over everything, then
+    changing what it likes, went unalerted: the opening itself must reach that sink,
+    at the highest severity the window silences, saying who, until when and why."""
+    alerts = tmp_path / "alerts.jsonl"
+    policy = write_policy({"path": str(tree), "check": "config", "severity": "high"},
+                          extra=f'\n[[alert]]\ntype = "jsonl"\npath = "{alerts}"\n'
+                                'min_severity = "medium"\n')
+    run = Cli(tmp_path / "state" / "integrity.db", policy)
+    assert run("init").exit_code == 0
+    window = expect(run, "--for", "7d", "--reason", "routine")
+    settle()
+    (tree / "a.conf").write_text("implant\n")
+    assert run("verify").exit_code == 1
+    [event] = [e for e in run.json("events") if e["path"] == str(tree / "a.conf")]
+    assert event["classification"] == "expected" and event["severity"] == "low"
+    lines = [json.loads(line) for line in alerts.read_text().splitlines()] \
+        if alerts.exists() else []
+    [notice] = lines
+    assert notice["kind"] == "window" and notice["severity"] == "high"
+    assert notice["window"] == window["id"] and notice["ticket"] == "routine"
+    assert notice["actor"]["user"] == "root"

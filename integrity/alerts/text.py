@@ -53,9 +53,9 @@ def actor_text(actor: dict[str, Any] | None) -> str | None:
 
 def headline(event: EventDoc) -> str:
     """'modified /etc/passwd (content, mode) by ...', or a warning and its message."""
-    if event.get("kind") == "warning":
-        message = (event.get("new") or {}).get("warning", "")
-        return escape(f"warning {event.get('path')}: {message}")
+    if event.get("kind") in ("warning", "window"):
+        message = (event.get("new") or {}).get(event["kind"], "")
+        return escape(f"{event['kind']} {event.get('path')}: {message}")
     text = f"{event.get('kind')} {event.get('path')}"
     if event.get("changed"):
         text += f" ({', '.join(event['changed'])})"
@@ -91,13 +91,13 @@ def details(event: EventDoc) -> str:
         seen += f", last seen {event.get('last_seen')} ({event['count']} times)"
     lines.append(seen)
     old, new = event.get("old") or {}, event.get("new") or {}
-    if event.get("kind") != "warning":
+    if event.get("kind") not in ("warning", "window"):  # their headline says it all
         for name in event.get("changed") or sorted(set(old) | set(new)):
             lines.append(f"  {escape(name)}: {_state(old.get(name, '-'))} -> "
                          f"{_state(new.get(name, '-'))}")
     if event.get("evidence"):
         lines.append(f"evidence: {event['evidence']}")
-    if event.get("ticket"):
+    if event.get("ticket") and event.get("kind") != "window":
         lines.append(f"expected: maintenance window {event.get('window')}, "
                      f"ticket {event['ticket']}")
     lines += diff_lines(event, DIFF_BYTES)

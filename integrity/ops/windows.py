@@ -12,7 +12,9 @@ the ledger; one inserted or edited behind integrity's back is never honoured.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,12 +71,48 @@ def open_window(store: Store, policy: Policy, paths: Sequence[str | bytes],
     policy; none: every protected path)."""
     from integrity.scan import normalize_paths
 
+    from integrity.alerts import build_sinks, routes_of
+    from integrity.alerts.dispatch import deliver_after_scan
+
     span = parse_duration(duration)
     text = check_reason(reason)
     wanted = tuple(normalize_paths(policy, paths))
     start = now or utcnow()
-    return store.windows.open(start=start, end=start + span, reason=text, paths=wanted,
-                              user=user, sudo_user=sudo_user)
+    sinks = build_sinks(policy)
+    window = store.windows.open(start=start, end=start + span, reason=text, paths=wanted,
+                                user=user, sudo_user=sudo_user)
+    # Changes under it are recorded low: a sink that takes only more would never hear
+    # of them, nor of the window, which whoever may run `expect` (root) could open to
+    # make what it changes next pass unalerted. The opening is alerted at the highest
+    # severity it lowers.
+    actor = {"pid": os.getpid(), "exe": os.path.realpath(sys.executable),
+             "cmdline": "integrity expect", "uid": os.geteuid(), "user": user,
+             "sudo_user": sudo_user}
+    try:
+        # Named by the policy file, as a policy change is: not an entry's event.
+        store.events.window_opened(os.fsencode(policy.source), window.id,
+                                   describe(window), silenced(policy, wanted), actor,
+                                   routes=routes_of(sinks))
+    finally:
+        deliver_after_scan(store, sinks)
+    return window
+
+
+def silenced(policy: Policy, paths: Sequence[bytes]) -> str:
+    """The highest severity a change under `paths` (none: everywhere) could get, which
+    a window over them lowers to low: the rules' own, their overrides', off hours'."""
+    from integrity.paths import is_within
+    from integrity.policy.severity import SEVERITIES, raised
+
+    found = ["low"]
+    for rule in policy.rules:
+        if paths and not any(is_within(rule.path, p) or is_within(p, rule.path)
+                             for p in paths):
+            continue
+        found += [rule.severity, *(o.severity for o in rule.overrides)]
+        if rule.judgement.off_hours:
+            found.append(rule.judgement.off_hours_severity or raised(rule.severity))
+    return max(found, key=SEVERITIES.index)
 
 
 def cancel_window(store: Store, window_id: int, by: str) -> tuple[Window, bool]:

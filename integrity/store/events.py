@@ -35,6 +35,8 @@ NOTICES = (WARNING, POLICY)
 UNEXPLAINED, PACKAGE_UPDATE = "unexplained", "package-update"
 #: A change made inside a maintenance window (`integrity expect`) that covers it.
 EXPECTED = "expected"
+#: The opening of a maintenance window: announced, since it lowers what it covers.
+WINDOW_KIND = "window"
 
 #: Who made a change, as the fanotify listener tells (pid, exe, cmdline, uid, ...).
 Actor = dict[str, Any]
@@ -274,6 +276,23 @@ class Events:
                 actor=json.dumps(actor))))
             enqueue(conn, routes, [(event_id, "low")])
             journal(conn, "event", [*closed, event_id])
+            return event_id
+
+    def window_opened(self, path: bytes, window_id: int, text: str, severity: str,
+                      actor: Actor, *, routes: Sequence[Route] = ()) -> int:
+        """Record that a maintenance window was opened (`text` says which, by whom,
+        until when), owed to the sinks that take `severity`: the highest it lowers."""
+        e = schema.event
+        now = utcnow()
+        with self.db.writer() as conn, conn.begin():
+            event_id = inserted_id(conn.execute(e.insert().values(
+                key=to_key(path), kind=WINDOW_KIND, changed="", source="expect",
+                rule=None, severity=severity, classification=WINDOW_KIND,
+                status=RESOLVED, count=1, first_seen=now, last_seen=now, old=None,
+                new=json.dumps({"window": text}), actor=json.dumps(actor),
+                window_id=window_id)))
+            enqueue(conn, routes, [(event_id, severity)])
+            journal(conn, "event", [event_id])
             return event_id
 
     def close_policy_changes(self, status: str, approval_id: int | None = None) -> int:

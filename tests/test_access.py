@@ -190,6 +190,43 @@ def test_trusted_readers_are_not_recorded(listen: Callable[..., AccessListener],
     assert recorded.of(secrets / "shadow") == []
 
 
+APT_COPY = "/usr/lib/apt/methods/copy"
+
+
+@pytest.mark.skipif(not os.access(APT_COPY, os.X_OK), reason="apt's copy method is needed")
+def test_a_user_copying_a_secret_through_a_trusted_program_is_recorded(
+        listen: Callable[..., AccessListener], policy: Callable[..., Policy],
+        secrets: Path, recorded: Recorded) -> None:
+    """apt's copy method is a trusted process (a package manager's), and copies
+    whatever it is told: a user who may read a key (a group such as ssl-cert) took a
+    copy of it unrecorded. Trusted readers are root's; root's copy stays unrecorded."""
+    listener = listen(policy())
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    key = secrets / "keys" / "host.key"
+    as_nobody = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    for prefix, stolen in (([], secrets / "by-root"), (as_nobody, secrets / "stolen")):
+        secrets.chmod(0o777)
+        copy = subprocess.Popen([*prefix, APT_COPY], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL)
+        assert copy.stdin is not None
+        try:
+            copy.stdin.write(f"600 URI Acquire\nURI: copy:{key}\nFilename: {stolen}"
+                             "\n\n".encode())
+            copy.stdin.flush()
+            wait_until(stolen.exists, "the copy made", DEADLINE)
+            if not prefix:
+                wait_until(lambda: listener.trusted_opens >= 1, "root's copy seen",
+                           DEADLINE)
+            else:
+                wait_rows(recorded, key)
+        finally:
+            copy.communicate(timeout=10)
+        assert stolen.read_bytes() == key.read_bytes()
+    [row] = recorded.of(key)
+    assert row["actor"]["exe"] == APT_COPY and row["actor"]["uid"] == NOBODY
+
+
 def test_replaced_secret_and_new_directories_are_followed(
         listen: Callable[..., AccessListener], policy: Callable[..., Policy],
         secrets: Path, recorded: Recorded) -> None:

@@ -356,3 +356,24 @@ def test_a_diff_never_shows_a_value_a_redact_pattern_added_later_hides(
     everything = result.stdout + shown.stdout + json.dumps(cli.json("events"))
     assert MARKER not in everything
     assert " dsn = <redacted:" in result.stdout  # unchanged: a context line, not -/+
+
+
+def test_keys_that_are_not_pem_blocks_are_secret(
+        tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    """WireGuard's quick start (`wg genkey | tee privatekey`) leaves a bare base64 key
+    in a file called privatekey; age (sops) identities and PuTTY keys are no PEM
+    block either: each was kept, and a new key showed old and new in a diff."""
+    root = tmp_path / "etc"
+    (root / "wireguard").mkdir(parents=True)
+    (root / "wireguard" / "privatekey").write_text("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+                                                   f"{MARKER}\n")
+    (root / "wireguard" / "publickey").write_text("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\n")
+    (root / "keys.txt").write_text("# created: 2026-01-01\n# public key: age1ql3z7hjy54pw3h\n"
+                                   f"AGE-SECRET-KEY-1{MARKER.upper().replace('-', '')}\n")
+    (root / "deploy.ppk").write_text("PuTTY-User-Key-File-3: ssh-ed25519\nEncryption: none\n"
+                                     f"Private-Lines: 1\n{MARKER}\n")
+    cli = Cli(tmp_path / "k.db", write_policy({"path": str(root), "check": "config"}))
+    assert cli("init").exit_code == 0
+    texts = kept_texts(cli.db)
+    assert texts == [b"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\n"]  # the public key
+    assert MARKER.encode() not in database_bytes(cli.db)

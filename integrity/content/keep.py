@@ -16,9 +16,11 @@ from integrity.policy.content import ContentPolicy
 from integrity.scan.hasher import FileChanged, open_at, read_recent, recent_since
 from integrity.scan.walker import open_parent
 
-#: A private key, whatever file holds it (PEM, OpenSSH, PGP armour), or password
-#: hashes in crypt(3) form as shadow files hold them (`user:$6$salt$hash:`).
+#: A private key, whatever file holds it (PEM, OpenSSH, PGP armour, an age identity,
+#: a PuTTY key), or password hashes in crypt(3) form as shadow files hold them
+#: (`user:$6$salt$hash:`).
 SECRET_CONTENT = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+                            rb"|AGE-SECRET-KEY-1|PuTTY-User-Key-File-\d+:"
                             rb"|:\$(?:1|2[aby]?|5|6|7|y|gy|sha1|md5)\$[^:\n]{8,}")
 SECRET, BINARY, TOO_LARGE = "secret", "binary", "too large"
 #: What `redact` puts in place of a value.

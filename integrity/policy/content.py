@@ -19,7 +19,9 @@ from integrity.errors import PolicyError
 
 DEFAULT_MAX_DIFF_SIZE = 256 << 10
 DEFAULT_SECRETS = ("/etc/shadow", "/etc/gshadow", "*shadow-", "/etc/ssh/ssh_host_*_key",
-                   "*.key")
+                   "*.key",
+                   # WireGuard's quick start: `wg genkey | tee privatekey`, bare base64
+                   "*privatekey*")
 #: Names that say a value is a credential (WordPress's keys and salts, WireGuard's
 #: and wpa_supplicant's pre-shared keys included).
 _SECRET_NAME = (r"[\w.\-]*(?:password|passwd|passphrase|secret|token|api[_\-]?key|apikey"

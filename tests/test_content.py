@@ -377,3 +377,16 @@ def test_keys_that_are_not_pem_blocks_are_secret(
     texts = kept_texts(cli.db)
     assert texts == [b"xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\n"]  # the public key
     assert MARKER.encode() not in database_bytes(cli.db)
+
+
+def test_htpasswd_hashes_are_secret(tmp_path: Path, write_policy: Callable[..., Path]) -> None:
+    """`htpasswd` writes Apache's MD5 ($apr1$) by default, or {SHA}: password hashes as
+    much as shadow's, and a web server's config tree (config: kept) holds them."""
+    root = tmp_path / "apache2"
+    root.mkdir()
+    (root / ".htpasswd").write_text("admin:$apr1$Zq9cVd1x$" + "A" * 22 + "\n")
+    (root / ".htpasswd-sha").write_text("ops:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    (root / "apache2.conf").write_text("ServerName web1\n")
+    cli = Cli(tmp_path / "h.db", write_policy({"path": str(root), "check": "config"}))
+    assert cli("init").exit_code == 0
+    assert kept_texts(cli.db) == [b"ServerName web1\n"]

@@ -18,10 +18,11 @@ from integrity.scan.walker import open_parent
 
 #: A private key, whatever file holds it (PEM, OpenSSH, PGP armour, an age identity,
 #: a PuTTY key), or password hashes in crypt(3) form as shadow files hold them
-#: (`user:$6$salt$hash:`).
+#: (`user:$6$salt$hash:`), Apache's MD5 and {SHA} among them (htpasswd).
 SECRET_CONTENT = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
                             rb"|AGE-SECRET-KEY-1|PuTTY-User-Key-File-\d+:"
-                            rb"|:\$(?:1|2[aby]?|5|6|7|y|gy|sha1|md5)\$[^:\n]{8,}")
+                            rb"|:\$(?:1|2[aby]?|5|6|7|y|gy|sha1|md5|apr1)\$[^:\n]{8,}"
+                            rb"|:\{S?SHA\}[A-Za-z0-9+/=]{20,}")
 SECRET, BINARY, TOO_LARGE = "secret", "binary", "too large"
 #: What `redact` puts in place of a value.
 _TAG = re.compile(r"<redacted:[0-9a-f]{8}>")

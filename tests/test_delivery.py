@@ -26,6 +26,7 @@ from integrity.policy import load
 from integrity.ops.verify import EventContext, verify
 from integrity.ops.status import FAILING_AFTER
 from integrity.store import Store
+from integrity.store.events import Sighting
 
 from conftest import REPO, Cli, Receiver
 
@@ -294,3 +295,56 @@ path = "{tmp_path}/alerts.jsonl"
         assert "within" in owed["last_error"], owed
     finally:
         peer.close()
+
+
+class SlowReceiver(Receiver):
+    """The receiver, taking `delay` seconds over each answer (a far SIEM)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        handler = self.server.RequestHandlerClass
+        original = handler.do_POST  # type: ignore[attr-defined]
+
+        def slow(request: Any) -> None:
+            time.sleep(delay)
+            original(request)
+        handler.do_POST = slow  # type: ignore[attr-defined]
+
+
+def test_a_flood_of_events_through_a_slow_sink_starves_no_other_sink(
+        tmp_path: Path, tree: Path, write_policy: Callable[..., Path]) -> None:
+    """A user who can create files in a protected tree (www-data in a web root) makes
+    events faster than a slow webhook takes them: the dispatcher stayed with the
+    webhook as long as any was due, and the sinks after it (here jsonl, the one an
+    operator tails) got nothing, the alert about what mattered included."""
+    slow = SlowReceiver(0.2)
+    try:
+        policy = write_policy({"path": str(tree), "check": "static", "severity": "high"},
+                              extra=f"""
+            [[alert]]
+            type = "webhook"
+            url = "{slow.url}"
+            retries = 0
+
+            [[alert]]
+            type = "jsonl"
+            path = "{tmp_path}/alerts.jsonl"
+            """)
+        cli = Cli(tmp_path / "state" / "integrity.db", policy)
+        assert cli("init").exit_code == 0
+        with opened(cli) as store:
+            dispatcher = Dispatcher(store, build_sinks(load(policy)), poll=0.05)
+            dispatcher.start()
+            try:
+                for number in range(40):  # 20 a second; the webhook takes 5
+                    store.events.record([Sighting(
+                        f"{tree}/flood-{number}".encode(), "added", (), None, {},
+                        str(tree), "high", "unexplained")], "realtime", [],
+                        routes=dispatcher.routes())
+                    dispatcher.wake()
+                    time.sleep(0.05)
+                assert len(jsonl(tmp_path)) >= 10  # none before, in any run
+            finally:
+                dispatcher.stop()
+    finally:
+        slow.close()

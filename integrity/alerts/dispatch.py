@@ -33,6 +33,8 @@ GATHER_SECONDS = 10.0
 #: Machine-sink deliveries between two outbox deletes (at most this many repeats
 #: after a crash; at-least-once beats at-most-once for an alert).
 _DELETE_EVERY = 50
+#: How long one machine sink delivers before the others have their turn.
+TURN_SECONDS = 0.5
 
 
 class Dispatcher:
@@ -98,27 +100,41 @@ class Dispatcher:
 
     def run_once(self, *, flush: bool = False) -> int:
         """Deliver what is due; `flush` sends digests without waiting for a burst to
-        end (a one-shot `verify` has no later round). Returns alerts delivered."""
+        end (a one-shot `verify` has no later round). Returns alerts delivered.
+
+        Machine sinks take turns of at most TURN_SECONDS: whoever can create files in
+        a protected tree makes events faster than a slow webhook takes them, and the
+        sinks after it must not wait for that webhook to run dry.
+        """
         with self._lock:
             sinks = list(self.sinks)
         total = 0
-        for sink in sinks:
-            if self._stop.is_set() and not flush:
-                break
-            if sink.digest:
-                total += self._digest(sink, flush)
-            else:
-                total += self._each(sink)
+        busy = sinks
+        while busy:
+            later = []
+            for sink in sinks:  # a digest is looked at each round: it times itself
+                if self._stop.is_set() and not flush:
+                    return total
+                if sink.digest:
+                    total += self._digest(sink, flush)
+                elif sink in busy:
+                    sent, more = self._turn(sink)
+                    total += sent
+                    if more:
+                        later.append(sink)
+            busy = later
         return total
 
-    def _each(self, sink: Sink) -> int:
+    def _turn(self, sink: Sink) -> tuple[int, bool]:
+        """One turn of a machine sink: (alerts delivered, whether more are due)."""
         from integrity.alerts import DeliveryError
 
         sent = 0
+        ends = time.monotonic() + TURN_SECONDS
         while True:
             pending = self.store.outbox.due(sink.name, limit=_DELETE_EVERY)
             if not pending:
-                return sent
+                return sent, False
             events = self._events([p.event_id for p in pending])
             done: list[int] = []
             try:
@@ -128,14 +144,16 @@ class Dispatcher:
                         sink.deliver([event])
                         sent += 1
                     done.append(item.id)
+                    if time.monotonic() >= ends:
+                        break
             except DeliveryError as exc:
                 self.store.outbox.delivered(done)
                 self._failed(sink, [p.id for p in pending if p.id not in done], str(exc))
-                return sent
+                return sent, False
             self.store.outbox.delivered(done)
             self._recovered(sink)
-            if self._stop.is_set():
-                return sent
+            if self._stop.is_set() or time.monotonic() >= ends:
+                return sent, True
 
     def _digest(self, sink: Sink, flush: bool) -> int:
         from integrity.alerts import DeliveryError

@@ -200,7 +200,8 @@ class Approver:
                    and not old.covers(c.path) and c.path not in unread]
         deletes = [rec.path for _, rec, _, _ in self.store.baselines.entries(self.baseline.id)
                    if not new.covers(rec.path)]
-        upserts += [rec for rec in rekept if rec.path not in {u.path for u in upserts}]
+        scanned = {u.path for u in upserts}
+        upserts += [rec for rec in rekept if rec.path not in scanned]
         events = self.store.events.open_policy_changes()
         outcome = self._write(upserts, deletes, events, {}, "policy", UNEXPLAINED,
                               package_owner(new), policy=text)
@@ -224,9 +225,9 @@ class Approver:
         keeper = ContentKeeper(self.store, policy)
         found = []
         for _, rec, _, digest in self.store.baselines.entries(self.baseline.id):
-            rule = policy.rule_for(rec.path)
             if digest is None or not policy.covers(rec.path):
-                continue
+                continue  # most entries: no text kept
+            rule = policy.rule_for(rec.path)
             if keeper.keeper.is_secret_path(rec.path) or not keeper.wants(rec, rule):
                 found.append(rec)
                 continue

@@ -430,3 +430,80 @@ def test_a_file_lease_does_not_hide_a_content_change(
     finally:
         holder.kill()
         holder.wait()
+
+
+# 12 ------------------------------------------------------------------------------------
+
+def _rolled_back(run: Cli, tree: Path, tmp_path: Path) -> tuple[str, Path]:
+    """A head kept after an incident, and a copy of the database from before it."""
+    assert run("init").exit_code == 0
+    copy = tmp_path / "before-incident.db"
+    shutil.copy(run.db, copy)
+    (tree / "sub" / "c.txt").write_text("the incident\n")
+    assert run("verify").exit_code == 1
+    return status(run)[1]["chain"]["head"], copy
+
+
+def _restore(copy: Path, db: Path) -> None:
+    shutil.copy(copy, db)
+    for path in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+        path.unlink(missing_ok=True)
+
+
+def test_a_kept_head_written_into_the_prune_archive_is_not_an_ancestor(
+        run: Cli, tree: Path, tmp_path: Path) -> None:
+    """The attack: roll the database back past the incident, then claim the kept head
+    was pruned, by writing its digest into the table of pruned digests. Nothing
+    proves that digest ever chained to the head now."""
+    kept, copy = _rolled_back(run, tree, tmp_path)
+    _restore(copy, run.db)
+    (tree / "sub" / "c.txt").write_text("gamma\n")
+    sql(run.db, "INSERT INTO ledger_archive (digest) VALUES (?)", kept)
+    refused = run("verify", "--expect-head", kept)
+    assert refused.exit_code == 2 and "rolled back" in refused.stderr
+    assert run("status", "--expect-head", kept).exit_code == 2
+
+
+def test_a_forged_prune_that_names_the_kept_head_is_not_an_ancestor(
+        run: Cli, tree: Path, tmp_path: Path) -> None:
+    """The same rollback behind a forged checkpoint: a chain that starts after the
+    kept head, with the pruned rows the attacker made up to lead there."""
+    from integrity.store.ledger import _append  # what prune itself appends with
+
+    kept, copy = _rolled_back(run, tree, tmp_path)
+    _restore(copy, run.db)
+    (tree / "sub" / "c.txt").write_text("gamma\n")
+    with sqlite3.connect(run.db) as conn:
+        conn.execute("INSERT INTO ledger_archive (digest) SELECT digest FROM ledger")
+        conn.execute("INSERT INTO ledger_archive (digest) VALUES (?)", (kept,))
+        conn.execute("DELETE FROM ledger")
+    store = Store(f"sqlite:///{run.db}")
+    try:
+        with store.writer() as conn, conn.begin():
+            _append(conn, [("checkpoint", 0, json.dumps({"previous_head": kept}))],
+                    prev=kept)
+            journal(conn, "baseline", [store.baselines.require().id])
+    finally:
+        store.close()
+    assert status(run)[1]["chain"]["ok"] is True  # a chain that checks out on the host
+    refused = run("verify", "--expect-head", kept)
+    assert refused.exit_code == 2 and "rolled back" in refused.stderr
+    assert run("status", "--expect-head", kept).exit_code == 2
+
+
+def test_a_head_kept_before_a_prune_is_still_an_ancestor(run: Cli, tree: Path) -> None:
+    """What the archive is for: pruning never fails an honest pin, nor one kept
+    before an earlier prune."""
+    assert run("init").exit_code == 0
+    kept = [status(run)[1]["chain"]["head"]]
+    for round_ in range(2):
+        (tree / "a.conf").write_text(f"change {round_}\n")
+        assert run("verify").exit_code == 1
+        kept.append(status(run)[1]["chain"]["head"])
+        assert run("approve", "--all").exit_code == 0
+        kept.append(status(run)[1]["chain"]["head"])
+        sql(run.db, "UPDATE event SET last_seen = '2020-01-01 00:00:00'")
+        assert run("prune", "--older-than", "90d").exit_code == 0
+    for pin in kept:
+        assert run("verify", "--expect-head", pin).exit_code == 0, pin
+        assert run("status", "--expect-head", pin).exit_code == 0, pin

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 #: Alembic revisions this code knows, oldest first; the last is the one it needs.
 REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009",
-             "0010", "0011", "0012")
+             "0010", "0011", "0012", "0013")
 HEAD = REVISIONS[-1]
 #: Rows per statement where a list of ids or keys goes into one IN (...): under
 #: SQLite's default limit of bound parameters, whatever the build.

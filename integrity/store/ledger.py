@@ -10,14 +10,15 @@ and an active baseline the chain does not name (a wiped ledger). Someone who can
 rewrite the whole database can rewrite the chain too: keep the head digest `status`
 prints off the host (`--expect-head`), as with the baseline root. Pruning replaces the
 ledger with a checkpoint that names the previous head, then the surviving rows; the
-digests it removes are archived, so a head kept before a prune is still an ancestor.
+rows it removes are archived with the digest of their content, so a head kept before a
+prune is still an ancestor, and only one the archived rows hash to.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import blake3
 import sqlalchemy as sa
 
 from integrity.store import schema as models
-from integrity.store.engine import Database, chunks
+from integrity.store.engine import CHUNK, Database, chunks
 from integrity.times import utcnow
 
 GENESIS = "0" * 64
@@ -58,9 +59,30 @@ def _snapshot(kind: str, row: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
+_V2 = b"integrity-ledger-v2\x00"
+
+
+def _content_digest(content: str) -> bytes:
+    return blake3.blake3(content.encode()).digest()
+
+
+def _digest_of(prev: str, kind: str, ref: int, content_digest: bytes) -> str:
+    """A chain row's digest (since 0013): over its content's digest, so that a pruned
+    row keeps what proves its place in 32 bytes instead of its content."""
+    return blake3.blake3(_V2 + f"{prev}\x00{kind}\x00{ref}\x00".encode()
+                         + content_digest).hexdigest()
+
+
 def _digest(prev: str, kind: str, ref: int, content: str) -> str:
-    return blake3.blake3(f"{prev}\x00{kind}\x00{ref}\x00".encode() + content.encode()
-                         ).hexdigest()
+    return _digest_of(prev, kind, ref, _content_digest(content))
+
+
+def _holds(prev: str, kind: str, ref: int, content: str, digest: str) -> bool:
+    """Whether a row hashes to its digest, as chained now or before 0013 (over the
+    content itself)."""
+    return (_digest(prev, kind, ref, content) == digest
+            or blake3.blake3(f"{prev}\x00{kind}\x00{ref}\x00".encode() + content.encode()
+                             ).hexdigest() == digest)
 
 
 def _head(conn: sa.Connection) -> str:
@@ -150,16 +172,13 @@ class Ledger:
             return _head(conn)
 
     def contains(self, digest: str) -> bool:
-        """Whether `digest` is the head or an ancestor of it (pruned rows included)."""
+        """Whether `digest` is the head or an ancestor of it (pruned rows included):
+        a row the chain from the head back to it hashes to, link by link."""
         digest = digest.strip().lower()
         if digest == GENESIS:
             return True
-        led, arc = models.ledger, models.ledger_archive
         with self.db.reader() as conn:
-            return (conn.execute(sa.select(led.c.seq).where(led.c.digest == digest)
-                                 .limit(1)).first() is not None
-                    or conn.execute(sa.select(arc.c.digest).where(arc.c.digest == digest)
-                                    ).first() is not None)
+            return any(found == digest for found in _ancestors(conn))
 
     def digest_of(self, kind: str, refs: Iterable[int]) -> dict[int, str]:
         """The digest of each row's newest ledger entry: its place in the chain."""
@@ -190,7 +209,7 @@ class Ledger:
                 if prev is not None and row_prev != prev:
                     report.problems.append(f"ledger row {seq}: does not follow row before "
                                            "it (a ledger row was deleted or edited)")
-                if _digest(row_prev, kind, ref, content) != digest:
+                if not _holds(row_prev, kind, ref, content, digest):
                     report.problems.append(f"ledger row {seq}: digest does not match its "
                                            "content (edited)")
                 prev = digest
@@ -261,10 +280,7 @@ class Ledger:
             expected = sa.select(e.c.window_id).where(e.c.window_id.is_not(None))
             conn.execute(w.delete().where(w.c.end < older_than, w.c.id.not_in(expected)))
             conn.execute(acc.delete().where(acc.c.last_seen < older_than))
-            archive = models.ledger_archive
-            known = sa.select(archive.c.digest)
-            conn.execute(archive.insert().from_select(
-                ["digest"], sa.select(led.c.digest).where(led.c.digest.not_in(known))))
+            _archive(conn)
             conn.execute(led.delete())
             content = json.dumps({"checkpoint": utcnow().isoformat(),
                                   "previous_head": old_head, "pruned_events": len(gone),
@@ -283,6 +299,57 @@ class Ledger:
         """Changes (by kind) counted by events that pruning removed since the start."""
         with self.db.reader() as conn:
             return _pruned_changes(conn)
+
+
+def _ancestors(conn: sa.Connection) -> Iterator[str]:
+    """The digests the chain proves, newest first: each ledger row, then each archived
+    row (pruned), that hashes to the digest its successor names; the walk ends at the
+    first that does not."""
+    led, arc = models.ledger, models.ledger_archive
+    expected = None
+    for kind, ref, content, prev, digest in conn.execute(
+            sa.select(led.c.kind, led.c.ref, led.c.content, led.c.prev, led.c.digest)
+            .order_by(led.c.seq.desc())):
+        if expected not in (None, digest) or not _holds(prev, kind, ref, content, digest):
+            return
+        yield digest
+        expected = prev
+    if expected is None:
+        return  # no chain: nothing archived is an ancestor of it
+    for kind, ref, prev, content_digest, content, digest in conn.execute(
+            sa.select(arc.c.kind, arc.c.ref, arc.c.prev, arc.c.content_digest,
+                      arc.c.content, arc.c.digest)
+            .where(arc.c.seq.is_not(None)).order_by(arc.c.seq.desc())):
+        proved = (_digest_of(prev, kind, ref, content_digest) == digest
+                  if content_digest is not None else
+                  content is not None and _holds(prev, kind, ref, content, digest))
+        if digest != expected or not proved:
+            return
+        yield digest
+        expected = prev
+
+
+def _archive(conn: sa.Connection) -> None:
+    """Append the ledger's rows to the archive, in chain order, each with what proves
+    its digest: its content's digest, or (chained before 0013) its content."""
+    led, arc = models.ledger, models.ledger_archive
+    last = int(conn.execute(sa.select(sa.func.max(arc.c.seq))).scalar() or 0)
+    after = -1
+    while rows := conn.execute(
+            sa.select(led.c.seq, led.c.kind, led.c.ref, led.c.content, led.c.prev,
+                      led.c.digest).where(led.c.seq > after).order_by(led.c.seq)
+            .limit(CHUNK)).all():
+        archived = []
+        for seq, kind, ref, content, prev, digest in rows:
+            after, last = seq, last + 1
+            proof = _content_digest(content)
+            current = _digest_of(prev, kind, ref, proof) == digest
+            archived.append({"seq": last, "digest": digest, "kind": kind, "ref": ref,
+                             "prev": prev, "content_digest": proof if current else None,
+                             "content": None if current else content})
+        # A digest archived without proof (0008) gives way to the row that proves it.
+        conn.execute(arc.delete().where(arc.c.digest.in_([r["digest"] for r in archived])))
+        conn.execute(arc.insert(), archived)
 
 
 def _pruned_changes(conn: sa.Connection) -> dict[str, int]:

@@ -183,11 +183,20 @@ content = Table(
     Column("redacted", Integer, nullable=False),
 )
 
-#: Digests of chain rows removed by pruning: a head kept off the host before a prune
-#: is still recognised as an ancestor of the chain.
+#: Chain rows removed by pruning, in chain order (`seq`), each with what proves its
+#: digest: the digest of its content (rows chained since 0013) or the content itself
+#: (rows chained before). A head kept off the host before a prune is an ancestor only
+#: through rows that hash to it. Rows of 0008 (a digest alone, seq NULL) prove nothing.
 ledger_archive = Table(
     "ledger_archive", metadata,
     Column("digest", String(64), primary_key=True),
+    Column("seq", Integer),
+    Column("kind", String(16)),
+    Column("ref", Integer),
+    Column("prev", String(64)),
+    Column("content_digest", LargeBinary),
+    Column("content", Text),
+    Index("ix_ledger_archive_seq", "seq", unique=True),
 )
 
 #: Alerts not yet delivered: one row per (sink, event), written in the transaction

@@ -205,9 +205,9 @@ def test_admin_commands_on_a_database_without_the_fleet_schema(central: Central)
         assert result.exit_code == 2 and "fleet init" in result.stderr
         assert result.stderr.count("\n") == 1
         made = CliRunner().invoke(cli, ["fleet", "init", "--url", url])
-        assert made.exit_code == 0 and "upgraded from (empty) to f0001" in made.stdout
+        assert made.exit_code == 0 and "upgraded from (empty) to f0002" in made.stdout
         again = CliRunner().invoke(cli, ["fleet", "init", "--url", url])
-        assert again.exit_code == 0 and "is at revision f0001" in again.stdout
+        assert again.exit_code == 0 and "is at revision f0002" in again.stdout
         empty = CliRunner().invoke(cli, ["fleet", "status", "--url", url])
         assert empty.exit_code == 0 and "no hosts enrolled" in empty.stdout
         bad = CliRunner().invoke(cli, ["fleet", "status", "--url", "mysql://x/y"])
@@ -230,3 +230,91 @@ def test_control_characters_from_a_host_are_escaped_in_fleet_output(
     assert len(text.splitlines()) == 1 and "\\x0a[critical]" in text
     rows = json.loads(central.fleet("events", "--host", "web1", "--json").stdout)
     assert rows[0]["path"] == str(evil)
+
+
+def _push_entries_under_the_held_seal(central: Central, host: Host, kind: str,
+                                      entries: list[tuple[bytes, bytes]]) -> None:
+    """What a host's password lets root send: a baseline push under the seal central
+    holds (same baseline, root, generation) that claims no entry changed, with
+    entries that say otherwise."""
+    me = ids(central)[host.name]
+    push, baseline_id, generation, root, ledger_seq = central.sql(
+        "SELECT push, baseline_id, generation, root, ledger_seq FROM integrity.host_state "
+        "WHERE host_id = %s", me)[0]
+    with connect(central, host) as conn, conn.transaction():
+        conn.execute("INSERT INTO integrity.baseline (host_id, push, kind, baseline_id, "
+                     "generation, root, entries, changes, ledger_seq) VALUES "
+                     "(%s, %s, %s, %s, %s, %s, %s, 0, %s)",
+                     (me, push + 1, kind, baseline_id, generation, root, len(entries),
+                      ledger_seq))
+        for key, content in entries:
+            conn.execute("INSERT INTO integrity.entry (host_id, push, key, type, content, "
+                         "size, mode, uid, gid) VALUES (%s, %s, %s, 'file', %s, 1, 493, "
+                         "0, 0)", (me, push + 1, key, content))
+
+
+@pytest.mark.parametrize("kind", ["delta", "full"])
+def test_entries_pushed_under_an_unchanged_seal_are_compared_not_taken_on_the_word(
+        central: Central, pair: tuple[Host, Host], kind: str) -> None:
+    """The attack: after approving a backdoor on web1, make the central copy show the
+    entry its peers hold (so `fleet drift` finds nothing), by pushing it under the seal
+    already held with `changes` = 0. Central holds the rows: it compares them."""
+    web1, _ = pair
+    me = ids(central)["web1"]
+    tool = central.sql("SELECT key FROM integrity.entry WHERE host_id = %s AND "
+                       "superseded IS NULL AND encode(key, 'escape') LIKE '%%tool'", me)
+    assert tool
+    _push_entries_under_the_held_seal(central, web1, kind, [(bytes(tool[0][0]), b"x" * 32)])
+    found = flags(central, "web1")
+    assert [k for k, _ in found] == ["root"], found
+    assert "without a new root" in found[0][1]
+    assert not central.host_status("web1")["healthy"]
+
+
+def test_a_full_push_of_the_same_entries_under_the_held_seal_is_not_flagged(
+        central: Central, pair: tuple[Host, Host]) -> None:
+    """What an honest host sends after its spool triggers were repaired: the whole
+    baseline again, unchanged."""
+    web1, _ = pair
+    web1.local("DROP TRIGGER fleet_entry_update")
+    web1.push_ok()
+    assert web1.local("SELECT count(*) FROM fleet_entry") == [(0,)]
+    assert central.sql("SELECT kind FROM integrity.baseline ORDER BY push DESC LIMIT 1") \
+        == [("full",)]
+    assert flags(central, "web1") == [] and central.host_status("web1")["healthy"]
+
+
+def test_fleet_init_upgrades_a_central_database_of_f0001(
+        central: Central, pair: tuple[Host, Host]) -> None:
+    """A central database set up before f0002 (its entries_in took the host's word)
+    compares the rows once `fleet init` upgraded it; downgrading puts f0001 back."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+    from importlib import resources
+
+    engine = sa.create_engine(central.url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SET LOCAL ROLE integrity_admin"))
+            config = Config()
+            config.set_main_option("script_location", str(
+                resources.files("integrity.store.central.migrations")))
+            config.attributes["connection"] = conn
+            command.downgrade(config, "f0001")
+            conn.commit()
+    finally:
+        engine.dispose()
+    assert central.sql("SELECT version_num FROM integrity.alembic_version") == [("f0001",)]
+    web1, _ = pair
+    tool = bytes(central.sql("SELECT key FROM integrity.entry WHERE host_id = %s AND "
+                             "superseded IS NULL AND encode(key, 'escape') LIKE '%%tool'",
+                             ids(central)["web1"])[0][0])
+    _push_entries_under_the_held_seal(central, web1, "delta", [(tool, b"x" * 32)])
+    assert flags(central, "web1") == []  # f0001 took the host's word
+    refused = central.fleet("status")
+    assert refused.exit_code == 2 and "fleet init" in refused.stderr
+    upgraded = central.fleet("init")
+    assert upgraded.exit_code == 0 and "f0002" in upgraded.stdout
+    _push_entries_under_the_held_seal(central, web1, "delta", [(tool, b"y" * 32)])
+    assert [k for k, _ in flags(central, "web1")] == ["root"]

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 SCHEMA = "integrity"
 #: Central revisions this code knows, oldest first; the last is the one it needs.
-REVISIONS = ("f0001",)
+REVISIONS = ("f0001", "f0002")
 HEAD = REVISIONS[-1]
 ADMIN_ROLE = "integrity_admin"
 HOST_ROLE = "integrity_host"

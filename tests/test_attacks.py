@@ -507,3 +507,41 @@ def test_a_head_kept_before_a_prune_is_still_an_ancestor(run: Cli, tree: Path) -
     for pin in kept:
         assert run("verify", "--expect-head", pin).exit_code == 0, pin
         assert run("status", "--expect-head", pin).exit_code == 0, pin
+
+
+# 13 ------------------------------------------------------------------------------------
+
+def test_a_sealed_policy_edited_under_the_watcher_fails_its_next_re_check(
+        run: Cli, tree: Path) -> None:
+    """The attack: while the watcher runs, rewrite the sealed policy in the database
+    (excluding where the backdoor goes), leaving the root alone, then drop the
+    backdoor in a new directory. The watcher's re-check of that subtree took its
+    check set from the database's policy column, which nothing had verified since
+    the watcher indexed the baseline: no alert until the next full scan. Now the
+    index no longer passes for current: the watcher builds it again, which checks
+    the seal (a tampering alert)."""
+    from integrity.ops.seal import SealedIndex, StaleIndex
+    from integrity.ops.verify import verify
+    from integrity.policy import load
+    from integrity.trust import TrustError
+
+    assert run("init").exit_code == 0
+    policy = load(run.policy)
+    store = Store(f"sqlite:///{run.db}")
+    try:
+        index = SealedIndex.build(store, policy)  # what `integrity watch` holds
+        assert index is not None
+        sealed = json.loads(store.baselines.require().policy or "{}")
+        sealed["rule"][0]["exclude"] = ["drop"]
+        sql(run.db, "UPDATE baseline SET policy = ? WHERE state = 'active'",
+            json.dumps(sealed, sort_keys=True, separators=(",", ":")))
+        (tree / "sub" / "drop").mkdir()
+        (tree / "sub" / "drop" / "backdoor").write_text("#!/bin/sh\n")
+        assert not index.current(store)
+        with pytest.raises(StaleIndex):
+            verify(lambda: store, policy, [os.fsencode(tree / "sub")], parallel=0,
+                   source="realtime", index=index)
+        with pytest.raises(TrustError, match="tampering"):
+            SealedIndex.build(store, policy)
+    finally:
+        store.close()

@@ -272,8 +272,7 @@ class SealedIndex:
         """Whether the baseline in force is still the one indexed (else an approval or
         a new init happened: build again)."""
         info = store.baselines.active()
-        return info is not None and (info.id, info.generation, info.root) == (
-            self.info.id, self.info.generation, self.info.root)
+        return info is not None and _sealed_fields(info) == _sealed_fields(self.info)
 
     def entries(self, store: Store, ranges: Sequence[tuple[bytes, bytes]]) -> list[Entry]:
         """The baseline's entries within key ranges, from blocks that still match
@@ -285,8 +284,7 @@ class SealedIndex:
             wanted.update(range(max(first, -1), max(last, -1) + 1))
         with store.baselines.snapshot() as snap:
             now = snap.info
-            if now is None or (now.id, now.generation, now.root) != (
-                    self.info.id, self.info.generation, self.info.root):
+            if now is None or _sealed_fields(now) != _sealed_fields(self.info):
                 raise StaleIndex("the baseline changed (an approval or init) since it "
                                  "was indexed")
             return self._verified(snap, sorted(wanted), ranges)
@@ -306,6 +304,13 @@ class SealedIndex:
                                  "changed outside integrity (tampering)")
             found += [e for e in rows if any(lo <= e[0] < hi for lo, hi in ranges)]
         return found
+
+
+def _sealed_fields(info: BaselineInfo) -> tuple[object, ...]:
+    """What a SealedIndex verified of the baseline row besides its entries: a row in
+    force that differs (an approval, or its sealed policy edited behind our back) is
+    indexed, and so checked against its seal, again."""
+    return (info.id, info.generation, info.root, info.policy, info.signature, info.signer)
 
 
 def _block_digest(rows: list[tuple[object, ...]]) -> bytes:

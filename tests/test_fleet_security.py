@@ -318,3 +318,50 @@ def test_fleet_init_upgrades_a_central_database_of_f0001(
     assert upgraded.exit_code == 0 and "f0002" in upgraded.stdout
     _push_entries_under_the_held_seal(central, web1, "delta", [(tool, b"y" * 32)])
     assert [k for k, _ in flags(central, "web1")] == ["root"]
+
+
+def test_the_signature_central_shows_is_one_that_verifies(
+        central: Central, tmp_path: Path) -> None:
+    """The attack: with the host's password, push under the held seal a signature
+    that is not one, naming the operator's public key (it is public) as the signer:
+    `fleet status` showed the host's baseline as signed by the operator's key, from
+    the host's word. Central holds the root, the signature and the key: it checks."""
+    from integrity.trust import fingerprint, public_key_bytes
+
+    web1 = Host(central, tmp_path, "web1")
+    private = tmp_path / "signing.key"
+    assert web1.run("key", "generate", str(private)).exit_code == 0
+    public = Path(f"{private}.pub")
+    web1.policy.write_text(f'public_key = "{public}"\n' + web1.policy.read_text())
+    assert web1.run("init", "--sign-key", str(private)).exit_code == 0
+    web1.push_ok()
+    state = central.host_status("web1")
+    operator = fingerprint(public_key_bytes(str(public)))
+    assert state["healthy"] and state["baseline"]["signed"] is True
+    assert state["baseline"]["signer"] == operator
+    me = ids(central)["web1"]
+    push, baseline_id, generation, root, ledger_seq = central.sql(
+        "SELECT push, baseline_id, generation, root, ledger_seq FROM integrity.host_state "
+        "WHERE host_id = %s", me)[0]
+    with connect(central, web1) as conn:
+        conn.execute("INSERT INTO integrity.baseline (host_id, push, kind, baseline_id, "
+                     "generation, root, signature, signer, entries, changes, ledger_seq) "
+                     "VALUES (%s, %s, 'delta', %s, %s, %s, %s, %s, 0, 0, %s)",
+                     (me, push + 1, baseline_id, generation, root, b"\x01" * 64,
+                      public_key_bytes(str(public)), ledger_seq))
+    state = central.host_status("web1")
+    assert state["baseline"]["signed"] is False and not state["healthy"]
+    assert state["baseline"]["signature"] == "invalid"
+    text = central.fleet("status")
+    assert text.exit_code == 1 and "signature does not verify" in text.stdout
+    from integrity.fleet.monitor import Monitor
+    from integrity.store.central import Central as CentralDatabase
+
+    database = CentralDatabase(central.url)
+    try:
+        monitor = Monitor(database, [])
+        assert monitor.raise_alerts() == 1 and monitor.raise_alerts() == 0
+    finally:
+        database.close()
+    assert central.sql("SELECT kind, event->>'severity' FROM integrity.monitor_alert") \
+        == [("signature", "critical")]

@@ -6,6 +6,7 @@ Every round it raises an alert (once, remembered in the central database) for:
   own death: someone pulled its network, stopped the service, or powered it off);
 - an unresolved flag: a forked chain (the host's local database was rolled back or
   rewritten), a root changed without an approval, a baseline replaced by init;
+- a root held for a host whose signature does not verify (once per root);
 - a critical event that arrived from any host.
 
 Alerts go to the [[alert]] sinks of the policy given to the monitor and are owed per
@@ -36,7 +37,7 @@ ROUND_SECONDS = 15.0
 #: Critical events that arrived longer ago than this are history, not news.
 NEWS = dt.timedelta(days=1)
 SEVERITY = {"forked": "critical", "root": "critical", "replaced": "critical",
-            "silent": "high"}
+            "signature": "critical", "silent": "high"}
 
 
 def _alert(kind: str, host: str, detail: str, when: str | None, severity: str,
@@ -106,6 +107,15 @@ class Monitor:
                         rows.append(self._row(key, flag["kind"], ids[name], _alert(
                             flag["kind"], name, flag["detail"], flag["raised"],
                             SEVERITY.get(flag["kind"], "high"), flag["id"])))
+                baseline = host["baseline"]
+                if baseline and baseline["signature"] == "invalid":
+                    key = f"signature:{name}:{baseline['root']}"
+                    if key not in known:
+                        detail = (f"root {baseline['root']}: its signature does not verify "
+                                  f"with the key it names ({baseline['signer']})")
+                        rows.append(self._row(key, "signature", ids[name], _alert(
+                            "signature", name, detail, baseline["received"],
+                            SEVERITY["signature"], 0)))
                 if host["silent"]:
                     since = host["last_seen"] or host["enrolled"]
                     key = f"silent:{name}:{since}"

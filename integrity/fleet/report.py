@@ -62,6 +62,10 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
         if host["silent"]:
             _line(out, f"    silent: nothing for {_age(host['seconds_since'])}, more than "
                        f"3 intervals of {host['interval']:g} s")
+        if baseline and baseline["signature"] == "invalid":
+            _line(out, f"    signature does not verify: root {_short(baseline['root'])} is "
+                       f"not signed by {baseline['signer'] or 'the key it names'} "
+                       "(the host pushed a signature that is not one)")
         for flag in host["flags"]:
             _line(out, f"    {flag['kind']} (flag {flag['id']}, {flag['raised']}): "
                        f"{flag['detail']}")

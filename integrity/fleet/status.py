@@ -1,8 +1,9 @@
 """What the central copy says about the fleet: every host's state, events across hosts.
 
 A host is flagged when it has been silent for more than three of its push intervals
-(counted from enrolment when it never reported), when its chain forked, or when it
-has an unresolved flag (a root changed without an approval, a baseline replaced).
+(counted from enrolment when it never reported), when its chain forked, when it
+has an unresolved flag (a root changed without an approval, a baseline replaced), or
+when the signature of the root held for it does not verify.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def host_json(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
     flags = [{"id": f["id"], "kind": f["kind"], "detail": f["detail"],
               "raised": iso(_utc(f["raised"]))} for f in row["flags"]]
     complete = row["entries"] is not None and row["entries"] == row["central_entries"]
+    signature = _signature(row)
     return {
         "host": row["name"], "group": row["grp"] or row["reported_group"] or "default",
         "group_reported": row["reported_group"], "group_pinned": row["grp"],
@@ -58,14 +60,29 @@ def host_json(row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         "baseline": None if row["push"] is None else {
             "root": row["root"], "generation": row["generation"],
             "entries": row["entries"], "central_entries": row["central_entries"],
-            "complete": complete, "signed": row["signed"],
+            "complete": complete, "signed": signature == "valid", "signature": signature,
             "signer": fingerprint(bytes(row["signer"])) if row["signer"] else None,
             "received": iso(_utc(row["baseline_received"]))},
         "chain": {"state": chain, "head": row["head_digest"], "records": row["chain_rows"],
                   "epoch": row["epoch"], "forked": iso(_utc(row["forked"]))},
         "flags": flags, "requests_pending": row["pending"],
-        "healthy": not silent and row["forked"] is None and not flags,
+        "healthy": not silent and row["forked"] is None and not flags
+        and signature != "invalid",
     }
+
+
+def _signature(row: dict[str, Any]) -> str | None:
+    """Whether the held root's signature verifies with the key it names: "valid",
+    "invalid", or None when the host sent none. Checked here, on the root, signature
+    and key central holds: a host's role can push any bytes as a signature."""
+    from integrity.trust import signature_valid
+
+    if row["push"] is None or not row["signature"]:
+        return None
+    if row["signer"] and row["root"] and signature_valid(
+            row["root"], bytes(row["signature"]), bytes(row["signer"])):
+        return "valid"
+    return "invalid"
 
 
 def status(central: Central) -> dict[str, Any]:

@@ -42,13 +42,16 @@ SELECT e.key, h.name, e.type, e.content, e.link, e.mode
 
 def hosts_in(conn: sa.Connection) -> tuple[dt.datetime, list[dict[str, Any]]]:
     """(the server's now, one row per enrolled host by name): its host and host_state
-    columns, `opened` (open events by severity), `flags` (open ones) and `pending`
-    (approval requests it has not answered)."""
-    h, s, e, f, r = (schema.host, schema.host_state, schema.event, schema.flag,
-                     schema.request)
+    columns, `signature` (of the baseline push held), `opened` (open events by
+    severity), `flags` (open ones) and `pending` (approval requests it has not
+    answered)."""
+    h, s, e, f, r, b = (schema.host, schema.host_state, schema.event, schema.flag,
+                        schema.request, schema.baseline)
     now = conn.execute(sa.select(sa.func.now())).scalar_one()
+    held = b.c.host_id == s.c.host_id, b.c.epoch == s.c.epoch, b.c.push == s.c.push
     rows = [dict(row) for row in conn.execute(
-        sa.select(h, s).join(s, s.c.host_id == h.c.id).order_by(h.c.name)).mappings()]
+        sa.select(h, s, b.c.signature).join(s, s.c.host_id == h.c.id)
+        .outerjoin(b, sa.and_(*held)).order_by(h.c.name)).mappings()]
     opened: dict[int, dict[str, int]] = defaultdict(dict)
     for hid, severity, count in conn.execute(
             sa.select(e.c.host_id, e.c.severity, sa.func.count())

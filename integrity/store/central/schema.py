@@ -59,6 +59,28 @@ host_state = Table(
     Column("baseline_received", TZ),
 )
 
+#: Every baseline push a host made (its xid column, set centrally, is left out).
+baseline = Table(
+    "baseline", metadata,
+    Column("host_id", Integer, primary_key=True),
+    Column("epoch", Integer, primary_key=True),
+    Column("push", BigInteger, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("baseline_id", BigInteger, nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("activated", DateTime),
+    Column("root", Text),
+    Column("signature", LargeBinary),
+    Column("signer", LargeBinary),
+    Column("seal_version", Integer),
+    Column("policy_digest", Text),
+    Column("entries", BigInteger, nullable=False),
+    Column("changes", BigInteger, nullable=False),
+    Column("ledger_seq", BigInteger, nullable=False),
+    Column("host_time", DateTime),
+    Column("received", TZ, nullable=False),
+)
+
 event = Table(
     "event", metadata,
     Column("uid", BigInteger, primary_key=True),

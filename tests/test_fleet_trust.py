@@ -203,3 +203,47 @@ def test_the_fleet_table_may_come_from_a_drop_in(central: Central, tmp_path: Pat
     shown = web1.run("policy", "show")
     assert shown.exit_code == 0 and "[fleet]" in shown.stdout
     assert 'interval = "5m"' in shown.stdout
+
+
+def test_a_baseline_resealed_behind_the_spool_shows_at_the_next_heartbeat(
+        central: Central, tmp_path: Path) -> None:
+    """The attack: drop the spool's triggers, plant a backdoor's digest in its entry
+    and re-seal the baseline with integrity's own code, note the new root in the
+    spool's own state, and put the triggers back. The host's verify passes, its
+    pushes carry no baseline change, and the central copy kept the old root with
+    nothing flagged (a later genuine approval would carry the planted entry in).
+    Every heartbeat now says which seal the host holds: central compares."""
+    from fleethosts import edit_entry, reseal
+    from integrity.store.ledger import journal
+    from integrity.store.spool import TRIGGERS
+
+    web1, = make_hosts(central, tmp_path, ["web1"])
+    held = central.host_status("web1")["baseline"]["root"]
+    for name in TRIGGERS:
+        web1.local(f"DROP TRIGGER {name}")
+    edit_entry(web1)
+    tool = web1.tree / "bin" / "tool"
+    st = tool.stat()  # the rest of what the backdoor changed, as `static` checks it
+    web1.local("UPDATE entry SET inode = ?, mtime = ?, ctime = ?, nlink = ? WHERE key = ?",
+               st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, _key(tool))
+    reseal(web1, next_generation=False)
+    web1.local("UPDATE fleet_state SET root = (SELECT root FROM baseline "
+               "WHERE state = 'active')")
+    with sqlite3.connect(web1.db) as conn:
+        for ddl in TRIGGERS.values():
+            conn.execute(ddl)
+    store = Store(f"sqlite:///{web1.db}")
+    try:  # the new state entered in the chain, as integrity would have
+        with store.writer() as conn, conn.begin():
+            journal(conn, "baseline", [store.baselines.require().id])
+    finally:
+        store.close()
+    assert web1.run("verify").exit_code == 0  # the host alone is fooled
+    assert web1.root() != held
+    web1.push_ok()
+    found = flags(central, "web1")
+    assert [kind for kind, _ in found] == ["root"], found
+    assert web1.root()[:16] in found[0][1] and held[:16] in found[0][1]
+    assert not central.host_status("web1")["healthy"]
+    web1.push_ok()  # said once, not at every heartbeat
+    assert len(flags(central, "web1")) == 1

@@ -10,7 +10,9 @@ One push, in this order (each step commits before the spool forgets what it sent
    transaction together with the chain records up to the point it was read at, so
    the central side can tell whether an approval made it;
 4. the outcomes of requests;
-5. a heartbeat: liveness, watcher state, the newest chain record this host holds.
+5. a heartbeat: liveness, watcher state, the newest chain record this host holds and
+   the seal of its baseline (the central side flags a seal it does not hold when
+   nothing is owed: the baseline changed behind the spool).
 
 A batch sent again after a crash or an outage is recognised centrally and dropped
 (same host, same sequence number, same digest), so a push can be killed at any point.
@@ -169,10 +171,10 @@ class Pusher:
             self.store.spool.reported(int(row["id"]))
 
     def _heartbeat(self, session: HostSession) -> int:
-        owed = self.store.spool.unpushed_records()
+        owed, seal = self.store.spool.backlog_and_seal()
         session.heartbeat(utcnow(), int(self.config.interval), self.config.group,
                           __version__, watcher_state(self.store), self.store.spool.head(),
-                          owed)
+                          owed, seal)
         return owed
 
 

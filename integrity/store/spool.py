@@ -197,14 +197,16 @@ class Spool:
         """Records the central database still lacks: chain records and baseline changes
         spooled, or, before the first push, every chain record and the baseline."""
         with self.db.reader() as conn:
-            def count(table: sa.Table) -> int:
-                return int(conn.execute(sa.select(sa.func.count()).select_from(table)
-                                        ).scalar() or 0)
-            if conn.execute(sa.select(models.fleet_state.c.id)).first() is None:
-                active = conn.execute(sa.select(models.baseline.c.id).where(
-                    models.baseline.c.state == "active")).first()
-                return count(models.ledger) + (active is not None)
-            return count(models.fleet_ledger) + count(models.fleet_entry)
+            return _unpushed(conn)
+
+    def backlog_and_seal(self) -> tuple[int, tuple[str | None, int | None]]:
+        """unpushed_records() and the (root, generation) of the baseline in force, read
+        together: with nothing owed, the seal is the one the central copy must hold."""
+        b = models.baseline
+        with self.db.reader() as conn, conn.begin():
+            seal = conn.execute(sa.select(b.c.root, b.c.generation)
+                                .where(b.c.state == "active")).first()
+            return _unpushed(conn), (seal[0], seal[1]) if seal else (None, None)
 
     # -- the baseline ------------------------------------------------------------
 
@@ -283,6 +285,17 @@ class Spool:
         r = models.fleet_request
         with self.db.writer() as conn, conn.begin():
             conn.execute(r.update().where(r.c.id == request_id).values(reported=utcnow()))
+
+
+def _unpushed(conn: sa.Connection) -> int:
+    def count(table: sa.Table) -> int:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+                   or 0)
+    if conn.execute(sa.select(models.fleet_state.c.id)).first() is None:
+        active = conn.execute(sa.select(models.baseline.c.id).where(
+            models.baseline.c.state == "active")).first()
+        return count(models.ledger) + (active is not None)
+    return count(models.fleet_ledger) + count(models.fleet_entry)
 
 
 def _head(conn: sa.Connection) -> tuple[int, str]:

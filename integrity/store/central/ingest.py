@@ -109,13 +109,16 @@ class HostSession:
                  "a": approval_id, "root": root, "d": detail})
 
     def heartbeat(self, time: Any, interval: int, group: str, version: str,
-                  watcher: dict[str, Any], head: tuple[int, str], unpushed: int) -> None:
-        """Liveness, the watcher's state and the newest chain record this host holds."""
+                  watcher: dict[str, Any], head: tuple[int, str], unpushed: int,
+                  seal: tuple[str | None, int | None]) -> None:
+        """Liveness, the watcher's state, the newest chain record this host holds and
+        the seal (root, generation) of its baseline as the backlog was counted."""
         with self.conn.begin():
             self.conn.execute(sa.text(
                 "INSERT INTO integrity.heartbeat (host_id, time, interval_s, grp, version, "
-                "watcher, head_seq, head_digest, unpushed) VALUES (:h, :t, :i, :g, :v, "
-                "CAST(:w AS jsonb), :seq, :digest, :owed)"),
+                "watcher, head_seq, head_digest, unpushed, root, generation) VALUES "
+                "(:h, :t, :i, :g, :v, CAST(:w AS jsonb), :seq, :digest, :owed, :root, "
+                ":generation)"),
                 {"h": self.host_id, "t": time, "i": interval, "g": group, "v": version,
                  "w": json.dumps(watcher), "seq": head[0], "digest": head[1],
-                 "owed": unpushed})
+                 "owed": unpushed, "root": seal[0], "generation": seal[1]})

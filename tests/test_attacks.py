@@ -545,3 +545,28 @@ def test_a_sealed_policy_edited_under_the_watcher_fails_its_next_re_check(
             SealedIndex.build(store, policy)
     finally:
         store.close()
+
+
+# 14 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resealed", [False, True])
+def test_a_sealed_policy_that_is_not_a_policy_is_tampering(
+        run: Cli, tree: Path, resealed: bool) -> None:
+    """The attack: write something that is not a policy into the baseline's sealed
+    policy (and re-seal over it). Every verify of the timer then died on an internal
+    error before recording anything: no tampering event, no alert, and status could
+    not say what was wrong."""
+    assert run("init").exit_code == 0
+    sql(run.db, "UPDATE baseline SET policy = '[1' WHERE state = 'active'")
+    if resealed:
+        reseal(run.db, None, "[1")
+    refused = run("verify")
+    assert refused.exit_code == 2 and "tampering" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "internal error" not in refused.stderr
+    warnings = [e for e in run.json("events") if e["classification"] == "tampering"]
+    assert warnings and warnings[0]["severity"] == "critical"
+    code, data = status(run)
+    assert code == 1 and data["baseline"]["seal"]["valid"] is False
+    assert "TAMPERING" in run("status").stdout
+    refused = run("approve", "--all")
+    assert refused.exit_code == 2 and "tampering" in refused.stderr

@@ -143,7 +143,13 @@ def effective_policy(info: BaselineInfo, policy: Policy | None) -> Policy | None
         return policy
     if policy is not None and info.policy == sealed_text(policy):
         return policy
-    return as_sealed(policy, info.policy)
+    try:
+        return as_sealed(policy, info.policy)
+    except (ValueError, TypeError, AttributeError, IntegrityError) as exc:
+        # integrity only ever seals a policy it validated: this one was written here
+        raise TrustError(f"baseline generation {info.generation}: its sealed policy is "
+                         f"not a policy integrity sealed ({exc}): the baseline was "
+                         "changed outside integrity (tampering)") from None
 
 
 def check_pins(info: BaselineInfo, sealed: Policy | None, pins: Pins = Pins(),

@@ -80,9 +80,12 @@ def collect(store: Store, policy: Policy | None, now: dt.datetime | None = None,
         baseline = snap.info
         seal = seal_state(snap, policy)
     current = sealed_text(policy) if policy is not None else None
-    drift = (differences(baseline.policy, current)
-             if baseline is not None and baseline.policy is not None
-             and current is not None and baseline.policy != current else [])
+    try:
+        drift = (differences(baseline.policy, current)
+                 if baseline is not None and baseline.policy is not None
+                 and current is not None and baseline.policy != current else [])
+    except (ValueError, TypeError, AttributeError):  # the seal check says why
+        drift = ["the sealed policy is not a policy (tampering)"]
     counts = store.events.open_counts()
     run = store.runs.last("verify", "scan")
     watcher = store.runs.latest_watcher()

@@ -101,7 +101,8 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     try:
         store = open_store()
         info = store.baselines.require()
-        effective = effective_policy(info, policy)
+        with _tampering_recorded(store, source, context):
+            effective = effective_policy(info, policy)
         if scan is None or effective is not policy:
             if scan is not None:
                 scan.close()

@@ -570,3 +570,25 @@ def test_a_sealed_policy_that_is_not_a_policy_is_tampering(
     assert "TAMPERING" in run("status").stdout
     refused = run("approve", "--all")
     assert refused.exit_code == 2 and "tampering" in refused.stderr
+
+
+@pytest.mark.parametrize("column", ["activated", "created"])
+def test_a_baseline_row_with_a_time_integrity_never_wrote_is_tampering(
+        run: Cli, tree: Path, column: str) -> None:
+    """The same with a time column of the baseline row: 'activated' (sealed) made
+    every verify die before it recorded anything, 'created' (chained) made the chain
+    check, and so verify and status, die on an internal error."""
+    assert run("init").exit_code == 0
+    sql(run.db, f"UPDATE baseline SET {column} = 'not a time' WHERE state = 'active'")
+    result = run("verify")
+    assert result.exit_code in (1, 2) and "internal error" not in result.stderr
+    assert "tampering" in result.stderr + result.stdout
+    warnings = [e for e in run.json("events") if e["classification"] == "tampering"]
+    assert column == "created" or (warnings and warnings[0]["severity"] == "critical")
+    if column == "created":
+        code, data = status(run)
+        assert code == 1 and not data["chain"]["ok"]
+    else:  # no baseline to describe: one line, and what is wrong
+        refused = run("status")
+        assert refused.exit_code == 2 and "tampering" in refused.stderr
+        assert refused.stderr.count("\n") == 1

@@ -100,8 +100,8 @@ def verify(open_store: StoreOpener, policy: Policy, paths: Sequence[str | bytes]
     scan = _early_scan(policy, paths, fast, parallel, rate)
     try:
         store = open_store()
-        info = store.baselines.require()
         with _tampering_recorded(store, source, context):
+            info = store.baselines.require()
             effective = effective_policy(info, policy)
         if scan is None or effective is not policy:
             if scan is not None:

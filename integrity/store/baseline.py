@@ -26,7 +26,7 @@ from integrity.store import schema
 from integrity.store.contents import PendingTexts, Text, put_in
 from integrity.store.engine import Database, cause, chunks, inserted_id
 from integrity.store.ledger import forget, journal
-from integrity.trust import SEAL_VERSION
+from integrity.trust import SEAL_VERSION, TrustError
 from integrity.times import utcnow
 
 #: Rows per executemany while a baseline is written.
@@ -72,8 +72,14 @@ _INFO = (schema.baseline.c.id, schema.baseline.c.activated, schema.baseline.c.en
 
 
 def active_in(conn: sa.Connection) -> BaselineInfo | None:
-    """The baseline in force, read on an open connection."""
-    row = conn.execute(sa.select(*_INFO).where(schema.baseline.c.state == "active")).first()
+    """The baseline in force, read on an open connection; TrustError for a row with a
+    value integrity never writes (a time that is not one)."""
+    try:
+        row = conn.execute(sa.select(*_INFO).where(schema.baseline.c.state == "active")
+                           ).first()
+    except (ValueError, TypeError) as exc:
+        raise TrustError(f"the baseline in force cannot be read ({exc}): it was changed "
+                         "outside integrity (tampering)") from None
     return BaselineInfo(*row) if row else None
 
 

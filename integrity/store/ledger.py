@@ -233,16 +233,22 @@ class Ledger:
                 query = sa.select(table).order_by(table.c.id)
                 if kind == "baseline":
                     query = query.where(table.c.state == "active")
-                for row in conn.execute(query):
-                    recorded = latest.pop((kind, row.id), None)
-                    if recorded is None or recorded == _TOMBSTONE:
-                        what = ("the active baseline is not in the ledger (the chain was "
-                                "wiped or rewritten)" if kind == "baseline" else
-                                "not in the ledger (inserted behind integrity's back)")
-                        report.problems.append(f"{kind} {row.id}: {what}")
-                    elif recorded != _snapshot(kind, row):
-                        report.problems.append(f"{kind} {row.id}: differs from its last "
-                                               "recorded state (edited)")
+                try:
+                    for row in conn.execute(query):
+                        recorded = latest.pop((kind, row.id), None)
+                        if recorded is None or recorded == _TOMBSTONE:
+                            what = ("the active baseline is not in the ledger (the chain "
+                                    "was wiped or rewritten)" if kind == "baseline" else
+                                    "not in the ledger (inserted behind integrity's back)")
+                            report.problems.append(f"{kind} {row.id}: {what}")
+                        elif recorded != _snapshot(kind, row):
+                            report.problems.append(f"{kind} {row.id}: differs from its "
+                                                   "last recorded state (edited)")
+                except (ValueError, TypeError) as exc:  # a value integrity never writes
+                    report.problems.append(f"{kind} rows: cannot be read ({exc}): "
+                                           "edited outside integrity")
+                    for gone in [k for k in latest if k[0] == kind]:
+                        del latest[gone]
             for (kind, ref), content in sorted(latest.items()):
                 if content != _TOMBSTONE and kind != "baseline":
                     report.problems.append(f"{kind} {ref}: in the ledger but gone "

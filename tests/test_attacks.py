@@ -592,3 +592,31 @@ def test_a_baseline_row_with_a_time_integrity_never_wrote_is_tampering(
         refused = run("status")
         assert refused.exit_code == 2 and "tampering" in refused.stderr
         assert refused.stderr.count("\n") == 1
+
+
+# 15 ------------------------------------------------------------------------------------
+
+def test_an_owed_alert_postponed_past_any_retry_is_still_sent(
+        run: Cli, tree: Path, receiver: Any) -> None:
+    """The attack: the webhook missed the incident's alert once (it is owed, chained);
+    root pushes its next attempt to the year 9999 and its attempts back to 0, columns
+    outside the chain (retry bookkeeping). Nothing integrity does ever schedules an
+    attempt beyond its longest backoff: such a row is due now, and status says so."""
+    run.policy.write_text(run.policy.read_text() + f'\n[[alert]]\ntype = "webhook"\n'
+                          f'url = "{receiver.url}"\nretries = 0\ntimeout = 5\n')
+    assert run("init").exit_code == 0
+    receiver.status = 503
+    (tree / "a.conf").write_text("changed\n")
+    assert run("verify").exit_code == 1
+    assert receiver.bodies == []
+    sql(run.db, "UPDATE outbox SET attempts = 0, next_attempt = '9999-12-31 00:00:00'")
+    receiver.status = 200
+    store = Store(f"sqlite:///{run.db}")
+    try:
+        store.outbox.retry_now()  # what a restart of the watcher does
+    finally:
+        store.close()
+    code, data = status(run)
+    assert code == 1 and any("next attempt" in p for p in data["chain"]["problems"])
+    assert run("verify").exit_code == 1
+    assert [body["path"] for body in receiver.bodies] == [str(tree / "a.conf")]

@@ -229,6 +229,8 @@ class Ledger:
                     report.problems.append(f"{kind} {ref}: deleted, and its id reused by "
                                            f"another {kind} (ledger row {seq})")
             report.head = prev or GENESIS
+            from integrity.store.outbox import LATEST_RETRY  # outbox chains through here
+            retry_by = utcnow() + LATEST_RETRY + dt.timedelta(minutes=1)
             for kind, table in _TABLES.items():
                 query = sa.select(table).order_by(table.c.id)
                 if kind == "baseline":
@@ -244,6 +246,10 @@ class Ledger:
                         elif recorded != _snapshot(kind, row):
                             report.problems.append(f"{kind} {row.id}: differs from its "
                                                    "last recorded state (edited)")
+                        elif kind == "outbox" and row.next_attempt > retry_by:
+                            report.problems.append(
+                                f"outbox {row.id}: next attempt {row.next_attempt:%Y-%m-%d}, "
+                                "later than any retry integrity schedules (edited)")
                 except (ValueError, TypeError) as exc:  # a value integrity never writes
                     report.problems.append(f"{kind} rows: cannot be read ({exc}): "
                                            "edited outside integrity")

@@ -23,6 +23,9 @@ from integrity.times import utcnow
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
 #: for a day is tried every ten minutes, never given up on.
 BACKOFF = (15, 30, 60, 120, 300, 600)
+#: The furthest integrity ever schedules an attempt: a row due later than this was
+#: postponed behind its back (retry bookkeeping is outside the chain) and is due now.
+LATEST_RETRY = dt.timedelta(seconds=max(BACKOFF))
 
 
 class Route(Protocol):
@@ -81,12 +84,15 @@ class Outbox:
 
     def due(self, sink: str, limit: int = 500,
             now: dt.datetime | None = None) -> list[Pending]:
-        """A sink's alerts whose time has come, oldest first."""
+        """A sink's alerts whose time has come (or was put off further than any
+        retry), oldest first."""
         o = models.outbox
+        now = now or utcnow()
         with self.db.reader() as conn:
             rows = conn.execute(
                 sa.select(o.c.id, o.c.event_id, o.c.created, o.c.attempts)
-                .where(o.c.sink == sink, o.c.next_attempt <= (now or utcnow()))
+                .where(o.c.sink == sink, sa.or_(o.c.next_attempt <= now,
+                                                o.c.next_attempt > now + LATEST_RETRY))
                 .order_by(o.c.id).limit(limit)).all()
         return [Pending(*row) for row in rows]
 

@@ -4,6 +4,9 @@
 runs a stat-only `verify --fast` (so the upgrade's changes become events) and then
 `approve --package-updates`; what it leaves open is sent to syslog (tag
 integrity-apt) and stays open for a person to look at. The hook never fails apt.
+It passes no --require-signed of its own: approve reads the sealed policy's
+`[packages] require_signed`, so the setting cannot be dropped by editing this
+world-readable snippet (nor the policy file, without `approve --policy`).
 """
 
 from __future__ import annotations

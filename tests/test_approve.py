@@ -891,3 +891,91 @@ def test_an_unreadable_package_file_is_left_open_with_the_cause(
     assert kind == "modified"
     assert reason.startswith("cannot read") and "Permission denied" in reason, reason
     assert DATA not in {a["path"] for a in doc["approved"]}
+
+
+needs_gpg = pytest.mark.skipif(shutil.which("gpg") is None
+                               or not os.access("/usr/bin/gpgv", os.X_OK),
+                               reason="signs apt lists: needs gpg and gpgv")
+
+
+@needs_dpkg
+@needs_gpg
+def test_require_signed_approves_only_on_the_signed_archive(
+        host: Host, debs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: the archive's keyring is in the baseline; signed evidence required
+    (by the sealed policy's `[packages]`, as the apt hook runs it, then by the flag)
+    leaves what only dpkg's database vouches for open, approves on the signed archive
+    once the .deb is kept, and refuses an archive re-signed with a replaced keyring."""
+    from aptrepo import AptRepo, SigningKey
+    from debs import packages_stanza, sha256
+
+    repo = AptRepo(tmp_path / "repo", SigningKey.generate(tmp_path / "gnupg"))
+    host.cleanups.append(repo.key.stop)
+    cache = tmp_path / "archives"
+    cache.mkdir()
+
+    class SignedManagers(PackageManagers):
+        """The real package managers, with the test's apt cache, lists and sources."""
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**{"dpkg_log": str(host.system_log),
+                                "apt_archives": str(cache), "apt_lists": str(repo.lists),
+                                "apt_etc": str(repo.etc), **options})
+
+    monkeypatch.setattr(integrity.packages, "PackageManagers", SignedManagers)
+    with open(host.cli.policy, "a") as policy:
+        policy.write(f'\n[[rule]]\npath = "{repo.keyring.parent}"\ncheck = "static"\n'
+                     '\n[packages]\nrequire_signed = true\n')
+    run = host.cli
+    host.install(debs["1.0"])
+    assert run("init").exit_code == 0
+    host.install(debs["1.1"], logged=True)
+    assert {DATA, TOOL, CONF, DROPPED, NEW_CONF} <= set(changed_paths(run, expect=1))
+
+    # No .deb kept: dpkg's database alone vouches, which the policy refuses.
+    doc = approve_json(run, "--package-updates")
+    assert {a["path"] for a in doc["approved"]} == {DROPPED}  # removals: dpkg's log
+    kind, reason = _left(doc)[DATA]
+    assert reason == (f"only dpkg's database vouches for it (matches {PKG} 1.1 (dpkg "
+                      f"md5sums); no {PKG}_1.1_all.deb in {cache}), and --require-signed "
+                      "asks for the signed archive (keep downloaded .debs: "
+                      "APT::Keep-Downloaded-Packages)")
+
+    # The .deb kept and listed in a signed list: approved on the signed archive.
+    shutil.copy(debs["1.1"], cache / f"{PKG}_1.1_all.deb")
+    repo.publish(packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"])))
+    doc = approve_json(run, "--package-updates", "--require-signed")
+    approved = {a["path"]: a["evidence"] for a in doc["approved"]}
+    assert {DATA, TOOL, CONF, NEW_CONF} <= set(approved), _left(doc)
+    assert set(approved.values()) == {"signed-archive"}
+    assert doc["left_open"] == []
+
+    # The intruder: a backdoored notes.txt in a forged 1.1, the keyring replaced by
+    # one of their own and the list re-signed with it.
+    attacker = SigningKey.generate(tmp_path / "attacker", "attacker")
+    host.cleanups.append(attacker.stop)
+    files = _files("1.1")
+    files[NOTES] = b"backdoor\n"
+    (tmp_path / "forged").mkdir()
+    forged = build_deb(tmp_path / "forged", PKG, "1.1", files, [CONF, NEW_CONF],
+                       links={LINK: "tool"})
+    shutil.copy(forged, cache / f"{PKG}_1.1_all.deb")
+    _write(NOTES, b"backdoor\n")
+    repo.keyring.write_bytes(attacker.keyring)
+    repo.publish(packages_stanza(PKG, "1.1", "all", sha256(forged)), sign_with=attacker)
+    assert {NOTES, str(repo.keyring)} <= set(changed_paths(run, expect=1))
+    for flags in (["--require-signed"], []):
+        doc = approve_json(run, "--package-updates", *flags)
+        assert doc["approved"] == []
+        left = _left(doc)
+        assert f"keyring {repo.keyring}: differs from the integrity baseline" in \
+            left[NOTES][1], left[NOTES]
+        assert left[str(repo.keyring)] == ("modified", "not owned by any package")
+
+
+def test_require_signed_goes_with_package_updates(run: Cli) -> None:
+    result = run("approve", "--all", "--require-signed")
+    assert result.exit_code == 2
+    assert one_line(result.stderr) == \
+        "integrity: approve: --require-signed goes with --package-updates"

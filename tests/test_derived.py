@@ -99,6 +99,10 @@ def test_reinstalling_python_and_glib_packages_leaves_nothing_open(tmp_path: Pat
     rules = [jwt, os.path.dirname(tool), os.path.dirname(modules),
              "/usr/share/glib-2.0/schemas", "/etc/ld.so.cache"]
     rules += [p for p in files if p.startswith("/usr/lib/") and not os.path.isdir(p)]
+    # apt's keyrings, pinned by the baseline: the .debs apt keeps state the libraries'
+    # symlink targets once their lists verify with them.
+    rules += [p for p in ("/usr/share/keyrings", "/etc/apt/trusted.gpg.d")
+              if os.path.isdir(p)]
     run = policy(tmp_path, rules)
     with exclusive():
         assert run("init").exit_code == 0
@@ -385,3 +389,30 @@ def test_a_cache_tool_never_loads_a_module_no_package_ships() -> None:
     assert verdict == Verdict(False, f"cannot make {modules}/giomodule.cache again: "
                               f"gio-querymodules would load {planted}, which is not "
                               "vouched for: not owned by any package")
+
+
+@needs_root
+def test_require_signed_derives_only_from_signed_inputs(tmp_path: Path) -> None:
+    """With require_signed a derived file needs inputs the signed archive vouches for:
+    here no keyring is trusted (no keyring check), so the gio module cache stays open on
+    its modules and tool, which only dpkg's database vouches for; and alternatives,
+    which decide from dpkg's own alternatives database, vouch for nothing."""
+    modules = next(p for p in listed("libglib2.0-0") if p.endswith("/gio/modules"))
+    cache = os.fsencode(os.path.join(modules, "giomodule.cache"))
+    live = FileRecord.from_stat(cache, os.lstat(cache))
+    link = tmp_path / "editor"
+    link.symlink_to("/etc/alternatives/editor")
+    made = FileRecord.from_stat(os.fsencode(link), os.lstat(link))._replace(
+        link=b"/etc/alternatives/editor")
+    strict = PackageManagers(rpm=None, require_signed=True)
+    with exclusive():
+        cached, alternative = rejudge(strict, [
+            Change(cache, live._replace(inode=live.inode + 1), live,
+                   Verdict(False, "not owned by any package")),
+            Change(made.path, None, made, Verdict(False, "not owned by any package"))])
+    assert not cached.vouched
+    assert "only dpkg's database vouches for it" in cached.reason, cached.reason
+    assert "--require-signed asks for the signed archive" in cached.reason
+    assert alternative == Verdict(
+        False, "alternatives decides from dpkg's alternatives database, which no "
+        "signature covers, and --require-signed asks for signed evidence")

@@ -3,8 +3,10 @@
 The tests install `integrity-test-pkg` with dpkg into the live system (that is what
 the feature is about: dpkg's real database and the real files) and always purge it
 again. dpkg's log goes to a temporary file so the removal tests see exactly the
-actions they made; apt's archive cache and lists are temporary directories, so the
-"signed-archive" tests decide exactly which .deb is listed.
+actions they made; apt's archive cache, lists and configuration are temporary
+directories (tests/aptrepo.py: a repository signed with a real gpg key), so the
+"signed-archive" tests decide exactly which .deb is listed, and the attacks edit real
+lists, InRelease files and keyrings.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from integrity.packages import PackageManagers
+from aptrepo import PREFIX, AptRepo, Pinned, SigningKey
 from debs import (build_deb, build_rpm, dpkg, dpkg_tool, exclusive, owned, packages_stanza,
                   sha256)
 
@@ -36,8 +39,12 @@ CONF = "/etc/integrity-test.conf"
 LINK = "/usr/lib/integrity-test/current"   # a symlink to the tool
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None,
-    reason="installs real packages: needs root and dpkg")
+    os.geteuid() != 0 or shutil.which("dpkg") is None or shutil.which("dpkg-deb") is None
+    or shutil.which("gpg") is None or not os.access("/usr/bin/gpgv", os.X_OK),
+    reason="installs real packages and signs apt lists: needs root, dpkg, gpg and gpgv")
+#: What --require-signed adds to the reason of a change only dpkg's database vouches for.
+NEED_SIGNED = ("and --require-signed asks for the signed archive (keep downloaded .debs: "
+               "APT::Keep-Downloaded-Packages)")
 
 
 def _files(version: str) -> dict[str, bytes | tuple[bytes, int]]:
@@ -63,13 +70,33 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                              links=links)}
 
 
+@pytest.fixture(scope="module")
+def archive_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    """The archive's signing key (its public half is the keyring the baseline pins)."""
+    key = SigningKey.generate(tmp_path_factory.mktemp("archive-key") / "gnupg")
+    yield key
+    key.stop()
+
+
+@pytest.fixture(scope="module")
+def attacker_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SigningKey]:
+    """A key of the intruder's own."""
+    key = SigningKey.generate(tmp_path_factory.mktemp("attacker-key") / "gnupg",
+                              "attacker")
+    yield key
+    key.stop()
+
+
 @dataclass
 class System:
     """Installs the test package and undoes everything a test did to the system."""
 
     log: Path
     apt: Path
-    lists: Path
+    repo: AptRepo
+    #: The keyrings as the baseline recorded them.
+    pinned: Pinned
+    stanzas: list[str] = field(default_factory=list)
     cleanups: list[Callable[[], object]] = field(default_factory=list)
 
     def dpkg(self, *args: str) -> None:
@@ -78,25 +105,26 @@ class System:
     def install(self, deb: Path) -> None:
         self.dpkg("-i", str(deb))
 
-    def managers(self) -> PackageManagers:
+    def managers(self, require_signed: bool = False) -> PackageManagers:
         """A fresh instance: it snapshots dpkg's database when first asked."""
-        return PackageManagers(apt_archives=str(self.apt), apt_lists=str(self.lists),
-                               dpkg_log=str(self.log), rpm=None)
+        return PackageManagers(apt_archives=str(self.apt), apt_lists=str(self.repo.lists),
+                               dpkg_log=str(self.log), rpm=None,
+                               apt_etc=str(self.repo.etc), keyring_check=self.pinned.check,
+                               require_signed=require_signed)
 
     def publish(self, deb: Path, version: str, listed_sha: str | None = None,
-                list_name: str = "test_dists_stable_main_binary-all_Packages") -> None:
-        """Put the .deb in the apt cache and name its SHA-256 in an apt list."""
+                compression: str = "") -> None:
+        """Put the .deb in the apt cache and name its SHA-256 in the signed apt list."""
         shutil.copy(deb, self.apt / f"{PKG}_{version}_all.deb")
-        stanza = packages_stanza(PKG, version, "all", listed_sha or sha256(deb)).encode()
-        target = self.lists / list_name
-        target.write_bytes(gzip.compress(stanza) if list_name.endswith(".gz") else stanza)
+        self.stanzas.append(packages_stanza(PKG, version, "all", listed_sha or sha256(deb)))
+        self.repo.publish("".join(self.stanzas), compression)
 
 
 @pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    for sub in ("apt", "lists"):
-        (tmp_path / sub).mkdir()
-    state = System(tmp_path / "dpkg.log", tmp_path / "apt", tmp_path / "lists")
+def system(tmp_path: Path, archive_key: SigningKey) -> Iterator[System]:
+    (tmp_path / "apt").mkdir()
+    repo = AptRepo(tmp_path, archive_key)
+    state = System(tmp_path / "dpkg.log", tmp_path / "apt", repo, Pinned(repo.keyring))
     state.log.touch()
     with owned(PKG, state.log, [SHARE]):
         try:
@@ -269,9 +297,9 @@ def test_signed_archive_for_the_installed_version_only(system: System,
                                                        debs: dict[str, Path]) -> None:
     """1.0 is xz-compressed (read in-process) and listed in a gzipped index."""
     system.install(debs["1.0"])
-    system.publish(debs["1.0"], "1.0",
-                   list_name="test_dists_stable_main_binary-all_Packages.gz")
-    system.publish(debs["1.1"], "1.1")  # in the cache, but not what is installed
+    system.publish(debs["1.0"], "1.0")
+    # In the cache, but not what is installed.
+    system.publish(debs["1.1"], "1.1", compression=".gz")
     managers = system.managers()
     for path in (DATA, DROPPED, CONF):
         verdict = managers.check_content(path.encode())
@@ -292,7 +320,7 @@ def test_unlisted_deb_falls_back_to_package_db(system: System,
     assert (content.vouched, content.evidence) == (True, "package-db")
     attributes = managers.check_attributes(TOOL.encode(), 0o755, 0, 0)
     assert not attributes.vouched
-    assert "is not in apt's package lists" in attributes.reason
+    assert "is not in apt's verified package lists" in attributes.reason
 
 
 def test_listed_but_corrupt_deb_falls_back_to_package_db(system: System, tmp_path: Path,
@@ -412,22 +440,240 @@ def test_rotated_dpkg_logs_are_read(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("lz4") is None, reason="the lz4 tool is not installed")
-def test_apt_lists_compressed_as_apt_stores_them(tmp_path: Path) -> None:
-    """apt keeps its lists lz4-compressed here (Packages.lz4): read them as apt does."""
+def test_apt_lists_compressed_as_apt_stores_them(tmp_path: Path,
+                                                 archive_key: SigningKey) -> None:
+    """apt keeps its lists lz4-compressed here (Packages.lz4): read them as apt does,
+    each checked against the InRelease entry of its uncompressed index."""
     from integrity.packages.debfile import AptLists
 
-    plain = tmp_path / "a_Packages"
-    plain.write_text(packages_stanza("foo", "1:2.0-1", "amd64", "AB" * 32)
-                     + packages_stanza("bar", "1", "all", "cd" * 32))
-    subprocess.run(["lz4", "-q", str(plain), f"{plain}.lz4"], check=True)
-    plain.unlink()
-    (tmp_path / "b_Packages.xz").write_bytes(lzma.compress(
-        packages_stanza("foo", "1:2.0-1", "amd64", "ef" * 32).encode()))
-    (tmp_path / "c_Sources").write_text(packages_stanza("baz", "1", "all", "00" * 32))
-    lists = AptLists(str(tmp_path))
+    repo = AptRepo(tmp_path, archive_key)
+    first = (packages_stanza("foo", "1:2.0-1", "amd64", "AB" * 32)
+             + packages_stanza("bar", "1", "all", "cd" * 32))
+    repo.publish(first, ".lz4")
+    second = packages_stanza("foo", "1:2.0-1", "amd64", "ef" * 32).encode()
+    (repo.lists / f"{PREFIX}main_binary-amd64_Packages.xz").write_bytes(
+        lzma.compress(second))
+    repo.release([("main/binary-all/Packages", first.encode()),
+                  ("main/binary-amd64/Packages", second)])
+    (repo.lists / f"{PREFIX}main_source_Sources").write_text(
+        packages_stanza("baz", "1", "all", "00" * 32))
+    lists = AptLists(str(repo.lists), str(repo.etc), Pinned(repo.keyring).check)
     assert lists.sha256s("foo", "1:2.0-1", "amd64") == {"ab" * 32, "ef" * 32}
     assert lists.sha256s("bar", "1", "all") == {"cd" * 32}
     assert lists.sha256s("baz", "1", "all") == set()
+
+
+def test_sources_name_their_lists_as_apt_does(tmp_path: Path) -> None:
+    """Signed-By is matched to the lists by apt's file naming (scheme and credentials
+    dropped, "_" escaped as %5f, "/" as "_"); one-line sources too, flat ones as well."""
+    from integrity.packages.aptsig import Verifier, list_prefix
+
+    assert list_prefix("http://deb.debian.org/debian", "bookworm") == \
+        "deb.debian.org_debian_dists_bookworm_"
+    assert list_prefix("https://u:p@host:8080/a_b/", "x/y") == "host:8080_a%5fb_dists_x_y_"
+    assert list_prefix("http://host/flat", "./") == "host_flat_._"
+    assert list_prefix("http://host/flat/", "/") == "host_flat_"
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "trusted.gpg.d").mkdir()
+    (etc / "trusted.gpg.d" / "global.asc").write_text("")
+    (etc / "sources.list").write_text(
+        "deb [arch=amd64 signed-by=/k/one.gpg] http://a.example/debian stable main\n"
+        "# deb [signed-by=/k/commented.gpg] http://b.example/debian stable main\n"
+        "deb http://c.example/debian stable main\n")
+    (etc / "sources.list.d" / "d.sources").write_text(
+        "Types: deb deb-src\nURIs: http://d.example/debian\nSuites: stable stable-updates"
+        "\nComponents: main\nSigned-By: /k/two.gpg\n\nTypes: deb\nURIs: http://e.example/"
+        "\nSuites: stable\nEnabled: no\nSigned-By: /k/three.gpg\n")
+    verifier = Verifier(str(etc), None)
+    assert verifier.keyrings_for("a.example_debian_dists_stable_InRelease") == \
+        (["/k/one.gpg"], None)
+    assert verifier.keyrings_for("d.example_debian_dists_stable-updates_InRelease") == \
+        (["/k/two.gpg"], None)
+    global_rings = ([str(etc / "trusted.gpg.d" / "global.asc")], None)
+    assert verifier.keyrings_for("c.example_debian_dists_stable_InRelease") == global_rings
+    assert verifier.keyrings_for("e.example_dists_stable_InRelease") == global_rings
+
+
+def test_armored_and_inline_keys_verify(tmp_path: Path, archive_key: SigningKey,
+                                        debs: dict[str, Path]) -> None:
+    """trusted.gpg.d/*.asc (armored) for a source without Signed-By, and a key block
+    written into a deb822 Signed-By field: dearmored in Python for gpgv."""
+    from integrity.packages.debfile import AptLists
+
+    repo = AptRepo(tmp_path, archive_key)
+    stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
+    repo.publish(stanza)
+    sources = repo.etc / "sources.list.d" / "test.sources"
+    sources.unlink()
+    (repo.etc / "sources.list").write_text(
+        "deb http://deb.example.invalid/debian stable main\n")
+    (repo.etc / "trusted.gpg.d").mkdir()
+    armored = repo.etc / "trusted.gpg.d" / "test.asc"
+    armored.write_bytes(archive_key.armored())
+    lists = AptLists(str(repo.lists), str(repo.etc), Pinned(armored).check)
+    assert lists.sha256s(PKG, "1.1", "all") == {sha256(debs["1.1"])}
+
+    (repo.etc / "sources.list").unlink()
+    block = archive_key.armored().decode().strip().replace("\n\n", "\n.\n")
+    inline = "\n".join(" " + line for line in block.split("\n"))
+    sources.write_text("Types: deb\nURIs: http://deb.example.invalid/debian\n"
+                       "Suites: stable\nComponents: main\nSigned-By:\n" + inline + "\n")
+    lists = AptLists(str(repo.lists), str(repo.etc), Pinned(sources).check)
+    assert lists.sha256s(PKG, "1.1", "all") == {sha256(debs["1.1"])}
+    # The key block is judged as the sources file it is written in.
+    lists = AptLists(str(repo.lists), str(repo.etc), Pinned(armored).check)
+    assert lists.sha256s(PKG, "1.1", "all") == set()
+
+
+def test_release_with_a_detached_signature(system: System, debs: dict[str, Path]) -> None:
+    """Release and Release.gpg instead of InRelease (older repositories): the same."""
+    system.install(debs["1.1"])
+    system.publish(debs["1.1"], "1.1")
+    repo = system.repo
+    repo.inrelease.unlink()
+    release = repo.lists / f"{PREFIX}Release"
+    release.write_bytes(repo.release_text)
+    Path(f"{release}.gpg").write_bytes(repo.key.detach_sign(repo.release_text))
+    verdict = system.managers().check_content(NOTES.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), verdict
+    release.write_bytes(repo.release_text + b"Comment: edited\n")
+    reason = system.managers().check_attributes(TOOL.encode(), 0o755, 0, 0).reason
+    assert f"{PREFIX}Release: bad signature (BADSIG)" in reason, reason
+
+
+# -- attacks on the signed-archive evidence: each was vouched for before the lists were
+# -- checked against their signed InRelease with baseline-pinned keyrings.
+
+def _plant(system: System, debs: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """The intruder's move: a forged 1.1 whose notes.txt is a backdoor, put in apt's
+    cache in place of the real one, and the live file replaced by it. Returns the
+    forged .deb and the list stanza that names it."""
+    files = _files("1.1")
+    files[NOTES] = b"backdoor\n"
+    (tmp_path / "forged").mkdir()
+    forged = build_deb(tmp_path / "forged", PKG, "1.1", files, [CONF], links={LINK: "tool"})
+    shutil.copy(forged, system.apt / f"{PKG}_1.1_all.deb")
+    _write(NOTES, b"backdoor\n")
+    return forged, packages_stanza(PKG, "1.1", "all", sha256(forged))
+
+
+def _genuine(system: System, debs: dict[str, Path]) -> None:
+    """1.1 installed from the genuine, signed archive: the live notes are vouched."""
+    system.install(debs["1.1"])
+    system.publish(debs["1.1"], "1.1")
+    verdict = system.managers().check_content(NOTES.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), verdict
+
+
+def test_planted_list_stanza_gives_no_signed_evidence(system: System, tmp_path: Path,
+                                                      debs: dict[str, Path]) -> None:
+    _genuine(system, debs)
+    _, stanza = _plant(system, debs, tmp_path)
+    # The list is edited after signing; its InRelease still names the genuine index.
+    system.repo.packages.write_text(stanza)
+    managers = system.managers()
+    verdict = managers.check_content(NOTES.encode())
+    assert not verdict.vouched, verdict
+    assert verdict.reason == (
+        f"content differs from what dpkg shipped ({PKG} 1.1); its cached .deb is not "
+        f"used: apt's verified package lists do not name {PKG} 1.1 (apt list "
+        f"{PREFIX}main_binary-all_Packages does not match its InRelease)")
+    attributes = managers.check_attributes(TOOL.encode(), 0o755, 0, 0)
+    assert not attributes.vouched
+    assert attributes.reason == (
+        f"package does not state file attributes ({PKG} 1.1: apt's verified package "
+        f"lists do not name {PKG} 1.1 (apt list {PREFIX}main_binary-all_Packages does "
+        f"not match its InRelease); no dpkg-statoverride entry)")
+
+
+def test_inrelease_edited_to_list_a_planted_index_fails_its_signature(
+        system: System, tmp_path: Path, debs: dict[str, Path]) -> None:
+    _genuine(system, debs)
+    _, stanza = _plant(system, debs, tmp_path)
+    system.repo.packages.write_text(stanza)
+    genuine = hashlib.sha256("".join(system.stanzas).encode()).hexdigest()
+    planted = hashlib.sha256(stanza.encode()).hexdigest()
+    inrelease = system.repo.inrelease.read_bytes()
+    assert genuine.encode() in inrelease
+    system.repo.inrelease.write_bytes(inrelease.replace(
+        genuine.encode(), planted.encode()).replace(
+        f" {len(''.join(system.stanzas))} ".encode(), f" {len(stanza)} ".encode()))
+    managers = system.managers()
+    assert not managers.check_content(NOTES.encode()).vouched
+    reason = managers.check_attributes(TOOL.encode(), 0o755, 0, 0).reason
+    assert f"{PREFIX}InRelease: bad signature (BADSIG)" in reason, reason
+
+
+def test_text_after_the_signature_is_not_read(system: System, tmp_path: Path,
+                                              debs: dict[str, Path]) -> None:
+    """A SHA256 field appended after the signed part names the planted index: gpgv
+    still verifies the signed part, and only that part is read."""
+    _genuine(system, debs)
+    _, stanza = _plant(system, debs, tmp_path)
+    system.repo.packages.write_text(stanza)
+    planted = hashlib.sha256(stanza.encode()).hexdigest()
+    with open(system.repo.inrelease, "ab") as handle:
+        handle.write(f"SHA256:\n {planted} {len(stanza)} main/binary-all/Packages\n"
+                     .encode())
+    reason = system.managers().check_attributes(TOOL.encode(), 0o755, 0, 0).reason
+    assert "does not match its InRelease" in reason, reason
+    assert not system.managers().check_content(NOTES.encode()).vouched
+
+
+def test_a_keyring_replaced_by_the_attackers_is_not_used(
+        system: System, tmp_path: Path, debs: dict[str, Path],
+        attacker_key: SigningKey) -> None:
+    _genuine(system, debs)
+    _, stanza = _plant(system, debs, tmp_path)
+    system.repo.keyring.write_bytes(attacker_key.keyring)
+    system.repo.publish(stanza, sign_with=attacker_key)
+    managers = system.managers()
+    assert not managers.check_content(NOTES.encode()).vouched
+    reason = managers.check_attributes(TOOL.encode(), 0o755, 0, 0).reason
+    assert (f"{PREFIX}InRelease: no trusted keyring (keyring "
+            f"{system.repo.keyring}: differs from the integrity baseline)") in reason, reason
+    # Nor is a keyring of its own added beside apt's, for a source without Signed-By.
+    (system.repo.etc / "sources.list.d" / "test.sources").write_text(
+        "Types: deb\nURIs: http://deb.example.invalid/debian\nSuites: stable\n"
+        "Components: main\n")
+    (system.repo.etc / "trusted.gpg.d").mkdir()
+    added = system.repo.etc / "trusted.gpg.d" / "attacker.gpg"
+    added.write_bytes(attacker_key.keyring)
+    reason = system.managers().check_attributes(TOOL.encode(), 0o755, 0, 0).reason
+    assert f"keyring {added}: not in the integrity baseline" in reason, reason
+
+
+def test_require_signed_refuses_what_only_dpkgs_database_vouches_for(
+        system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    plain = system.managers().check_content(DATA.encode())
+    assert (plain.vouched, plain.evidence) == (True, "package-db")
+    strict = system.managers(require_signed=True)
+    verdict = strict.check_content(DATA.encode())
+    assert not verdict.vouched
+    assert verdict.reason == (
+        f"only dpkg's database vouches for it (matches {PKG} 1.1 (dpkg md5sums); no "
+        f"{PKG}_1.1_all.deb in {system.apt}), {NEED_SIGNED}")
+    directory = strict.check_content(SHARE.encode())
+    assert not directory.vouched and directory.reason.startswith("only dpkg's database")
+    # With the signed archive at hand, files, links and directories pass on it.
+    system.publish(debs["1.1"], "1.1")
+    strict = system.managers(require_signed=True)
+    for path in (DATA, LINK, SHARE, TOOL):
+        verdict = strict.check_content(path.encode())
+        assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), (path,
+                                                                                 verdict)
+    assert strict.check_content(SHARE.encode()).reason == \
+        f"directory in the verified .deb of {PKG} 1.1"
+    # dpkg-statoverride is dpkg's database too.
+    dpkg_tool("dpkg-statoverride", "--update", "--add", "root", "root", "0700", TOOL)
+    system.cleanups.append(lambda: dpkg_tool("dpkg-statoverride", "--remove", TOOL))
+    override = system.managers(require_signed=True).check_attributes(TOOL.encode(), 0o700,
+                                                                     0, 0)
+    assert not override.vouched
+    assert override.reason.startswith("only dpkg's database vouches for it (matches "
+                                      "dpkg-statoverride (root root 0700))")
 
 
 def test_without_a_package_database(tmp_path: Path) -> None:

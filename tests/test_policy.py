@@ -112,3 +112,29 @@ def test_the_system_policy_wins_over_the_shipped_default(tmp_path: Path) -> None
     system.write_text('[[rule]]\npath = "/srv"\n')
     assert default_policy_path() == str(system)
     assert [r.name for r in load(default_policy_path()).rules] == ["/srv"]
+
+
+def test_packages_require_signed() -> None:
+    """`[packages] require_signed`: what `approve --package-updates` (the apt hook's
+    included) requires; sealed with the baseline like the rules."""
+    from integrity.policy.sealed import SEALED_KEYS, differences, sealed_text
+
+    rule = {"path": "/etc"}
+    assert not parse({"rule": [rule]}).packages.require_signed
+    strict = parse({"rule": [rule], "packages": {"require_signed": True}})
+    assert strict.packages.require_signed
+    assert "packages" in SEALED_KEYS
+    assert differences(sealed_text(strict), sealed_text(parse({"rule": [rule]}))) == \
+        ["packages removed"]
+
+
+@pytest.mark.parametrize("packages, key", [
+    ({"require_signed": "yes"}, "packages.require_signed"),
+    ({"require_sigend": True}, "packages.require_sigend"),
+    (True, "packages"),
+])
+def test_bad_packages_settings_name_the_key(packages: object, key: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse({"rule": [{"path": "/etc"}], "packages": packages}, "p.toml")
+    assert str(caught.value).startswith(f"p.toml: {key}: "), caught.value
+    assert "\n" not in str(caught.value)

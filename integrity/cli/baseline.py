@@ -111,6 +111,9 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
 @click.option("--all", "approve_all", is_flag=True, help="Approve every path with an open event.")
 @click.option("--package-updates", is_flag=True,
               help="Approve only what dpkg/rpm vouch for; list what is left open and why.")
+@click.option("--require-signed", is_flag=True,
+              help="With --package-updates: accept only the signed archive's word "
+                   "(a cached .deb in a gpgv-verified apt list).")
 @click.option("--policy", "accept_policy", is_flag=True,
               help="Seal the policy file as the baseline's policy (after editing it).")
 @click.option("--reason", metavar="TEXT", help="Why: recorded with the approval.")
@@ -118,20 +121,23 @@ def verify(env: Env, paths: tuple[str, ...], as_json: bool, fast: bool,
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @pass_env
 def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates: bool,
-            accept_policy: bool, reason: str | None, sign_key: str | None,
-            as_json: bool) -> None:
+            require_signed: bool, accept_policy: bool, reason: str | None,
+            sign_key: str | None, as_json: bool) -> None:
     """Accept the current state of PATHS (with their subtrees) into the baseline.
 
     Re-reads only the paths it approves, writes them into the baseline and closes
     their open events, in one transaction, recording who (and the sudo user behind
     them), when and why. --package-updates approves exactly the open changes that
-    the package manager's records explain. --policy accepts an edited policy file:
+    the package manager's records explain; with --require-signed only a cached .deb
+    that an apt list names, that list verified against its signed InRelease with
+    keyrings as the baseline recorded them. --policy accepts an edited policy file:
     paths it newly covers are read in, paths it no longer covers are dropped.
 
     Example:
 
         integrity approve /etc/ssh/sshd_config --reason "ticket 4711"
         integrity approve --package-updates
+        integrity approve --package-updates --require-signed
         integrity approve --policy --reason "CHG-2001: protect /srv/app"
     """
     from integrity.ops.approve import Approver
@@ -141,11 +147,13 @@ def approve(env: Env, paths: tuple[str, ...], approve_all: bool, package_updates
     if modes != 1:
         raise UsageError("approve: name PATHs, or use --all, --package-updates or "
                          "--policy (exactly one of them)")
+    if require_signed and not package_updates:
+        raise UsageError("approve: --require-signed goes with --package-updates")
     approver = Approver(env.store(), env.policy, reason=reason, sign_key=sign_key)
     if accept_policy:
         outcome = approver.accept_policy()
     elif package_updates:
-        outcome = approver.package_updates()
+        outcome = approver.package_updates(require_signed=require_signed)
     elif approve_all:
         outcome = approver.all()
     else:

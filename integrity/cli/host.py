@@ -113,7 +113,9 @@ def apt_hook_install(env: Env, directory: str) -> None:
     (verify --fast) and those the packages vouch for are approved; the rest stay
     open and are logged to syslog (tag integrity-apt).
 
-    The hook uses this command's --db and --policy, if given.
+    The hook uses this command's --db and --policy, if given. To have it accept
+    only the signed archive's word, set `[packages] require_signed = true` in the
+    policy (sealed with the baseline: accept it with `approve --policy`).
 
     Example:
 

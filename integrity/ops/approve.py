@@ -9,6 +9,7 @@ returns the reason for everything it left open.
 from __future__ import annotations
 
 import calendar
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -242,19 +243,23 @@ class Approver:
                 found.append(rec)
         return found
 
-    def package_updates(self, managers: PackageManagers | None = None) -> ApprovalOutcome:
+    def package_updates(self, managers: PackageManagers | None = None,
+                        require_signed: bool = False) -> ApprovalOutcome:
         """Approve exactly the open changes a package manager vouches for.
 
         Each path is re-read first and judged on how its state *now* differs from
         the baseline (not on what the verify saw), and what is written is exactly
         the state that was judged: a chmod made after the verify cannot ride along
-        with an upgrade.
+        with an upgrade. With `require_signed` (or the sealed policy's `[packages]
+        require_signed`) only the signed archive vouches for content and attributes.
         """
         from integrity.packages import PackageManagers, Verdict
         from integrity.packages.derived import Change, rejudge
 
         if managers is None:
-            managers = PackageManagers()
+            managers = PackageManagers(
+                keyring_check=self.keyring_check,
+                require_signed=require_signed or self.policy.packages.require_signed)
         since = calendar.timegm(self.baseline.created.utctimetuple())
         chosen: list[OpenEvent] = []
         evidence: dict[int, str | None] = {}
@@ -303,6 +308,24 @@ class Approver:
                               PACKAGE_UPDATE, managers.owner)
         outcome.left_open = left
         return outcome
+
+    def keyring_check(self, path: str, data: bytes) -> str | None:
+        """None when `data` is what the baseline recorded for the keyring at `path`,
+        else why not: apt's keyrings are root-writable, so a key is trusted to sign
+        package lists only as it was when the baseline was taken or approved."""
+        import blake3
+
+        raw = os.fsencode(path)
+        entry = self.store.baselines.entries_at(self.baseline.id, [raw]).get(raw)
+        if entry is None:
+            return "not in the integrity baseline (protect it with a rule)"
+        rec = entry[1]
+        if rec.type != "file" or rec.content is None:
+            return (f"the baseline records no content of it (a {rec.type}"
+                    f"{'' if rec.type != 'file' else ' whose rule does not hash content'})")
+        if blake3.blake3(data).digest() != rec.content:
+            return "differs from the integrity baseline"
+        return None
 
     def _vouch(self, managers: PackageManagers, path: bytes, old: FileRecord | None,
                new: FileRecord | None, since: float, package: str | None) -> Verdict:

@@ -5,12 +5,14 @@ package manager's own records explain a change. The answer is a `Verdict` that s
 yes or no, why, and on what evidence:
 
 - ``signed-archive``: the owning package's ``.deb`` is still in apt's archive cache and
-  its SHA-256 is listed in apt's package lists (which apt only stores after checking
-  them against the signed InRelease files). The file is compared with the ``.deb``'s
-  own data, so editing dpkg's root-writable md5sums cannot launder a change. (The lists
-  are not re-verified against InRelease here: see `debfile`.)
+  its SHA-256 is listed in an apt package list whose SHA-256 its InRelease gives, that
+  InRelease verified here by gpgv with apt's keyrings as the integrity baseline
+  recorded them (see `aptsig`). The file is compared with the ``.deb``'s own data, so
+  editing dpkg's root-writable md5sums, apt's lists or keyrings cannot launder a change.
 - ``package-db``: dpkg's md5sums / conffile hashes, dpkg-statoverride, dpkg's log, or
   rpm's header digests. Good enough against accidents, not against someone who is root.
+  With ``require_signed`` it vouches for no content, link or attribute (removals still
+  rest on dpkg's log).
 
 This is a pure query API: no database, no click, nothing printed. File content is
 only ever digested. One `PackageManagers` instance loads each piece of package data
@@ -25,14 +27,21 @@ import stat
 from dataclasses import dataclass
 from typing import Protocol
 
+from integrity.packages.aptsig import KeyringCheck
 from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, LiveFile, Verdict,
                                        canonicalizer)
+from integrity.packages.debfile import AptLists
 from integrity.packages.dpkg import Dpkg
 from integrity.packages.rpm import Rpm
 
-__all__ = ["LiveFile", "PackageManagers", "Verdict", "SIGNED_ARCHIVE", "PACKAGE_DB"]
+__all__ = ["KeyringCheck", "LiveFile", "PackageManagers", "Verdict", "SIGNED_ARCHIVE",
+           "PACKAGE_DB"]
 
 NOT_OWNED = "not owned by any package"
+#: What a change only a package database vouches for lacks under require_signed, and
+#: (for dpkg) how to have the signed archive at hand next time.
+_NEED_SIGNED = "and --require-signed asks for the signed archive"
+_KEEP_DEBS = " (keep downloaded .debs: APT::Keep-Downloaded-Packages)"
 
 
 class Backend(Protocol):
@@ -44,6 +53,7 @@ class Backend(Protocol):
     def owners(self, path: bytes) -> list[str]: ...
     def check_content(self, path: bytes, live: LiveFile) -> Verdict: ...
     def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict: ...
+    def unsigned_why(self, key: str) -> str: ...
     def removals_since(self, since: float) -> list[tuple[str, str]]: ...
 
 
@@ -58,22 +68,29 @@ class PackageManagers:
     """The package managers of this host, asked about one path at a time.
 
     The defaults are dpkg's and apt's standard locations; tests and operators checking
-    another tree point them elsewhere. ``rpm`` is the rpm command (None disables rpm)
-    and ``rpm_dbpath`` an alternative rpm database.
+    another tree point them elsewhere. ``apt_etc`` holds apt's sources and keyrings;
+    ``keyring_check`` judges each keyring's bytes (approval pins them to the baseline;
+    None trusts no keyring, so nothing is signed-archive). ``require_signed``: only the
+    signed archive vouches for content, links and attributes. ``rpm`` is the rpm
+    command (None disables rpm) and ``rpm_dbpath`` an alternative rpm database.
     """
 
     def __init__(self, admindir: str = "/var/lib/dpkg",
                  apt_archives: str = "/var/cache/apt/archives",
                  apt_lists: str = "/var/lib/apt/lists",
                  dpkg_log: str = "/var/log/dpkg.log",
-                 rpm: str | None = "rpm", rpm_dbpath: str | None = None) -> None:
+                 rpm: str | None = "rpm", rpm_dbpath: str | None = None, *,
+                 apt_etc: str = "/etc/apt", keyring_check: KeyringCheck | None = None,
+                 require_signed: bool = False) -> None:
         canon = canonicalizer()
+        lists = AptLists(apt_lists, apt_etc, keyring_check)
         self._backends: list[Backend] = [
-            Dpkg(admindir, apt_archives, apt_lists, dpkg_log, canon)]
+            Dpkg(admindir, apt_archives, lists, dpkg_log, canon, require_signed)]
         if rpm is not None:
             self._backends.append(Rpm(rpm, rpm_dbpath, canon))
         self._canon = canon
         self._admindir = admindir
+        self.require_signed = require_signed
 
     def available(self) -> list[str]:
         """Names of the package managers that have a usable database, e.g. ["dpkg"]."""
@@ -156,7 +173,8 @@ class PackageManagers:
         if found is None:
             return Verdict(False, NOT_OWNED)
         backend, _ = found
-        return backend.check_content(self._canon(path), live or LiveFile(path))
+        return self._signed(backend, backend.check_content(self._canon(path),
+                                                           live or LiveFile(path)))
 
     def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
         """Is an attribute-only change (mode bits incl. setuid, owner, group) explained?
@@ -170,7 +188,20 @@ class PackageManagers:
         if found is None:
             return Verdict(False, NOT_OWNED)
         backend, _ = found
-        return backend.check_attributes(self._canon(path), stat.S_IMODE(mode), uid, gid)
+        return self._signed(backend, backend.check_attributes(
+            self._canon(path), stat.S_IMODE(mode), uid, gid))
+
+    def _signed(self, backend: Backend, verdict: Verdict) -> Verdict:
+        """The verdict, or with require_signed and weaker evidence, a refusal that
+        says why no signed archive was at hand."""
+        if not self.require_signed or not verdict.vouched \
+                or verdict.evidence == SIGNED_ARCHIVE:
+            return verdict
+        why = backend.unsigned_why(verdict.package) if verdict.package else ""
+        hint = _KEEP_DEBS if isinstance(backend, Dpkg) else ""
+        return Verdict(False, f"only {backend.name}'s database vouches for it "
+                       f"({verdict.reason}{'; ' + why if why else ''}), {_NEED_SIGNED}"
+                       f"{hint}", None, verdict.package)
 
     def dpkg_logged_since(self, since: float,
                           actions: tuple[str, ...]) -> list[tuple[str, str]]:

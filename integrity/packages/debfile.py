@@ -1,14 +1,17 @@
 """The signed-archive evidence: apt's package lists and the contents of a cached .deb.
 
-apt writes an index file into /var/lib/apt/lists only after checking it against the
-InRelease file whose signature it verified, and every stanza there names the SHA-256 of
-one .deb. A .deb in /var/cache/apt/archives whose SHA-256 is listed is therefore the
-archive's own package, and its data member says what each file held, with its mode and
-owner, independently of dpkg's root-writable database.
+Every stanza of an apt index names the SHA-256 of one .deb, and the index itself is used
+only when the SHA256 field of its repository's InRelease gives its (uncompressed)
+SHA-256 and that InRelease verifies with gpgv against the keyrings apt trusts, pinned to
+the integrity baseline (`aptsig`). A .deb in /var/cache/apt/archives whose SHA-256 such
+an index lists is therefore the archive's own package, and its data member says what
+each file held, with its mode and owner, independently of dpkg's root-writable database.
 
-Limit: the lists are taken as apt left them. They are root-writable too, so an intruder
-who edits both a list and the cache defeats this; re-checking each list's hash against
-its InRelease and that file's signature with gpgv would close the gap.
+Limit: an intruder must now forge the archive's signature or change a baseline-pinned
+keyring (which approvals then refuse). What remains is replay: an older InRelease with
+its lists, genuinely signed, still verifies (Valid-Until is not enforced), so an old
+version of a package can vouch for itself while that version is installed. Removals
+rest on dpkg's log, which no signature covers.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import re
 import shutil
 import subprocess
 import tarfile
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from integrity.packages.aptsig import KeyringCheck, KeyringError, Verifier, sha256_entries
 from integrity.packages.common import Canon
 
 _CHUNK = 1 << 20
@@ -54,32 +59,112 @@ class Member:
 
 
 class AptLists:
-    """SHA-256s of the .debs that apt's (signature-checked) package lists name.
+    """SHA-256s of the .debs that apt's package lists name, in lists that their
+    InRelease vouches for (see `aptsig`); lists that fail are kept apart, with why.
 
     Loaded on first use, whole: one pass over ~50 MB of Debian's main index takes about
     a second, which is paid only when a cached .deb is actually there to check.
+    `etc` is apt's configuration directory (sources and keyrings) and `check` judges
+    each keyring's bytes (None: no keyring is trusted, so no list is).
     """
 
-    def __init__(self, lists_dir: str) -> None:
+    def __init__(self, lists_dir: str, etc: str = "/etc/apt",
+                 check: KeyringCheck | None = None) -> None:
         self._dir = lists_dir
+        self._etc = etc
+        self._check = check
         self._index: dict[tuple[bytes, bytes, bytes], set[str]] | None = None
+        #: Stanzas of the lists that failed, by the list's name, and why each failed.
+        self._refused_index: dict[tuple[bytes, bytes, bytes], set[str]] = {}
+        self._refused: dict[str, str] = {}
 
     def sha256s(self, name: str, version: str, arch: str) -> set[str]:
-        """SHA-256s (hex) the lists give for one package version; empty when unlisted."""
-        if self._index is None:
-            self._index = {}
-            for path in self._list_files():
-                data = _read_list(path)
-                if data is not None:
-                    _index_stanzas(data, self._index)
-        return self._index.get((name.encode(), version.encode(), arch.encode()), set())
+        """SHA-256s (hex) verified lists give for one package version; empty when none."""
+        return self._load().get(_key(name, version, arch), set())
 
-    def _list_files(self) -> list[str]:
+    def why_unlisted(self, name: str, version: str, arch: str) -> str:
+        """Why the lists that name this version were not used ("" when none was
+        refused): what a left-open change says about the missing signed evidence."""
+        self._load()
+        lists = sorted(self._refused_index.get(_key(name, version, arch), set()))
+        shown = [self._refused[n] for n in lists[:2]]
+        return "; ".join(shown) + (f"; and {len(lists) - 2} more" if len(lists) > 2 else "")
+
+    def _load(self) -> dict[tuple[bytes, bytes, bytes], set[str]]:
+        if self._index is not None:
+            return self._index
+        self._index = {}
         try:
             names = sorted(os.listdir(self._dir))
         except OSError:
-            return []
-        return [os.path.join(self._dir, name) for name in names if _LIST_NAME.search(name)]
+            names = []
+        # Repository prefix -> its release file's SHA256 entries, or why it failed
+        # (None: not verified yet; each is verified once, when a list first needs it).
+        releases: dict[str, dict[str, str] | str | None] = {
+            name[:-len(kind)]: None for name in names
+            for kind in ("InRelease", "Release") if name.endswith("_" + kind)}
+        with Verifier(self._etc, self._check) as verifier:
+            for name in names:
+                if not _LIST_NAME.search(name):
+                    continue
+                data = _read_list(os.path.join(self._dir, name))
+                if data is None:
+                    continue
+                why = self._vouch(name, data, releases, verifier)
+                if why is None:
+                    _index_stanzas(data, self._index)
+                    continue
+                self._refused[name] = why
+                found: dict[tuple[bytes, bytes, bytes], set[str]] = {}
+                _index_stanzas(data, found)
+                for key in found:
+                    self._refused_index.setdefault(key, set()).add(name)
+        return self._index
+
+    def _vouch(self, name: str, data: bytes,
+               releases: dict[str, dict[str, str] | str | None],
+               verifier: Verifier) -> str | None:
+        """None when the release file of list `name` (its uncompressed `data`) verifies
+        and gives its SHA-256; else why not."""
+        prefixes = [p for p in releases if name.startswith(p)]
+        if not prefixes:
+            return f"apt list {name} has no InRelease (nor Release and Release.gpg) beside it"
+        prefix = max(prefixes, key=len)
+        entries = releases[prefix]
+        if entries is None:
+            entries = releases[prefix] = self._release(prefix, verifier)
+        if isinstance(entries, str):
+            return entries
+        stem = _LIST_NAME.sub("_Packages", name)[len(prefix):]
+        index_path = urllib.parse.unquote(stem.replace("_", "/"))
+        want = entries.get(index_path)
+        if want is None:
+            return f"apt list {name}: its release file does not list {index_path}"
+        if hashlib.sha256(data).hexdigest() != want:
+            return f"apt list {name} does not match its InRelease"
+        return None
+
+    def _release(self, prefix: str, verifier: Verifier) -> dict[str, str] | str:
+        """The verified SHA256 entries of a repository's InRelease (else its Release
+        with the detached Release.gpg), or why there are none."""
+        base = os.path.join(self._dir, prefix)
+        try:
+            if os.path.lexists(base + "InRelease"):
+                with open(base + "InRelease", "rb") as handle:
+                    return sha256_entries(verifier.verify(base + "InRelease", handle.read()))
+            with open(base + "Release", "rb") as handle:
+                data = handle.read()
+            with open(base + "Release.gpg", "rb") as handle:
+                signature = handle.read()
+            return sha256_entries(verifier.verify(base + "Release", data, signature))
+        except OSError as exc:
+            return f"cannot read {exc.filename}: {exc.strerror}"
+        except KeyringError as exc:
+            return str(exc)
+
+
+def _key(name: str, version: str, arch: str) -> tuple[bytes, bytes, bytes]:
+    return name.encode(), version.encode(), arch.encode()
 
 
 def _read_list(path: str) -> bytes | None:

@@ -59,11 +59,13 @@ class Dpkg:
 
     name = "dpkg"
 
-    def __init__(self, admindir: str, apt_archives: str, apt_lists: str, log: str,
-                 canon: Canon) -> None:
+    def __init__(self, admindir: str, apt_archives: str, apt_lists: AptLists, log: str,
+                 canon: Canon, signed_only: bool = False) -> None:
         self._admindir = admindir
         self._archives = apt_archives
-        self._apt = AptLists(apt_lists)
+        self._apt = apt_lists
+        #: Prefer the signed archive even where dpkg's list alone answers (directories).
+        self._signed_only = signed_only
         self._log = log
         self._canon = canon
         self._packages: dict[str, _Package] | None = None
@@ -75,6 +77,8 @@ class Dpkg:
         self._overrides: dict[bytes, tuple[bytes, bytes, int]] | None = None
         self._md5sums: dict[str, dict[bytes, str]] = {}
         self._debs: dict[str, tuple[dict[bytes, Member] | None, str]] = {}
+        #: Packages whose .deb is in apt's cache but not vouched for by a verified list.
+        self._unverified: set[str] = set()
         self._log_events: list[tuple[float, str, str, str]] | None = None
 
     # -- loading -----------------------------------------------------------------
@@ -289,9 +293,13 @@ class Dpkg:
             try:
                 listed = self._apt.sha256s(package.name, package.version, package.arch)
                 if sha256_file(handle) not in listed:
-                    return None, (f"the SHA-256 of {name} is not in apt's package lists"
-                                  if listed else f"apt's package lists do not name "
-                                  f"{package.label}")
+                    refused = self._apt.why_unlisted(package.name, package.version,
+                                                     package.arch)
+                    why = (f"the SHA-256 of {name} is not in apt's verified package lists"
+                           if listed else f"apt's verified package lists do not name "
+                           f"{package.label}")
+                    self._unverified.add(key)
+                    return None, f"{why} ({refused})" if refused else why
                 return read_members(handle, self._canon), ""
             except (OSError, DebError, EOFError, ValueError) as exc:
                 return None, f"cannot read {name}: {exc}"
@@ -327,19 +335,26 @@ class Dpkg:
         return [key for key, _ in self._locate(path)]
 
     def check_content(self, path: bytes, live: LiveFile) -> Verdict:
-        """Compare the live entry with what its package(s) shipped; first match wins.
+        """Compare the live entry with what its package(s) shipped; first match wins
+        (signed_only: the first signed-archive match, else the first match).
 
         Directories are listed by hundreds of packages: they are answered from the
-        list alone, so no owner's .deb is opened for them.
+        list alone, so no owner's .deb is opened for them unless signed_only asks.
         """
-        first: Verdict | None = None
+        best: Verdict | None = None
         for key, source in self._locate(path):
             verdict = self._content(key, source, live)
-            if verdict.vouched:
+            if verdict.vouched and (not self._signed_only
+                                    or verdict.evidence == SIGNED_ARCHIVE):
                 return verdict
-            first = first or verdict
-        assert first is not None, "check_content is only asked about owned paths"
-        return first
+            if best is None or verdict.vouched and not best.vouched:
+                best = verdict
+        assert best is not None, "check_content is only asked about owned paths"
+        return best
+
+    def unsigned_why(self, key: str) -> str:
+        """Why no verified .deb of package `key` is at hand ("" when one is)."""
+        return self._deb(key)[1]
 
     def _content(self, key: str, source: bytes, live: LiveFile) -> Verdict:
         package = self._load_status().get(key)
@@ -362,6 +377,12 @@ class Dpkg:
                 if conffile is not None or self._md5(key, source) is not None:
                     return Verdict(False, f"a directory where {label} ships a file",
                                    None, key)
+                if self._signed_only:
+                    members, _ = self._deb(key)
+                    member = members.get(source) if members else None
+                    if member is not None and member.kind == "dir":
+                        return Verdict(True, f"directory in the verified .deb of {label}",
+                                       SIGNED_ARCHIVE, key)
                 return Verdict(True, f"directory listed by {label}", PACKAGE_DB, key)
             members, why_not = self._deb(key)
             member = members.get(source) if members else None
@@ -396,8 +417,11 @@ class Dpkg:
         except LiveError as exc:
             return Verdict(False, str(exc), None, key)
         what = ", conffile changed locally" if conffile else ""
-        return Verdict(False, f"content differs from what dpkg shipped ({label}{what})",
-                       None, key)
+        # A .deb was at hand but not vouched for: say why it could not decide instead.
+        unused = f"; its cached .deb is not used: {why_not}" if key in self._unverified \
+            else ""
+        return Verdict(False, f"content differs from what dpkg shipped ({label}{what})"
+                       f"{unused}", None, key)
 
     def _recorded_md5(self, package: _Package, source: bytes,
                       conffile: tuple[str, frozenset[bytes]] | None) -> tuple[str, str] | str:

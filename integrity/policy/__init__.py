@@ -17,6 +17,8 @@ from integrity.policy import cron
 from integrity.policy.content import ContentPolicy, parse_content
 from integrity.policy.fleet import FleetConfig, parse_fleet
 from integrity.policy.metrics import MetricsSettings, parse_metrics
+from integrity.policy.packages import PackageSettings as PackageSettings
+from integrity.policy.packages import parse_packages
 from integrity.policy.scan import ScanSettings as ScanSettings
 from integrity.policy.scan import parse_scan
 from integrity.record import ATTR_NAMES, NONE, PRESETS, Attr
@@ -35,7 +37,7 @@ DEFAULT_FULL_SCAN = "0 3 * * *"
 SYSTEM_POLICY = "/etc/integrity/policy.toml"
 
 _TOP_KEYS = {"database", "rule", "schedule", "alert", "public_key", "retention",
-             "severity", "content", "metrics", "fleet", "scan"}
+             "severity", "content", "metrics", "fleet", "scan", "packages"}
 _JUDGEMENT_KEYS = {"off_hours", "off_hours_severity", "trusted_processes",
                    "trusted_severity"}
 _RULE_KEYS = {"path", "check", "severity", "exclude", "include", "override", "recursive",
@@ -75,6 +77,8 @@ class Policy:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     #: `[scan]`: nice level, I/O class and read-rate ceiling of scans (policy/scan.py).
     scan: ScanSettings = field(default_factory=ScanSettings)
+    #: `[packages]`: evidence package approvals require (policy/packages.py); sealed.
+    packages: PackageSettings = field(default_factory=PackageSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_path",
@@ -263,9 +267,10 @@ def parse(data: dict[str, Any], source: str = "<policy>", digest: str = "",
     metrics = parse_metrics(data.get("metrics", {}), fail)
     fleet = parse_fleet(data["fleet"], fail) if "fleet" in data else None
     scan = parse_scan(data.get("scan", {}), fail)
+    packages = parse_packages(data.get("packages", {}), fail)
     return Policy(source, tuple(sorted(rules, key=lambda r: r.path)), database,
                   full_scan, tuple(alerts), digest, public_key, events, (source,),
-                  dict(data), content, fleet, metrics, scan)
+                  dict(data), content, fleet, metrics, scan, packages)
 
 
 def _parse_judgement(table: dict[str, Any], key: str, fail: Any,

@@ -27,7 +27,7 @@ DROPIN_DIR = "policy.d"
 _APPENDED = ("rule", "alert")
 #: Tables merged key by key.
 _TABLES = ("schedule", "severity", "retention", "content", "metrics", "fleet",
-           "scan")
+           "scan", "packages")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The part of a policy a baseline's seal covers, and what differs between two.
 
 What is verified is decided by the rules (paths, checks, excludes, severities, when
-and by whom) and the public key: those are sealed with the baseline, so an edited
-policy file can never silently narrow what is verified. Schedules, alert sinks and the
-database URL are operational and stay out of the seal.
+and by whom), the public key and what package approvals accept (`[packages]`): those
+are sealed with the baseline, so an edited policy file can never silently narrow what
+is verified. Schedules, alert sinks and the database URL are operational and stay
+out of the seal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import blake3
 from integrity.policy import Policy, parse
 
 #: Top-level policy keys the seal covers.
-SEALED_KEYS = ("rule", "severity", "public_key")
+SEALED_KEYS = ("rule", "severity", "public_key", "packages")
 
 
 def sealed_text(policy: Policy) -> str:

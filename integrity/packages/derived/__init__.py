@@ -11,6 +11,11 @@ parallel) and compare. The evidence names how: ``derived:python-bytecode``,
 package managers' verdict, with the reason a known generated file cannot be derived
 (an initramfs, say) added.
 
+Under ``require_signed`` every input must be vouched by the signed archive (the
+package managers then vouch for nothing weaker), and the kinds that decide from dpkg's
+own root-writable state (the alternatives database, deb-systemd-helper's records)
+vouch for nothing.
+
 Kinds: `bytecode` (Python), `alternatives` (update-alternatives), `caches`
 (gdk-pixbuf-query-loaders, gio-querymodules, glib-compile-schemas, ldconfig),
 `datacaches` (update-mime-database, gtk-update-icon-cache, fc-cache), `services`
@@ -47,6 +52,10 @@ _UNDERIVABLE: tuple[tuple[re.Pattern[bytes], str], ...] = (
     (re.compile(rb"^/etc/ssh/ssh_host_"),
      "a host key is generated, not derived: there is nothing to make it again from"),
 )
+
+#: Kinds (by name) that decide from state no signature covers, and what state.
+_UNSIGNED_STATE = {"alternatives": "dpkg's alternatives database",
+                   "deb-systemd-helper": "deb-systemd-helper's records"}
 
 
 def kinds() -> list[Kind]:
@@ -87,6 +96,12 @@ def rejudge(managers: PackageManagers, changes: Sequence[Change],
                 if kind.claims(change):
                     claimed.setdefault(index, []).append(change)
                     break
+        if managers.require_signed:
+            for index in [i for i in claimed if pool[i].name in _UNSIGNED_STATE]:
+                why = (f"{pool[index].name} decides from {_UNSIGNED_STATE[pool[index].name]}"
+                       f", which no signature covers, and --require-signed asks for "
+                       f"signed evidence")
+                results.update((c.path, Verdict(False, why)) for c in claimed.pop(index))
         try:
             with ThreadPoolExecutor(max(1, len(claimed))) as threads:
                 done = threads.map(lambda item: _judge(pool[item[0]], item[1], ctx),

@@ -1,0 +1,134 @@
+"""A signed apt repository in temporary directories, made with real gpg.
+
+`SigningKey` is an OpenPGP key in a private GNUPGHOME (`stop` ends the gpg-agent gpg
+starts there); `AptRepo` is apt's configuration
+directory (a deb822 sources file whose Signed-By names the key's binary keyring) and its
+lists directory, where `publish` writes a Packages index and an InRelease, clearsigned
+by gpg, whose SHA256 field lists it: what `apt-get update` leaves behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+URI = "http://deb.example.invalid/debian"
+SUITE = "stable"
+#: apt's name of the repository's files in its lists directory.
+PREFIX = "deb.example.invalid_debian_dists_stable_"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An ed25519 signing key in its own GNUPGHOME, and its public key exported as a
+    binary keyring (what /usr/share/keyrings holds)."""
+
+    home: Path
+    keyring: bytes
+
+    @classmethod
+    def generate(cls, home: Path, name: str = "test") -> SigningKey:
+        home.mkdir(mode=0o700)
+        env = {**os.environ, "GNUPGHOME": str(home)}
+        subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
+                        f"{name} <{name}@example.invalid>", "ed25519", "sign", "never"],
+                       env=env, check=True, capture_output=True)
+        exported = subprocess.run(["gpg", "--batch", "--export"], env=env, check=True,
+                                  capture_output=True).stdout
+        assert exported, "gpg exported no key"
+        return cls(home, exported)
+
+    def stop(self) -> None:
+        """End the gpg-agent gpg started for this home (it would outlive the test)."""
+        subprocess.run(["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"],
+                       capture_output=True)
+
+    def armored(self) -> bytes:
+        """The public key ASCII-armored (what trusted.gpg.d/*.asc holds)."""
+        return subprocess.run(["gpg", "--batch", "--armor", "--export"],
+                              env={**os.environ, "GNUPGHOME": str(self.home)},
+                              check=True, capture_output=True).stdout
+
+    def detach_sign(self, text: bytes) -> bytes:
+        """A detached signature of `text`, as Release.gpg is."""
+        return subprocess.run(["gpg", "--batch", "--detach-sign", "--digest-algo", "SHA256"],
+                              input=text, env={**os.environ, "GNUPGHOME": str(self.home)},
+                              check=True, capture_output=True).stdout
+
+    def clearsign(self, text: bytes) -> bytes:
+        """`text` clearsigned, as an InRelease file is."""
+        return subprocess.run(["gpg", "--batch", "--clearsign", "--digest-algo", "SHA256"],
+                              input=text, env={**os.environ, "GNUPGHOME": str(self.home)},
+                              check=True, capture_output=True).stdout
+
+
+class AptRepo:
+    """apt's configuration (`etc`) and lists (`lists`) for one signed repository."""
+
+    def __init__(self, root: Path, key: SigningKey) -> None:
+        self.etc = root / "etc-apt"
+        self.lists = root / "lists"
+        self.keyring = root / "keyrings" / "test-archive-keyring.gpg"
+        for directory in (self.etc / "sources.list.d", self.lists, self.keyring.parent):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.keyring.write_bytes(key.keyring)
+        (self.etc / "sources.list.d" / "test.sources").write_text(
+            f"Types: deb\nURIs: {URI}\nSuites: {SUITE}\nComponents: main\n"
+            f"Signed-By: {self.keyring}\n")
+        self.key = key
+        self.packages = self.lists / f"{PREFIX}main_binary-all_Packages"
+
+    def publish(self, stanzas: str, compression: str = "", sign_with: SigningKey | None
+                = None) -> Path:
+        """Write the Packages index (compressed as apt may keep it) and an InRelease
+        listing its uncompressed SHA-256; return the index's path."""
+        data = stanzas.encode()
+        for old in self.lists.glob(f"{PREFIX}main_binary-all_Packages*"):
+            old.unlink()
+        path = Path(f"{self.packages}{compression}")
+        packed = {"": lambda d: d, ".gz": gzip.compress, ".xz": lzma.compress}
+        if compression == ".lz4":
+            self.packages.write_bytes(data)
+            subprocess.run(["lz4", "-q", "--rm", str(self.packages), str(path)], check=True)
+        else:
+            path.write_bytes(packed[compression](data))
+        self.release([("main/binary-all/Packages", data)], sign_with)
+        return path
+
+    def release(self, indexes: list[tuple[str, bytes]],
+                sign_with: SigningKey | None = None) -> None:
+        """Write the InRelease listing each (index path, uncompressed bytes)."""
+        lines = "".join(f" {hashlib.sha256(d).hexdigest()} {len(d)} {p}\n"
+                        for p, d in indexes)
+        text = (f"Origin: test\nSuite: {SUITE}\nDate: Thu, 03 Dec 2026 00:00:00 UTC\n"
+                f"Components: main\nArchitectures: all\nSHA256:\n{lines}").encode()
+        self.inrelease.write_bytes((sign_with or self.key).clearsign(text))
+        self.release_text = text
+
+    @property
+    def inrelease(self) -> Path:
+        return self.lists / f"{PREFIX}InRelease"
+
+
+class Pinned:
+    """Keyring bytes as a baseline would record them: `check` accepts exactly those.
+
+    test_packages judges keyrings with this; the approval tests use the real
+    baseline (Approver.keyring_check)."""
+
+    def __init__(self, *paths: Path) -> None:
+        self.digests = {os.path.realpath(p): hashlib.sha256(p.read_bytes()).digest()
+                        for p in paths}
+
+    def check(self, path: str, data: bytes) -> str | None:
+        want = self.digests.get(path)
+        if want is None:
+            return "not in the integrity baseline (protect it with a rule)"
+        if hashlib.sha256(data).digest() != want:
+            return "differs from the integrity baseline"
+        return None

@@ -34,12 +34,9 @@ class SigningKey:
     @classmethod
     def generate(cls, home: Path, name: str = "test") -> SigningKey:
         home.mkdir(mode=0o700)
-        env = {**os.environ, "GNUPGHOME": str(home)}
-        subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key",
-                        f"{name} <{name}@example.invalid>", "ed25519", "sign", "never"],
-                       env=env, check=True, capture_output=True)
-        exported = subprocess.run(["gpg", "--batch", "--export"], env=env, check=True,
-                                  capture_output=True).stdout
+        _gpg(home, "--passphrase", "", "--quick-gen-key", f"{name} <{name}@example.invalid>",
+             "ed25519", "sign", "never")
+        exported = _gpg(home, "--export")
         assert exported, "gpg exported no key"
         return cls(home, exported)
 
@@ -50,21 +47,22 @@ class SigningKey:
 
     def armored(self) -> bytes:
         """The public key ASCII-armored (what trusted.gpg.d/*.asc holds)."""
-        return subprocess.run(["gpg", "--batch", "--armor", "--export"],
-                              env={**os.environ, "GNUPGHOME": str(self.home)},
-                              check=True, capture_output=True).stdout
+        return _gpg(self.home, "--armor", "--export")
 
     def detach_sign(self, text: bytes) -> bytes:
         """A detached signature of `text`, as Release.gpg is."""
-        return subprocess.run(["gpg", "--batch", "--detach-sign", "--digest-algo", "SHA256"],
-                              input=text, env={**os.environ, "GNUPGHOME": str(self.home)},
-                              check=True, capture_output=True).stdout
+        return _gpg(self.home, "--detach-sign", "--digest-algo", "SHA256", text=text)
 
     def clearsign(self, text: bytes) -> bytes:
         """`text` clearsigned, as an InRelease file is."""
-        return subprocess.run(["gpg", "--batch", "--clearsign", "--digest-algo", "SHA256"],
-                              input=text, env={**os.environ, "GNUPGHOME": str(self.home)},
-                              check=True, capture_output=True).stdout
+        return _gpg(self.home, "--clearsign", "--digest-algo", "SHA256", text=text)
+
+
+def _gpg(home: Path, *args: str, text: bytes = b"") -> bytes:
+    """gpg ARGS in batch mode with `home` as its GNUPGHOME; its output."""
+    return subprocess.run(["gpg", "--batch", *args], input=text, check=True,
+                          env={**os.environ, "GNUPGHOME": str(home)},
+                          capture_output=True).stdout
 
 
 class AptRepo:

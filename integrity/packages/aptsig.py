@@ -2,11 +2,12 @@
 
 apt checks an index against the InRelease it verified before storing it, but what lies
 in /var/lib/apt/lists afterwards is only root-writable files. Here each InRelease (or
-Release with its detached Release.gpg) is verified again with gpgv against the keyrings apt trusts (Signed-By of the sources,
-else trusted.gpg and trusted.gpg.d), and a keyring is used only when the caller's
-`KeyringCheck` accepts its bytes: approval pins them to the integrity baseline, so a
-keyring an intruder replaced signs nothing. gpgv reads private copies of exactly the
-bytes judged, and only the signed text gpgv writes out is parsed.
+Release with its detached Release.gpg) is verified again with gpgv against the keyrings
+apt trusts (Signed-By of the sources, else trusted.gpg and trusted.gpg.d), and a keyring
+is used only when the caller's `KeyringCheck` accepts its bytes: approval pins them to
+the integrity baseline, so a keyring an intruder replaced signs nothing. gpgv reads
+private copies of exactly the bytes judged, and only the signed text gpgv writes out
+is parsed.
 """
 
 from __future__ import annotations

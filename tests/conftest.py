@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import threading
@@ -230,6 +231,28 @@ def world_dir() -> Iterator[Path]:
 
 
 # -- shared by the tests of long-running parts (watcher, service, actor, crash) -----------
+
+#: apt's copy method: a trusted package tool anyone may run, which copies what it is told.
+APT_COPY = "/usr/lib/apt/methods/copy"
+
+
+@contextlib.contextmanager
+def apt_copy(source: Path, target: Path, prefix: list[str] | None = None
+             ) -> Iterator[subprocess.Popen[bytes]]:
+    """apt's copy method, run under `prefix` (setpriv as another user, or as we are),
+    asked to copy `source` to `target`. It waits for more work while the block runs,
+    alive for whoever asks who it is, and ends when the block does."""
+    copy = subprocess.Popen([*(prefix or []), APT_COPY], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    assert copy.stdin is not None
+    try:
+        copy.stdin.write(f"600 URI Acquire\nURI: copy:{source}\nFilename: {target}"
+                         "\n\n".encode())
+        copy.stdin.flush()
+        yield copy
+    finally:
+        copy.communicate(timeout=10)
+
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float,
                interval: float = 0.02) -> Any:

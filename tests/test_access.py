@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Cli, wait_until
+from conftest import APT_COPY, Cli, apt_copy, wait_until
 from integrity.policy import Policy, load
 from integrity.realtime.access import AccessListener
 from integrity.store import Store
@@ -190,9 +190,6 @@ def test_trusted_readers_are_not_recorded(listen: Callable[..., AccessListener],
     assert recorded.of(secrets / "shadow") == []
 
 
-APT_COPY = "/usr/lib/apt/methods/copy"
-
-
 @pytest.mark.skipif(not os.access(APT_COPY, os.X_OK), reason="apt's copy method is needed")
 def test_a_user_copying_a_secret_through_a_trusted_program_is_recorded(
         listen: Callable[..., AccessListener], policy: Callable[..., Policy],
@@ -207,21 +204,13 @@ def test_a_user_copying_a_secret_through_a_trusted_program_is_recorded(
     as_nobody = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     for prefix, stolen in (([], secrets / "by-root"), (as_nobody, secrets / "stolen")):
         secrets.chmod(0o777)
-        copy = subprocess.Popen([*prefix, APT_COPY], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL)
-        assert copy.stdin is not None
-        try:
-            copy.stdin.write(f"600 URI Acquire\nURI: copy:{key}\nFilename: {stolen}"
-                             "\n\n".encode())
-            copy.stdin.flush()
+        with apt_copy(key, stolen, prefix):
             wait_until(stolen.exists, "the copy made", DEADLINE)
             if not prefix:
                 wait_until(lambda: listener.trusted_opens >= 1, "root's copy seen",
                            DEADLINE)
             else:
                 wait_rows(recorded, key)
-        finally:
-            copy.communicate(timeout=10)
         assert stolen.read_bytes() == key.read_bytes()
     [row] = recorded.of(key)
     assert row["actor"]["exe"] == APT_COPY and row["actor"]["uid"] == NOBODY

@@ -31,7 +31,7 @@ from integrity.policy.severity import Judgement
 from integrity.realtime.actor import ActorListener
 from integrity.realtime.processes import ACTOR_KEYS
 
-from conftest import REPO
+from conftest import APT_COPY, REPO, apt_copy
 DEADLINE = 5.0
 NOBODY = 65534
 SH = os.path.realpath(shutil.which("sh") or "/bin/sh")
@@ -193,9 +193,6 @@ def test_unprivileged_writer(listen: Callable[..., ActorListener],
     assert target.stat().st_uid == NOBODY
 
 
-APT_COPY = "/usr/lib/apt/methods/copy"
-
-
 @pytest.mark.skipif(not os.access(APT_COPY, os.X_OK), reason="apt's copy method is needed")
 def test_an_unprivileged_user_running_a_package_tool_is_no_package_manager(
         listen: Callable[..., ActorListener], world_dir: Path) -> None:
@@ -218,16 +215,8 @@ def test_an_unprivileged_user_running_a_package_tool_is_no_package_manager(
              "shell.php", ("critical", "unexplained")),
             ([], "by-root.php", ("low", "package-manager"))):
         target = drop / name
-        copy = subprocess.Popen([*prefix, APT_COPY], stdin=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL)
-        assert copy.stdin is not None
-        try:
-            copy.stdin.write(f"600 URI Acquire\nURI: copy:{payload}\nFilename: {target}"
-                             "\n\n".encode())
-            copy.stdin.flush()
+        with apt_copy(payload, target, prefix) as copy:
             actor = wait_for(listener, target)  # the method waits for more work: alive
-        finally:
-            copy.communicate(timeout=10)
         assert target.read_bytes() == payload.read_bytes()
         assert actor["pid"] == copy.pid and actor["exe"] == APT_COPY, actor
         assert judgement.judge("critical", actor, friday_noon) == expected, actor

@@ -441,15 +441,14 @@ def test_a_realtime_event_names_the_process_that_made_it(
 
 def test_a_package_install_is_marked_package_manager_not_shouted(
         site: Site, start: Callable[..., Daemon], tmp_path: Path) -> None:
-    from debs import build_deb
+    from debs import build_deb, dpkg_cmd
 
     target = site.tree / "app" / "from-package.conf"
     deb = build_deb(tmp_path / "debs", "integrity-test-actor", "1.0",
                     {str(target): b"installed by dpkg\n"})
     daemon = start()
     try:
-        subprocess.run(["dpkg", "-i", str(deb)], check=True, capture_output=True,
-                       timeout=120)
+        dpkg_cmd("-i", str(deb))  # waits while another test's dpkg holds the lock
         event = wait_for_event(site, target, source="realtime")
         assert event["kind"] == "added"
         assert event["classification"] == "package-manager", event
@@ -460,8 +459,7 @@ def test_a_package_install_is_marked_package_manager_not_shouted(
         manual = wait_for_event(site, site.tree / "b.conf", source="realtime")
         assert manual["classification"] == "unexplained" and manual["severity"] == "high"
     finally:
-        subprocess.run(["dpkg", "--purge", "integrity-test-actor"], capture_output=True,
-                       timeout=120)
+        dpkg_cmd("--purge", "integrity-test-actor", check=False)
     assert not target.exists()
     assert daemon.terminate() == 0
     assert_no_crash(site)

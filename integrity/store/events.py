@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, TypedDict
 
 import sqlalchemy as sa
 
-from integrity.paths import display, from_key, key_range, to_key
+from integrity.paths import display, from_key, is_within, key_range, to_key
 from integrity.store import schema
 from integrity.store.engine import Database, chunks, inserted_id
 from integrity.store.ledger import Ledger, journal
@@ -111,15 +111,8 @@ class OpenEvent:
     kind: str
     changed: tuple[str, ...]
     severity: str
-
-
-def _covers(paths: str | None, path: str) -> bool:
-    """Did a run over `paths` (a run's column: displayed paths, one a line; None: the
-    whole baseline) scan `path`?"""
-    if paths is None:
-        return True
-    return any(path == root or path.startswith(root.rstrip("/") + "/")
-               for root in paths.split("\n"))
+    #: When the change was first seen (what approvals date package runs against).
+    first_seen: dt.datetime
 
 
 class Events:
@@ -327,15 +320,16 @@ class Events:
     def open(self, scope: Sequence[tuple[bytes, bytes]] | None = None) -> list[OpenEvent]:
         """Open changes (in key order; not warnings), optionally within key ranges."""
         e = schema.event
-        query = sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed, e.c.severity).where(
-            e.c.status == OPEN, e.c.kind.not_in(NOTICES))
+        query = sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed, e.c.severity,
+                          e.c.first_seen).where(e.c.status == OPEN,
+                                                e.c.kind.not_in(NOTICES))
         if scope is not None:
             query = query.where(sa.or_(*[sa.and_(e.c.key >= low, e.c.key < high)
                                          for low, high in scope]) if scope else sa.false())
         with self.db.reader() as conn:
             rows = conn.execute(query.order_by(e.c.key)).all()
-        return [OpenEvent(i, from_key(k), kind, tuple(c.split(",")) if c else (), sev)
-                for i, k, kind, c, sev in rows]
+        return [OpenEvent(i, from_key(k), kind, tuple(c.split(",")) if c else (), sev, seen)
+                for i, k, kind, c, sev, seen in rows]
 
     def seen_as_recorded(self, events: Sequence[OpenEvent], baseline_id: int,
                          since: dt.datetime) -> dict[int, dt.datetime]:
@@ -348,37 +342,34 @@ class Events:
         A scan's start, not its end: it may have read the path before a package run
         that ended while it went on."""
         e, r, a = schema.event, schema.run, schema.approval
-        ids = [event.id for event in events]
-        if not ids:
+        if not events:
             return {}
-        first: dict[int, tuple[bytes, dt.datetime]] = {}
+        latest = max(event.first_seen for event in events)
         approved: dict[bytes, dt.datetime] = {}
         with self.db.reader() as conn:
-            for chunk in chunks(ids):
-                for event_id, key, seen in conn.execute(sa.select(
-                        e.c.id, e.c.key, e.c.first_seen).where(e.c.id.in_(chunk))):
-                    first[event_id] = (key, seen)
-            latest = max((seen for _, seen in first.values()), default=since)
             scans = conn.execute(sa.select(r.c.started, r.c.finished, r.c.paths).where(
                 r.c.baseline_id == baseline_id, r.c.finished.is_not(None),
                 r.c.finished <= latest, r.c.started >= since,
                 r.c.exit_code.in_((0, 1))).order_by(r.c.finished.desc())).all()
-            for keys in chunks(sorted({key for key, _ in first.values()})):
+            for keys in chunks(sorted({to_key(event.path) for event in events})):
                 for key, when in conn.execute(sa.select(e.c.key, sa.func.max(a.c.time))
                                               .join(a, a.c.id == e.c.approval_id)
                                               .where(e.c.key.in_(keys))
                                               .group_by(e.c.key)):
-                    approved[key] = when
+                    approved[from_key(key)] = when
         bounds = {}
-        for event_id, (key, seen) in first.items():
-            path = display(from_key(key))
-            bound = max(since, approved.get(key, since))
+        for event in events:
+            # runs.paths holds displayed paths: compare in that form.
+            shown = display(event.path).encode()
+            bound = max(since, approved.get(event.path, since))
             for started, finished, paths in scans:  # the last to finish first
                 if finished <= bound:
                     break  # started before it finished: no later start is left
-                if finished <= seen and started > bound and _covers(paths, path):
+                if finished <= event.first_seen and started > bound and (
+                        paths is None or any(is_within(shown, root.encode())
+                                             for root in paths.split("\n"))):
                     bound = started
-            bounds[event_id] = bound
+            bounds[event.id] = bound
         return bounds
 
     def open_policy_changes(self) -> list[OpenEvent]:
@@ -386,10 +377,10 @@ class Events:
         e = schema.event
         with self.db.reader() as conn:
             rows = conn.execute(sa.select(e.c.id, e.c.key, e.c.kind, e.c.changed,
-                                          e.c.severity).where(
+                                          e.c.severity, e.c.first_seen).where(
                 e.c.status == OPEN, e.c.kind == POLICY).order_by(e.c.id)).all()
-        return [OpenEvent(i, from_key(k), kind, (c,) if c else (), sev)
-                for i, k, kind, c, sev in rows]
+        return [OpenEvent(i, from_key(k), kind, (c,) if c else (), sev, seen)
+                for i, k, kind, c, sev, seen in rows]
 
     def open_counts(self) -> dict[str, int]:
         """Open events by severity."""

@@ -87,6 +87,8 @@ def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT,
     from integrity.store.files import create_private, parse_url, redact
 
     parsed = parse_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return _postgresql_engine(parsed, baseline_wait or busy_timeout)
     if parsed.get_backend_name() != "sqlite":
         return _create(parsed)
     database = parsed.database or ""
@@ -120,6 +122,34 @@ def _engine(url: str, busy_timeout: float = BUSY_TIMEOUT,
                                   redact(parsed))
             return
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+#: `Connection.info` key: seconds this connection's next PostgreSQL writes wait.
+_LOCK_WAIT = "integrity_lock_wait"
+#: The advisory lock a PostgreSQL write transaction holds (`_postgresql_engine`); the
+#: baseline lock (`Database.exclusive`) is 7243011.
+WRITE_LOCK = 7243012
+
+
+def _postgresql_engine(parsed: sa.URL, wait: float) -> sa.Engine:
+    """Create a PostgreSQL engine whose write transactions take turns, as SQLite's do.
+
+    Writers read the chain's head (and the highest ids) and append after it: two at
+    once would fork the chain, which its check reports as tampering. SQLite's BEGIN
+    IMMEDIATE lets one writer in at a time; here a transaction-level advisory lock
+    does, waiting up to `wait` seconds (`Database.patience` sets another wait for
+    one connection), then the write fails with one line.
+    """
+    engine = _create(parsed)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        if conn.get_execution_options().get("write", False):
+            seconds = conn.info.get(_LOCK_WAIT, wait)
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
 
     return engine
 
@@ -261,9 +291,16 @@ class Database:
 
     @contextlib.contextmanager
     def patience(self, conn: sa.Connection, seconds: float) -> Iterator[None]:
-        """Wait at most `seconds` for SQLite's write lock on this connection, outside a
+        """Wait at most `seconds` for the write lock on this connection, outside a
         transaction (a heartbeat that cannot be written now is skipped, not waited
         for)."""
+        if self.engine.dialect.name == "postgresql":
+            conn.info[_LOCK_WAIT] = seconds
+            try:
+                yield
+            finally:
+                conn.info.pop(_LOCK_WAIT, None)
+            return
         driver = conn.connection.driver_connection if self._is_sqlite() else None
         if driver is None:
             yield

@@ -88,3 +88,24 @@ def test_a_write_waits_for_the_writer_before_it_and_gives_up_after_its_patience(
     finally:
         holder.close()
         other.close()
+
+
+def test_a_read_transaction_is_one_state(pg_store_url: str) -> None:
+    # A verify reads the baseline row, then its entries, in one read transaction, so
+    # that an approval committing in between cannot make the seal check compare one
+    # baseline's root with another's rows. PostgreSQL's READ COMMITTED took a new
+    # snapshot per statement.
+    Store(pg_store_url).close()
+    reader, writer = Store(pg_store_url), Store(pg_store_url)
+    try:
+        writer.events.warn(b"/srv/before", "seen", source="scan", severity="low")
+        with reader.reader() as conn, conn.begin():
+            count = sa.text("SELECT count(*) FROM event")
+            before = conn.execute(count).scalar_one()
+            writer.events.warn(b"/srv/meanwhile", "seen", source="scan", severity="low")
+            assert conn.execute(count).scalar_one() == before == 1
+        with reader.reader() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM event")).scalar_one() == 2
+    finally:
+        reader.close()
+        writer.close()

@@ -261,8 +261,17 @@ class Database:
         return os.path.join(os.path.dirname(default_url().split(":///", 1)[1]), name)
 
     def reader(self) -> sa.Connection:
-        """A connection for reading (its own consistent snapshot per transaction)."""
-        return self.engine.connect()
+        """A connection for reading (its own consistent snapshot per transaction).
+
+        SQLite's read transactions are snapshots; PostgreSQL's default (READ
+        COMMITTED) takes a new one per statement, so there a reader asks for
+        REPEATABLE READ. Writers keep READ COMMITTED: their first statement waits
+        for the write lock, and what they read after it must include the writes of
+        the writer before them (`_postgresql_engine`)."""
+        conn = self.engine.connect()
+        if self.engine.dialect.name == "postgresql":
+            return conn.execution_options(isolation_level="REPEATABLE READ")
+        return conn
 
     def writer(self) -> sa.Connection:
         """A connection whose transaction holds the write lock from its start."""

@@ -390,3 +390,16 @@ def test_htpasswd_hashes_are_secret(tmp_path: Path, write_policy: Callable[..., 
     cli = Cli(tmp_path / "h.db", write_policy({"path": str(root), "check": "config"}))
     assert cli("init").exit_code == 0
     assert kept_texts(cli.db) == [b"ServerName web1\n"]
+
+
+def test_diff_and_restore_before_the_first_init_say_so_in_one_line(
+        tmp_path: Path, etc: Path, write_policy: Callable[..., Path]) -> None:
+    policy = write_policy({"path": str(etc), "check": "config"})
+    cli = Cli(tmp_path / "state" / "integrity.db", policy)
+    assert cli("db", "upgrade").exit_code == 0  # a database, but no baseline in it
+    for command in (["diff", str(etc / "app.conf")],
+                    ["restore", "--yes", str(etc / "app.conf")]):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert one_line(result.stderr).endswith("no baseline yet: run 'integrity init'")
+        assert "internal error" not in result.stderr

@@ -13,7 +13,7 @@ from integrity.content.diff import NOT_KEPT_SECRET, unified
 from integrity.content.keep import (SECRET, Keeper, Kept, read_live, read_verified,
                                     redaction_key)
 from integrity.content.restore import restore_file
-from integrity.errors import UsageError
+from integrity.errors import BaselineError, UsageError
 from integrity.ops.seal import check_baseline, effective_policy
 from integrity.ops.who import invoking_user
 from integrity.paths import display, to_key
@@ -23,7 +23,7 @@ from integrity.scan import normalize_paths
 from integrity.scan.compare import MODIFIED, Change
 
 if TYPE_CHECKING:
-    from integrity.store import Store
+    from integrity.store import BaselineInfo, Store
     from integrity.store.events import Actor
     from integrity.store.outbox import Route
 
@@ -101,10 +101,17 @@ class DiffOutcome:
     reason: str | None
 
 
+def _checked_baseline(store: Store, policy: Policy) -> BaselineInfo:
+    """The baseline in force, its seal checked; BaselineError before the first init."""
+    info = check_baseline(store, policy)
+    if info is None:
+        raise BaselineError(f"{store.name()}: no baseline yet: run 'integrity init'")
+    return info
+
+
 def diff_path(store: Store, policy: Policy, path: str) -> DiffOutcome:
     """Baseline against live for one file (redacted; secrets never shown)."""
-    info = check_baseline(store, policy)
-    assert info is not None
+    info = _checked_baseline(store, policy)
     sealed = effective_policy(info, policy)
     [target] = normalize_paths(sealed, [path])
     entry = store.baselines.entry(info.id, target)
@@ -170,8 +177,7 @@ def restore(store: Store, policy: Policy, paths: Sequence[str]) -> list[Restored
 
 def _restore(store: Store, policy: Policy, paths: Sequence[str],
              routes: Sequence[Route]) -> list[Restored]:
-    info = check_baseline(store, policy)
-    assert info is not None
+    info = _checked_baseline(store, policy)
     sealed = effective_policy(info, policy)
     targets = normalize_paths(sealed, paths)
     plans = []

@@ -7,11 +7,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
+from integrity.cli import cli as cli_main
 from integrity.store import Store
 from integrity.store.engine import as_database_error
 
@@ -109,3 +112,23 @@ def test_a_read_transaction_is_one_state(pg_store_url: str) -> None:
     finally:
         reader.close()
         writer.close()
+
+
+def test_init_verify_approve_and_status_on_postgresql(pg_store_url: str, tree: Path,
+                                                      write_policy: Any) -> None:
+    policy = write_policy({"path": str(tree), "check": "static", "severity": "high"})
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(cli_main, ["--db", pg_store_url, "--policy", str(policy),
+                                             "-q", *args], catch_exceptions=False)
+
+    assert cli("init").exit_code == 0
+    assert cli("verify").exit_code == 0
+    (tree / "a.conf").write_text("changed\n")
+    changed = cli("verify")
+    assert changed.exit_code == 1 and "a.conf" in changed.stdout
+    assert cli("approve", str(tree / "a.conf"), "--reason", "ticket 1").exit_code == 0
+    assert cli("verify").exit_code == 0
+    status = cli("status")
+    assert status.exit_code == 0, status.stdout
+    assert "tamper" not in status.stdout.lower()

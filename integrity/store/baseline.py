@@ -254,8 +254,11 @@ def entries_in(conn: sa.Connection, baseline_id: int,
         query = sa.select(*cols).where(e.c.baseline_id == baseline_id)
         if low is not None and high is not None:
             query = query.where(e.c.key >= low, e.c.key < high)
-        result = conn.execution_options(stream_results=True, yield_per=BATCH) \
-            .execute(query.order_by(e.c.key))
+        # Options of this statement: Connection.execution_options() would change the
+        # connection for good, and a DELETE after it in the same transaction would go
+        # through PostgreSQL's server-side cursor (DECLARE ... CURSOR FOR DELETE).
+        result = conn.execute(query.order_by(e.c.key),
+                              execution_options={"stream_results": True, "yield_per": BATCH})
         for row in result:
             key = row[0]
             yield key, FileRecord(from_key(key), *row[1:14]), row[14], row[15]

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from integrity.cli import cli as cli_main
 from integrity.store import Store
+from integrity.store import engine
 from integrity.store.engine import as_database_error
 
 _NAMES = iter(range(1, 10**6))
@@ -114,19 +115,30 @@ def test_a_read_transaction_is_one_state(pg_store_url: str) -> None:
         writer.close()
 
 
-def test_init_verify_approve_and_status_on_postgresql(pg_store_url: str, tree: Path,
-                                                      write_policy: Any) -> None:
-    policy = write_policy({"path": str(tree), "check": "static", "severity": "high"})
+def test_init_verify_approve_and_status_on_postgresql(
+        pg_store_url: str, tree: Path, tmp_path: Path, write_policy: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # `config` keeps texts, whose redaction key lives in the host's state directory
+    # (no file beside a PostgreSQL database), created if missing: here one of the
+    # test's own, not the host's /var/lib/integrity.
+    policy = write_policy({"path": str(tree), "check": "config", "severity": "high"})
+    state = tmp_path / "state-dir"
+    monkeypatch.setattr(engine, "default_url",
+                        lambda: f"sqlite:///{state}/integrity.db")
 
     def cli(*args: str) -> Any:
         return CliRunner().invoke(cli_main, ["--db", pg_store_url, "--policy", str(policy),
                                              "-q", *args], catch_exceptions=False)
 
     assert cli("init").exit_code == 0
+    assert (state / "redact-key").stat().st_mode & 0o777 == 0o600
+    assert state.stat().st_mode & 0o777 == 0o700
     assert cli("verify").exit_code == 0
     (tree / "a.conf").write_text("changed\n")
     changed = cli("verify")
     assert changed.exit_code == 1 and "a.conf" in changed.stdout
+    diff = cli("diff", str(tree / "a.conf"))
+    assert "-alpha" in diff.stdout and "+changed" in diff.stdout
     assert cli("approve", str(tree / "a.conf"), "--reason", "ticket 1").exit_code == 0
     assert cli("verify").exit_code == 0
     status = cli("status")

@@ -254,11 +254,20 @@ class Database:
 
     def sidecar(self, name: str) -> str:
         """A file of ours kept beside the database, not in it (a copy of the database
-        alone does not carry it): `<database>.<name>` for SQLite."""
+        alone does not carry it): `<database>.<name>` for SQLite.
+
+        Another database's sidecars live in the host's state directory (created
+        0700 on first use, as for the default SQLite database)."""
         database = self.engine.url.database or ""
         if self._is_sqlite() and _on_disk(database):
             return f"{database}.{name}"
-        return os.path.join(os.path.dirname(default_url().split(":///", 1)[1]), name)
+        state = os.path.dirname(default_url().split(":///", 1)[1])
+        try:
+            os.makedirs(state, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(f"{state}: cannot create the state directory: "
+                                f"{exc.strerror}") from None
+        return os.path.join(state, name)
 
     def reader(self) -> sa.Connection:
         """A connection for reading (its own consistent snapshot per transaction).

@@ -280,9 +280,16 @@ def status_text(data: dict[str, Any], out: TextIO) -> None:
         windows_text(data["windows"], out)
     for sink in data.get("alerts", []):
         state = "FAILING" if sink["failing"] else "pending"
+        if sink.get("in_policy") is False:
+            state = ("NOT IN THE POLICY (dropped, and reported to the other sinks, when "
+                     "the watcher starts or reloads)")
         _put(out, f"alerts: {sink['sink']}: {state}: {sink['undelivered']} undelivered "
                   f"since {sink['since']}, {sink['attempts']} attempts"
                   + (f"; last error: {sink['last_error']}" if sink["last_error"] else ""))
+    for drop in data.get("alerts_dropped", []):
+        _put(out, f"alerts: {drop['sink']}: DROPPED at {drop['time']}, no longer in the "
+                  f"policy: {drop['alerts']} undelivered (highest {drop['severity']}, "
+                  f"owed since {drop['since']}); see event {drop['event']}")
 
 
 def _age(seconds: int) -> str:

@@ -215,6 +215,28 @@ def test_a_named_sink_keeps_what_it_is_owed_when_the_tables_are_reordered(
     assert "alert[1].name: 'siem' names another sink already" in refused.stderr
 
 
+def test_alerts_owed_to_a_sink_no_longer_in_the_policy_are_flagged_by_status(
+        tmp_path: Path, tree: Path, write_policy: Callable[..., Path],
+        receiver: Receiver) -> None:
+    # A host without a watcher: one-shot runs deliver, and never drop what is owed to
+    # a sink their --policy lacks (it may be a one-off policy); status says so.
+    webhook = f'[[alert]]\nname = "pager"\ntype = "webhook"\nurl = "{receiver.url}"\nretries = 0\n'
+    jsonl_sink = f'[[alert]]\ntype = "jsonl"\npath = "{tmp_path}/alerts.jsonl"\n'
+    rule = {"path": str(tree), "check": "static", "severity": "critical"}
+    cli = Cli(tmp_path / "state" / "integrity.db", write_policy(rule, extra=jsonl_sink + webhook))
+    assert cli("init").exit_code == 0
+    receiver.status = 503
+    (tree / "a.conf").write_text("changed\n")
+    assert cli("verify").exit_code == 1
+    write_policy(rule, extra=jsonl_sink)
+    assert cli("verify").exit_code == 1
+    [owed] = cli.json("status")["alerts"]
+    assert (owed["sink"], owed["undelivered"], owed["in_policy"]) == ("pager", 1, False)
+    text = cli("status").stdout
+    assert "alerts: pager: NOT IN THE POLICY" in text and "1 undelivered" in text
+    assert cli.json("status")["alerts_dropped"] == []
+
+
 class Trickle:
     """A peer that starts a reply (`opening`, after reading the request when `listens`
     first), then sends one more byte every 0.2 s: no socket timeout ever fires, and

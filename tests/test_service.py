@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Cli, Receiver, wait_until
+from conftest import Cli, Receiver, rows, wait_until
 
 #: How long to wait for a realtime change to be recorded. A deadline, not the target:
 #: latency is measured by benchmarks/bench_watch.py.
@@ -410,6 +410,137 @@ def test_alerts_owed_to_a_dead_webhook_survive_a_restart(
     assert len(site.alerts_for(site.tree / "a.conf")) == 1  # jsonl: delivered once
     assert daemon.terminate() == 0
     assert_no_crash(site)
+
+
+def unreachable_url() -> str:
+    """A webhook URL on loopback that nothing listens on: connections are refused,
+    as they are to a pager an intruder has firewalled off."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/page"
+
+
+def write_paging_policy(site: Site, pager: str | None) -> None:
+    """The site's policy: a.conf's tree high, app/ critical, the jsonl sink and, when
+    `pager` names it, a webhook sink that cannot be reached."""
+    lines = ["[[rule]]", f"path = {json.dumps(str(site.tree))}", 'check = "config"',
+             'severity = "high"', "",
+             "[[rule]]", f"path = {json.dumps(str(site.tree / 'app'))}",
+             'check = "config"', 'severity = "critical"', "",
+             "[[alert]]", 'name = "log"', 'type = "jsonl"',
+             f"path = {json.dumps(str(site.alerts))}", ""]
+    if pager is not None:
+        lines += ["[[alert]]", f"name = {json.dumps(pager)}", 'type = "webhook"',
+                  f"url = {json.dumps(unreachable_url())}", "retries = 0", "timeout = 2",
+                  ""]
+    site.policy.write_text("\n".join(lines))
+
+
+def owe_the_pager(site: Site) -> str:
+    """A high and a critical change, recorded by a one-shot verify: the jsonl sink
+    takes both, the pager's copies stay owed. Returns since when they are owed."""
+    write_paging_policy(site, "pager")
+    assert site.cli("init", "--force").exit_code == 0  # its rules sealed
+    rewrite(site.tree / "a.conf", b"intruder was here\n")
+    rewrite(site.tree / "app" / "d.conf", b"intruder was here too\n")
+    assert site.cli("verify").exit_code == 1
+    assert {a["severity"] for a in site.alert_lines()} == {"high", "critical"}
+    [owed] = site.status()["alerts"]
+    assert owed["sink"] == "pager" and owed["undelivered"] == 2
+    return str(owed["since"])
+
+
+def dropped_reports(site: Site) -> list[dict[str, Any]]:
+    return [a for a in site.alert_lines() if a["classification"] == "alerts-dropped"]
+
+
+def assert_reported(site: Site, since: str) -> None:
+    """The remaining sink got one report of the pager's dropped alerts, recorded as an
+    event in the hash chain, and status shows the drop."""
+    [report] = wait_until(lambda: dropped_reports(site),
+                          "the report of the dropped alerts in the jsonl sink", 15)
+    assert report["kind"] == "warning" and report["severity"] == "critical"
+    assert report["path"] == str(site.policy) and report["status"] == "resolved"
+    details = report["new"]
+    assert (details["sink"], details["alerts"], details["severity"], details["oldest"]) == (
+        "pager", 2, "critical", since)
+    assert "2 undelivered alerts owed to sink 'pager' dropped" in details["warning"]
+    changes = [e for e in site.cli.json("events") if e["kind"] == "modified"]
+    assert sorted(details["events"]) == sorted(e["id"] for e in changes)
+    [event] = [e for e in site.cli.json("events") if e["id"] == report["id"]]
+    assert event["classification"] == "alerts-dropped" and event["severity"] == "critical"
+    # Chained: the report's place in the chain is in the history status checks.
+    assert report["chain"] and event["chain"] == report["chain"]
+    status = site.status()
+    assert status["chain"]["ok"], status["chain"]["problems"]
+    assert site.cli("status", "--expect-head", report["chain"]).exit_code != 2
+    assert rows(site.db, "SELECT count(*) FROM ledger WHERE kind = 'event' AND ref = ?",
+                (report["id"],)) == [(1,)]
+    # Nothing owed to the old name any more ...
+    assert "pager" not in [a["sink"] for a in status["alerts"]]
+    [drop] = status["alerts_dropped"]  # ... and status says where it went
+    assert (drop["sink"], drop["alerts"], drop["severity"], drop["event"]) == (
+        "pager", 2, "critical", report["id"])
+    assert "alerts: pager: DROPPED" in site.cli("status").stdout
+
+
+def test_alerts_owed_to_a_sink_removed_from_the_policy_are_reported_at_restart(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    # The attack: the pager is firewalled, so its critical alert stays owed; the
+    # intruder removes the pager from the policy (sinks are not sealed) and restarts.
+    since = owe_the_pager(site)
+    write_paging_policy(site, None)
+    daemon = start()
+    assert_reported(site, since)
+    assert "for sink 'pager', no longer in the policy" in site.stderr()
+    assert daemon.terminate() == 0
+    # Reported once: a second start has nothing left to drop.
+    daemon = start()
+    assert daemon.terminate() == 0
+    assert len(dropped_reports(site)) == 1
+    assert_no_crash(site)
+
+
+def test_a_sink_renamed_on_sighup_reports_the_alerts_its_old_name_was_owed(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    since = owe_the_pager(site)
+    daemon = start()
+    assert site.status()["alerts"][0]["sink"] == "pager"  # still owed: still named
+    write_paging_policy(site, "pager-v2")
+    daemon.signal(signal.SIGHUP)
+    assert_reported(site, since)
+    # The renamed pager is owed the report (not the backlog): one summary when it is back.
+    [owed] = site.status()["alerts"]
+    assert (owed["sink"], owed["undelivered"]) == ("pager-v2", 1)
+    assert daemon.terminate() == 0
+    assert_no_crash(site)
+
+
+def test_a_start_interrupted_while_dropping_deletes_nothing_unrecorded(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    since = owe_the_pager(site)
+    write_paging_policy(site, None)
+    # The database refuses the report (as a full disk or a kill would cut it short):
+    # the drop must go with it, not happen on its own.
+    conn = sqlite3.connect(site.db)
+    with conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON event "
+                     "WHEN NEW.classification = 'alerts-dropped' "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+    conn.close()
+    daemon = start(wait=False)
+    code = daemon.proc.wait(timeout=30)
+    owed = rows(site.db, "SELECT sink, count(*) FROM outbox GROUP BY sink")
+    assert (code, owed) == (2, [("pager", 2)]), site.stderr()
+    assert dropped_reports(site) == []
+    conn = sqlite3.connect(site.db)
+    with conn:
+        conn.execute("DROP TRIGGER refuse")
+    conn.close()
+    daemon = start()
+    assert_reported(site, since)
+    assert daemon.terminate() == 0
 
 
 # -- who made the change ------------------------------------------------------------------

@@ -31,6 +31,23 @@ class StatusReport:
 FAILING_AFTER = 4
 
 
+#: How long status lists alerts dropped with a sink the policy no longer names (the
+#: warning that recorded it stays in `events` for good).
+DROPS_SHOWN = dt.timedelta(days=7)
+
+
+def _sink_names(policy: Policy | None) -> set[str] | None:
+    """The names of the policy's alert sinks, or None when they are not known."""
+    if policy is None:
+        return None
+    from integrity.ops.metrics import policy_sinks
+
+    try:
+        return set(policy_sinks(policy))
+    except IntegrityError:  # a bad [[alert]] table: `policy.error` says so
+        return None
+
+
 def watcher_liveness(watcher: WatcherInfo | None, now: dt.datetime) -> tuple[bool, bool]:
     """(alive, stale): stale when the heartbeat is older than three intervals."""
     if watcher is None or watcher.state == "stopped":
@@ -92,6 +109,7 @@ def collect(store: Store, policy: Policy | None, now: dt.datetime | None = None,
     now = now or utcnow()
     alive, stale = watcher_liveness(watcher, now)
     backlog = store.outbox.backlog()
+    sinks = _sink_names(policy)
     failing = [b for b in backlog if b.attempts >= FAILING_AFTER]
     open_total = sum(counts.values())
     chain = store.ledger.check()
@@ -123,7 +141,13 @@ def collect(store: Store, policy: Policy | None, now: dt.datetime | None = None,
             "errors": run.errors},
         "alerts": [{"sink": b.sink, "undelivered": b.pending, "since": iso(b.oldest),
                     "attempts": b.attempts, "last_error": b.last_error,
-                    "failing": b.attempts >= FAILING_AFTER} for b in backlog],
+                    "failing": b.attempts >= FAILING_AFTER,
+                    "in_policy": None if sinks is None else b.sink in sinks}
+                   for b in backlog],
+        "alerts_dropped": [{"sink": d.sink, "alerts": d.alerts, "severity": d.severity,
+                            "since": iso(d.oldest), "time": iso(d.time),
+                            "event": d.event_id}
+                           for d in store.outbox.dropped_since(now - DROPS_SHOWN)],
     }
     from integrity.ops.windows import current as open_windows, window_doc
 

@@ -358,6 +358,7 @@ class Service:
             return
         for sink in self.dispatcher.replace(sinks):
             sink.close()
+        self._drop_unknown()  # a sink renamed or removed: say so now, not at a restart
         self.store.outbox.retry_now()
         if policy.digest == self.policy.digest:
             self._notify("ready", "alert sinks reopened")
@@ -381,12 +382,25 @@ class Service:
         log.info("policy reloaded from %s", self.policy_path)
 
     def _start_dispatcher(self) -> None:
-        dropped = self.store.outbox.drop_unknown([r.sink for r in self.dispatcher.routes()])
-        if dropped:
-            log.warning("dropped %d undelivered alerts for sinks no longer in the policy",
-                        dropped)
+        self._drop_unknown()
         self.store.outbox.retry_now()  # a restart is the moment to try failed sinks again
         self.dispatcher.start()
+
+    def _drop_unknown(self) -> None:
+        """Alerts owed to a sink the policy no longer names have nobody to deliver
+        them: drop them, and record and alert (to the sinks that remain) that they
+        were dropped, naming the sink, how many and the highest severity. A summary,
+        not the alerts re-routed: the remaining sinks chose their severities, and a
+        backlog re-sent to them could flood them."""
+        routes = self.dispatcher.routes()
+        for dropped in self.store.outbox.drop_unknown(
+                routes, os.fsencode(self.policy_path)):
+            log.warning("dropped %d undelivered alerts (highest severity %s, owed since "
+                        "%s UTC) for sink '%s', no longer in the policy (event %d)",
+                        dropped.alerts, dropped.severity,
+                        dropped.oldest.strftime("%Y-%m-%d %H:%M:%S"),
+                        escape(dropped.sink), dropped.event_id)
+            self.dispatcher.wake()
 
     def _start_fleet(self) -> None:
         """Push to the fleet's central database every [fleet] interval, in a thread of

@@ -9,16 +9,19 @@ after a failure. What is left in here after a while is what `status` reports.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from integrity.paths import to_key
+from integrity.policy.severity import SEVERITIES
 from integrity.store import schema as models
-from integrity.store.engine import Database, chunks
+from integrity.store.engine import Database, chunks, inserted_id
 from integrity.store.ledger import forget, journal
-from integrity.times import utcnow
+from integrity.times import iso, utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
 #: for a day is tried every ten minutes, never given up on.
@@ -26,6 +29,11 @@ BACKOFF = (15, 30, 60, 120, 300, 600)
 #: The furthest integrity ever schedules an attempt: a row due later than this was
 #: postponed behind its back (retry bookkeeping is outside the chain) and is due now.
 LATEST_RETRY = dt.timedelta(seconds=max(BACKOFF))
+#: The classification of the warning that alerts were dropped with their sink.
+DROPPED = "alerts-dropped"
+#: Event ids a dropped-alerts warning names in its text, and keeps in its JSON.
+_EVENTS_NAMED, _EVENTS_KEPT = 20, 1000
+_ISO = "%Y-%m-%dT%H:%M:%SZ"  # times.iso
 
 
 class Route(Protocol):
@@ -45,6 +53,19 @@ class Pending:
     event_id: int
     created: dt.datetime
     attempts: int
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Alerts discarded with a sink the policy no longer names, and the warning
+    (event) that recorded it."""
+
+    sink: str
+    alerts: int
+    severity: str
+    oldest: dt.datetime
+    event_id: int
+    time: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -146,14 +167,84 @@ class Outbox:
                 result.append(SinkBacklog(sink, count, oldest, attempts, error))
         return result
 
-    def drop_unknown(self, sinks: Iterable[str]) -> int:
-        """Discard alerts owed to sinks the policy no longer has; returns how many."""
-        o = models.outbox
-        names = list(sinks)
+    def drop_unknown(self, routes: Sequence[Route], reported_as: bytes, *,
+                     source: str = "realtime") -> list[Dropped]:
+        """Discard alerts owed to sinks that `routes` (the policy's sinks) no longer
+        name, and record for each such sink a warning that says so: how many, their
+        highest severity, since when they were owed, and which events. The warning
+        (path `reported_as`: the policy file) carries the highest severity among the
+        dropped alerts and is owed to the remaining routes that take it.
+
+        One transaction: the rows are never gone without the warning recorded and
+        chained, nor the warning recorded with the rows still there.
+        """
+        o, e = models.outbox, models.event
+        names = [route.sink for route in routes]
         which = o.c.sink.not_in(names) if names else sa.true()
+        now = utcnow()
         with self.db.writer() as conn, conn.begin():
-            ids = list(conn.execute(sa.select(o.c.id).where(which)).scalars())
+            rows = conn.execute(
+                sa.select(o.c.id, o.c.sink, o.c.created, o.c.event_id, e.c.severity)
+                .select_from(o.outerjoin(e, e.c.id == o.c.event_id))
+                .where(which).order_by(o.c.id)).all()
+            ids = [row.id for row in rows]
             for chunk in chunks(ids):
                 conn.execute(o.delete().where(o.c.id.in_(chunk)))
             forget(conn, "outbox", ids)
-            return len(ids)
+            by_sink: dict[str, list[Any]] = {}
+            for row in rows:
+                by_sink.setdefault(row.sink, []).append(row)
+            dropped = [_report(conn, sink, owed, reported_as, source, routes, now)
+                       for sink, owed in sorted(by_sink.items())]
+            journal(conn, "event", [d.event_id for d in dropped])
+        return dropped
+
+    def dropped_since(self, since: dt.datetime) -> list[Dropped]:
+        """The warnings that recorded alerts dropped with their sink since `since`,
+        oldest first: what status shows so that none is lost silently."""
+        e = models.event
+        with self.db.reader() as conn:
+            # last_seen (indexed) is first_seen: the warning is recorded resolved.
+            rows = conn.execute(sa.select(e.c.id, e.c.first_seen, e.c.new).where(
+                e.c.last_seen >= since, e.c.classification == DROPPED)
+                .order_by(e.c.id)).all()
+        result = []
+        for event_id, when, new in rows:
+            try:
+                state = json.loads(new)
+                result.append(Dropped(str(state["sink"]), int(state["alerts"]),
+                                      str(state["severity"]),
+                                      dt.datetime.strptime(state["oldest"], _ISO),
+                                      event_id, when))
+            except (TypeError, ValueError, KeyError):
+                continue  # an edited row: the chain check reports it
+        return result
+
+
+def _report(conn: sa.Connection, sink: str, owed: Sequence[Any],
+            path: bytes, source: str, routes: Sequence[Route],
+            now: dt.datetime) -> Dropped:
+    """Record (and owe to `routes`) the warning that a sink's alerts were dropped."""
+    from integrity.store.events import RESOLVED, WARNING  # events imports this module
+
+    # An alert whose event is gone (or edited) cannot say what it was about: assume
+    # the worst.
+    severity = max((row.severity if row.severity in SEVERITIES else SEVERITIES[-1]
+                    for row in owed), key=SEVERITIES.index)
+    oldest = min(row.created for row in owed)
+    events = sorted({row.event_id for row in owed})
+    shown = ", ".join(map(str, events[:_EVENTS_NAMED])) + (
+        f" and {len(events) - _EVENTS_NAMED} more" if len(events) > _EVENTS_NAMED else "")
+    count = len(owed)
+    message = (f"{count} undelivered alert{'s' if count != 1 else ''} owed to sink "
+               f"'{sink}' dropped: the policy no longer names that sink (highest "
+               f"severity {severity}, owed since {iso(oldest)}; events {shown})")
+    state = {"warning": message, "sink": sink, "alerts": count, "severity": severity,
+             "oldest": iso(oldest), "events": events[:_EVENTS_KEPT]}
+    e = models.event
+    event_id = inserted_id(conn.execute(e.insert().values(
+        key=to_key(path), kind=WARNING, changed="", source=source, rule=None,
+        severity=severity, classification=DROPPED, status=RESOLVED, count=1,
+        first_seen=now, last_seen=now, old=None, new=json.dumps(state), actor=None)))
+    enqueue(conn, routes, [(event_id, severity)])
+    return Dropped(sink, count, severity, oldest, event_id, now)

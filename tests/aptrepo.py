@@ -14,6 +14,7 @@ import hashlib
 import lzma
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,11 @@ URI = "http://deb.example.invalid/debian"
 SUITE = "stable"
 #: apt's name of the repository's files in its lists directory.
 PREFIX = "deb.example.invalid_debian_dists_stable_"
+
+
+def rfc1123(when: float) -> str:
+    """A unix time as apt's release files write dates: "Thu, 03 Dec 2026 10:00:00 UTC"."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S UTC", time.gmtime(when))
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,10 @@ class AptRepo:
         self.packages = self.lists / f"{PREFIX}main_binary-all_Packages"
 
     def publish(self, stanzas: str, compression: str = "", sign_with: SigningKey | None
-                = None) -> Path:
+                = None, **dates: str) -> Path:
         """Write the Packages index (compressed as apt may keep it) and an InRelease
-        listing its uncompressed SHA-256; return the index's path."""
+        listing its uncompressed SHA-256 (`dates` as for `release`); return the index's
+        path."""
         data = stanzas.encode()
         for old in self.lists.glob(f"{PREFIX}main_binary-all_Packages*"):
             old.unlink()
@@ -95,15 +102,20 @@ class AptRepo:
             subprocess.run(["lz4", "-q", "--rm", str(self.packages), str(path)], check=True)
         else:
             path.write_bytes(packed[compression](data))
-        self.release([("main/binary-all/Packages", data)], sign_with)
+        self.release([("main/binary-all/Packages", data)], sign_with, **dates)
         return path
 
     def release(self, indexes: list[tuple[str, bytes]],
-                sign_with: SigningKey | None = None) -> None:
-        """Write the InRelease listing each (index path, uncompressed bytes)."""
+                sign_with: SigningKey | None = None, date: str | None = None,
+                valid_until: str | None = None) -> None:
+        """Write the InRelease listing each (index path, uncompressed bytes), signed
+        with `date` (default: a day ago, before any install of the test) and, when
+        given, `valid_until` (values as the fields hold them: see `rfc1123`)."""
         lines = "".join(f" {hashlib.sha256(d).hexdigest()} {len(d)} {p}\n"
                         for p, d in indexes)
-        text = (f"Origin: test\nSuite: {SUITE}\nDate: Thu, 03 Dec 2026 00:00:00 UTC\n"
+        date = rfc1123(time.time() - 86400) if date is None else date
+        until = f"Valid-Until: {valid_until}\n" if valid_until is not None else ""
+        text = (f"Origin: test\nSuite: {SUITE}\nDate: {date}\n{until}"
                 f"Components: main\nArchitectures: all\nSHA256:\n{lines}").encode()
         self.inrelease.write_bytes((sign_with or self.key).clearsign(text))
         self.release_text = text

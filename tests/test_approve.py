@@ -33,6 +33,7 @@ import integrity.packages
 from integrity.packages import PackageManagers
 
 from conftest import REPO, Cli, one_line
+from aptrepo import PREFIX
 from debs import build_deb, dpkg, dpkg_tool, owned
 
 
@@ -972,6 +973,82 @@ def test_require_signed_approves_only_on_the_signed_archive(
         assert f"keyring {repo.keyring}: differs from the integrity baseline" in \
             left[NOTES][1], left[NOTES]
         assert left[str(repo.keyring)] == ("modified", "not owned by any package")
+
+
+@needs_dpkg
+@needs_gpg
+def test_a_replayed_expired_inrelease_does_not_approve_a_downgrade(
+        host: Host, debs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay, end to end: 1.1 is the baseline's; the intruder restores an old,
+    genuinely signed InRelease whose Valid-Until has passed, with its list and the old
+    1.0 .deb, and downgrades to it. --require-signed leaves the downgrade open, saying
+    the InRelease expired before the install, even once dpkg's log is backdated into
+    its validity; the same lists, valid when the install ran, approve it."""
+    import time
+
+    from aptrepo import AptRepo, SigningKey, rfc1123
+    from debs import packages_stanza, sha256
+
+    repo = AptRepo(tmp_path / "repo", SigningKey.generate(tmp_path / "gnupg"))
+    host.cleanups.append(repo.key.stop)
+    cache = tmp_path / "archives"
+    cache.mkdir()
+
+    class SignedManagers(PackageManagers):
+        """The real package managers, with the test's apt cache, lists and sources."""
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**{"dpkg_log": str(host.system_log),
+                                "apt_archives": str(cache), "apt_lists": str(repo.lists),
+                                "apt_etc": str(repo.etc), **options})
+
+    monkeypatch.setattr(integrity.packages, "PackageManagers", SignedManagers)
+    with open(host.cli.policy, "a") as policy:
+        policy.write(f'\n[[rule]]\npath = "{repo.keyring.parent}"\ncheck = "static"\n')
+    run = host.cli
+    host.install(debs["1.1"])
+    assert run("init").exit_code == 0
+    day, now = 86400, time.time()
+    stanza = packages_stanza(PKG, "1.0", "all", sha256(debs["1.0"]))
+    expired = now - 10 * day
+    repo.publish(stanza, date=rfc1123(now - 30 * day), valid_until=rfc1123(expired))
+    shutil.copy(debs["1.0"], cache / f"{PKG}_1.0_all.deb")
+    host.install(debs["1.0"], logged=True)
+    assert {DATA, TOOL, DROPPED} <= set(changed_paths(run, expect=1))
+
+    def utc(when: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+    doc = approve_json(run, "--package-updates", "--require-signed")
+    approved = {a["path"] for a in doc["approved"]}
+    assert not {DATA, TOOL, DROPPED} & approved, doc["approved"]
+    left = _left(doc)
+    stamp = next(line[:19] for line in host.system_log.read_text().splitlines()
+                 if f" {PKG}:all 1.1 1.0" in line)
+    installed = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S"))
+    assert (f"{PREFIX}InRelease expired {utc(expired)}, before the install of {PKG} 1.0 "
+            f"at {utc(installed)}") in left[DATA][1], left[DATA]
+    assert "expired" in left[DROPPED][1], left[DROPPED]
+    assert set(events(run, "--open")) >= {DATA, TOOL, DROPPED}
+
+    # dpkg's log is root's: backdated into the InRelease's validity, it still cannot
+    # place the change before the path was last seen as recorded (the baseline).
+    forged = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now - 20 * day))
+    host.system_log.write_text("".join(
+        forged + line[19:] + "\n" for line in host.system_log.read_text().splitlines()))
+    doc = approve_json(run, "--package-updates", "--require-signed")
+    assert not {DATA, TOOL, DROPPED} & {a["path"] for a in doc["approved"]}
+    assert (f"{PREFIX}InRelease expired {utc(expired)}, before the change it would "
+            f"explain: the path was last seen as recorded at") in _left(doc)[DATA][1]
+
+    # The same list in an InRelease still valid at the install: approved on it.
+    host.system_log.write_text(f"{stamp}{host.system_log.read_text()[19:]}")
+    repo.publish(stanza, date=rfc1123(now - 30 * day), valid_until=rfc1123(now + day))
+    doc = approve_json(run, "--package-updates", "--require-signed")
+    approved_evidence = {a["path"]: a["evidence"] for a in doc["approved"]}
+    assert {DATA, TOOL, DROPPED} <= set(approved_evidence), _left(doc)
+    assert approved_evidence[DATA] == "signed-archive"
 
 
 def test_require_signed_goes_with_package_updates(run: Cli) -> None:

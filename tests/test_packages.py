@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from integrity.packages import PackageManagers
-from aptrepo import PREFIX, AptRepo, Pinned, SigningKey
+from aptrepo import PREFIX, AptRepo, Pinned, SigningKey, rfc1123
 from debs import (build_deb, build_rpm, dpkg, dpkg_tool, exclusive, owned, packages_stanza,
                   sha256)
 
@@ -113,11 +113,12 @@ class System:
                                require_signed=require_signed)
 
     def publish(self, deb: Path, version: str, listed_sha: str | None = None,
-                compression: str = "") -> None:
-        """Put the .deb in the apt cache and name its SHA-256 in the signed apt list."""
+                compression: str = "", **dates: str) -> None:
+        """Put the .deb in the apt cache and name its SHA-256 in the signed apt list
+        (its InRelease dated by `dates`, see AptRepo.release)."""
         shutil.copy(deb, self.apt / f"{PKG}_{version}_all.deb")
         self.stanzas.append(packages_stanza(PKG, version, "all", listed_sha or sha256(deb)))
-        self.repo.publish("".join(self.stanzas), compression)
+        self.repo.publish("".join(self.stanzas), compression, **dates)
 
 
 @pytest.fixture
@@ -674,6 +675,109 @@ def test_require_signed_refuses_what_only_dpkgs_database_vouches_for(
     assert not override.vouched
     assert override.reason.startswith("only dpkg's database vouches for it (matches "
                                       "dpkg-statoverride (root root 0700))")
+
+
+# -- replay: an older InRelease, genuinely signed, vouches only for the installs apt
+# -- can have made from it (its Date before them, its Valid-Until not yet passed).
+
+DAY = 86400.0
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _logged_install(system: System) -> float:
+    """When the test's dpkg log says 1.1 was last installed (local time, whole seconds)."""
+    stamps = [line[:19] for line in system.log.read_text().splitlines()
+              if f" {PKG}:all " in line and line.split()[2] in ("install", "upgrade")
+              and line.split()[-1] == "1.1"]
+    return time.mktime(time.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S"))
+
+
+def test_an_expired_inrelease_vouches_for_no_later_install(system: System,
+                                                            debs: dict[str, Path]) -> None:
+    """The replay: an InRelease (with its list and .deb) whose Valid-Until passed before
+    dpkg installed the package is not what apt installed it from: no signed evidence,
+    and the reason says it expired, and when, against the install's time."""
+    system.install(debs["1.1"])
+    installed = _logged_install(system)
+    expired = installed - 10 * DAY
+    system.publish(debs["1.1"], "1.1", date=rfc1123(installed - 30 * DAY),
+                   valid_until=rfc1123(expired))
+    verdict = system.managers(require_signed=True).check_content(DATA.encode())
+    assert not verdict.vouched, verdict
+    assert (f"apt's verified package lists name {PKG} 1.1, but not in a release file apt "
+            f"can have installed it from ({PREFIX}InRelease expired {_utc(expired)}, "
+            f"before the install of {PKG} 1.1 at {_utc(installed)})") in verdict.reason, \
+        verdict.reason
+    attributes = system.managers().check_attributes(TOOL.encode(), 0o755, 0, 0)
+    assert not attributes.vouched and "expired" in attributes.reason, attributes
+    # Valid until after the install: the same files vouch.
+    system.stanzas.clear()
+    system.publish(debs["1.1"], "1.1", date=rfc1123(installed - 30 * DAY),
+                   valid_until=rfc1123(installed + DAY))
+    verdict = system.managers(require_signed=True).check_content(DATA.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), verdict
+
+
+def test_a_backdated_dpkg_log_does_not_date_the_change_before_it_was_seen(
+        system: System, debs: dict[str, Path]) -> None:
+    """dpkg's log is root's to edit: backdated into the old InRelease's validity, it is
+    believed only as far back as the path was last seen as recorded."""
+    system.install(debs["1.1"])
+    installed = _logged_install(system)
+    expired = installed - 10 * DAY
+    system.publish(debs["1.1"], "1.1", date=rfc1123(installed - 30 * DAY),
+                   valid_until=rfc1123(expired))
+    forged = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(installed - 20 * DAY))
+    system.log.write_text("".join(forged + line[19:] + "\n"
+                                  for line in system.log.read_text().splitlines()))
+    assert system.managers(require_signed=True).check_content(DATA.encode()).vouched
+    seen = installed - DAY
+    verdict = system.managers(require_signed=True).check_content(DATA.encode(), seen=seen)
+    assert not verdict.vouched, verdict
+    assert (f"{PREFIX}InRelease expired {_utc(expired)}, before the change it would "
+            f"explain: the path was last seen as recorded at {_utc(seen)}") \
+        in verdict.reason, verdict.reason
+    # Without any logged install, an expired InRelease dates nothing either.
+    system.log.write_text("")
+    verdict = system.managers(require_signed=True).check_content(DATA.encode())
+    assert not verdict.vouched, verdict
+    assert (f"{PREFIX}InRelease expired {_utc(expired)}, and dpkg's log records no "
+            f"install of {PKG} 1.1 to show it came before") in verdict.reason, verdict.reason
+
+
+def test_an_inrelease_signed_after_the_install_is_not_what_apt_used(
+        system: System, debs: dict[str, Path]) -> None:
+    system.install(debs["1.1"])
+    installed = _logged_install(system)
+    signed = installed + 3600
+    system.publish(debs["1.1"], "1.1", date=rfc1123(signed),
+                   valid_until=rfc1123(installed + 10 * DAY))
+    verdict = system.managers(require_signed=True).check_content(DATA.encode())
+    assert not verdict.vouched, verdict
+    assert (f"{PREFIX}InRelease was signed {_utc(signed)}, after the install of {PKG} 1.1 "
+            f"at {_utc(installed)}: not the file apt installed from") in verdict.reason, \
+        verdict.reason
+
+
+@pytest.mark.parametrize("field", ["Valid-Until: next week", "Valid-Until: Sat, 07 Dec "
+                                   "2099 10:00:00 CET", "Date: 2026-12-03T00:00:00Z"])
+def test_an_unreadable_release_date_vouches_for_nothing(system: System,
+                                                        debs: dict[str, Path],
+                                                        field: str) -> None:
+    """A date apt would not read as RFC 1123 in UTC: the whole release file is refused,
+    saying which field (a Valid-Until not understood cannot be enforced)."""
+    system.install(debs["1.1"])
+    name, _, value = field.partition(": ")
+    dates = {"valid_until": value} if name == "Valid-Until" else {"date": value}
+    system.publish(debs["1.1"], "1.1", **dates)
+    verdict = system.managers(require_signed=True).check_content(DATA.encode())
+    assert not verdict.vouched, verdict
+    assert (f"apt list {PREFIX}main_binary-all_Packages" not in verdict.reason
+            and f"{PREFIX}InRelease: {name} {value!r} is not an RFC 1123 date in UTC"
+            in verdict.reason), verdict.reason
 
 
 def test_without_a_package_database(tmp_path: Path) -> None:

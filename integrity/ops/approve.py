@@ -43,18 +43,20 @@ _OWNERSHIP = {"mode", "uid", "gid"}
 _ALL = Attr(sum(a.value for a in Attr if a is not Attr.GROWING))
 
 
-def _vouch_added(managers: PackageManagers, path: bytes, new: FileRecord) -> Verdict:
+def _vouch_added(managers: PackageManagers, path: bytes, new: FileRecord,
+                 since: float) -> Verdict:
     """An added path passes on its content, and on its attributes where the package
     states them; where it states none, only in the shape a package gives by default:
-    root's, neither setuid, setgid, sticky nor world-writable, no extended attributes."""
+    root's, neither setuid, setgid, sticky nor world-writable, no extended attributes.
+    `since`: when the path was last seen as recorded (absent)."""
     from integrity.packages import LiveFile, Verdict
 
     if new.xattrs is not None:
         return Verdict(False, "package managers do not state extended attributes")
-    content = managers.check_content(path, LiveFile(path, new))
+    content = managers.check_content(path, LiveFile(path, new), since)
     if not content.vouched:
         return content
-    attributes = managers.check_attributes(path, new.mode, new.uid, new.gid)
+    attributes = managers.check_attributes(path, new.mode, new.uid, new.gid, since)
     if attributes.vouched:
         return _all_of([content, attributes])
     if not attributes.unstated:
@@ -339,7 +341,7 @@ class Approver:
             assert old is not None
             return managers.check_removed(path, since, package)
         if old is None:
-            return _vouch_added(managers, path, new)
+            return _vouch_added(managers, path, new, since)
         changed = set(diff(old, new, _ALL))
         if not changed:
             return Verdict(True, "no longer differs from the baseline")
@@ -354,9 +356,10 @@ class Approver:
         verdicts = []
         if changed & _REPLACEMENT:
             # The bytes judged must be those recorded (see LiveFile).
-            verdicts.append(managers.check_content(path, LiveFile(path, new)))
+            verdicts.append(managers.check_content(path, LiveFile(path, new), since))
         if changed & _OWNERSHIP:
-            verdicts.append(managers.check_attributes(path, new.mode, new.uid, new.gid))
+            verdicts.append(managers.check_attributes(path, new.mode, new.uid, new.gid,
+                                                      since))
         return _all_of(verdicts)
 
     def _commit(self, targets: list[tuple[bytes, bool]], events: Sequence[OpenEvent],

@@ -7,7 +7,8 @@ yes or no, why, and on what evidence:
 - ``signed-archive``: the owning package's ``.deb`` is still in apt's archive cache and
   its SHA-256 is listed in an apt package list whose SHA-256 its InRelease gives, that
   InRelease verified here by gpgv with apt's keyrings as the integrity baseline
-  recorded them (see `aptsig`). The file is compared with the ``.deb``'s own data, so
+  recorded them (see `aptsig`), signed before the package's install and not expired
+  by then (see `debfile`). The file is compared with the ``.deb``'s own data, so
   editing dpkg's root-writable md5sums, apt's lists or keyrings cannot launder a change.
 - ``package-db``: dpkg's md5sums / conffile hashes, dpkg-statoverride, dpkg's log, or
   rpm's header digests. Good enough against accidents, not against someone who is root.
@@ -51,9 +52,11 @@ class Backend(Protocol):
 
     def usable(self) -> bool: ...
     def owners(self, path: bytes) -> list[str]: ...
-    def check_content(self, path: bytes, live: LiveFile) -> Verdict: ...
-    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict: ...
-    def unsigned_why(self, key: str) -> str: ...
+    def check_content(self, path: bytes, live: LiveFile,
+                      seen: float | None = None) -> Verdict: ...
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int,
+                         seen: float | None = None) -> Verdict: ...
+    def unsigned_why(self, key: str, seen: float | None = None) -> str: ...
     def removals_since(self, since: float) -> list[tuple[str, str]]: ...
 
 
@@ -160,12 +163,16 @@ class PackageManagers:
         """dpkg's admin directory these answers come from."""
         return self._admindir
 
-    def check_content(self, path: bytes, live: LiveFile | None = None) -> Verdict:
+    def check_content(self, path: bytes, live: LiveFile | None = None,
+                      seen: float | None = None) -> Verdict:
         """Does the live entry at path (modified or added) match what its package shipped?
 
         Regular files are compared by digest; a directory is vouched when a package
         lists it; a symlink only where the package's archive states its target.
         `live` is the entry as already read (its bytes judged, not a second read).
+        `seen` is when the path was last seen as the baseline records it (unix time;
+        None: not known): the change came after, so a release file that had expired
+        by then vouches for nothing of it (see `debfile.Signed`).
         """
         found = self._owner(path)
         if isinstance(found, _Unavailable):
@@ -173,14 +180,16 @@ class PackageManagers:
         if found is None:
             return Verdict(False, NOT_OWNED)
         backend, _ = found
-        return self._signed(backend, backend.check_content(self._canon(path),
-                                                           live or LiveFile(path)))
+        return self._signed(backend, backend.check_content(
+            self._canon(path), live or LiveFile(path), seen), seen)
 
-    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int,
+                         seen: float | None = None) -> Verdict:
         """Is an attribute-only change (mode bits incl. setuid, owner, group) explained?
 
         Only where the package states attributes: a verified .deb, a statoverride
         entry, or rpm's header. dpkg's database alone does not, so it cannot vouch.
+        `seen` as for check_content.
         """
         found = self._owner(path)
         if isinstance(found, _Unavailable):
@@ -189,15 +198,15 @@ class PackageManagers:
             return Verdict(False, NOT_OWNED)
         backend, _ = found
         return self._signed(backend, backend.check_attributes(
-            self._canon(path), stat.S_IMODE(mode), uid, gid))
+            self._canon(path), stat.S_IMODE(mode), uid, gid, seen), seen)
 
-    def _signed(self, backend: Backend, verdict: Verdict) -> Verdict:
+    def _signed(self, backend: Backend, verdict: Verdict, seen: float | None) -> Verdict:
         """The verdict, or with require_signed and weaker evidence, a refusal that
         says why no signed archive was at hand."""
         if not self.require_signed or not verdict.vouched \
                 or verdict.evidence == SIGNED_ARCHIVE:
             return verdict
-        why = backend.unsigned_why(verdict.package) if verdict.package else ""
+        why = backend.unsigned_why(verdict.package, seen) if verdict.package else ""
         hint = _KEEP_DEBS if isinstance(backend, Dpkg) else ""
         return Verdict(False, f"only {backend.name}'s database vouches for it "
                        f"({verdict.reason}{'; ' + why if why else ''}), {_NEED_SIGNED}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
+import datetime as dt
 import os
 import re
 import shutil
@@ -33,6 +35,12 @@ _ARMOR = re.compile(rb"-----BEGIN PGP PUBLIC KEY BLOCK-----(.*?)-----END PGP PUB
 _QUOTED = set(b'\\|{}[]<>"^~_=!@#$%&*')
 _BAD_STATUS = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NODATA", "NO_PUBKEY"}
 _HASHES = re.compile(rb"^SHA256:[ \t]*\n((?:[ \t]+\S.*\n?)*)", re.M)
+#: RFC 1123 as apt reads a Release's dates (RFC1123StrToTime): UTC spelled GMT, UTC, Z
+#: or a zero numeric offset; nothing else is accepted.
+_RFC1123 = re.compile(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{1,2}) (Jan|Feb|Mar|Apr|May|Jun"
+                      r"|Jul|Aug|Sep|Oct|Nov|Dec) (\d{4}) (\d\d):(\d\d):(\d\d) "
+                      r"(?:GMT|UTC|Z|[+-]0000)")
+_MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 
 
 class KeyringError(Exception):
@@ -314,3 +322,31 @@ def sha256_entries(signed: bytes) -> dict[str, str]:
         if len(words) == 3:
             entries[words[2]] = words[0].lower()
     return entries
+
+
+def release_dates(signed: bytes) -> tuple[float | None, float | None]:
+    """(Date, Valid-Until) of a Release text (the signed part only) as unix times, None
+    for a field it lacks; ValueError saying which field is unreadable (not the RFC 1123
+    date apt writes, or given twice): such a file does not vouch for anything."""
+    found: list[float | None] = []
+    for name in ("Date", "Valid-Until"):
+        # deb822 field names are case-insensitive, as apt reads them.
+        values = re.findall(rb"^" + re.escape(name.encode()) + rb":[ \t]*(.*?)[ \t]*$",
+                            signed, re.M | re.I)
+        if not values:
+            found.append(None)
+            continue
+        if len(values) > 1:
+            raise ValueError(f"{name} is given {len(values)} times")
+        text = values[0].decode("utf-8", "replace")
+        match = _RFC1123.fullmatch(text)
+        try:
+            if match is None:
+                raise ValueError
+            _, day, month, year, hour, minute, second = match.groups()
+            when = dt.datetime(int(year), _MONTHS.index(month) + 1, int(day), int(hour),
+                               int(minute), int(second))
+        except ValueError:
+            raise ValueError(f"{name} {text!r} is not an RFC 1123 date in UTC") from None
+        found.append(float(calendar.timegm(when.timetuple())))
+    return found[0], found[1]

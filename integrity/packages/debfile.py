@@ -7,11 +7,19 @@ the integrity baseline (`aptsig`). A .deb in /var/cache/apt/archives whose SHA-2
 an index lists is therefore the archive's own package, and its data member says what
 each file held, with its mode and owner, independently of dpkg's root-writable database.
 
+A release file vouches only for an install apt can have made from it (`Signed.refusal`):
+one signed (`Date`) after the install is not what apt used, and one whose `Valid-Until`
+had passed before it is one apt would have refused as expired. The install is dated by
+dpkg's log, and never earlier than the changed path was last seen as recorded (the
+change came after that, whatever the root-writable log says).
+
 Limit: an intruder must now forge the archive's signature or change a baseline-pinned
-keyring (which approvals then refuse). What remains is replay: an older InRelease with
-its lists, genuinely signed, still verifies (Valid-Until is not enforced), so an old
-version of a package can vouch for itself while that version is installed. Removals
-rest on dpkg's log, which no signature covers.
+keyring (which approvals then refuse). What remains is replay of an older InRelease
+with its lists, genuinely signed: one without `Valid-Until` (Debian's stable suite
+carries none) vouches for the old versions it lists for ever; one with it, while
+it was still valid when the path was last seen as recorded (an intruder who is root
+can rewrite dpkg's log to date the install back to then, not before). Removals rest on
+dpkg's log, which no signature covers.
 """
 
 from __future__ import annotations
@@ -27,13 +35,15 @@ import re
 import shutil
 import subprocess
 import tarfile
+import time
 import urllib.parse
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from integrity.packages.aptsig import KeyringCheck, KeyringError, Verifier, sha256_entries
+from integrity.packages.aptsig import (KeyringCheck, KeyringError, Verifier, release_dates,
+                                       sha256_entries)
 from integrity.packages.common import Canon
 
 _CHUNK = 1 << 20
@@ -58,6 +68,48 @@ class Member:
     link: bytes | None     # symlink target
 
 
+@dataclass(frozen=True)
+class Signed:
+    """The verified release file a package list rests on: its name in the lists
+    directory and the signed `Date` and `Valid-Until` (unix times; None when absent)."""
+
+    name: str
+    date: float | None
+    valid_until: float | None
+
+    def refusal(self, installed: float | None, seen: float | None, label: str) -> str | None:
+        """None when apt can have installed `label` from this file; else why not.
+
+        `installed` is when dpkg's log says the install or upgrade of `label` ran (it
+        counts whole seconds), `seen` when the path asked about was last seen as the
+        baseline records it (the change, hence the install, came after; None: not
+        known). Neither known: the install came before now, which is all there is.
+        """
+        if self.date is not None and installed is not None and self.date > installed:
+            return (f"{self.name} was signed {_utc(self.date)}, after the install of "
+                    f"{label} at {_utc(installed)}: not the file apt installed from")
+        if self.valid_until is None:
+            return None
+        expired = f"{self.name} expired {_utc(self.valid_until)}"
+        if seen is not None and (installed is None or seen > installed):
+            if self.valid_until < seen:
+                return (f"{expired}, before the change it would explain: the path was "
+                        f"last seen as recorded at {_utc(seen)}")
+            return None
+        if installed is not None:
+            if self.valid_until < installed:
+                return f"{expired}, before the install of {label} at {_utc(installed)}"
+            return None
+        if self.valid_until < time.time():
+            return (f"{expired}, and dpkg's log records no install of {label} to show "
+                    f"it came before")
+        return None
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
 class AptLists:
     """SHA-256s of the .debs that apt's package lists name, in lists that their
     InRelease vouches for (see `aptsig`); lists that fail are kept apart, with why.
@@ -73,14 +125,21 @@ class AptLists:
         self._dir = lists_dir
         self._etc = etc
         self._check = check
-        self._index: dict[tuple[bytes, bytes, bytes], set[str]] | None = None
+        #: (Package, Version, Architecture) -> SHA-256 -> the release files vouching.
+        self._index: dict[tuple[bytes, bytes, bytes], dict[str, set[Signed]]] | None = None
         #: Stanzas of the lists that failed, by the list's name, and why each failed.
         self._refused_index: dict[tuple[bytes, bytes, bytes], set[str]] = {}
         self._refused: dict[str, str] = {}
 
     def sha256s(self, name: str, version: str, arch: str) -> set[str]:
         """SHA-256s (hex) verified lists give for one package version; empty when none."""
-        return self._load().get(_key(name, version, arch), set())
+        return set(self._load().get(_key(name, version, arch), {}))
+
+    def signed_by(self, name: str, version: str, arch: str, sha256: str) -> list[Signed]:
+        """The verified release files whose lists give `sha256` for one package version,
+        by name; empty when none does."""
+        found = self._load().get(_key(name, version, arch), {}).get(sha256, set())
+        return sorted(found, key=lambda signed: signed.name)
 
     def why_unlisted(self, name: str, version: str, arch: str) -> str:
         """Why the lists that name this version were not used ("" when none was
@@ -90,17 +149,18 @@ class AptLists:
         shown = [self._refused[n] for n in lists[:2]]
         return "; ".join(shown) + (f"; and {len(lists) - 2} more" if len(lists) > 2 else "")
 
-    def _load(self) -> dict[tuple[bytes, bytes, bytes], set[str]]:
+    def _load(self) -> dict[tuple[bytes, bytes, bytes], dict[str, set[Signed]]]:
         if self._index is not None:
             return self._index
-        self._index = {}
+        index: dict[tuple[bytes, bytes, bytes], dict[str, set[Signed]]] = {}
+        self._index = index
         try:
             names = sorted(os.listdir(self._dir))
         except OSError:
             names = []
-        # Repository prefix -> its release file's SHA256 entries, or why it failed
+        # Repository prefix -> its release file and SHA256 entries, or why it failed
         # (None: not verified yet; each is verified once, when a list first needs it).
-        releases: dict[str, dict[str, str] | str | None] = {
+        releases: dict[str, tuple[Signed, dict[str, str]] | str | None] = {
             name[:-len(kind)]: None for name in names
             for kind in ("InRelease", "Release") if name.endswith("_" + kind)}
         with Verifier(self._etc, self._check) as verifier:
@@ -110,31 +170,34 @@ class AptLists:
                 data = _read_list(os.path.join(self._dir, name))
                 if data is None:
                     continue
-                why = self._vouch(name, data, releases, verifier)
-                if why is None:
-                    _index_stanzas(data, self._index)
-                    continue
-                self._refused[name] = why
+                vouched = self._vouch(name, data, releases, verifier)
                 found: dict[tuple[bytes, bytes, bytes], set[str]] = {}
                 _index_stanzas(data, found)
+                if isinstance(vouched, Signed):
+                    for key, shas in found.items():
+                        for sha in shas:
+                            index.setdefault(key, {}).setdefault(sha, set()).add(vouched)
+                    continue
+                self._refused[name] = vouched
                 for key in found:
                     self._refused_index.setdefault(key, set()).add(name)
-        return self._index
+        return index
 
     def _vouch(self, name: str, data: bytes,
-               releases: dict[str, dict[str, str] | str | None],
-               verifier: Verifier) -> str | None:
-        """None when the release file of list `name` (its uncompressed `data`) verifies
+               releases: dict[str, tuple[Signed, dict[str, str]] | str | None],
+               verifier: Verifier) -> Signed | str:
+        """The release file of list `name` (its uncompressed `data`) when it verifies
         and gives its SHA-256; else why not."""
         prefixes = [p for p in releases if name.startswith(p)]
         if not prefixes:
             return f"apt list {name} has no InRelease (nor Release and Release.gpg) beside it"
         prefix = max(prefixes, key=len)
-        entries = releases[prefix]
-        if entries is None:
-            entries = releases[prefix] = self._release(prefix, verifier)
-        if isinstance(entries, str):
-            return entries
+        release = releases[prefix]
+        if release is None:
+            release = releases[prefix] = self._release(prefix, verifier)
+        if isinstance(release, str):
+            return release
+        signed, entries = release
         stem = _LIST_NAME.sub("_Packages", name)[len(prefix):]
         index_path = urllib.parse.unquote(stem.replace("_", "/"))
         want = entries.get(index_path)
@@ -142,25 +205,35 @@ class AptLists:
             return f"apt list {name}: its release file does not list {index_path}"
         if hashlib.sha256(data).hexdigest() != want:
             return f"apt list {name} does not match its InRelease"
-        return None
+        return signed
 
-    def _release(self, prefix: str, verifier: Verifier) -> dict[str, str] | str:
-        """The verified SHA256 entries of a repository's InRelease (else its Release
-        with the detached Release.gpg), or why there are none."""
+    def _release(self, prefix: str, verifier: Verifier) -> tuple[Signed, dict[str, str]] | str:
+        """A repository's verified InRelease (else its Release with the detached
+        Release.gpg) with its SHA256 entries, or why there are none. Its dates are read
+        from the signed text alone, like the entries."""
         base = os.path.join(self._dir, prefix)
         try:
             if os.path.lexists(base + "InRelease"):
-                with open(base + "InRelease", "rb") as handle:
-                    return sha256_entries(verifier.verify(base + "InRelease", handle.read()))
-            with open(base + "Release", "rb") as handle:
-                data = handle.read()
-            with open(base + "Release.gpg", "rb") as handle:
-                signature = handle.read()
-            return sha256_entries(verifier.verify(base + "Release", data, signature))
+                release = base + "InRelease"
+                with open(release, "rb") as handle:
+                    signed = verifier.verify(release, handle.read())
+            else:
+                release = base + "Release"
+                with open(release, "rb") as handle:
+                    data = handle.read()
+                with open(base + "Release.gpg", "rb") as handle:
+                    signature = handle.read()
+                signed = verifier.verify(release, data, signature)
         except OSError as exc:
             return f"cannot read {exc.filename}: {exc.strerror}"
         except KeyringError as exc:
             return str(exc)
+        name = os.path.basename(release)
+        try:
+            date, valid_until = release_dates(signed)
+        except ValueError as exc:
+            return f"{name}: {exc}"
+        return Signed(name, date, valid_until), sha256_entries(signed)
 
 
 def _key(name: str, version: str, arch: str) -> tuple[bytes, bytes, bytes]:

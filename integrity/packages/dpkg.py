@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from integrity.packages.common import (spellings, PACKAGE_DB, SIGNED_ARCHIVE, Canon, LiveError,
                                        LiveFile, Verdict)
-from integrity.packages.dpkglog import read_dpkg_log
-from integrity.packages.debfile import (AptLists, DebError, Member, archive_name,
+from integrity.packages.dpkglog import LogEvent, read_dpkg_log
+from integrity.packages.debfile import (AptLists, DebError, Member, Signed, archive_name,
                                         read_members, sha256_file)
 
 #: States in which a package's files are on disk (config-files keeps only conffiles).
@@ -76,10 +76,12 @@ class Dpkg:
         self._diversions_read = False
         self._overrides: dict[bytes, tuple[bytes, bytes, int]] | None = None
         self._md5sums: dict[str, dict[bytes, str]] = {}
-        self._debs: dict[str, tuple[dict[bytes, Member] | None, str]] = {}
+        #: Each package's .deb read once: its members (None: unusable, and why) and
+        #: the release files whose lists vouch for it, judged per change (`_deb`).
+        self._debs: dict[str, tuple[dict[bytes, Member] | None, str, list[Signed]]] = {}
         #: Packages whose .deb is in apt's cache but not vouched for by a verified list.
         self._unverified: set[str] = set()
-        self._log_events: list[tuple[float, str, str, str]] | None = None
+        self._log_events: list[LogEvent] | None = None
 
     # -- loading -----------------------------------------------------------------
 
@@ -273,36 +275,68 @@ class Dpkg:
             self._md5sums[key] = sums
         return self._md5sums[key].get(path)
 
-    def _deb(self, key: str) -> tuple[dict[bytes, Member] | None, str]:
-        """The verified .deb's members for an installed package, or None and why not."""
+    def _deb(self, key: str, seen: float | None) -> tuple[dict[bytes, Member] | None, str]:
+        """The verified .deb's members for an installed package, or None and why not.
+
+        The lists that name it vouch only through a release file apt can have installed
+        it from (`Signed.refusal`): dated by dpkg's log of the install, and for a change
+        made after the path was last seen as recorded at `seen` (unix time; None: not
+        known), not before then.
+        """
         if key not in self._debs:
             self._debs[key] = self._read_deb(key)
-        return self._debs[key]
+        members, why, releases = self._debs[key]
+        if members is None:
+            return None, why
+        package = self._load_status()[key]
+        installed = self._installed_at(package)
+        refused = [signed.refusal(installed, seen, package.label) for signed in releases]
+        if None in refused:
+            return members, ""
+        self._unverified.add(key)
+        why = "; ".join(str(r) for r in refused)
+        return None, (f"apt's verified package lists name {package.label}, but not in a "
+                      f"release file apt can have installed it from ({why})")
 
-    def _read_deb(self, key: str) -> tuple[dict[bytes, Member] | None, str]:
+    def _installed_at(self, package: _Package) -> float | None:
+        """When dpkg's log says the run that left `package`'s version installed did it
+        (the last install or upgrade to that version), or None when it says nothing."""
+        if self._log_events is None:
+            self._log_events = read_dpkg_log(self._log)
+        for event in reversed(self._log_events):
+            if (event.action in ("install", "upgrade") and event.name == package.name
+                    and event.version == package.version
+                    and event.arch in ("", package.arch)):
+                return event.when
+        return None
+
+    def _read_deb(self, key: str) -> tuple[dict[bytes, Member] | None, str, list[Signed]]:
         package = self._load_status().get(key)
         if package is None:
-            return None, "not in dpkg's status"
+            return None, "not in dpkg's status", []
         name = archive_name(package.name, package.version, package.arch)
         path = os.path.join(self._archives, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            return None, f"no {name} in {self._archives}"
+            return None, f"no {name} in {self._archives}", []
         with os.fdopen(fd, "rb") as handle:
             try:
                 listed = self._apt.sha256s(package.name, package.version, package.arch)
-                if sha256_file(handle) not in listed:
+                digest = sha256_file(handle)
+                if digest not in listed:
                     refused = self._apt.why_unlisted(package.name, package.version,
                                                      package.arch)
                     why = (f"the SHA-256 of {name} is not in apt's verified package lists"
                            if listed else f"apt's verified package lists do not name "
                            f"{package.label}")
                     self._unverified.add(key)
-                    return None, f"{why} ({refused})" if refused else why
-                return read_members(handle, self._canon), ""
+                    return None, f"{why} ({refused})" if refused else why, []
+                releases = self._apt.signed_by(package.name, package.version,
+                                               package.arch, digest)
+                return read_members(handle, self._canon), "", releases
             except (OSError, DebError, EOFError, ValueError) as exc:
-                return None, f"cannot read {name}: {exc}"
+                return None, f"cannot read {name}: {exc}", []
 
     # -- queries -----------------------------------------------------------------
 
@@ -334,16 +368,17 @@ class Dpkg:
         """Keys of the packages that install path (already canonical)."""
         return [key for key, _ in self._locate(path)]
 
-    def check_content(self, path: bytes, live: LiveFile) -> Verdict:
+    def check_content(self, path: bytes, live: LiveFile, seen: float | None = None) -> Verdict:
         """Compare the live entry with what its package(s) shipped; first match wins
-        (signed_only: the first signed-archive match, else the first match).
+        (signed_only: the first signed-archive match, else the first match). `seen`:
+        when the path was last seen as recorded (see `_deb`).
 
         Directories are listed by hundreds of packages: they are answered from the
         list alone, so no owner's .deb is opened for them unless signed_only asks.
         """
         best: Verdict | None = None
         for key, source in self._locate(path):
-            verdict = self._content(key, source, live)
+            verdict = self._content(key, source, live, seen)
             if verdict.vouched and (not self._signed_only
                                     or verdict.evidence == SIGNED_ARCHIVE):
                 return verdict
@@ -352,11 +387,12 @@ class Dpkg:
         assert best is not None, "check_content is only asked about owned paths"
         return best
 
-    def unsigned_why(self, key: str) -> str:
+    def unsigned_why(self, key: str, seen: float | None = None) -> str:
         """Why no verified .deb of package `key` is at hand ("" when one is)."""
-        return self._deb(key)[1]
+        return self._deb(key, seen)[1]
 
-    def _content(self, key: str, source: bytes, live: LiveFile) -> Verdict:
+    def _content(self, key: str, source: bytes, live: LiveFile,
+                 seen: float | None) -> Verdict:
         package = self._load_status().get(key)
         if package is None:
             return Verdict(False, f"listed by {key}, which dpkg's status does not know",
@@ -378,13 +414,13 @@ class Dpkg:
                     return Verdict(False, f"a directory where {label} ships a file",
                                    None, key)
                 if self._signed_only:
-                    members, _ = self._deb(key)
+                    members, _ = self._deb(key, seen)
                     member = members.get(source) if members else None
                     if member is not None and member.kind == "dir":
                         return Verdict(True, f"directory in the verified .deb of {label}",
                                        SIGNED_ARCHIVE, key)
                 return Verdict(True, f"directory listed by {label}", PACKAGE_DB, key)
-            members, why_not = self._deb(key)
+            members, why_not = self._deb(key, seen)
             member = members.get(source) if members else None
             if kind == "symlink":
                 if member is None or member.kind != "symlink":
@@ -418,8 +454,8 @@ class Dpkg:
             return Verdict(False, str(exc), None, key)
         what = ", conffile changed locally" if conffile else ""
         # A .deb was at hand but not vouched for: say why it could not decide instead.
-        unused = f"; its cached .deb is not used: {why_not}" if key in self._unverified \
-            else ""
+        unused = f"; its cached .deb is not used: {why_not}" \
+            if key in self._unverified and members is None else ""
         return Verdict(False, f"content differs from what dpkg shipped ({label}{what})"
                        f"{unused}", None, key)
 
@@ -439,8 +475,10 @@ class Dpkg:
             return f"{package.label} records no digest for this file"
         return digest_or_none, "dpkg md5sums"
 
-    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
-        """Compare mode/uid/gid with a statoverride entry, else with the verified .deb.
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int,
+                         seen: float | None = None) -> Verdict:
+        """Compare mode/uid/gid with a statoverride entry, else with the verified .deb
+        (`seen`: when the path was last seen as recorded, see `_deb`).
 
         The first owner whose verified .deb holds the path decides: packages sharing a
         path (directories, Multi-Arch: same files) ship it alike, and reading one .deb
@@ -462,7 +500,7 @@ class Dpkg:
         for key, source in located:
             package = self._load_status().get(key)
             label = package.label if package else key
-            members, why_not = self._deb(key)
+            members, why_not = self._deb(key, seen)
             member = members.get(source) if members else None
             if member is None:
                 missing.append(f"{label}: {why_not or 'not in its verified .deb'}")
@@ -492,8 +530,8 @@ class Dpkg:
         if self._log_events is None:
             self._log_events = read_dpkg_log(self._log)
         # The log counts whole seconds: an action in the baseline's second may follow it.
-        return [(name, text) for when, action, name, text in self._log_events
-                if when + 1 > since and action in actions]
+        return [(event.name, event.text) for event in self._log_events
+                if event.when + 1 > since and event.action in actions]
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:

@@ -11,6 +11,7 @@ import glob
 import gzip
 import re
 import time
+from typing import NamedTuple
 
 _LOG_LINE = re.compile(
     rb"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (install|remove|purge|upgrade) (\S+) (\S+) (\S+)", re.M)
@@ -18,13 +19,23 @@ _LOG_VERB = {b"install": "installed", b"remove": "removed", b"purge": "purged",
              b"upgrade": "upgraded"}
 
 
-def read_dpkg_log(log: str) -> list[tuple[float, str, str, str]]:
-    """(time, action, package name, description) of every install/remove/purge/upgrade
-    in dpkg's log and its rotations, oldest first; the action is dpkg's word for it."""
+class LogEvent(NamedTuple):
+    """One install/remove/purge/upgrade line of dpkg's log."""
+
+    when: float        # unix time (the log counts whole seconds, in local time)
+    action: str        # dpkg's word for it
+    name: str          # the package's name, without its architecture
+    text: str          # the description a reason shows
+    arch: str          # the architecture the log names ("" when it names none)
+    version: str       # the version the action left installed ("<none>" for a removal)
+
+
+def read_dpkg_log(log: str) -> list[LogEvent]:
+    """Every install/remove/purge/upgrade in dpkg's log and its rotations, oldest first."""
     rotated = sorted(glob.glob(glob.escape(log) + ".*.gz"),
                      key=lambda p: int(p.rsplit(".", 2)[-2])
                      if p.rsplit(".", 2)[-2].isdigit() else 0)
-    events: list[tuple[float, str, str, str]] = []
+    events: list[LogEvent] = []
     for path in reversed([log, log + ".1", *rotated]):
         try:
             opener = gzip.open if path.endswith(".gz") else open
@@ -42,7 +53,8 @@ def read_dpkg_log(log: str) -> list[tuple[float, str, str, str]]:
             verb = _LOG_VERB[match.group(2)]
             change = (f"{old} -> {new}" if action == "upgrade" else
                       new if action == "install" else old)
-            events.append((when, action, pkg.split(":", 1)[0],
-                           f"dpkg {verb} {pkg} {change} at {stamp}"))
+            name, _, arch = pkg.partition(":")
+            events.append(LogEvent(when, action, name,
+                                   f"dpkg {verb} {pkg} {change} at {stamp}", arch, new))
     events.sort(key=lambda event: event[0])
     return events

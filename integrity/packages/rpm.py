@@ -94,8 +94,9 @@ class Rpm:
         """Keys ("name:arch") of the packages that own path (already canonical)."""
         return [record.key for record in self._index().get(path, [])]
 
-    def check_content(self, path: bytes, live: LiveFile) -> Verdict:
-        """Compare the live entry with rpm's recorded digest or link target."""
+    def check_content(self, path: bytes, live: LiveFile, seen: float | None = None) -> Verdict:
+        """Compare the live entry with rpm's recorded digest or link target (`seen`
+        dates signed evidence, of which rpm gives none)."""
         verdicts = [self._content(record, live) for record in self._index()[path]]
         return next((v for v in verdicts if v.vouched), verdicts[0])
 
@@ -126,7 +127,8 @@ class Rpm:
         return Verdict(False, f"content differs from what rpm shipped ({label}{what})",
                        None, key)
 
-    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int) -> Verdict:
+    def check_attributes(self, path: bytes, mode: int, uid: int, gid: int,
+                         seen: float | None = None) -> Verdict:
         """Compare mode/owner/group with what rpm's header states."""
         verdicts = []
         for record in self._index()[path]:
@@ -146,7 +148,7 @@ class Rpm:
                                     f"shipped ({record.label})", None, record.key))
         return verdicts[0]
 
-    def unsigned_why(self, key: str) -> str:
+    def unsigned_why(self, key: str, seen: float | None = None) -> str:
         """Why no signed archive vouches for an rpm package: none is checked here."""
         return "rpm's package signatures are not checked here"
 

@@ -218,7 +218,13 @@ def test_the_owner_map_agrees_with_the_owners_of_each_path() -> None:
     """init records owner_map()'s answer for every entry (read from all of dpkg's
     lists at once): a package that owns the path, as owners() says of each path,
     for every listed path below the roots and nothing outside them. Checked against
-    this machine's real package database."""
+    this machine's real package database, held still: the other worker's tests
+    install and purge the test packages."""
+    with exclusive():
+        _owner_map_agrees()
+
+
+def _owner_map_agrees() -> None:
     managers = PackageManagers(rpm=None)
     roots = [b"/usr/sbin", b"/etc"]
     found = managers.owner_map(roots)
@@ -748,18 +754,16 @@ def test_a_backdated_dpkg_log_does_not_date_the_change_before_it_was_seen(
             f"install of {PKG} 1.1 to show it came before") in verdict.reason, verdict.reason
 
 
-def test_an_inrelease_signed_after_the_install_is_not_what_apt_used(
+def test_lists_refreshed_after_the_install_still_vouch_for_it(
         system: System, debs: dict[str, Path]) -> None:
+    # apt's daily `apt update` replaces the InRelease after every install: a newer
+    # file, still valid, is the archive's word as much as the one apt installed from.
     system.install(debs["1.1"])
     installed = _logged_install(system)
-    signed = installed + 3600
-    system.publish(debs["1.1"], "1.1", date=rfc1123(signed),
+    system.publish(debs["1.1"], "1.1", date=rfc1123(installed + 3600),
                    valid_until=rfc1123(installed + 10 * DAY))
     verdict = system.managers(require_signed=True).check_content(DATA.encode())
-    assert not verdict.vouched, verdict
-    assert (f"{PREFIX}InRelease was signed {_utc(signed)}, after the install of {PKG} 1.1 "
-            f"at {_utc(installed)}: not the file apt installed from") in verdict.reason, \
-        verdict.reason
+    assert verdict.vouched and verdict.evidence == "signed-archive", verdict
 
 
 @pytest.mark.parametrize("field", ["Valid-Until: next week", "Valid-Until: Sat, 07 Dec "

@@ -84,10 +84,9 @@ class Signed:
         counts whole seconds), `seen` when the path asked about was last seen as the
         baseline records it (the change, hence the install, came after; None: not
         known). Neither known: the install came before now, which is all there is.
+        A file signed after the install is no reason to refuse: `apt update` refreshes
+        the lists after every install, and a replay is of an older file, not a newer.
         """
-        if self.date is not None and installed is not None and self.date > installed:
-            return (f"{self.name} was signed {_utc(self.date)}, after the install of "
-                    f"{label} at {_utc(installed)}: not the file apt installed from")
         if self.valid_until is None:
             return None
         expired = f"{self.name} expired {_utc(self.valid_until)}"

@@ -8,8 +8,8 @@ an index lists is therefore the archive's own package, and its data member says 
 each file held, with its mode and owner, independently of dpkg's root-writable database.
 
 A release file vouches only for an install apt can have made from it (`Signed.refusal`):
-one signed (`Date`) after the install is not what apt used, and one whose `Valid-Until`
-had passed before it is one apt would have refused as expired. The install is dated by
+one whose `Valid-Until` had passed before it is one apt would have refused as expired
+(one signed after it is the daily `apt update`'s refresh, and vouches). The install is dated by
 dpkg's log, and never earlier than the changed path was last seen as recorded (the
 change came after that, whatever the root-writable log says).
 

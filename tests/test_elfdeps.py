@@ -1,0 +1,151 @@
+"""The ELF closure of real system programs, parsed in Python, and the tool pin over it.
+
+ldd appears here only as the oracle the parser is checked against: the code never
+runs it (nor ld.so) to find libraries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from integrity.packages import elfdeps
+from integrity.packages.elfdeps import ElfError, closure, parse, read_cache
+from integrity.packages.pinned import ENV, PinnedTools, ToolRefused
+
+GPGV = "/usr/bin/gpgv"
+pytestmark = pytest.mark.skipif(not os.access(GPGV, os.X_OK), reason="needs gpgv")
+
+
+def _ldd(path: str) -> set[str]:
+    """Real paths of what ldd says `path` loads (the vDSO has no file)."""
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, check=True).stdout
+    found = set()
+    for line in out.splitlines():
+        words = line.split()
+        target = words[2] if "=>" in words and len(words) > 2 else words[0]
+        if target.startswith("/"):
+            found.add(os.path.realpath(target))
+    return found
+
+
+def test_parse_reads_the_interpreter_and_needed_libraries_of_gpgv() -> None:
+    elf = parse(Path(GPGV).read_bytes(), GPGV)
+    assert elf.bits in (32, 64)
+    assert elf.interp is not None and os.path.exists(elf.interp)
+    assert "libgcrypt.so.20" in elf.needed and "libc.so.6" in elf.needed
+    assert elf.rpath == elf.runpath == ()
+
+
+def test_closure_of_gpgv_holds_libgcrypt_and_the_interpreter() -> None:
+    found = closure(GPGV)
+    assert found[0] == os.path.realpath(GPGV)
+    interp = parse(Path(GPGV).read_bytes()).interp
+    assert interp is not None and os.path.realpath(interp) in found
+    assert any("/libgcrypt.so.20" in p for p in found), found
+    assert any("/libgpg-error.so.0" in p for p in found), found  # libgcrypt's own
+    assert all(p == os.path.realpath(p) for p in found) and len(set(found)) == len(found)
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="ldd is the oracle")
+@pytest.mark.parametrize("program", [GPGV, "/usr/bin/dpkg-deb", "/usr/lib/apt/apt-helper",
+                                     "/usr/bin/python3"])
+def test_closure_agrees_with_ldd(program: str) -> None:
+    if not os.access(program, os.X_OK):
+        pytest.skip(f"{program} is not installed")
+    assert set(closure(program)) == _ldd(program) | {os.path.realpath(program)}
+
+
+def test_each_file_is_visited_once_with_the_bytes_parsed() -> None:
+    seen: list[str] = []
+
+    def visit(path: str, data: bytes) -> None:
+        assert data == Path(path).read_bytes()
+        seen.append(path)
+
+    assert closure(GPGV, visit) == seen
+    assert len(seen) == len(set(seen))
+
+
+def test_a_visit_that_refuses_stops_the_walk_before_the_file_is_parsed(
+        tmp_path: Path) -> None:
+    script = tmp_path / "gpgv"
+    script.write_bytes(b"#!/bin/sh\necho '[GNUPG:] GOODSIG'\n")
+
+    def refuse(path: str, data: bytes) -> None:
+        raise ToolRefused(f"{path} refused")
+
+    with pytest.raises(ToolRefused, match="gpgv refused"):
+        closure(str(script), refuse)
+    with pytest.raises(ElfError, match="is not an ELF file"):
+        closure(str(script))
+
+
+def test_the_loader_cache_names_the_libraries() -> None:
+    cache = read_cache()
+    assert cache, "/etc/ld.so.cache could not be read"
+    assert any(os.path.realpath(p) == os.path.realpath(q) for p in cache["libc.so.6"]
+               for q in closure(GPGV))
+
+
+def test_hwcap_subdirectories_are_candidates_too(tmp_path: Path) -> None:
+    """ld.so prefers a glibc-hwcaps (or, before glibc 2.37, a legacy hwcap) build of a
+    library: one planted there is a candidate the pin must judge."""
+    for sub in ("glibc-hwcaps/x86-64-v3", "haswell/x86_64", "unrelated"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "libx.so.1").write_bytes(b"")
+    (tmp_path / "libx.so.1").write_bytes(b"")
+    assert elfdeps._in_dir(str(tmp_path), "libx.so.1") == sorted(
+        [str(tmp_path / "glibc-hwcaps/x86-64-v3/libx.so.1"),
+         str(tmp_path / "haswell/x86_64/libx.so.1")]
+    ) + [str(tmp_path / "libx.so.1")]
+
+
+def test_platform_in_a_search_path_is_refused() -> None:
+    with pytest.raises(ElfError, match=r"\$PLATFORM"):
+        elfdeps._expand("/opt/$PLATFORM/lib", "/opt/bin", "/opt/bin/tool")
+    assert elfdeps._expand("$ORIGIN/../lib", "/opt/bin", "x") == ["/opt/bin/../lib"]
+
+
+def _recorded(paths: list[str], other: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    return {p: hashlib.sha256((other or {}).get(p) or Path(p).read_bytes()).digest()
+            for p in paths}
+
+
+def test_pinned_tools_check_each_file_once_per_instance(tmp_path: Path) -> None:
+    files = closure(GPGV)
+    recorded = _recorded(files)
+    asked: list[str] = []
+
+    def check(path: str, data: bytes) -> str | None:
+        asked.append(path)
+        if path not in recorded:
+            return "not in the integrity baseline (protect it with a rule)"
+        return None if hashlib.sha256(data).digest() == recorded[path] else \
+            "differs from the integrity baseline"
+
+    tools = PinnedTools(check, preload=str(tmp_path / "absent"))
+    assert tools.resolve(GPGV) == os.path.realpath(GPGV)
+    assert tools.resolve(GPGV) == os.path.realpath(GPGV)
+    assert sorted(asked) == sorted(files)
+    # The interpreter missing from the baseline: refused, naming it.
+    interp = files[1]
+    del recorded[interp]
+    with pytest.raises(ToolRefused, match=f"{interp} \\(loaded by /usr/bin/gpgv\\) not in "
+                                          "the integrity baseline"):
+        PinnedTools(check, preload=str(tmp_path / "absent")).resolve(GPGV)
+    with pytest.raises(ToolRefused, match="not checked against a baseline"):
+        PinnedTools(None).resolve(GPGV)
+
+
+def test_pinned_tools_run_with_a_fixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so")
+    monkeypatch.setenv("PATH", "/tmp/evil:/usr/bin")
+    env = PinnedTools.env(GNUPGHOME="/x")
+    assert env == {**ENV, "GNUPGHOME": "/x"}
+    assert not any(key.startswith("LD_") for key in env)

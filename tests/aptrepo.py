@@ -9,12 +9,14 @@ by gpg, whose SHA256 field lists it: what `apt-get update` leaves behind.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import lzma
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +90,10 @@ class AptRepo:
         self.packages = self.lists / f"{PREFIX}main_binary-all_Packages"
 
     def publish(self, stanzas: str, compression: str = "", sign_with: SigningKey | None
-                = None, **dates: str) -> Path:
+                = None, signed: bool = True, **dates: str) -> Path:
         """Write the Packages index (compressed as apt may keep it) and an InRelease
-        listing its uncompressed SHA-256 (`dates` as for `release`); return the index's
-        path."""
+        listing its uncompressed SHA-256 (`dates` as for `release`; `signed` False: the
+        bare text, which only a forged gpgv would pass); return the index's path."""
         data = stanzas.encode()
         for old in self.lists.glob(f"{PREFIX}main_binary-all_Packages*"):
             old.unlink()
@@ -102,22 +104,25 @@ class AptRepo:
             subprocess.run(["lz4", "-q", "--rm", str(self.packages), str(path)], check=True)
         else:
             path.write_bytes(packed[compression](data))
-        self.release([("main/binary-all/Packages", data)], sign_with, **dates)
+        self.release([("main/binary-all/Packages", data)], sign_with, signed=signed,
+                     **dates)
         return path
 
     def release(self, indexes: list[tuple[str, bytes]],
                 sign_with: SigningKey | None = None, date: str | None = None,
-                valid_until: str | None = None) -> None:
+                valid_until: str | None = None, signed: bool = True) -> None:
         """Write the InRelease listing each (index path, uncompressed bytes), signed
         with `date` (default: a day ago, before any install of the test) and, when
-        given, `valid_until` (values as the fields hold them: see `rfc1123`)."""
+        given, `valid_until` (values as the fields hold them: see `rfc1123`); `signed`
+        False: the bare text."""
         lines = "".join(f" {hashlib.sha256(d).hexdigest()} {len(d)} {p}\n"
                         for p, d in indexes)
         date = rfc1123(time.time() - 86400) if date is None else date
         until = f"Valid-Until: {valid_until}\n" if valid_until is not None else ""
         text = (f"Origin: test\nSuite: {SUITE}\nDate: {date}\n{until}"
                 f"Components: main\nArchitectures: all\nSHA256:\n{lines}").encode()
-        self.inrelease.write_bytes((sign_with or self.key).clearsign(text))
+        self.inrelease.write_bytes((sign_with or self.key).clearsign(text) if signed
+                                   else text)
         self.release_text = text
 
     @property
@@ -125,15 +130,30 @@ class AptRepo:
         return self.lists / f"{PREFIX}InRelease"
 
 
+#: The tools the signed-archive evidence is read with.
+TOOLS = ("/usr/bin/gpgv", "/usr/bin/dpkg-deb")
+
+
+def tool_files() -> list[str]:
+    """Every file of the tools' ELF closures (executables, interpreter, libraries):
+    what a baseline must hold for their word to count."""
+    from integrity.packages.elfdeps import closure
+
+    return sorted({path for tool in TOOLS for path in closure(tool)})
+
+
 class Pinned:
-    """Keyring bytes as a baseline would record them: `check` accepts exactly those.
+    """Keyring bytes, and the bytes of the tools' files, as a baseline covering
+    /usr/bin and /usr/lib would record them: `check` accepts exactly those.
 
-    test_packages judges keyrings with this; the approval tests use the real
-    baseline (Approver.keyring_check)."""
+    test_packages judges keyrings and tools with this; the approval tests use the real
+    baseline (Approver.baseline_check)."""
 
-    def __init__(self, *paths: Path) -> None:
+    def __init__(self, *paths: Path, tools: bool = True) -> None:
         self.digests = {os.path.realpath(p): hashlib.sha256(p.read_bytes()).digest()
                         for p in paths}
+        for tool in tool_files() if tools else []:
+            self.digests[tool] = hashlib.sha256(Path(tool).read_bytes()).digest()
 
     def check(self, path: str, data: bytes) -> str | None:
         want = self.digests.get(path)
@@ -142,3 +162,40 @@ class Pinned:
         if hashlib.sha256(data).digest() != want:
             return "differs from the integrity baseline"
         return None
+
+
+#: The intruder's gpgv: every signature is good, and the signed text is what it is
+#: given (a bare Release text, unsigned).
+FAKE_GPGV = b"""#!/bin/sh
+out=; prev=; last=
+for arg in "$@"; do
+    [ "$prev" = --output ] && out="$arg"
+    prev="$arg"; last="$arg"
+done
+[ -n "$out" ] && cat "$last" > "$out"
+echo "[GNUPG:] NEWSIG"
+echo "[GNUPG:] GOODSIG 0123456789ABCDEF Debian Archive Automatic Signing Key"
+echo "[GNUPG:] VALIDSIG 0123456789ABCDEF0123456789ABCDEF01234567 2026-12-03 0 4 0 22 8 00 \
+0123456789ABCDEF0123456789ABCDEF01234567"
+exit 0
+"""
+
+
+@contextlib.contextmanager
+def replaced(path: str, content: bytes, mode: int = 0o755) -> Iterator[None]:
+    """The system file `path` replaced by `content` for the block; the original (its
+    very inode) put back afterwards, whatever happens. Hold the test packages' lock
+    (debs.exclusive) around it: tests of other runs use these tools too."""
+    backup = f"{path}.integrity-test-orig"
+    if os.path.lexists(backup):  # a run killed inside the block: put it back first
+        os.replace(backup, path)
+    os.link(path, backup)
+    try:
+        new = f"{path}.integrity-test-new"
+        with open(new, "wb") as handle:
+            handle.write(content)
+        os.chmod(new, mode)
+        os.replace(new, path)
+        yield
+    finally:
+        os.replace(backup, path)

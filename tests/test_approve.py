@@ -899,17 +899,13 @@ needs_gpg = pytest.mark.skipif(shutil.which("gpg") is None
                                reason="signs apt lists: needs gpg and gpgv")
 
 
-@needs_dpkg
-@needs_gpg
-def test_require_signed_approves_only_on_the_signed_archive(
-        host: Host, debs: dict[str, Path], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """End to end: the archive's keyring is in the baseline; signed evidence required
-    (by the sealed policy's `[packages]`, as the apt hook runs it, then by the flag)
-    leaves what only dpkg's database vouches for open, approves on the signed archive
-    once the .deb is kept, and refuses an archive re-signed with a replaced keyring."""
-    from aptrepo import AptRepo, SigningKey
-    from debs import packages_stanza, sha256
+def _signed_archive(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    require: bool = True) -> tuple[Any, Path]:
+    """A signed repository, apt's cache and lists of the test's own for the CLI's
+    package evidence, and a policy covering its keyring and the files of the tools it
+    is read with (gpgv, dpkg-deb, their libraries: what the default's /usr/bin and
+    /usr/lib rules hold), requiring signed evidence: (repository, archive cache)."""
+    from aptrepo import AptRepo, SigningKey, tool_files
 
     repo = AptRepo(tmp_path / "repo", SigningKey.generate(tmp_path / "gnupg"))
     host.cleanups.append(repo.key.stop)
@@ -926,8 +922,27 @@ def test_require_signed_approves_only_on_the_signed_archive(
 
     monkeypatch.setattr(integrity.packages, "PackageManagers", SignedManagers)
     with open(host.cli.policy, "a") as policy:
-        policy.write(f'\n[[rule]]\npath = "{repo.keyring.parent}"\ncheck = "static"\n'
-                     '\n[packages]\nrequire_signed = true\n')
+        policy.write(f'\n[[rule]]\npath = "{repo.keyring.parent}"\ncheck = "static"\n')
+        for path in tool_files():
+            policy.write(f'\n[[rule]]\npath = "{path}"\ncheck = "static"\n')
+        if require:
+            policy.write('\n[packages]\nrequire_signed = true\n')
+    return repo, cache
+
+
+@needs_dpkg
+@needs_gpg
+def test_require_signed_approves_only_on_the_signed_archive(
+        host: Host, debs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: the archive's keyring is in the baseline; signed evidence required
+    (by the sealed policy's `[packages]`, as the apt hook runs it, then by the flag)
+    leaves what only dpkg's database vouches for open, approves on the signed archive
+    once the .deb is kept, and refuses an archive re-signed with a replaced keyring."""
+    from aptrepo import SigningKey
+    from debs import packages_stanza, sha256
+
+    repo, cache = _signed_archive(host, tmp_path, monkeypatch)
     run = host.cli
     host.install(debs["1.0"])
     assert run("init").exit_code == 0
@@ -987,25 +1002,10 @@ def test_a_replayed_expired_inrelease_does_not_approve_a_downgrade(
     its validity; the same lists, valid when the install ran, approve it."""
     import time
 
-    from aptrepo import AptRepo, SigningKey, rfc1123
+    from aptrepo import rfc1123
     from debs import packages_stanza, sha256
 
-    repo = AptRepo(tmp_path / "repo", SigningKey.generate(tmp_path / "gnupg"))
-    host.cleanups.append(repo.key.stop)
-    cache = tmp_path / "archives"
-    cache.mkdir()
-
-    class SignedManagers(PackageManagers):
-        """The real package managers, with the test's apt cache, lists and sources."""
-
-        def __init__(self, **options: Any) -> None:
-            super().__init__(**{"dpkg_log": str(host.system_log),
-                                "apt_archives": str(cache), "apt_lists": str(repo.lists),
-                                "apt_etc": str(repo.etc), **options})
-
-    monkeypatch.setattr(integrity.packages, "PackageManagers", SignedManagers)
-    with open(host.cli.policy, "a") as policy:
-        policy.write(f'\n[[rule]]\npath = "{repo.keyring.parent}"\ncheck = "static"\n')
+    repo, cache = _signed_archive(host, tmp_path, monkeypatch, require=False)
     run = host.cli
     host.install(debs["1.1"])
     assert run("init").exit_code == 0
@@ -1049,6 +1049,111 @@ def test_a_replayed_expired_inrelease_does_not_approve_a_downgrade(
     approved_evidence = {a["path"]: a["evidence"] for a in doc["approved"]}
     assert {DATA, TOOL, DROPPED} <= set(approved_evidence), _left(doc)
     assert approved_evidence[DATA] == "signed-archive"
+
+
+def _installed(package: str) -> tuple[str, str]:
+    """(version, architecture) of an installed package, as dpkg has it."""
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version} ${Architecture}",
+                          package], capture_output=True, check=True, text=True).stdout
+    version, arch = out.split()
+    return version, arch
+
+
+def _forged(tmp_path: Path, compression: str = "xz") -> Path:
+    """The intruder's 1.1: notes.txt is a backdoor."""
+    files = _files("1.1")
+    files[NOTES] = b"backdoor\n"
+    work = tmp_path / f"forged-{compression}"
+    work.mkdir()
+    return build_deb(work, PKG, "1.1", files, [CONF, NEW_CONF], links={LINK: "tool"},
+                     compression=compression)
+
+
+@needs_dpkg
+@needs_gpg
+def test_a_gpgv_that_passes_every_signature_vouches_for_nothing(
+        host: Host, debs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The intruder replaces /usr/bin/gpgv by a script that prints GOODSIG and VALIDSIG
+    and exits 0, and rewrites the InRelease (unsigned) to list a Packages list naming a
+    forged 1.1 and a forged gpgv package holding that script. The fake gpgv's verdict
+    was believed: the backdoor and gpgv's own change were approved as signed-archive.
+    gpgv is not as the baseline recorded it, so its word counts for nothing."""
+    from aptrepo import FAKE_GPGV, replaced
+    from debs import packages_stanza, sha256
+    from integrity.packages.debfile import archive_name
+
+    repo, cache = _signed_archive(host, tmp_path, monkeypatch)
+    run = host.cli
+    host.install(debs["1.0"])
+    assert run("init").exit_code == 0
+    host.install(debs["1.1"], logged=True)
+    forged = _forged(tmp_path)
+    version, arch = _installed("gpgv")
+    fake_gpgv = build_deb(tmp_path / "forged-xz", "gpgv", version,
+                          {"/usr/bin/gpgv": (FAKE_GPGV, 0o755)}, arch=arch)
+    shutil.copy(forged, cache / f"{PKG}_1.1_all.deb")
+    shutil.copy(fake_gpgv, cache / archive_name("gpgv", version, arch))
+    repo.publish(packages_stanza(PKG, "1.1", "all", sha256(forged))
+                 + packages_stanza("gpgv", version, arch, sha256(fake_gpgv)), signed=False)
+    _write(NOTES, b"backdoor\n")
+    # The host fixture holds the test packages' lock, which other runs' gpgv users take.
+    with replaced("/usr/bin/gpgv", FAKE_GPGV):
+        assert {NOTES, "/usr/bin/gpgv"} <= set(changed_paths(run, expect=1))
+        doc = approve_json(run, "--package-updates", "--require-signed")
+    approved = {a["path"] for a in doc["approved"]}
+    assert approved <= {DROPPED}, doc["approved"]  # removals rest on dpkg's log
+    left = _left(doc)
+    why = "/usr/bin/gpgv differs from the integrity baseline: gpgv's word is not used"
+    for path in (NOTES, "/usr/bin/gpgv", DATA):
+        assert why in left[path][1], (path, left[path])
+    assert "approve that first: integrity approve /usr/bin/gpgv" in left[NOTES][1]
+
+
+@needs_dpkg
+@needs_gpg
+def test_a_dpkg_deb_earlier_in_path_does_not_say_what_a_deb_holds(
+        host: Host, debs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The genuine 1.1, zstd-compressed (read through dpkg-deb), kept and listed in a
+    genuinely signed list: approved on the signed archive, dpkg-deb's reading of it
+    included. Then the intruder backdoors notes.txt and puts a dpkg-deb earlier in PATH
+    that emits the forged package's tar: the genuine .deb's SHA-256 still matched, and
+    the tar said the backdoor is what the package holds. dpkg-deb now runs by its
+    baseline-pinned real path only, and reads the genuine package."""
+    from debs import packages_stanza, sha256
+
+    repo, cache = _signed_archive(host, tmp_path, monkeypatch)
+    work = tmp_path / "genuine"
+    work.mkdir()
+    genuine = build_deb(work, PKG, "1.1", _files("1.1"), [CONF, NEW_CONF],
+                        links={LINK: "tool"}, compression="zstd")
+    run = host.cli
+    host.install(debs["1.0"])
+    assert run("init").exit_code == 0
+    host.install(genuine, logged=True)
+    shutil.copy(genuine, cache / f"{PKG}_1.1_all.deb")
+    repo.publish(packages_stanza(PKG, "1.1", "all", sha256(genuine)))
+    assert {DATA, TOOL, CONF, NEW_CONF} <= set(changed_paths(run, expect=1))
+    # Untouched tools: the genuine upgrade passes on the signed archive.
+    doc = approve_json(run, "--package-updates", "--require-signed")
+    approved = {a["path"]: a["evidence"] for a in doc["approved"]}
+    assert {DATA, TOOL, CONF, NEW_CONF} <= set(approved), _left(doc)
+    assert {approved[p] for p in (DATA, TOOL, CONF, NEW_CONF)} == {"signed-archive"}
+    assert approved[DROPPED] == "package-db"  # removals rest on dpkg's log
+
+    forged = _forged(tmp_path, "zstd")
+    fake = tmp_path / "bin" / "dpkg-deb"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nexec /usr/bin/dpkg-deb --fsys-tarfile {forged}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    _write(NOTES, b"backdoor\n")
+    assert set(changed_paths(run, expect=1)) == {NOTES}
+    doc = approve_json(run, "--package-updates", "--require-signed")
+    assert doc["approved"] == []
+    assert _left(doc)[NOTES] == ("modified", f"content differs from what dpkg shipped "
+                                             f"({PKG} 1.1, verified .deb)")
 
 
 def test_require_signed_goes_with_package_updates(run: Cli) -> None:

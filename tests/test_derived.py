@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from aptrepo import tool_files
 from conftest import Cli
 from integrity.packages import PackageManagers
 from integrity.packages.common import Verdict
@@ -103,6 +104,9 @@ def test_reinstalling_python_and_glib_packages_leaves_nothing_open(tmp_path: Pat
     # symlink targets once their lists verify with them.
     rules += [p for p in ("/usr/share/keyrings", "/etc/apt/trusted.gpg.d")
               if os.path.isdir(p)]
+    # And the tools those lists and .debs are read with (gpgv, dpkg-deb, their
+    # libraries), which the default policy's /usr/bin and /usr/lib hold.
+    rules += [p for p in tool_files() if p not in rules]
     run = policy(tmp_path, rules)
     with exclusive():
         assert run("init").exit_code == 0

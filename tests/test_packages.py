@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from integrity.packages import PackageManagers
-from aptrepo import PREFIX, AptRepo, Pinned, SigningKey, rfc1123
+from aptrepo import PREFIX, AptRepo, Pinned, SigningKey, rfc1123, tool_files
 from debs import (build_deb, build_rpm, dpkg, dpkg_tool, exclusive, owned, packages_stanza,
                   sha256)
 
@@ -838,3 +838,61 @@ def _check_rpm(tmp_path: Path, db: Path, path: str) -> None:
     gone = managers.check_removed(b"/usr/share/integrity-rpm-test/gone", time.time() - 600,
                                   "integrity-rpm-test")
     assert gone.vouched and "rpm installed integrity-rpm-test-2.0-1.noarch" in gone.reason
+
+
+# -- attacks on the tools the signed archive is read with: gpgv and dpkg-deb count only
+# -- as the baseline recorded them, with every library they load.
+
+def test_a_library_gpgv_loads_not_as_the_baseline_recorded_it_voids_its_verdict(
+        system: System, debs: dict[str, Path]) -> None:
+    """gpgv itself is untouched, but libgcrypt is not what the baseline recorded (the
+    record holds other bytes, as when the live library was replaced after it): gpgv's
+    verdict is not used, so only dpkg's database vouches, which require_signed
+    refuses. The same record again: signed-archive."""
+    _genuine(system, debs)
+    [lib] = [p for p in tool_files() if "/libgcrypt.so" in p]
+    genuine = system.pinned.digests[lib]
+    system.pinned.digests[lib] = hashlib.sha256(b"libgcrypt as recorded").digest()
+    why = (f"{lib} (loaded by /usr/bin/gpgv) differs from the integrity baseline: "
+           f"gpgv's word is not used (if gpgv was upgraded, approve that first: "
+           f"integrity approve {lib})")
+    verdict = system.managers().check_content(NOTES.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "package-db"), verdict
+    strict = system.managers(require_signed=True).check_content(NOTES.encode())
+    assert not strict.vouched and why in strict.reason, strict.reason
+    system.pinned.digests[lib] = genuine
+    verdict = system.managers(require_signed=True).check_content(NOTES.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), verdict
+
+
+def test_a_dpkg_deb_not_as_the_baseline_recorded_it_reads_no_deb(
+        system: System, debs: dict[str, Path]) -> None:
+    """1.1 is zstd-compressed, so its data is read through dpkg-deb: a dpkg-deb whose
+    bytes differ from the baseline's record says nothing about what it holds."""
+    _genuine(system, debs)
+    system.pinned.digests["/usr/bin/dpkg-deb"] = hashlib.sha256(b"recorded").digest()
+    verdict = system.managers(require_signed=True).check_content(DATA.encode())
+    assert not verdict.vouched
+    assert (f"cannot read {PKG}_1.1_all.deb: /usr/bin/dpkg-deb differs from the integrity "
+            "baseline: dpkg-deb's word is not used") in verdict.reason, verdict.reason
+
+
+def test_a_preloaded_library_voids_every_tools_verdict(
+        system: System, debs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """/etc/ld.so.preload naming a library would load it into gpgv: while it names
+    one, no tool's word is used. (A file of the test's own stands in for it: writing
+    the real one would load the library into every process on the machine.)"""
+    from integrity.packages import pinned
+
+    _genuine(system, debs)
+    preload = tmp_path / "ld.so.preload"
+    preload.write_text("/usr/local/lib/libevil.so\n")
+    monkeypatch.setattr(pinned, "PRELOAD", str(preload))
+    verdict = system.managers(require_signed=True).check_content(NOTES.encode())
+    assert not verdict.vouched
+    assert (f"{preload} names a library that every program would load: gpgv's word is "
+            "not used") in verdict.reason, verdict.reason
+    preload.write_text("\n")
+    verdict = system.managers(require_signed=True).check_content(NOTES.encode())
+    assert (verdict.vouched, verdict.evidence) == (True, "signed-archive"), verdict

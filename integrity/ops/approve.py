@@ -260,7 +260,7 @@ class Approver:
 
         if managers is None:
             managers = PackageManagers(
-                keyring_check=self.keyring_check,
+                keyring_check=self.baseline_check,
                 require_signed=require_signed or self.policy.packages.require_signed)
         since = calendar.timegm(self.baseline.created.utctimetuple())
         chosen: list[OpenEvent] = []
@@ -311,10 +311,11 @@ class Approver:
         outcome.left_open = left
         return outcome
 
-    def keyring_check(self, path: str, data: bytes) -> str | None:
-        """None when `data` is what the baseline recorded for the keyring at `path`,
-        else why not: apt's keyrings are root-writable, so a key is trusted to sign
-        package lists only as it was when the baseline was taken or approved."""
+    def baseline_check(self, path: str, data: bytes) -> str | None:
+        """None when `data` is what the baseline recorded for the file at `path`, else
+        why not. apt's keyrings, gpgv, dpkg-deb and the libraries they load are
+        root-writable: a key signs package lists, and a tool's verdict counts, only as
+        they were when the baseline was taken or approved."""
         import blake3
 
         raw = os.fsencode(path)
@@ -328,6 +329,9 @@ class Approver:
         if blake3.blake3(data).digest() != rec.content:
             return "differs from the integrity baseline"
         return None
+
+    #: The name the keyrings' pin was first given.
+    keyring_check = baseline_check
 
     def _vouch(self, managers: PackageManagers, path: bytes, old: FileRecord | None,
                new: FileRecord | None, since: float, package: str | None) -> Verdict:

@@ -10,6 +10,8 @@ yes or no, why, and on what evidence:
   recorded them (see `aptsig`), signed before the package's install and not expired
   by then (see `debfile`). The file is compared with the ``.deb``'s own data, so
   editing dpkg's root-writable md5sums, apt's lists or keyrings cannot launder a change.
+  The tools behind it (gpgv, dpkg-deb) and every library they load must be as the
+  baseline recorded them too (see `pinned`), or their word counts for nothing.
 - ``package-db``: dpkg's md5sums / conffile hashes, dpkg-statoverride, dpkg's log, or
   rpm's header digests. Good enough against accidents, not against someone who is root.
   With ``require_signed`` it vouches for no content, link or attribute (removals still
@@ -33,6 +35,7 @@ from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, LiveFile, Ver
                                        canonicalizer)
 from integrity.packages.debfile import AptLists
 from integrity.packages.dpkg import Dpkg
+from integrity.packages.pinned import PinnedTools
 from integrity.packages.rpm import Rpm
 
 __all__ = ["KeyringCheck", "LiveFile", "PackageManagers", "Verdict", "SIGNED_ARCHIVE",
@@ -72,8 +75,9 @@ class PackageManagers:
 
     The defaults are dpkg's and apt's standard locations; tests and operators checking
     another tree point them elsewhere. ``apt_etc`` holds apt's sources and keyrings;
-    ``keyring_check`` judges each keyring's bytes (approval pins them to the baseline;
-    None trusts no keyring, so nothing is signed-archive). ``require_signed``: only the
+    ``keyring_check`` judges the bytes of each keyring and of each file of the tools
+    the signed archive is read with (approval pins them to the baseline; None trusts
+    none, so nothing is signed-archive). One instance checks each tool once. ``require_signed``: only the
     signed archive vouches for content, links and attributes. ``rpm`` is the rpm
     command (None disables rpm) and ``rpm_dbpath`` an alternative rpm database.
     """
@@ -86,9 +90,10 @@ class PackageManagers:
                  apt_etc: str = "/etc/apt", keyring_check: KeyringCheck | None = None,
                  require_signed: bool = False) -> None:
         canon = canonicalizer()
-        lists = AptLists(apt_lists, apt_etc, keyring_check)
+        tools = PinnedTools(keyring_check)
+        lists = AptLists(apt_lists, apt_etc, keyring_check, tools)
         self._backends: list[Backend] = [
-            Dpkg(admindir, apt_archives, lists, dpkg_log, canon, require_signed)]
+            Dpkg(admindir, apt_archives, lists, dpkg_log, canon, require_signed, tools)]
         if rpm is not None:
             self._backends.append(Rpm(rpm, rpm_dbpath, canon))
         self._canon = canon

@@ -7,7 +7,8 @@ apt trusts (Signed-By of the sources, else trusted.gpg and trusted.gpg.d), and a
 is used only when the caller's `KeyringCheck` accepts its bytes: approval pins them to
 the integrity baseline, so a keyring an intruder replaced signs nothing. gpgv reads
 private copies of exactly the bytes judged, and only the signed text gpgv writes out
-is parsed.
+is parsed. gpgv itself is believed only as the baseline recorded it, with every
+library it loads (`pinned`): a gpgv that says GOODSIG to anything signs nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from integrity.packages.pinned import PinnedTools, ToolRefused
 
 #: (path, bytes) -> None when these are the bytes the baseline recorded for path, else
 #: why the keyring may not be used.
@@ -174,15 +177,18 @@ def dearmor(data: bytes, path: str) -> bytes:
 
 class Verifier:
     """Verifies release files with gpgv against the keyrings apt trusts, each
-    keyring read once, judged by `check`, and handed to gpgv as a private copy.
+    keyring read once, judged by `check`, and handed to gpgv as a private copy;
+    gpgv runs only when `tools` (by default pinned by the same `check`) vouches for it.
 
     Use as a context manager: the private directory is removed on exit.
     """
 
-    def __init__(self, etc: str, check: KeyringCheck | None, gpgv: str = GPGV) -> None:
+    def __init__(self, etc: str, check: KeyringCheck | None, gpgv: str = GPGV,
+                 tools: PinnedTools | None = None) -> None:
         self._etc = etc
         self._check = check
         self._gpgv = gpgv
+        self._tools = tools if tools is not None else PinnedTools(check)
         self._sources: list[Source] | None = None
         self._copies: dict[str, str | KeyringError] = {}
         self._dir: str | None = None
@@ -279,7 +285,13 @@ class Verifier:
                 os.unlink(leftover)
         with open(signed, "xb") as handle:
             handle.write(data)
-        argv = [self._gpgv, "--status-fd", "1"]
+        try:
+            # Its status lines and exit status are the verdict: only a gpgv the
+            # baseline vouches for (with its libraries) gives one, run by its real path.
+            gpgv = self._tools.resolve(self._gpgv)
+        except ToolRefused as exc:
+            raise KeyringError(f"{name}: {exc}") from None
+        argv = [gpgv, "--status-fd", "1"]
         for copy in copies:
             argv += ["--keyring", copy]
         if signature is None:
@@ -289,8 +301,7 @@ class Verifier:
                 handle.write(signature)
             argv += [signed + ".sig", signed]
         # An empty home of our own: gpgv would otherwise add ~/.gnupg/trustedkeys.kbx.
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GNUPGHOME": self._dir,
-               "LC_ALL": "C"}
+        env = self._tools.env(GNUPGHOME=self._dir)
         try:
             proc = subprocess.run(argv, capture_output=True, env=env,
                                   stdin=subprocess.DEVNULL, timeout=60)

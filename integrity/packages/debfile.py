@@ -14,8 +14,10 @@ dpkg's log, and never earlier than the changed path was last seen as recorded (t
 change came after that, whatever the root-writable log says).
 
 Limit: an intruder must now forge the archive's signature or change a baseline-pinned
-keyring (which approvals then refuse). What remains is replay of an older InRelease
-with its lists, genuinely signed: one without `Valid-Until` (Debian's stable suite
+keyring (which approvals then refuse), or replace gpgv or dpkg-deb or a library they
+load, which the baseline pins as well (`pinned`): a tool that is not as the baseline
+recorded it gives no verdict. What remains is replay of an older InRelease with its
+lists, genuinely signed: one without `Valid-Until` (Debian's stable suite
 carries none) vouches for the old versions it lists for ever; one with it, while
 it was still valid when the path was last seen as recorded (an intruder who is root
 can rewrite dpkg's log to date the install back to then, not before). Removals rest on
@@ -32,7 +34,6 @@ import os
 import grp
 import pwd
 import re
-import shutil
 import subprocess
 import tarfile
 import time
@@ -45,11 +46,15 @@ from typing import IO
 from integrity.packages.aptsig import (KeyringCheck, KeyringError, Verifier, release_dates,
                                        sha256_entries)
 from integrity.packages.common import Canon
+from integrity.packages.pinned import PinnedTools, ToolRefused
 
 _CHUNK = 1 << 20
 _STANZA_FIELD = re.compile(rb"^(Package|Version|Architecture|SHA256):[ \t]*(\S+)", re.M)
 _LIST_NAME = re.compile(r"_Packages(\.(gz|xz|bz2|lz4|zst))?$")
 _DECOMPRESS = {".gz": gzip.decompress, ".xz": lzma.decompress, ".bz2": bz2.decompress}
+DPKG_DEB = "/usr/bin/dpkg-deb"
+_APT_HELPER = "/usr/lib/apt/apt-helper"
+_CAT = {".lz4": "/usr/bin/lz4cat", ".zst": "/usr/bin/zstdcat"}
 
 
 class DebError(Exception):
@@ -116,14 +121,17 @@ class AptLists:
     Loaded on first use, whole: one pass over ~50 MB of Debian's main index takes about
     a second, which is paid only when a cached .deb is actually there to check.
     `etc` is apt's configuration directory (sources and keyrings) and `check` judges
-    each keyring's bytes (None: no keyring is trusted, so no list is).
+    each keyring's bytes (None: no keyring is trusted, so no list is); `tools` runs
+    gpgv only as the baseline recorded it (by default pinned by the same `check`).
     """
 
     def __init__(self, lists_dir: str, etc: str = "/etc/apt",
-                 check: KeyringCheck | None = None) -> None:
+                 check: KeyringCheck | None = None,
+                 tools: PinnedTools | None = None) -> None:
         self._dir = lists_dir
         self._etc = etc
         self._check = check
+        self._tools = tools if tools is not None else PinnedTools(check)
         #: (Package, Version, Architecture) -> SHA-256 -> the release files vouching.
         self._index: dict[tuple[bytes, bytes, bytes], dict[str, set[Signed]]] | None = None
         #: Stanzas of the lists that failed, by the list's name, and why each failed.
@@ -162,7 +170,7 @@ class AptLists:
         releases: dict[str, tuple[Signed, dict[str, str]] | str | None] = {
             name[:-len(kind)]: None for name in names
             for kind in ("InRelease", "Release") if name.endswith("_" + kind)}
-        with Verifier(self._etc, self._check) as verifier:
+        with Verifier(self._etc, self._check, tools=self._tools) as verifier:
             for name in names:
                 if not _LIST_NAME.search(name):
                     continue
@@ -243,7 +251,10 @@ def _read_list(path: str) -> bytes | None:
     """The uncompressed text of one index file, or None when it cannot be read.
 
     gzip, xz and bzip2 are in the standard library; apt's own lz4 and zstd copies are
-    decompressed by apt-helper (which knows every format apt writes) or lz4cat/zstdcat.
+    decompressed by apt-helper (which knows every format apt writes) or lz4cat/zstdcat,
+    by their fixed paths with a fixed environment. They are not pinned to the baseline
+    as gpgv is: what they write out is believed only if its SHA-256 is the one the
+    verified InRelease gives, so a lying decompressor can only lose the evidence.
     """
     ext = os.path.splitext(path)[1]
     try:
@@ -252,15 +263,14 @@ def _read_list(path: str) -> bytes | None:
                 raw = handle.read()
             decompress = _DECOMPRESS.get(ext)
             return decompress(raw) if decompress else raw
-        helper = "/usr/lib/apt/apt-helper"
-        if os.access(helper, os.X_OK):
-            command = [helper, "cat-file", path]
+        if os.access(_APT_HELPER, os.X_OK):
+            command = [_APT_HELPER, "cat-file", path]
+        elif os.access(_CAT[ext], os.X_OK):
+            command = [_CAT[ext], path]
         else:
-            tool = shutil.which("lz4cat" if ext == ".lz4" else "zstdcat")
-            if tool is None:
-                return None
-            command = [tool, path]
-        return subprocess.run(command, capture_output=True, check=True).stdout
+            return None
+        return subprocess.run(command, capture_output=True, check=True,
+                              env=PinnedTools.env(), stdin=subprocess.DEVNULL).stdout
     except (OSError, ValueError, EOFError, lzma.LZMAError, subprocess.SubprocessError):
         return None
 
@@ -299,13 +309,15 @@ def sha256_file(handle: IO[bytes]) -> str:
     return digest.hexdigest()
 
 
-def read_members(handle: IO[bytes], canon: Canon) -> dict[bytes, Member]:
+def read_members(handle: IO[bytes], canon: Canon,
+                 tools: PinnedTools) -> dict[bytes, Member]:
     """Every entry of an open .deb's data archive, by canonical absolute path.
 
     The caller opens the file once, checks its SHA-256 and hands the same open file
     here, so what is read is what was checked. gzip/xz/bzip2 data is read in-process;
     anything else (zstd) through `dpkg-deb --fsys-tarfile`, which reads every format dpkg
-    installs from.
+    installs from: its tar is what the package is said to hold, so only a dpkg-deb
+    `tools` vouches for (the baseline's, with its libraries) is run, by its real path.
     """
     offset, size, compression = _data_member(handle)
     if compression in ("", ".gz", ".xz", ".bz2"):
@@ -316,9 +328,14 @@ def read_members(handle: IO[bytes], canon: Canon) -> dict[bytes, Member]:
                 return _members(tar, canon)
         except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError) as exc:
             raise DebError(f"corrupt data.tar{compression}: {exc}") from exc
+    try:
+        dpkg_deb = tools.resolve(DPKG_DEB)
+    except ToolRefused as exc:
+        raise DebError(str(exc)) from None
     handle.seek(0)
-    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", "/dev/stdin"], stdin=handle,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([dpkg_deb, "--fsys-tarfile", "/dev/stdin"], stdin=handle,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=tools.env())
     assert proc.stdout is not None
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|", encoding="utf-8",

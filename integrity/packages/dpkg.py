@@ -30,6 +30,7 @@ from integrity.packages.common import (spellings, PACKAGE_DB, SIGNED_ARCHIVE, Ca
 from integrity.packages.dpkglog import LogEvent, read_dpkg_log
 from integrity.packages.debfile import (AptLists, DebError, Member, Signed, archive_name,
                                         read_members, sha256_file)
+from integrity.packages.pinned import PinnedTools
 
 #: States in which a package's files are on disk (config-files keeps only conffiles).
 _FILES_PRESENT = {"installed", "unpacked", "half-installed", "half-configured",
@@ -60,10 +61,13 @@ class Dpkg:
     name = "dpkg"
 
     def __init__(self, admindir: str, apt_archives: str, apt_lists: AptLists, log: str,
-                 canon: Canon, signed_only: bool = False) -> None:
+                 canon: Canon, signed_only: bool = False,
+                 tools: PinnedTools | None = None) -> None:
         self._admindir = admindir
         self._archives = apt_archives
         self._apt = apt_lists
+        #: Runs dpkg-deb (for .debs Python cannot unpack) only as the baseline has it.
+        self._tools = tools if tools is not None else PinnedTools(None)
         #: Prefer the signed archive even where dpkg's list alone answers (directories).
         self._signed_only = signed_only
         self._log = log
@@ -334,7 +338,7 @@ class Dpkg:
                     return None, f"{why} ({refused})" if refused else why, []
                 releases = self._apt.signed_by(package.name, package.version,
                                                package.arch, digest)
-                return read_members(handle, self._canon), "", releases
+                return read_members(handle, self._canon, self._tools), "", releases
             except (OSError, DebError, EOFError, ValueError) as exc:
                 return None, f"cannot read {name}: {exc}", []
 

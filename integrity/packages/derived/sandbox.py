@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from integrity.packages.common import Verdict
+from integrity.packages.pinned import preload_refusal
 from integrity.paths import display
 
 #: How long one tool may run before it is killed (its files then stay open).
@@ -116,15 +117,9 @@ class Sandbox:
         return self._isolation
 
     def _probe(self) -> list[str] | ToolError:
-        try:
-            with open(_PRELOAD, "rb") as handle:
-                if handle.read().strip():
-                    return ToolError(f"{_PRELOAD} names a library that every tool would "
-                                     "load: no tool is run while it does")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            return ToolError(f"cannot read {_PRELOAD}: {exc.strerror}")
+        preloaded = preload_refusal(_PRELOAD)
+        if preloaded is not None:
+            return ToolError(f"{preloaded}: no tool is run while it does")
         try:
             unshare = self.tool("/usr/bin/unshare")
         except ToolError as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,10 +51,15 @@ _TOMBSTONE = '{"deleted":true}'
 
 
 def _snapshot(kind: str, row: Any) -> str:
+    return _snapshot_of(kind, row._fields, row)
+
+
+def _snapshot_of(kind: str, names: Sequence[str], values: Sequence[Any]) -> str:
+    """A row's chained state: its columns by name (`names`, in `values`' order)."""
     skip = _UNCHAINED[kind]
     data = {k: (v.isoformat() if isinstance(v, dt.datetime) else
                 v.hex() if isinstance(v, bytes) else v)
-            for k, v in row._mapping.items()
+            for k, v in zip(names, values)
             if k not in skip and not (k in _LATER and v is None)}
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
@@ -147,6 +152,97 @@ def journaled(conn: sa.Connection, kind: str, ids: Iterable[int]) -> set[int]:
     return {ref for ref, snap in current.items() if latest.get(ref) == snap}
 
 
+#: Read in batches, not all at once (PostgreSQL: a server-side cursor).
+_STREAMED = {"stream_results": True, "yield_per": 2000}
+
+
+def _newest_snapshots(kind: str, snapshots: Iterable[Any], problems: list[str]
+                      ) -> Iterator[tuple[int, str]]:
+    """(id, newest snapshot, or the tombstone) of each record of a kind, in id order,
+    from its ledger rows in (id, seq) order; a record whose identity changed without
+    a tombstone between (deleted behind integrity's back, its id reused) is reported."""
+    names = _IDENTITY[kind]
+    current: int | None = None
+    first: object = None
+    content = _TOMBSTONE
+    for ref, seq, content_now in snapshots:
+        if ref != current:
+            if current is not None:
+                yield current, content
+            current, first = ref, None
+        content = content_now
+        if content == _TOMBSTONE:
+            first = None
+            continue
+        try:
+            fields = json.loads(content)
+            ident: object = tuple(fields.get(name) for name in names)
+        except (ValueError, AttributeError):
+            ident = ()
+        if first is None:
+            first = ident
+        elif ident != first:
+            problems.append(f"{kind} {ref}: deleted, and its id reused by another "
+                            f"{kind} (ledger row {seq})")
+    if current is not None:
+        yield current, content
+
+
+def _check_records(conn: sa.Connection, kind: str, problems: list[str]) -> None:
+    """Compare a kind's rows with their newest snapshots in the chain: a row the chain
+    does not hold, one that differs from it, and a record the chain holds whose row is
+    gone are each tampering."""
+    from integrity.store.outbox import LATEST_RETRY  # outbox chains through here
+
+    table, led = _TABLES[kind], models.ledger
+    # An hour of slack: a clock stepped back is not tampering (due() sends such a row
+    # at once anyway).
+    retry_by = utcnow() + LATEST_RETRY + dt.timedelta(hours=1)
+    records = _newest_snapshots(kind, conn.execute(
+        sa.select(led.c.ref, led.c.seq, led.c.content).where(led.c.kind == kind)
+        .order_by(led.c.ref, led.c.seq), execution_options=_STREAMED), problems)
+    record = next(records, None)
+    query = sa.select(table).order_by(table.c.id)
+    if kind == "baseline":
+        query = query.where(table.c.state == "active")
+
+    def gone(before: int | None) -> tuple[int, str] | None:
+        """Skip the records below id `before` (None: all), reporting those the chain
+        holds (not tombstoned) as deleted; the next record, if any."""
+        nonlocal record
+        while record is not None and (before is None or record[0] < before):
+            if record[1] != _TOMBSTONE and kind != "baseline":
+                problems.append(f"{kind} {record[0]}: in the ledger but gone (deleted)")
+            record = next(records, None)
+        return record
+
+    try:
+        result = conn.execute(query, execution_options=_STREAMED)
+        names = list(result.keys())
+        at_id = names.index("id")
+        at_next = names.index("next_attempt") if kind == "outbox" else -1
+        for row in result:
+            ref = row[at_id]
+            found = gone(ref)
+            if found is None or found[0] != ref or found[1] == _TOMBSTONE:
+                what = ("the active baseline is not in the ledger (the chain was wiped or "
+                        "rewritten)" if kind == "baseline" else
+                        "not in the ledger (inserted behind integrity's back)")
+                problems.append(f"{kind} {ref}: {what}")
+            elif found[1] != _snapshot_of(kind, names, row):
+                problems.append(f"{kind} {ref}: differs from its last recorded state "
+                                "(edited)")
+            elif kind == "outbox" and row[at_next] > retry_by:
+                problems.append(f"outbox {ref}: next attempt {row[at_next]:%Y-%m-%d}, later "
+                                "than any retry integrity schedules (edited)")
+            if found is not None and found[0] == ref:
+                record = next(records, None)
+    except (ValueError, TypeError) as exc:  # a value integrity never writes
+        problems.append(f"{kind} rows: cannot be read ({exc}): edited outside integrity")
+        return
+    gone(None)
+
+
 @dataclass
 class ChainReport:
     """The chain's state: head digest, rows, and every problem found."""
@@ -195,16 +291,22 @@ class Ledger:
         return found
 
     def check(self, limit: int = 20) -> ChainReport:
-        """Walk the chain and compare it with the tables it covers."""
+        """Walk the chain and compare it with the tables it covers.
+
+        Every verify runs this over the whole history, so memory stays flat however
+        long it is: the chain is walked in order keeping only the previous digest, and
+        each table is merged, in id order, with its records' snapshots read by (kind,
+        id) through the ledger's index, instead of holding every record's newest
+        snapshot.
+        """
         report = ChainReport()
-        latest: dict[tuple[str, int], str] = {}
-        identity: dict[tuple[str, int], tuple[object, ...]] = {}
         led = models.ledger
         with self.db.reader() as conn:
             prev = None
             for seq, kind, ref, content, row_prev, digest in conn.execute(
                     sa.select(led.c.seq, led.c.kind, led.c.ref, led.c.content,
-                              led.c.prev, led.c.digest).order_by(led.c.seq)):
+                              led.c.prev, led.c.digest).order_by(led.c.seq),
+                    execution_options=_STREAMED):
                 report.rows += 1
                 if prev is not None and row_prev != prev:
                     report.problems.append(f"ledger row {seq}: does not follow row before "
@@ -213,54 +315,9 @@ class Ledger:
                     report.problems.append(f"ledger row {seq}: digest does not match its "
                                            "content (edited)")
                 prev = digest
-                if kind not in _TABLES:
-                    continue
-                latest[(kind, ref)] = content
-                if content == _TOMBSTONE:
-                    identity.pop((kind, ref), None)
-                    continue
-                try:
-                    fields = json.loads(content)
-                    ident = tuple(fields.get(name) for name in _IDENTITY[kind])
-                except (ValueError, AttributeError):
-                    ident = ()
-                first = identity.setdefault((kind, ref), ident)
-                if first != ident:
-                    report.problems.append(f"{kind} {ref}: deleted, and its id reused by "
-                                           f"another {kind} (ledger row {seq})")
             report.head = prev or GENESIS
-            from integrity.store.outbox import LATEST_RETRY  # outbox chains through here
-            # An hour of slack: a clock stepped back is not tampering (due() sends such
-            # a row at once anyway).
-            retry_by = utcnow() + LATEST_RETRY + dt.timedelta(hours=1)
-            for kind, table in _TABLES.items():
-                query = sa.select(table).order_by(table.c.id)
-                if kind == "baseline":
-                    query = query.where(table.c.state == "active")
-                try:
-                    for row in conn.execute(query):
-                        recorded = latest.pop((kind, row.id), None)
-                        if recorded is None or recorded == _TOMBSTONE:
-                            what = ("the active baseline is not in the ledger (the chain "
-                                    "was wiped or rewritten)" if kind == "baseline" else
-                                    "not in the ledger (inserted behind integrity's back)")
-                            report.problems.append(f"{kind} {row.id}: {what}")
-                        elif recorded != _snapshot(kind, row):
-                            report.problems.append(f"{kind} {row.id}: differs from its "
-                                                   "last recorded state (edited)")
-                        elif kind == "outbox" and row.next_attempt > retry_by:
-                            report.problems.append(
-                                f"outbox {row.id}: next attempt {row.next_attempt:%Y-%m-%d}, "
-                                "later than any retry integrity schedules (edited)")
-                except (ValueError, TypeError) as exc:  # a value integrity never writes
-                    report.problems.append(f"{kind} rows: cannot be read ({exc}): "
-                                           "edited outside integrity")
-                    for gone in [k for k in latest if k[0] == kind]:
-                        del latest[gone]
-            for (kind, ref), content in sorted(latest.items()):
-                if content != _TOMBSTONE and kind != "baseline":
-                    report.problems.append(f"{kind} {ref}: in the ledger but gone "
-                                           "(deleted)")
+            for kind in _TABLES:
+                _check_records(conn, kind, report.problems)
         if len(report.problems) > limit:
             more = len(report.problems) - limit
             report.problems = report.problems[:limit] + [f"... and {more} more"]

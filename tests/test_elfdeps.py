@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,84 @@ def test_pinned_tools_run_with_a_fixed_environment(monkeypatch: pytest.MonkeyPat
     env = PinnedTools.env(GNUPGHOME="/x")
     assert env == {**ENV, "GNUPGHOME": "/x"}
     assert not any(key.startswith("LD_") for key in env)
+
+
+def _old_cache(entries: dict[str, str]) -> bytes:
+    """An ld.so.cache in glibc's old format only ("ld.so-1.7.0"; strings after the
+    table), which ld.so still reads when no new-format table follows."""
+    strings, table = b"", b""
+    for name, path in sorted(entries.items()):
+        key = len(strings)
+        strings += name.encode() + b"\0"
+        value = len(strings)
+        strings += path.encode() + b"\0"
+        table += struct.pack("=iII", 0x0303, key, value)  # FLAG_ELF_LIBC6 | x86-64
+    return b"ld.so-1.7.0\0" + struct.pack("=I", len(entries)) + table + strings
+
+
+def _planted(where: Path) -> Path:
+    """A copy of gpgv's libgpg-error at `where` (a library an intruder plants)."""
+    real = next(p for p in closure(GPGV) if "/libgpg-error.so.0" in p)
+    where.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(real, where)
+    return where
+
+
+def test_an_old_format_cache_is_read_as_ld_so_reads_it(tmp_path: Path) -> None:
+    """ld.so (glibc 2.36 checked, with the cache bind-mounted in a private mount
+    namespace) loads what an old-format-only cache names; reading only the new format
+    found nothing, so the closure took the default directory's library instead."""
+    planted = _planted(tmp_path / "evil" / "libgpg-error.so.0")
+    cache = tmp_path / "ld.so.cache"
+    cache.write_bytes(_old_cache({"libgpg-error.so.0": str(planted)}))
+    assert read_cache(str(cache)) == {"libgpg-error.so.0": [str(planted)]}
+    assert str(planted) in closure(GPGV, cache=read_cache(str(cache)))
+
+
+def test_a_cache_entry_does_not_end_the_search(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """ld.so skips a cache entry whose flags (x32's 0x0803 on x86-64, checked) or
+    hwcaps do not suit the host and searches the default directories, their
+    glibc-hwcaps subdirectories first: a library planted there is loaded although the
+    cache names the recorded one. It must be judged too."""
+    planted = _planted(tmp_path / "glibc-hwcaps" / "x86-64-v2" / "libgpg-error.so.0")
+    real_defaults = elfdeps.default_dirs
+    monkeypatch.setattr(elfdeps, "default_dirs",
+                        lambda elf: [str(tmp_path), *real_defaults(elf)])
+    assert str(planted) in closure(GPGV, cache=read_cache())
+
+
+def test_a_truncated_cache_reads_as_empty(tmp_path: Path) -> None:
+    cache = tmp_path / "ld.so.cache"
+    for data in (b"ld.so-1.7.0", b"ld.so-1.7.0\0\xff\xff\xff\xff",
+                 b"glibc-ld.so.cache1.1" + b"\xff" * 28):
+        cache.write_bytes(data)
+        assert read_cache(str(cache)) == {}
+
+
+def test_a_fifo_or_device_as_a_library_is_refused_not_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FIFO named like a library blocked the walk forever (open waits for a
+    writer), /dev/zero through a symlink was read without end."""
+    os.mkfifo(tmp_path / "libgpg-error.so.0")
+    (tmp_path / "glibc-hwcaps" / "x86-64-v2").mkdir(parents=True)
+    os.symlink("/dev/zero", tmp_path / "glibc-hwcaps" / "x86-64-v2" / "libz.so.1")
+    real_defaults = elfdeps.default_dirs
+    monkeypatch.setattr(elfdeps, "default_dirs",
+                        lambda elf: [str(tmp_path), *real_defaults(elf)])
+    for soname in ("libgpg-error.so.0", "libz.so.1"):
+        cache = {k: v for k, v in read_cache().items() if k != soname}
+        outcome: list[BaseException | None] = []
+
+        def walk(cache: dict[str, list[str]] = cache) -> None:
+            try:
+                closure(GPGV, cache=cache)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=walk, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert outcome, f"the walk did not end with {soname} a FIFO or device"
+        assert isinstance(outcome[0], ElfError) and "not a regular file" in str(outcome[0])

@@ -11,11 +11,16 @@ so a caller that judges each file judges whichever is loaded:
 - otherwise DT_RPATH (of the object and the objects that loaded it, when the object has
   no DT_RUNPATH) and DT_RUNPATH directories, in order, stopping at the first directory
   that holds the name (its glibc-hwcaps and legacy hwcap subdirectories included);
-- else every entry /etc/ld.so.cache holds for the name (the cache is what ld.so reads:
-  /etc/ld.so.conf and its drop-ins only feed ldconfig, which writes the cache);
-- and only when the cache names none of them, the default directories (the multiarch
-  directories, /lib, /usr/lib, and /lib64, /usr/lib64 for 64-bit objects), first
-  directory that holds the name.
+- else every entry /etc/ld.so.cache holds for the name, in either of its formats and
+  whatever its flags (the cache is what ld.so reads: /etc/ld.so.conf and its drop-ins
+  only feed ldconfig, which writes the cache);
+- and, since ld.so goes on past a cache entry whose flags or hwcaps it rejects (and
+  the cache is a root-writable file), always the default directories too (the
+  multiarch directories, /lib, /usr/lib, and /lib64, /usr/lib64 for 64-bit objects),
+  first directory that holds the name.
+
+A candidate that is not a regular file (a FIFO, a device) or is larger than any
+library is refused, not read.
 
 A candidate whose ELF class or machine differs from the loading object's is skipped,
 as ld.so skips it.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import struct
 import sysconfig
 from collections.abc import Callable
@@ -50,6 +56,9 @@ _LEGACY_HWCAPS = {"tls", "x86_64", "haswell", "xeon_phi", "avx512_1", "i386", "i
                   "power8", "power9", "power10", "z13", "z14", "z15"}
 _CACHE_MAGIC = b"glibc-ld.so.cache1.1"
 _OLD_CACHE_MAGIC = b"ld.so-1.7.0"
+#: Larger than any real cache or library: not read (a sparse file could be huge).
+_MAX_CACHE = 64 << 20
+_MAX_OBJECT = 1 << 30
 
 
 class ElfError(Exception):
@@ -144,31 +153,54 @@ def default_dirs(elf: Elf) -> list[str]:
 
 
 def read_cache(path: str = CACHE) -> dict[str, list[str]]:
-    """soname -> every path /etc/ld.so.cache gives for it (empty when unreadable)."""
+    """soname -> every path /etc/ld.so.cache gives for it (empty when unreadable).
+
+    The cache is root-writable and ld.so reads either format (the old "ld.so-1.7.0"
+    table when no new one follows it), and skips entries by flags and hwcaps: every
+    entry of both formats is returned, whatever its flags, so that whichever ld.so
+    takes is among them. ElfError when the file is not a regular one or too large to
+    read (ld.so would map it whole)."""
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return {}
-    start = 0
-    if data.startswith(_OLD_CACHE_MAGIC):
-        (count,) = struct.unpack_from("=I", data, 12)
-        start = (16 + count * 12 + 7) & ~7
-    if data[start:start + len(_CACHE_MAGIC)] != _CACHE_MAGIC:
-        return {}
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_CACHE:
+            raise ElfError(f"{path} is not a regular file of at most {_MAX_CACHE} bytes")
+        try:
+            data = handle.read()
+        except OSError:
+            return {}
     found: dict[str, list[str]] = {}
-    try:
-        (count,) = struct.unpack_from("=I", data, start + 20)
+
+    def table(first: int, count: int, size: int, strings: int) -> None:
+        count = min(count, max(0, (len(data) - first) // size))
         for i in range(count):
-            _, key, value, _, _ = struct.unpack_from("=iIIIQ", data, start + 48 + i * 24)
-            # New-format string offsets count from the start of the new header.
-            name = data[start + key:].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            target = data[start + value:].split(b"\0", 1)[0].decode("utf-8",
-                                                                  "surrogateescape")
-            found.setdefault(name, []).append(target)
-    except struct.error:
-        return found
+            _, key, value = struct.unpack_from("=iII", data, first + i * size)
+            found.setdefault(_string(data, strings + key), []).append(
+                _string(data, strings + value))
+
+    new = 0
+    if data.startswith(_OLD_CACHE_MAGIC) and len(data) >= 16:
+        (count,) = struct.unpack_from("=I", data, 12)
+        # Old-format string offsets count from the end of its table.
+        table(16, count, 12, 16 + count * 12)
+        new = (16 + count * 12 + 7) & ~7
+    if data[new:new + len(_CACHE_MAGIC)] == _CACHE_MAGIC and len(data) >= new + 48:
+        (count,) = struct.unpack_from("=I", data, new + 20)
+        # New-format string offsets count from the start of the new header.
+        table(new + 48, count, 24, new)
     return found
+
+
+def _string(data: bytes, at: int) -> str:
+    """The NUL-terminated string at `at` ("" outside the data), without copying the
+    rest of the data."""
+    if not 0 <= at < len(data):
+        return ""
+    end = data.find(b"\0", at)
+    return data[at:end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
 
 
 def _in_dir(directory: str, soname: str) -> list[str]:
@@ -234,14 +266,21 @@ def closure(executable: str, visit: Callable[[str, bytes], None] | None = None,
         if real in parsed:
             return parsed[real]
         try:
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Not blocking on a FIFO, nor reading a device or a huge sparse file: a
+            # candidate is any name an intruder can plant in a searched directory.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             with os.fdopen(fd, "rb") as handle:
-                data = handle.read()
+                info = os.fstat(handle.fileno())
+                if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_OBJECT:
+                    raise ElfError(f"{real} is not a regular file of at most "
+                                   f"{_MAX_OBJECT} bytes")
+                data = handle.read(64)
+                if want is not None and _ident(data) != (want.bits, want.machine):
+                    parsed[real] = None
+                    return None
+                data += handle.read(_MAX_OBJECT)
         except OSError as exc:
             raise ElfError(f"cannot read {real}: {exc.strerror}") from None
-        if want is not None and _ident(data) != (want.bits, want.machine):
-            parsed[real] = None
-            return None
         if visit is not None:
             visit(real, data)  # judged before anything of it is believed
         elf = parse(data, real)
@@ -264,7 +303,7 @@ def closure(executable: str, visit: Callable[[str, bytes], None] | None = None,
             found = False
             # Directory by directory, as ld.so searches: the first that holds a file
             # of the loader's machine ends the search (all its candidates count).
-            for group in _candidates(soname, loader, cache):
+            for group, final in _candidates(soname, loader, cache):
                 for path in group:
                     elf = load(path, loader.elf)
                     if elf is None:
@@ -275,7 +314,7 @@ def closure(executable: str, visit: Callable[[str, bytes], None] | None = None,
                         queued.add(real)
                         own = [] if elf.runpath else _dirs(elf.rpath, path, path)
                         queue.append(_Loaded(path, elf, own + loader.rpaths))
-                if found:
+                if found and final:
                     break
             if not found:
                 raise ElfError(f"{loader.path} needs {soname}, which is found nowhere "
@@ -289,17 +328,23 @@ def _dirs(entries: tuple[str, ...], path: str, name: str) -> list[str]:
 
 
 def _candidates(soname: str, loader: _Loaded,
-                cache: dict[str, list[str]]) -> list[list[str]]:
+                cache: dict[str, list[str]]) -> list[tuple[list[str], bool]]:
     """The files ld.so could load for one DT_NEEDED entry of `loader`, as groups in
-    the order it searches them (a group: one directory's, or the cache's)."""
+    the order it searches them (a group: one directory's, or the cache's), each with
+    whether finding the name there ends the search.
+
+    The cache's group never does: ld.so takes an entry only if its flags and hwcaps
+    suit the host, else it goes on to the default directories, and the cache is a
+    root-writable file. So the first default directory holding the name is judged
+    too, whatever the cache says."""
     if "/" in soname:
         if not soname.startswith("/"):
             raise ElfError(f"{loader.path} needs {soname}, a path relative to the "
                            "working directory")
-        return [[soname]]
+        return [([soname], True)]
     searched = [] if loader.elf.runpath else list(loader.rpaths)
     searched += _dirs(loader.elf.runpath, loader.path, loader.path)
-    groups = [_in_dir(d, soname) for d in searched]
-    groups.append([p for p in cache.get(soname, []) if os.path.lexists(p)])
-    groups += [_in_dir(d, soname) for d in default_dirs(loader.elf)]
-    return [g for g in groups if g]
+    groups = [(_in_dir(d, soname), True) for d in searched]
+    groups.append(([p for p in cache.get(soname, []) if os.path.lexists(p)], False))
+    groups += [(_in_dir(d, soname), True) for d in default_dirs(loader.elf)]
+    return [(g, final) for g, final in groups if g]

@@ -103,9 +103,9 @@ class PinnedTools:
                     f"{member})" if "differs" in why else "")
             raise ToolRefused(f"{shown} {why}: {unused}{hint}")
 
-        if self._cache is None:
-            self._cache = read_cache()
         try:
+            if self._cache is None:
+                self._cache = read_cache()
             closure(real, visit, self._cache)
         except ElfError as exc:
             raise ToolRefused(f"{exc}: {unused}") from None

@@ -232,3 +232,39 @@ def test_a_fifo_or_device_as_a_library_is_refused_not_read(
         thread.join(20)
         assert outcome, f"the walk did not end with {soname} a FIFO or device"
         assert isinstance(outcome[0], ElfError) and "not a regular file" in str(outcome[0])
+
+
+def test_a_binfmt_misc_entry_claiming_the_tool_refuses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel asks binfmt_misc before its ELF loader: an entry whose magic matches
+    gpgv's ELF header runs the intruder's interpreter in gpgv's place, every file of
+    gpgv's closure still as the baseline recorded it."""
+    from integrity.packages import pinned
+
+    files = closure(GPGV)
+    recorded = _recorded(files)
+
+    def check(path: str, data: bytes) -> str | None:
+        return None if hashlib.sha256(data).digest() == recorded.get(path) else "differs"
+
+    binfmt = tmp_path / "binfmt_misc"
+    binfmt.mkdir()
+    (binfmt / "status").write_text("enabled\n")
+    (binfmt / "register").write_text("")
+    head = Path(GPGV).read_bytes()[:20]
+    other = head[:18] + b"\xb7\x00"  # aarch64: not gpgv's machine
+    (binfmt / "qemu-aarch64").write_text(
+        f"enabled\ninterpreter /usr/bin/qemu-aarch64\nflags: F\noffset 0\n"
+        f"magic {other.hex()}\nmask {'ff' * 20}\n")
+    (binfmt / "off").write_text(f"disabled\ninterpreter /tmp/evil\nflags: \noffset 0\n"
+                                f"magic {head.hex()}\n")
+    monkeypatch.setattr(pinned, "BINFMT_MISC", str(binfmt), raising=False)
+    absent = str(tmp_path / "absent")
+    assert PinnedTools(check, preload=absent).resolve(GPGV) == os.path.realpath(GPGV)
+    (binfmt / "elf").write_text(
+        f"enabled\ninterpreter /tmp/evil\nflags: F\noffset 0\nmagic {head[:8].hex()}\n"
+        f"mask ffffffffffff00ff\n")
+    with pytest.raises(ToolRefused, match="binfmt_misc entry .*elf would run /tmp/evil"):
+        PinnedTools(check, preload=absent).resolve(GPGV)
+    (binfmt / "status").write_text("disabled\n")
+    assert PinnedTools(check, preload=absent).resolve(GPGV) == os.path.realpath(GPGV)

@@ -7,9 +7,10 @@ path is what is checked and what is executed, never a PATH lookup), its ELF
 interpreter and every shared library ld.so could load for it (`elfdeps`) must each
 hold exactly the bytes the baseline records for that path, judged by the same check
 that pins apt's keyrings (`Approver.baseline_check`); /etc/ld.so.preload must be
-absent or empty; and the tool runs with a fixed environment (no LD_*, no PATH of the
-caller's). The pin is to the baseline, not to dpkg's database: this evidence must hold
-when dpkg's database lies.
+absent or empty; no enabled binfmt_misc entry may claim the executable (the kernel
+would run that entry's interpreter in its place); and the tool runs with a fixed
+environment (no LD_*, no PATH of the caller's). The pin is to the baseline, not to
+dpkg's database: this evidence must hold when dpkg's database lies.
 
 Each tool is checked once per instance (one approval run). A tool upgraded since the
 baseline (gpgv in the same upgrade, or any library of its closure, libc included) is
@@ -30,6 +31,8 @@ from integrity.packages.elfdeps import ElfError, closure, read_cache
 BaselineCheck = Callable[[str, bytes], "str | None"]
 
 PRELOAD = "/etc/ld.so.preload"
+#: Where the kernel's binfmt_misc entries are listed (when it is mounted there).
+BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
 #: Everything a pinned tool sees of the environment, besides what a caller adds.
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -53,13 +56,64 @@ def preload_refusal(path: str | None = None) -> str | None:
     return f"{path} names a library that every program would load"
 
 
+def binfmt_refusal(real: str, head: bytes, directory: str | None = None) -> str | None:
+    """Why `real` would not run as the program it is, or None: an enabled binfmt_misc
+    entry matches its first bytes (`head`) or its name's extension, and the kernel asks
+    binfmt_misc before its own ELF loader, so that entry's interpreter would run
+    instead, fed the judged file. An entry that cannot be read counts as matching.
+
+    Limit: only the instance mounted at `directory` is seen; one registered through a
+    mount made in another mount namespace is not listed here."""
+    directory = BINFMT_MISC if directory is None else directory
+    try:
+        names = sorted(os.listdir(directory))
+        with open(os.path.join(directory, "status"), "rb") as handle:
+            if handle.read().strip() == b"disabled":
+                return None
+    except OSError:
+        return None
+    buf = head[:256].ljust(256, b"\0")  # the kernel's BINPRM_BUF_SIZE, zero-filled
+    for name in names:
+        if name in ("register", "status"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, "rb") as handle:
+                lines = handle.read().decode("ascii", "replace").splitlines()
+        except OSError as exc:
+            return f"binfmt_misc entry {path} cannot be read ({exc.strerror})"
+        if not lines or lines[0] != "enabled":
+            continue
+        fields = dict(line.partition(" ")[::2] for line in lines[1:])
+        if "extension" in fields:
+            # The kernel compares what follows the last dot of the executed path.
+            dot = real.rfind(".")
+            matches = dot >= 0 and "." + real[dot + 1:] == fields["extension"]
+        else:
+            try:
+                offset = int(fields.get("offset", "0"))
+                magic = bytes.fromhex(fields.get("magic", ""))
+                mask = bytes.fromhex(fields["mask"]) if "mask" in fields \
+                    else b"\xff" * len(magic)
+            except ValueError:
+                return f"binfmt_misc entry {path} cannot be read"
+            matches = all((buf[offset + i] ^ magic[i]) & mask[i] == 0
+                          for i in range(len(magic)) if offset + i < len(buf))
+        if matches:
+            return (f"binfmt_misc entry {path} would run {fields.get('interpreter', '?')} "
+                    f"in place of {real}")
+    return None
+
+
 class PinnedTools:
     """Resolves tools to the real path of an executable whose whole ELF closure the
     baseline vouches for (`check`; None: no baseline, so no tool is trusted)."""
 
-    def __init__(self, check: BaselineCheck | None, preload: str | None = None) -> None:
+    def __init__(self, check: BaselineCheck | None, preload: str | None = None,
+                 binfmt: str | None = None) -> None:
         self._check = check
         self._preload = preload
+        self._binfmt = binfmt
         self._cache: dict[str, list[str]] | None = None
         self._tools: dict[str, str | ToolRefused] = {}
 
@@ -109,4 +163,12 @@ class PinnedTools:
             closure(real, visit, self._cache)
         except ElfError as exc:
             raise ToolRefused(f"{exc}: {unused}") from None
+        try:
+            with open(real, "rb") as handle:
+                head = handle.read(256)
+        except OSError as exc:
+            raise ToolRefused(f"cannot read {real}: {exc.strerror}: {unused}") from None
+        why = binfmt_refusal(real, head, self._binfmt)
+        if why is not None:
+            raise ToolRefused(f"{why}: {unused}")
         return real

@@ -4,13 +4,17 @@ served by a running watcher, fetched over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
+import selectors
 import socket
 import sqlite3
 import stat
+import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +231,184 @@ def test_a_port_in_use_is_logged_and_the_watcher_keeps_watching(tmp_path: Path) 
         finally:
             daemon.kill()
     assert json.dumps(site.status()["watcher"]["state"]) == '"stopped"'
+
+
+
+# --- /metrics under attack: whoever reaches the listen address must not blind the watcher.
+
+#: The watcher's descriptor limit in the attack tests. systemd gives a service 1024 (soft)
+#: unless the unit says otherwise; 256 lets 300 connections make the same point.
+NOFILE = 256
+FLOOD = 300
+
+
+@contextlib.contextmanager
+def nofile(soft: int) -> Iterator[None]:
+    """Children started inside inherit a soft descriptor limit of `soft`."""
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+
+
+def server_behind(port: int) -> bool:
+    """Whether connections to 127.0.0.1:`port` are not yet all taken by the server
+    (/proc/net/tcp): handshakes under way (SYN_SENT, SYN_RECV), bytes a client sent
+    that the server's kernel has not acknowledged (tx_queue), or connections queued
+    on the listener that the server has not accepted (a LISTEN socket's rx_queue)."""
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote = (int(fields[1].split(":")[1], 16),
+                             int(fields[2].split(":")[1], 16))
+            state, (sending, queued) = fields[3], (
+                int(n, 16) for n in fields[4].split(":"))
+            if (remote == port and (state == "02" or (state == "01" and sending))) \
+                    or (local == port and (state == "03" or (state == "0A" and queued))):
+                return True
+    return False
+
+
+def open_idle(port: int, count: int, timeout: float = 30.0) -> list[socket.socket]:
+    """`count` connections that send the start of a request and never the rest (the
+    classic slowloris; the bytes sent also make the server's kernel keep a connection
+    its full queue would otherwise forget), opened all at once. Returns once the
+    server has accepted (or dropped) every one of them, or at `timeout` when it can
+    accept no more."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        socks.append(sock)
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as connecting:
+        for sock in socks:
+            connecting.register(sock, selectors.EVENT_WRITE)
+        while (connecting.get_map() or server_behind(port)) \
+                and time.monotonic() < deadline:
+            for key, _ in connecting.select(0.05):
+                connecting.unregister(key.fileobj)
+                try:
+                    key.fileobj.send(b"GET /metrics HTTP/1.1\r\n")  # type: ignore[union-attr]
+                except OSError:
+                    pass  # refused or already dropped by the server
+    return socks
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/task")), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metrics_site(tmp_path: Path) -> tuple[Any, int]:
+    from test_service import Site
+
+    site = Site(tmp_path)
+    port = free_port()
+    site.policy.write_text(site.policy.read_text()
+                           + f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    assert site.cli("init").exit_code == 0
+    return site, port
+
+
+def test_idle_connections_neither_blind_the_watcher_nor_lock_out_scrapes(
+        tmp_path: Path) -> None:
+    """300 connections that never finish a request: the watcher keeps its threads and
+    descriptors (one thread each and no timeout would exhaust its 256 descriptors, and
+    a changed file would then be recorded as "Too many open files", unchecked and
+    unalerted), a scrape is still answered, and a change is still checked and alerted."""
+    from test_service import Daemon
+
+    site, port = metrics_site(tmp_path)
+    with nofile(NOFILE):
+        daemon = Daemon(site)
+    flood: list[socket.socket] = []
+    try:
+        daemon.wait_running()
+        threads, fds = threads_and_fds(daemon.pid)
+        flood = open_idle(port, FLOOD)
+        during = threads_and_fds(daemon.pid)
+        assert during[0] <= threads + 2, f"{during[0] - threads} threads more under flood"
+        assert during[1] <= fds + 32, f"{during[1] - fds} descriptors more under flood"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                    timeout=10) as response:
+            assert response.status == 200
+            types, values = samples(parse_text(response.read().decode()))
+        assert set(SPEC_NAMES) <= set(types)
+        assert values[("integrity_watcher_up", ())] == 1
+        target = site.tree / "a.conf"
+        target.write_text("changed while /metrics is flooded\n")
+        event = wait_until(lambda: [e for e in site.events(target) if e["kind"] == "modified"],
+                           "the change to be checked and recorded as modified", 15)[0]
+        assert "content" in event["changed"]
+        wait_until(lambda: site.alerts_for(target), "the change's alert", 15)
+        assert threads_and_fds(daemon.pid)[0] <= threads + 2
+        assert daemon.terminate() == 0
+    finally:
+        for sock in flood:
+            sock.close()
+        daemon.kill()
+    log = site.stderr()
+    assert "Too many open files" not in log and "Traceback" not in log
+    # Dropped connections are said, a few lines at most: never one per connection.
+    assert 1 <= log.count("metrics: dropped ") <= 3, log
+
+
+def test_slow_and_wrong_requests_are_dropped_and_only_metrics_is_served(
+        tmp_path: Path) -> None:
+    """A request that is never finished is dropped after a few seconds (it held a
+    thread and a descriptor for ever); an oversized one is refused; only GET and HEAD
+    of /metrics are answered."""
+    from test_service import Daemon
+
+    site, port = metrics_site(tmp_path)
+    daemon = Daemon(site)
+
+    def ask(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    try:
+        daemon.wait_running()
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the end
+            slow.setblocking(False)
+
+            def dropped() -> bool:
+                try:
+                    return slow.recv(1) == b""
+                except BlockingIOError:
+                    return False
+                except ConnectionResetError:
+                    return True
+            wait_until(dropped, "the unfinished request to be dropped", 20)
+        get = ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert get.startswith(b"HTTP/1.1 200 ") and b"integrity_baseline_entries" in get
+        head = ask(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert length == len(get.partition(b"\r\n\r\n")[2])
+        assert ask(b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+        assert ask(b"GET /other HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+        assert ask(b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+                   ).startswith(b"HTTP/1.1 405 ")
+        huge = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n"
+        try:  # 431, or a reset: the server closes with the rest of the request unread
+            assert ask(huge).startswith(b"HTTP/1.1 431 ")
+        except ConnectionResetError:
+            pass
+        assert ask(b"not http\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+    assert "Traceback" not in site.stderr()
 
 
 def test_the_grafana_dashboard_queries_only_metrics_we_export(site: Cli, tree: Path) -> None:

@@ -1,5 +1,5 @@
 """Metrics for the dashboards teams already have: OpenMetrics, node_exporter's textfile,
-and /metrics served by the watcher (prometheus_client).
+and the registry the watcher serves on /metrics (realtime/metrics_http.py).
 
 Every value is read from the database when it is collected, so `integrity metrics`,
 the textfile that verify and scheduled scans write, and a scrape of the watcher all
@@ -256,34 +256,3 @@ def textfile_problem(store: Store, policy: Policy, **kwargs: Any) -> str | None:
                 "(metrics not updated)")
     return None
 
-
-class MetricsServer:
-    """/metrics over HTTP for the watcher (prometheus_client's WSGI server)."""
-
-    def __init__(self, address: tuple[str, int], collector: StoreCollector) -> None:
-        self.address = address
-        self.collector = collector
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Listen; OSError (address in use, not permitted) is the caller's to report."""
-        from prometheus_client import start_http_server
-
-        host, port = self.address
-        self._server, self._thread = start_http_server(
-            port, addr=host, registry=registry_for(self.collector))
-
-    @property
-    def port(self) -> int:
-        """The port bound (the one asked for, or the kernel's pick for 0)."""
-        return int(self._server.server_address[1]) if self._server else 0
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None

@@ -2,7 +2,7 @@
 
 One object the daemon (service.py) starts, reloads and stops, so the daemon's own
 life cycle stays as it was: access records for `access = true` rules (access.py),
-prometheus_client's HTTP server on `[metrics] listen`, and node_exporter's textfile
+a bounded /metrics server on `[metrics] listen` (metrics_http.py), and node_exporter's textfile
 after every full scan. Each is best effort and says so: a port in use or a textfile
 directory that is missing is logged, and never stops the watcher from watching.
 """
@@ -13,9 +13,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from integrity.ops.metrics import CHECK_EVERY, Checks, MetricsServer, StoreCollector
+from integrity.ops.metrics import CHECK_EVERY, Checks, StoreCollector
 from integrity.paths import display
 from integrity.policy import Policy
+from integrity.realtime.metrics_http import MetricsServer
 
 if TYPE_CHECKING:
     from integrity.realtime.access import AccessListener

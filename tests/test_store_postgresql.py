@@ -144,3 +144,26 @@ def test_init_verify_approve_and_status_on_postgresql(
     status = cli("status")
     assert status.exit_code == 0, status.stdout
     assert "tamper" not in status.stdout.lower()
+
+
+def test_processes_creating_the_schema_at_once_all_get_it(pg_store_url: str) -> None:
+    # The first use of a fresh database (the watcher's start beside a timer's verify,
+    # or the apt hook): every process finds no schema and migrates. The migration
+    # wrote without the write lock, so all but one failed ("duplicate key value" in
+    # the catalog); on SQLite the one writer at a time made the others wait.
+    import subprocess
+    import sys
+
+    code = ("import sys; from integrity.store import Store; "
+            "Store(sys.argv[1]).close(); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, pg_store_url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read())  # type: ignore[union-attr]
+               for p in procs]
+    assert [(code, out) for code, out, _ in results] == [(0, "ok\n")] * 6, results
+    store = Store(pg_store_url)
+    try:
+        assert store.revision() == engine.HEAD
+    finally:
+        store.close()

@@ -472,7 +472,12 @@ class Database:
                     driver.execute("PRAGMA journal_mode = WAL")
                 finally:
                     raw.close()
-            with self.engine.connect() as conn:
+            # On PostgreSQL a migration is a write like any other: under the write
+            # lock, so processes meeting an empty database (or one upgrade) take
+            # turns and the later ones find the schema at head. SQLite's deferred
+            # BEGIN makes them take turns already.
+            with (self.writer() if self.engine.dialect.name == "postgresql"
+                  else self.engine.connect()) as conn:
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
                 conn.commit()

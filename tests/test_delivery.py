@@ -370,3 +370,36 @@ def test_a_flood_of_events_through_a_slow_sink_starves_no_other_sink(
                 dispatcher.stop()
     finally:
         slow.close()
+
+
+def test_an_alert_whose_sink_was_edited_is_not_dropped_as_a_removed_sink(
+        tmp_path: Path) -> None:
+    # The intruder renames the pager's owed critical alert to a sink nobody names
+    # (an edit the chain check reports). Dropping it as owed to a removed sink
+    # deleted the edited row and chained a tombstone over it: the evidence of the
+    # edit was gone, and the report named the intruder's sink. An alert not as the
+    # chain recorded it is tampering to report, not an alert to drop.
+    import sqlite3
+
+    db = tmp_path / "integrity.db"
+    store = Store(f"sqlite:///{db}")
+    routes = [Route("pager", "high"), Route("log", "low")]
+    try:
+        store.events.warn(b"/etc/shadow", "changed", source="scan",
+                                  severity="critical", routes=routes)
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE outbox SET sink = 'gone' WHERE sink = 'pager'")
+        conn.close()
+        assert any("edited" in p for p in store.ledger.check().problems)
+        assert store.outbox.drop_unknown(routes, b"/etc/integrity/policy.toml") == []
+        assert any("edited" in p for p in store.ledger.check().problems)
+        assert [(b.sink, b.pending) for b in store.outbox.backlog()] == [
+            ("gone", 1), ("log", 1)]
+        # An alert as recorded is dropped (and reported) as before.
+        store.events.warn(b"/etc/passwd", "changed", source="scan",
+                          severity="high", routes=routes)
+        [dropped] = store.outbox.drop_unknown(routes[1:], b"/etc/integrity/policy.toml")
+        assert (dropped.sink, dropped.alerts, dropped.severity) == ("pager", 1, "high")
+    finally:
+        store.close()

@@ -20,7 +20,7 @@ from integrity.paths import to_key
 from integrity.policy.severity import SEVERITIES
 from integrity.store import schema as models
 from integrity.store.engine import Database, chunks, inserted_id
-from integrity.store.ledger import forget, journal
+from integrity.store.ledger import forget, journal, journaled
 from integrity.times import iso, utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
@@ -187,6 +187,11 @@ class Outbox:
                 sa.select(o.c.id, o.c.sink, o.c.created, o.c.event_id, e.c.severity)
                 .select_from(o.outerjoin(e, e.c.id == o.c.event_id))
                 .where(which).order_by(o.c.id)).all()
+            # Only alerts as the chain recorded them: one whose sink was edited (or
+            # inserted behind our back) is tampering, which dropping it with a
+            # tombstone would erase; it stays for the chain check to report.
+            sound = journaled(conn, "outbox", [row.id for row in rows])
+            rows = [row for row in rows if row.id in sound]
             ids = [row.id for row in rows]
             for chunk in chunks(ids):
                 conn.execute(o.delete().where(o.c.id.in_(chunk)))

@@ -403,3 +403,27 @@ def test_an_alert_whose_sink_was_edited_is_not_dropped_as_a_removed_sink(
         assert (dropped.sink, dropped.alerts, dropped.severity) == ("pager", 1, "high")
     finally:
         store.close()
+
+
+def test_prune_keeps_an_event_whose_alert_is_still_owed(tmp_path: Path) -> None:
+    # The intruder firewalls the pager (its critical alert stays owed), closes the
+    # event (approve) and prunes: the event went, and the dispatcher, finding no
+    # event for the owed alert, deleted it as sent. The alert vanished with nothing
+    # but a prune checkpoint to show for it.
+    import datetime as dt
+
+    store = Store(f"sqlite:///{tmp_path / 'integrity.db'}")
+    try:
+        event = store.events.warn(b"/etc/shadow", "changed", source="scan",
+                                  severity="critical", resolved=True,
+                                  routes=[Route("pager", "high")])
+        later = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) + dt.timedelta(hours=1)
+        assert store.ledger.prune(later)[0] == 0
+        assert [e["id"] for e in store.events.list(ids=[event])] == [event]
+        [owed] = store.outbox.due("pager")
+        assert owed.event_id == event
+        store.outbox.delivered([owed.id])  # once the pager took it, it may go
+        assert store.ledger.prune(later)[0] == 1
+        assert store.ledger.check().problems == []
+    finally:
+        store.close()

@@ -324,15 +324,19 @@ class Ledger:
         return report
 
     def prune(self, older_than: dt.datetime) -> tuple[int, str]:
-        """Delete closed events last seen before `older_than` (and approvals none of
-        whose events remain), leaving a chained checkpoint; return (events removed,
+        """Delete closed events last seen before `older_than` whose alerts were all
+        delivered (and approvals none of whose events remain), leaving a chained checkpoint; return (events removed,
         new head). The digests of the ledger rows it replaces are archived."""
         e, a, led = models.event, models.approval, models.ledger
         w, acc = models.maintenance_window, models.access
         with self.db.writer() as conn, conn.begin():
             old_head = _head(conn)
+            # An event still owed to a sink stays: without it the dispatcher has
+            # nothing to send, and its alert would go as if delivered.
+            owed = sa.select(models.outbox.c.event_id)
             gone = list(conn.execute(sa.select(e.c.id).where(
-                e.c.status != "open", e.c.last_seen < older_than)).scalars())
+                e.c.status != "open", e.c.last_seen < older_than,
+                e.c.id.not_in(owed))).scalars())
             # Changes counted by the events about to go, so that totals (metrics'
             # integrity_changes_total) never go down: kept in the checkpoint.
             pruned = _pruned_changes(conn)

@@ -427,3 +427,32 @@ def test_prune_keeps_an_event_whose_alert_is_still_owed(tmp_path: Path) -> None:
         assert store.ledger.check().problems == []
     finally:
         store.close()
+
+
+def test_an_alert_whose_sink_was_edited_is_not_delivered_to_that_sink(
+        tmp_path: Path) -> None:
+    # The same edit pointed at another sink the policy names: the row was sent there
+    # and deleted under a tombstone, so the pager never heard of it and the chain
+    # check no longer showed the edit.
+    import sqlite3
+
+    db = tmp_path / "integrity.db"
+    store = Store(f"sqlite:///{db}")
+    routes = [Route("pager", "critical"), Route("log", "critical")]
+    try:
+        store.events.warn(b"/etc/shadow", "changed", source="scan",
+                          severity="critical", routes=routes)
+        [first] = store.outbox.due("log")
+        store.outbox.delivered([first.id])
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE outbox SET sink = 'log' WHERE sink = 'pager'")
+        conn.close()
+        assert store.outbox.due("log") == [] and store.outbox.due("pager") == []
+        assert any("edited" in p for p in store.ledger.check().problems)
+        # Alerts as recorded after it are still sent, past the edited one.
+        second = store.events.warn(b"/etc/passwd", "changed", source="scan",
+                                   severity="critical", routes=routes)
+        assert [p.event_id for p in store.outbox.due("log", limit=1)] == [second]
+    finally:
+        store.close()

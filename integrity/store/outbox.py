@@ -106,16 +106,30 @@ class Outbox:
     def due(self, sink: str, limit: int = 500,
             now: dt.datetime | None = None) -> list[Pending]:
         """A sink's alerts whose time has come (or was put off further than any
-        retry), oldest first."""
+        retry), oldest first.
+
+        Only alerts as the chain recorded them: one whose sink was edited to this
+        one (or inserted behind our back) would otherwise be sent and deleted under
+        a tombstone, erasing the edit; it stays owed for the chain check to report.
+        """
         o = models.outbox
         now = now or utcnow()
-        with self.db.reader() as conn:
-            rows = conn.execute(
-                sa.select(o.c.id, o.c.event_id, o.c.created, o.c.attempts)
-                .where(o.c.sink == sink, sa.or_(o.c.next_attempt <= now,
-                                                o.c.next_attempt > now + LATEST_RETRY))
-                .order_by(o.c.id).limit(limit)).all()
-        return [Pending(*row) for row in rows]
+        found: list[Pending] = []
+        after = 0
+        with self.db.reader() as conn, conn.begin():
+            while len(found) < limit:
+                rows = conn.execute(
+                    sa.select(o.c.id, o.c.event_id, o.c.created, o.c.attempts)
+                    .where(o.c.sink == sink, o.c.id > after,
+                           sa.or_(o.c.next_attempt <= now,
+                                  o.c.next_attempt > now + LATEST_RETRY))
+                    .order_by(o.c.id).limit(limit)).all()
+                if not rows:
+                    break
+                sound = journaled(conn, "outbox", [row.id for row in rows])
+                found += [Pending(*row) for row in rows if row.id in sound]
+                after = rows[-1].id
+        return found[:limit]
 
     def delivered(self, ids: Sequence[int]) -> None:
         """Forget alerts the sink took."""

@@ -77,8 +77,9 @@ class PackageManagers:
     another tree point them elsewhere. ``apt_etc`` holds apt's sources and keyrings;
     ``keyring_check`` judges the bytes of each keyring and of each file of the tools
     the signed archive is read with (approval pins them to the baseline; None trusts
-    none, so nothing is signed-archive). One instance checks each tool once. ``require_signed``: only the
-    signed archive vouches for content, links and attributes. ``rpm`` is the rpm
+    none, so nothing is signed-archive). One instance checks each tool once.
+    ``require_signed``: only the signed archive vouches for content, links and
+    attributes. ``rpm`` is the rpm
     command (None disables rpm) and ``rpm_dbpath`` an alternative rpm database.
     """
 

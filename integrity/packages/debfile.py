@@ -9,9 +9,9 @@ each file held, with its mode and owner, independently of dpkg's root-writable d
 
 A release file vouches only for an install apt can have made from it (`Signed.refusal`):
 one whose `Valid-Until` had passed before it is one apt would have refused as expired
-(one signed after it is the daily `apt update`'s refresh, and vouches). The install is dated by
-dpkg's log, and never earlier than the changed path was last seen as recorded (the
-change came after that, whatever the root-writable log says).
+(one signed after it is the daily `apt update`'s refresh, and vouches). The install is
+dated by dpkg's log, and never earlier than the changed path was last seen as
+recorded (the change came after that, whatever the root-writable log says).
 
 Limit: an intruder must now forge the archive's signature or change a baseline-pinned
 keyring (which approvals then refuse), or replace gpgv or dpkg-deb or a library they

@@ -325,8 +325,9 @@ class Ledger:
 
     def prune(self, older_than: dt.datetime) -> tuple[int, str]:
         """Delete closed events last seen before `older_than` whose alerts were all
-        delivered (and approvals none of whose events remain), leaving a chained checkpoint; return (events removed,
-        new head). The digests of the ledger rows it replaces are archived."""
+        delivered (and approvals none of whose events remain), leaving a chained
+        checkpoint; return (events removed, new head). The digests of the ledger rows
+        it replaces are archived."""
         e, a, led = models.event, models.approval, models.ledger
         w, acc = models.maintenance_window, models.access
         with self.db.writer() as conn, conn.begin():

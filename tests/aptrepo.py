@@ -57,6 +57,13 @@ class SigningKey:
         """The public key ASCII-armored (what trusted.gpg.d/*.asc holds)."""
         return _gpg(self.home, "--armor", "--export")
 
+    @property
+    def fingerprint(self) -> str:
+        """The key's fingerprint (40 hex digits), as Signed-By may name it."""
+        listing = _gpg(self.home, "--with-colons", "--fingerprint").decode()
+        return next(line.split(":")[9] for line in listing.splitlines()
+                    if line.startswith("fpr:"))
+
     def detach_sign(self, text: bytes) -> bytes:
         """A detached signature of `text`, as Release.gpg is."""
         return _gpg(self.home, "--detach-sign", "--digest-algo", "SHA256", text=text)

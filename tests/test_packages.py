@@ -533,6 +533,37 @@ def test_armored_and_inline_keys_verify(tmp_path: Path, archive_key: SigningKey,
     assert lists.sha256s(PKG, "1.1", "all") == set()
 
 
+def test_signed_by_fingerprints_restrict_the_keys_that_may_sign(
+        tmp_path: Path, archive_key: SigningKey, debs: dict[str, Path]) -> None:
+    """Signed-By naming a fingerprint (sources.list(5)): apt's global keyrings, but only
+    that key may sign the source's lists. Another key those keyrings trust, say a
+    third party's, signing this source's lists vouches for nothing."""
+    from integrity.packages.debfile import AptLists
+
+    other = SigningKey.generate(tmp_path / "other-gnupg", "other")
+    try:
+        repo = AptRepo(tmp_path / "repo", archive_key)
+        stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
+        (repo.etc / "sources.list.d" / "test.sources").unlink()
+        (repo.etc / "trusted.gpg.d").mkdir()
+        rings = [repo.etc / "trusted.gpg.d" / f"{n}.asc" for n in ("archive", "other")]
+        rings[0].write_bytes(archive_key.armored())
+        rings[1].write_bytes(other.armored())
+        for named in (archive_key.fingerprint, archive_key.fingerprint.lower() + "!"):
+            (repo.etc / "sources.list").write_text(
+                f"deb [signed-by={named}] http://deb.example.invalid/debian stable main\n")
+            repo.publish(stanza)
+            lists = AptLists(str(repo.lists), str(repo.etc), Pinned(*rings).check)
+            assert lists.sha256s(PKG, "1.1", "all") == {sha256(debs["1.1"])}, named
+            repo.publish(stanza, sign_with=other)
+            lists = AptLists(str(repo.lists), str(repo.etc), Pinned(*rings).check)
+            assert lists.sha256s(PKG, "1.1", "all") == set(), named
+            assert (f"signed by key {other.fingerprint}, which its source's Signed-By "
+                    "does not name") in lists.why_unlisted(PKG, "1.1", "all")
+    finally:
+        other.stop()
+
+
 def test_release_with_a_detached_signature(system: System, debs: dict[str, Path]) -> None:
     """Release and Release.gpg instead of InRelease (older repositories): the same."""
     system.install(debs["1.1"])

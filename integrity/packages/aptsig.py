@@ -3,11 +3,12 @@
 apt checks an index against the InRelease it verified before storing it, but what lies
 in /var/lib/apt/lists afterwards is only root-writable files. Here each InRelease (or
 Release with its detached Release.gpg) is verified again with gpgv against the keyrings
-apt trusts (Signed-By of the sources, else trusted.gpg and trusted.gpg.d), and a keyring
-is used only when the caller's `KeyringCheck` accepts its bytes: approval pins them to
-the integrity baseline, so a keyring an intruder replaced signs nothing. gpgv reads
-private copies of exactly the bytes judged, and only the signed text gpgv writes out
-is parsed. gpgv itself is believed only as the baseline recorded it, with every
+apt trusts (Signed-By of the sources, else trusted.gpg and trusted.gpg.d; Signed-By's
+fingerprints restrict which of their keys may sign, checked on gpgv's VALIDSIG), and a
+keyring is used only when the caller's `KeyringCheck` accepts its bytes: approval pins
+them to the integrity baseline, so a keyring an intruder replaced signs nothing. gpgv
+reads private copies of exactly the bytes judged, and only the signed text gpgv writes
+out is parsed. gpgv itself is believed only as the baseline recorded it, with every
 library it loads (`pinned`): a gpgv that says GOODSIG to anything signs nothing.
 """
 
@@ -36,6 +37,8 @@ _ARMOR = re.compile(rb"-----BEGIN PGP PUBLIC KEY BLOCK-----(.*?)-----END PGP PUB
                     rb"BLOCK-----", re.S)
 #: What apt's URItoFileName quotes as %xx, besides control characters and non-ASCII.
 _QUOTED = set(b'\\|{}[]<>"^~_=!@#$%&*')
+#: A key fingerprint in Signed-By (v4: 40 hex digits, v5: 64), "!" for that key only.
+_FINGERPRINT = re.compile(r"(?:[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})!?")
 _BAD_STATUS = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NODATA", "NO_PUBKEY"}
 _HASHES = re.compile(rb"^SHA256:[ \t]*\n((?:[ \t]+\S.*\n?)*)", re.M)
 #: RFC 1123 as apt reads a Release's dates (RFC1123StrToTime): UTC spelled GMT, UTC, Z
@@ -59,6 +62,9 @@ class Source:
     keyrings: tuple[str, ...]
     #: The sources file a Signed-By key block is written in (inline key), else None.
     inline_in: str | None = None
+    #: Fingerprints Signed-By names: only those keys (and their subkeys, unless the
+    #: fingerprint ends in "!") may sign, whichever keyrings hold them.
+    fingerprints: tuple[str, ...] = ()
 
 
 def list_prefix(uri: str, suite: str) -> str:
@@ -102,14 +108,16 @@ def read_sources(etc: str) -> list[Source]:
     return found
 
 
-def _signed_by(value: str, path: str) -> tuple[tuple[str, ...], str | None]:
-    """Keyring paths of a Signed-By value; an inline key block means the sources file
-    itself. Fingerprints (which select keys of apt's global keyrings) are not paths:
-    with only those, the global keyrings are used, every key of which the baseline
-    pinned."""
+def _signed_by(value: str, path: str
+               ) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+    """(keyring paths, sources file holding an inline key block or None, fingerprints)
+    of a Signed-By value. With fingerprints and no keyring, apt's global keyrings are
+    used, restricted to those keys (sources.list(5))."""
     if "BEGIN PGP PUBLIC KEY BLOCK" in value:
-        return (), path
-    return tuple(v for v in re.split(r"[\s,]+", value) if v.startswith("/")), None
+        return (), path, ()
+    words = [v for v in re.split(r"[\s,]+", value) if v]
+    return (tuple(v for v in words if v.startswith("/")), None,
+            tuple(v.upper() for v in words if _FINGERPRINT.fullmatch(v)))
 
 
 def _deb822_sources(text: str, path: str) -> list[Source]:
@@ -129,10 +137,11 @@ def _deb822_sources(text: str, path: str) -> list[Source]:
         if "deb" not in fields.get("types", "").split() or \
                 fields.get("enabled", "yes").lower() == "no":
             continue
-        keyrings, inline = _signed_by(fields.get("signed-by", ""), path)
+        keyrings, inline, fingerprints = _signed_by(fields.get("signed-by", ""), path)
         for uri in fields.get("uris", "").split():
             for suite in fields.get("suites", "").split():
-                found.append(Source(list_prefix(uri, suite), keyrings, inline))
+                found.append(Source(list_prefix(uri, suite), keyrings, inline,
+                                    fingerprints))
     return found
 
 
@@ -145,12 +154,14 @@ def _one_line_sources(text: str) -> list[Source]:
         options = re.match(r"deb\s+\[([^\]]*)\]\s*(.*)", line)
         words = (options.group(2) if options else line[4:]).split()
         keyrings: tuple[str, ...] = ()
+        fingerprints: tuple[str, ...] = ()
         for option in (options.group(1).split() if options else []):
             key, _, value = option.partition("=")
             if key.lower() == "signed-by":
-                keyrings = tuple(v for v in value.split(",") if v.startswith("/"))
+                keyrings, _, fingerprints = _signed_by(value, "")
         if len(words) >= 2:
-            found.append(Source(list_prefix(words[0], words[1]), keyrings))
+            found.append(Source(list_prefix(words[0], words[1]), keyrings,
+                                fingerprints=fingerprints))
     return found
 
 
@@ -225,6 +236,15 @@ class Verifier:
             return (sorted({k for s in signed for k in s.keyrings}),
                     next((s.inline_in for s in signed if s.inline_in), None))
         return self._global_keyrings(), None
+
+    def fingerprints_for(self, release: str) -> set[str]:
+        """The keys Signed-By restricts a release file of the lists directory to (by
+        fingerprint, "!" for that exact key); empty when it names none."""
+        if self._sources is None:
+            self._sources = read_sources(self._etc)
+        name = os.path.basename(release)
+        return {f for s in self._sources if name.startswith(s.prefix)
+                and name[len(s.prefix):] in ("InRelease", "Release") for f in s.fingerprints}
 
     def _copy(self, path: str, inline: bool = False) -> str:
         """A private copy of a keyring's judged bytes, binary; KeyringError if unusable."""
@@ -307,18 +327,36 @@ class Verifier:
                                   stdin=subprocess.DEVNULL, timeout=60)
         except (OSError, subprocess.SubprocessError) as exc:
             raise KeyringError(f"{name}: cannot run gpgv: {exc}") from None
-        status = [line.split()[1] for line in proc.stdout.decode(errors="replace")
-                  .splitlines() if line.startswith("[GNUPG:] ") and len(line.split()) > 1]
+        lines = [line.split()[1:] for line in proc.stdout.decode(errors="replace")
+                 .splitlines() if line.startswith("[GNUPG:] ") and len(line.split()) > 1]
+        status = [words[0] for words in lines]
         bad = sorted(set(status) & _BAD_STATUS)
         if proc.returncode != 0 or bad or "GOODSIG" not in status \
                 or "VALIDSIG" not in status:
             detail = ", ".join(bad) or f"gpgv exit status {proc.returncode}"
             note = f"; {'; '.join(refused)}" if refused else ""
             raise KeyringError(f"{name}: bad signature ({detail}){note}")
+        allowed = self.fingerprints_for(release)
+        if allowed:
+            _named_key(name, [words for words in lines if words[0] == "VALIDSIG"], allowed)
         if signature is not None:
             return data
         with open(text, "rb") as handle:
             return handle.read()
+
+
+def _named_key(name: str, validsigs: list[list[str]], allowed: set[str]) -> None:
+    """KeyringError unless every valid signature is by a key Signed-By names: the
+    signing (sub)key's fingerprint is VALIDSIG's first field, its primary key's the
+    last (gpg's DETAILS); "FPR!" accepts that exact key only, "FPR" its subkeys too."""
+    for words in validsigs:
+        signing = words[1].upper() if len(words) > 1 else ""
+        primary = words[-1].upper() if len(words) > 10 else signing
+        if f"{signing}!" in allowed or signing in allowed or primary in allowed:
+            continue
+        named = ", ".join(sorted(allowed))
+        raise KeyringError(f"{name}: signed by key {signing or '(unknown)'}, which its "
+                           f"source's Signed-By does not name ({named})")
 
 
 def sha256_entries(signed: bytes) -> dict[str, str]:

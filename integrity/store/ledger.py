@@ -156,13 +156,29 @@ def journaled(conn: sa.Connection, kind: str, ids: Iterable[int]) -> set[int]:
 _STREAMED = {"stream_results": True, "yield_per": 2000}
 
 
-def _newest_snapshots(kind: str, snapshots: Iterable[Any], problems: list[str]
-                      ) -> Iterator[tuple[int, str]]:
+@dataclass
+class _Findings:
+    """Problems in the order the check has always reported them (status shows the
+    first `limit`): the chain's and reused ids' by ledger row, then each kind's rows
+    by id, then records gone, by kind name and id."""
+
+    chain: list[tuple[int, int, str]] = field(default_factory=list)  # (seq, rank, text)
+    rows: list[str] = field(default_factory=list)
+    gone: dict[str, list[str]] = field(default_factory=dict)
+
+    def ordered(self) -> list[str]:
+        chain = sorted(self.chain, key=lambda found: found[:2])
+        return ([text for _, _, text in chain] + self.rows
+                + [text for kind in sorted(self.gone) for text in self.gone[kind]])
+
+
+def _newest_snapshots(kind: str, snapshots: Iterable[Any], found: _Findings
+                      ) -> Iterator[tuple[Any, str]]:
     """(id, newest snapshot, or the tombstone) of each record of a kind, in id order,
     from its ledger rows in (id, seq) order; a record whose identity changed without
     a tombstone between (deleted behind integrity's back, its id reused) is reported."""
     names = _IDENTITY[kind]
-    current: int | None = None
+    current: Any = None
     first: object = None
     content = _TOMBSTONE
     for ref, seq, content_now in snapshots:
@@ -182,13 +198,20 @@ def _newest_snapshots(kind: str, snapshots: Iterable[Any], problems: list[str]
         if first is None:
             first = ident
         elif ident != first:
-            problems.append(f"{kind} {ref}: deleted, and its id reused by another "
-                            f"{kind} (ledger row {seq})")
+            found.chain.append((seq, 2, f"{kind} {ref}: deleted, and its id reused by "
+                                        f"another {kind} (ledger row {seq})"))
     if current is not None:
         yield current, content
 
 
-def _check_records(conn: sa.Connection, kind: str, problems: list[str]) -> None:
+def _below(ref: object, before: int) -> bool:
+    """Whether a record's id comes before table id `before` in the merge. An id
+    integrity never writes (text, a blob: SQLite orders them after every number)
+    matches no row: it comes after them all, and shows as gone."""
+    return isinstance(ref, (int, float)) and ref < before
+
+
+def _check_records(conn: sa.Connection, kind: str, found: _Findings) -> None:
     """Compare a kind's rows with their newest snapshots in the chain: a row the chain
     does not hold, one that differs from it, and a record the chain holds whose row is
     gone are each tampering."""
@@ -200,19 +223,20 @@ def _check_records(conn: sa.Connection, kind: str, problems: list[str]) -> None:
     retry_by = utcnow() + LATEST_RETRY + dt.timedelta(hours=1)
     records = _newest_snapshots(kind, conn.execute(
         sa.select(led.c.ref, led.c.seq, led.c.content).where(led.c.kind == kind)
-        .order_by(led.c.ref, led.c.seq), execution_options=_STREAMED), problems)
+        .order_by(led.c.ref, led.c.seq), execution_options=_STREAMED), found)
     record = next(records, None)
     query = sa.select(table).order_by(table.c.id)
     if kind == "baseline":
         query = query.where(table.c.state == "active")
+    gone_here = found.gone.setdefault(kind, [])
 
-    def gone(before: int | None) -> tuple[int, str] | None:
+    def gone(before: int | None) -> tuple[Any, str] | None:
         """Skip the records below id `before` (None: all), reporting those the chain
         holds (not tombstoned) as deleted; the next record, if any."""
         nonlocal record
-        while record is not None and (before is None or record[0] < before):
+        while record is not None and (before is None or _below(record[0], before)):
             if record[1] != _TOMBSTONE and kind != "baseline":
-                problems.append(f"{kind} {record[0]}: in the ledger but gone (deleted)")
+                gone_here.append(f"{kind} {record[0]}: in the ledger but gone (deleted)")
             record = next(records, None)
         return record
 
@@ -223,22 +247,27 @@ def _check_records(conn: sa.Connection, kind: str, problems: list[str]) -> None:
         at_next = names.index("next_attempt") if kind == "outbox" else -1
         for row in result:
             ref = row[at_id]
-            found = gone(ref)
-            if found is None or found[0] != ref or found[1] == _TOMBSTONE:
+            held = gone(ref)
+            if held is None or held[0] != ref or held[1] == _TOMBSTONE:
                 what = ("the active baseline is not in the ledger (the chain was wiped or "
                         "rewritten)" if kind == "baseline" else
                         "not in the ledger (inserted behind integrity's back)")
-                problems.append(f"{kind} {ref}: {what}")
-            elif found[1] != _snapshot_of(kind, names, row):
-                problems.append(f"{kind} {ref}: differs from its last recorded state "
-                                "(edited)")
+                found.rows.append(f"{kind} {ref}: {what}")
+            elif held[1] != _snapshot_of(kind, names, row):
+                found.rows.append(f"{kind} {ref}: differs from its last recorded state "
+                                  "(edited)")
             elif kind == "outbox" and row[at_next] > retry_by:
-                problems.append(f"outbox {ref}: next attempt {row[at_next]:%Y-%m-%d}, later "
-                                "than any retry integrity schedules (edited)")
-            if found is not None and found[0] == ref:
+                found.rows.append(f"outbox {ref}: next attempt {row[at_next]:%Y-%m-%d}, "
+                                  "later than any retry integrity schedules (edited)")
+            if held is not None and held[0] == ref:
                 record = next(records, None)
     except (ValueError, TypeError) as exc:  # a value integrity never writes
-        problems.append(f"{kind} rows: cannot be read ({exc}): edited outside integrity")
+        found.rows.append(f"{kind} rows: cannot be read ({exc}): edited outside integrity")
+        # Which rows are gone is unknown past the unreadable one: none is reported.
+        # Ids reused show all the same (the chain alone proves them).
+        gone_here.clear()
+        for _ in records:
+            pass
         return
     gone(None)
 
@@ -300,6 +329,7 @@ class Ledger:
         snapshot.
         """
         report = ChainReport()
+        found = _Findings()
         led = models.ledger
         with self.db.reader() as conn:
             prev = None
@@ -309,15 +339,16 @@ class Ledger:
                     execution_options=_STREAMED):
                 report.rows += 1
                 if prev is not None and row_prev != prev:
-                    report.problems.append(f"ledger row {seq}: does not follow row before "
-                                           "it (a ledger row was deleted or edited)")
+                    found.chain.append((seq, 0, f"ledger row {seq}: does not follow row "
+                                        "before it (a ledger row was deleted or edited)"))
                 if not _holds(row_prev, kind, ref, content, digest):
-                    report.problems.append(f"ledger row {seq}: digest does not match its "
-                                           "content (edited)")
+                    found.chain.append((seq, 1, f"ledger row {seq}: digest does not match "
+                                        "its content (edited)"))
                 prev = digest
             report.head = prev or GENESIS
             for kind in _TABLES:
-                _check_records(conn, kind, report.problems)
+                _check_records(conn, kind, found)
+        report.problems = found.ordered()
         if len(report.problems) > limit:
             more = len(report.problems) - limit
             report.problems = report.problems[:limit] + [f"... and {more} more"]

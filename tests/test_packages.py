@@ -564,6 +564,37 @@ def test_signed_by_fingerprints_restrict_the_keys_that_may_sign(
         other.stop()
 
 
+def test_a_signed_by_apt_refuses_lets_no_key_sign(
+        tmp_path: Path, archive_key: SigningKey, debs: dict[str, Path]) -> None:
+    """A Signed-By that is neither keyring paths nor fingerprints (one written in
+    gpg's groups of four, a short key id) makes apt refuse the source ("not a
+    fingerprint"). Its words were dropped, leaving apt's global keyrings unrestricted:
+    any key they hold vouched for the source's lists."""
+    from integrity.packages.debfile import AptLists
+
+    other = SigningKey.generate(tmp_path / "other-gnupg", "other")
+    try:
+        repo = AptRepo(tmp_path / "repo", archive_key)
+        stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
+        (repo.etc / "sources.list.d" / "test.sources").unlink()
+        (repo.etc / "trusted.gpg.d").mkdir()
+        rings = [repo.etc / "trusted.gpg.d" / f"{n}.asc" for n in ("archive", "other")]
+        rings[0].write_bytes(archive_key.armored())
+        rings[1].write_bytes(other.armored())
+        fpr = archive_key.fingerprint
+        grouped = " ".join(fpr[i:i + 4] for i in range(0, 40, 4))
+        (repo.etc / "sources.list.d" / "test.sources").write_text(
+            "Types: deb\nURIs: http://deb.example.invalid/debian\nSuites: stable\n"
+            f"Components: main\nSigned-By: {grouped}\n")
+        for signer in (other, archive_key):
+            repo.publish(stanza, sign_with=signer)
+            lists = AptLists(str(repo.lists), str(repo.etc), Pinned(*rings).check)
+            assert lists.sha256s(PKG, "1.1", "all") == set()
+            assert "not a fingerprint: " in lists.why_unlisted(PKG, "1.1", "all")
+    finally:
+        other.stop()
+
+
 def test_release_with_a_detached_signature(system: System, debs: dict[str, Path]) -> None:
     """Release and Release.gpg instead of InRelease (older repositories): the same."""
     system.install(debs["1.1"])

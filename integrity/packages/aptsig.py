@@ -116,8 +116,12 @@ def _signed_by(value: str, path: str
     if "BEGIN PGP PUBLIC KEY BLOCK" in value:
         return (), path, ()
     words = [v for v in re.split(r"[\s,]+", value) if v]
+    # apt refuses a source whose Signed-By holds anything else ("not a fingerprint",
+    # e.g. one written in gpg's groups of four): named here, so that no key matches
+    # it, rather than dropped, which left apt's global keyrings unrestricted.
     return (tuple(v for v in words if v.startswith("/")), None,
-            tuple(v.upper() for v in words if _FINGERPRINT.fullmatch(v)))
+            tuple(v.upper() if _FINGERPRINT.fullmatch(v) else f"(not a fingerprint: {v})"
+                  for v in words if not v.startswith("/")))
 
 
 def _deb822_sources(text: str, path: str) -> list[Source]:

@@ -38,12 +38,14 @@ class SigningKey:
 
     home: Path
     keyring: bytes
+    #: The digest algorithm signatures are made with.
+    digest: str = "SHA256"
 
     @classmethod
-    def generate(cls, home: Path, name: str = "test") -> SigningKey:
+    def generate(cls, home: Path, name: str = "test", algo: str = "ed25519") -> SigningKey:
         home.mkdir(mode=0o700)
         _gpg(home, "--passphrase", "", "--quick-gen-key", f"{name} <{name}@example.invalid>",
-             "ed25519", "sign", "never")
+             algo, "sign", "never")
         exported = _gpg(home, "--export")
         assert exported, "gpg exported no key"
         return cls(home, exported)
@@ -66,11 +68,11 @@ class SigningKey:
 
     def detach_sign(self, text: bytes) -> bytes:
         """A detached signature of `text`, as Release.gpg is."""
-        return _gpg(self.home, "--detach-sign", "--digest-algo", "SHA256", text=text)
+        return _gpg(self.home, "--detach-sign", "--digest-algo", self.digest, text=text)
 
     def clearsign(self, text: bytes) -> bytes:
         """`text` clearsigned, as an InRelease file is."""
-        return _gpg(self.home, "--clearsign", "--digest-algo", "SHA256", text=text)
+        return _gpg(self.home, "--clearsign", "--digest-algo", self.digest, text=text)
 
 
 def _gpg(home: Path, *args: str, text: bytes = b"") -> bytes:

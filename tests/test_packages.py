@@ -595,6 +595,52 @@ def test_a_signed_by_apt_refuses_lets_no_key_sign(
         other.stop()
 
 
+def test_a_release_file_signed_with_a_weak_digest_vouches_for_nothing(
+        tmp_path: Path, debs: dict[str, Path]) -> None:
+    """gpgv still accepts a SHA-1 signature; apt refuses it ("weak digest"), and so
+    do we: a collision-prone digest is not the archive's word."""
+    import dataclasses
+
+    from integrity.packages.debfile import AptLists
+
+    key = SigningKey.generate(tmp_path / "gnupg", "rsa", algo="rsa2048")
+    try:
+        repo = AptRepo(tmp_path / "repo", key)
+        stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
+        repo.publish(stanza, sign_with=dataclasses.replace(key, digest="SHA1"))
+        lists = AptLists(str(repo.lists), str(repo.etc), Pinned(repo.keyring).check)
+        assert lists.sha256s(PKG, "1.1", "all") == set()
+        assert "signed with a weak digest (SHA1), which apt refuses" in \
+            lists.why_unlisted(PKG, "1.1", "all")
+        repo.publish(stanza)
+        lists = AptLists(str(repo.lists), str(repo.etc), Pinned(repo.keyring).check)
+        assert lists.sha256s(PKG, "1.1", "all") == {sha256(debs["1.1"])}
+    finally:
+        key.stop()
+
+
+def test_sources_that_disagree_on_signed_by_vouch_for_nothing(
+        tmp_path: Path, archive_key: SigningKey, debs: dict[str, Path]) -> None:
+    """Two entries for one repository naming different Signed-By: apt refuses the
+    source ("Conflicting values set for option Signed-By"). Merging them let a key
+    either names sign. A tab after `deb` is a one-line source too."""
+    from integrity.packages.debfile import AptLists
+
+    repo = AptRepo(tmp_path / "repo", archive_key)
+    stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
+    repo.publish(stanza)
+    (repo.etc / "sources.list").write_text(
+        "deb\t[signed-by=/usr/share/keyrings/other.gpg] "
+        "http://deb.example.invalid/debian stable main\n")
+    lists = AptLists(str(repo.lists), str(repo.etc), Pinned(repo.keyring).check)
+    assert lists.sha256s(PKG, "1.1", "all") == set()
+    assert "its sources name different Signed-By values" in \
+        lists.why_unlisted(PKG, "1.1", "all")
+    (repo.etc / "sources.list").unlink()
+    lists = AptLists(str(repo.lists), str(repo.etc), Pinned(repo.keyring).check)
+    assert lists.sha256s(PKG, "1.1", "all") == {sha256(debs["1.1"])}
+
+
 def test_release_with_a_detached_signature(system: System, debs: dict[str, Path]) -> None:
     """Release and Release.gpg instead of InRelease (older repositories): the same."""
     system.install(debs["1.1"])

@@ -37,6 +37,10 @@ _ARMOR = re.compile(rb"-----BEGIN PGP PUBLIC KEY BLOCK-----(.*?)-----END PGP PUB
                     rb"BLOCK-----", re.S)
 #: What apt's URItoFileName quotes as %xx, besides control characters and non-ASCII.
 _QUOTED = set(b'\\|{}[]<>"^~_=!@#$%&*')
+#: OpenPGP hash algorithm ids (RFC 9580) of VALIDSIG's eighth field that apt accepts
+#: for a release file: the SHA-2 and SHA-3 families. gpgv itself still takes SHA-1.
+_STRONG_HASHES = {"8", "9", "10", "11", "12", "14"}
+_HASHES_BY_ID = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160"}
 #: A key fingerprint in Signed-By (v4: 40 hex digits, v5: 64), "!" for that key only.
 _FINGERPRINT = re.compile(r"(?:[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64})!?")
 _BAD_STATUS = {"BADSIG", "ERRSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "NODATA", "NO_PUBKEY"}
@@ -153,7 +157,7 @@ def _one_line_sources(text: str) -> list[Source]:
     found = []
     for line in text.split("\n"):
         line = line.split("#", 1)[0].strip()
-        if not line.startswith("deb "):
+        if not re.match(r"deb\s", line):
             continue
         options = re.match(r"deb\s+\[([^\]]*)\]\s*(.*)", line)
         words = (options.group(2) if options else line[4:]).split()
@@ -227,15 +231,23 @@ class Verifier:
         return ([main] if os.path.lexists(main) else []) + [os.path.join(parts, n)
                                                             for n in names]
 
-    def keyrings_for(self, release: str) -> tuple[list[str], str | None]:
-        """(keyring paths, sources file holding an inline key or None) apt trusts for
-        a release file of the lists directory, by its name."""
+    def _sources_of(self, release: str) -> list[Source]:
+        """The sources a release file of the lists directory belongs to, by its name;
+        KeyringError when they disagree on Signed-By (apt refuses that too:
+        "Conflicting values set for option Signed-By")."""
         if self._sources is None:
             self._sources = read_sources(self._etc)
         name = os.path.basename(release)
         matching = [s for s in self._sources if name.startswith(s.prefix)
                     and name[len(s.prefix):] in ("InRelease", "Release")]
-        signed = [s for s in matching if s.keyrings or s.inline_in]
+        if len({(s.keyrings, s.inline_in, s.fingerprints) for s in matching}) > 1:
+            raise KeyringError(f"{name}: its sources name different Signed-By values")
+        return matching
+
+    def keyrings_for(self, release: str) -> tuple[list[str], str | None]:
+        """(keyring paths, sources file holding an inline key or None) apt trusts for
+        a release file of the lists directory, by its name."""
+        signed = [s for s in self._sources_of(release) if s.keyrings or s.inline_in]
         if signed:
             return (sorted({k for s in signed for k in s.keyrings}),
                     next((s.inline_in for s in signed if s.inline_in), None))
@@ -244,11 +256,7 @@ class Verifier:
     def fingerprints_for(self, release: str) -> set[str]:
         """The keys Signed-By restricts a release file of the lists directory to (by
         fingerprint, "!" for that exact key); empty when it names none."""
-        if self._sources is None:
-            self._sources = read_sources(self._etc)
-        name = os.path.basename(release)
-        return {f for s in self._sources if name.startswith(s.prefix)
-                and name[len(s.prefix):] in ("InRelease", "Release") for f in s.fingerprints}
+        return {f for s in self._sources_of(release) for f in s.fingerprints}
 
     def _copy(self, path: str, inline: bool = False) -> str:
         """A private copy of a keyring's judged bytes, binary; KeyringError if unusable."""
@@ -340,9 +348,15 @@ class Verifier:
             detail = ", ".join(bad) or f"gpgv exit status {proc.returncode}"
             note = f"; {'; '.join(refused)}" if refused else ""
             raise KeyringError(f"{name}: bad signature ({detail}){note}")
+        validsigs = [words for words in lines if words[0] == "VALIDSIG"]
+        weak = sorted({_HASHES_BY_ID.get(w[8], f"hash algorithm {w[8]}") for w in validsigs
+                       if len(w) > 8 and w[8] not in _STRONG_HASHES})
+        if weak:
+            raise KeyringError(f"{name}: signed with a weak digest ({', '.join(weak)}), "
+                               "which apt refuses")
         allowed = self.fingerprints_for(release)
         if allowed:
-            _named_key(name, [words for words in lines if words[0] == "VALIDSIG"], allowed)
+            _named_key(name, validsigs, allowed)
         if signature is not None:
             return data
         with open(text, "rb") as handle:
@@ -352,10 +366,10 @@ class Verifier:
 def _named_key(name: str, validsigs: list[list[str]], allowed: set[str]) -> None:
     """KeyringError unless every valid signature is by a key Signed-By names: the
     signing (sub)key's fingerprint is VALIDSIG's first field, its primary key's the
-    last (gpg's DETAILS); "FPR!" accepts that exact key only, "FPR" its subkeys too."""
+    tenth (gpg's DETAILS); "FPR!" accepts that exact key only, "FPR" its subkeys too."""
     for words in validsigs:
         signing = words[1].upper() if len(words) > 1 else ""
-        primary = words[-1].upper() if len(words) > 10 else signing
+        primary = words[10].upper() if len(words) > 10 else signing
         if f"{signing}!" in allowed or signing in allowed or primary in allowed:
             continue
         named = ", ".join(sorted(allowed))

@@ -10,6 +10,7 @@ by gpg, whose SHA256 field lists it: what `apt-get update` leaves behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import lzma
@@ -58,6 +59,13 @@ class SigningKey:
     def armored(self) -> bytes:
         """The public key ASCII-armored (what trusted.gpg.d/*.asc holds)."""
         return _gpg(self.home, "--armor", "--export")
+
+    def add_signing_subkey(self) -> SigningKey:
+        """This key with a new signing subkey (which gpg then signs with), and its
+        public keyring exported again."""
+        _gpg(self.home, "--passphrase", "", "--quick-add-key", self.fingerprint,
+             "ed25519", "sign", "never")
+        return dataclasses.replace(self, keyring=_gpg(self.home, "--export"))
 
     @property
     def fingerprint(self) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from integrity.packages import PackageManagers
-from aptrepo import PREFIX, AptRepo, Pinned, SigningKey, rfc1123, tool_files
+from aptrepo import PREFIX, SUITE, URI, AptRepo, Pinned, SigningKey, rfc1123, tool_files
 from debs import (build_deb, build_rpm, dpkg, dpkg_tool, exclusive, owned, packages_stanza,
                   sha256)
 
@@ -593,6 +593,31 @@ def test_a_signed_by_apt_refuses_lets_no_key_sign(
             assert "not a fingerprint: " in lists.why_unlisted(PKG, "1.1", "all")
     finally:
         other.stop()
+
+
+def test_a_fingerprint_with_a_bang_refuses_its_subkeys(
+        tmp_path: Path, debs: dict[str, Path]) -> None:
+    """Signed-By FPR accepts signatures by the key's subkeys too; FPR! only by that
+    key itself (sources.list(5)). gpg signs with the newest signing subkey."""
+    from integrity.packages.debfile import AptLists
+
+    key = SigningKey.generate(tmp_path / "gnupg", "withsub")
+    try:
+        key = key.add_signing_subkey()
+        repo = AptRepo(tmp_path / "repo", key)
+        repo.publish(packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"])))
+        for named, vouched in ((key.fingerprint, True), (key.fingerprint + "!", False)):
+            (repo.etc / "sources.list.d" / "test.sources").write_text(
+                f"Types: deb\nURIs: {URI}\nSuites: {SUITE}\nComponents: main\n"
+                f"Signed-By: {repo.keyring} {named}\n")
+            lists = AptLists(str(repo.lists), str(repo.etc), Pinned(repo.keyring).check)
+            found = lists.sha256s(PKG, "1.1", "all")
+            assert found == ({sha256(debs["1.1"])} if vouched else set()), named
+            if not vouched:
+                assert "which its source's Signed-By does not name" in \
+                    lists.why_unlisted(PKG, "1.1", "all")
+    finally:
+        key.stop()
 
 
 def test_a_release_file_signed_with_a_weak_digest_vouches_for_nothing(

@@ -533,6 +533,19 @@ def test_armored_and_inline_keys_verify(tmp_path: Path, archive_key: SigningKey,
     assert lists.sha256s(PKG, "1.1", "all") == set()
 
 
+def _two_trusted_keys(tmp_path: Path, archive_key: SigningKey, other: SigningKey
+                      ) -> tuple[AptRepo, list[Path]]:
+    """A repository signed with `archive_key`, no sources file yet, and apt's global
+    keyrings (trusted.gpg.d) holding both keys: (repository, the two keyrings)."""
+    repo = AptRepo(tmp_path / "repo", archive_key)
+    (repo.etc / "sources.list.d" / "test.sources").unlink()
+    (repo.etc / "trusted.gpg.d").mkdir()
+    rings = [repo.etc / "trusted.gpg.d" / f"{n}.asc" for n in ("archive", "other")]
+    rings[0].write_bytes(archive_key.armored())
+    rings[1].write_bytes(other.armored())
+    return repo, rings
+
+
 def test_signed_by_fingerprints_restrict_the_keys_that_may_sign(
         tmp_path: Path, archive_key: SigningKey, debs: dict[str, Path]) -> None:
     """Signed-By naming a fingerprint (sources.list(5)): apt's global keyrings, but only
@@ -542,13 +555,8 @@ def test_signed_by_fingerprints_restrict_the_keys_that_may_sign(
 
     other = SigningKey.generate(tmp_path / "other-gnupg", "other")
     try:
-        repo = AptRepo(tmp_path / "repo", archive_key)
+        repo, rings = _two_trusted_keys(tmp_path, archive_key, other)
         stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
-        (repo.etc / "sources.list.d" / "test.sources").unlink()
-        (repo.etc / "trusted.gpg.d").mkdir()
-        rings = [repo.etc / "trusted.gpg.d" / f"{n}.asc" for n in ("archive", "other")]
-        rings[0].write_bytes(archive_key.armored())
-        rings[1].write_bytes(other.armored())
         for named in (archive_key.fingerprint, archive_key.fingerprint.lower() + "!"):
             (repo.etc / "sources.list").write_text(
                 f"deb [signed-by={named}] http://deb.example.invalid/debian stable main\n")
@@ -574,13 +582,8 @@ def test_a_signed_by_apt_refuses_lets_no_key_sign(
 
     other = SigningKey.generate(tmp_path / "other-gnupg", "other")
     try:
-        repo = AptRepo(tmp_path / "repo", archive_key)
+        repo, rings = _two_trusted_keys(tmp_path, archive_key, other)
         stanza = packages_stanza(PKG, "1.1", "all", sha256(debs["1.1"]))
-        (repo.etc / "sources.list.d" / "test.sources").unlink()
-        (repo.etc / "trusted.gpg.d").mkdir()
-        rings = [repo.etc / "trusted.gpg.d" / f"{n}.asc" for n in ("archive", "other")]
-        rings[0].write_bytes(archive_key.armored())
-        rings[1].write_bytes(other.armored())
         fpr = archive_key.fingerprint
         grouped = " ".join(fpr[i:i + 4] for i in range(0, 40, 4))
         (repo.etc / "sources.list.d" / "test.sources").write_text(

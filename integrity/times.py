@@ -25,6 +25,11 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
+def iso_epoch(seconds: float) -> str:
+    """ISO 8601 UTC with a Z, from seconds since the epoch (dpkg's log, file times)."""
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """A naive UTC time from an ISO 8601 time or a relative form like 2h, 7d, 30m."""
     now = now or utcnow()

@@ -109,7 +109,7 @@ class System:
         """A fresh instance: it snapshots dpkg's database when first asked."""
         return PackageManagers(apt_archives=str(self.apt), apt_lists=str(self.repo.lists),
                                dpkg_log=str(self.log), rpm=None,
-                               apt_etc=str(self.repo.etc), keyring_check=self.pinned.check,
+                               apt_etc=str(self.repo.etc), baseline_check=self.pinned.check,
                                require_signed=require_signed)
 
     def publish(self, deb: Path, version: str, listed_sha: str | None = None,

@@ -260,7 +260,7 @@ class Approver:
 
         if managers is None:
             managers = PackageManagers(
-                keyring_check=self.baseline_check,
+                baseline_check=self.baseline_check,
                 require_signed=require_signed or self.policy.packages.require_signed)
         since = calendar.timegm(self.baseline.created.utctimetuple())
         chosen: list[OpenEvent] = []
@@ -329,9 +329,6 @@ class Approver:
         if blake3.blake3(data).digest() != rec.content:
             return "differs from the integrity baseline"
         return None
-
-    #: The name the keyrings' pin was first given.
-    keyring_check = baseline_check
 
     def _vouch(self, managers: PackageManagers, path: bytes, old: FileRecord | None,
                new: FileRecord | None, since: float, package: str | None) -> Verdict:

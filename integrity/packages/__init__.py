@@ -30,15 +30,14 @@ import stat
 from dataclasses import dataclass
 from typing import Protocol
 
-from integrity.packages.aptsig import KeyringCheck
 from integrity.packages.common import (PACKAGE_DB, SIGNED_ARCHIVE, LiveFile, Verdict,
                                        canonicalizer)
 from integrity.packages.debfile import AptLists
 from integrity.packages.dpkg import Dpkg
-from integrity.packages.pinned import PinnedTools
+from integrity.packages.pinned import BaselineCheck, PinnedTools
 from integrity.packages.rpm import Rpm
 
-__all__ = ["KeyringCheck", "LiveFile", "PackageManagers", "Verdict", "SIGNED_ARCHIVE",
+__all__ = ["BaselineCheck", "LiveFile", "PackageManagers", "Verdict", "SIGNED_ARCHIVE",
            "PACKAGE_DB"]
 
 NOT_OWNED = "not owned by any package"
@@ -75,7 +74,7 @@ class PackageManagers:
 
     The defaults are dpkg's and apt's standard locations; tests and operators checking
     another tree point them elsewhere. ``apt_etc`` holds apt's sources and keyrings;
-    ``keyring_check`` judges the bytes of each keyring and of each file of the tools
+    ``baseline_check`` judges the bytes of each keyring and of each file of the tools
     the signed archive is read with (approval pins them to the baseline; None trusts
     none, so nothing is signed-archive). One instance checks each tool once.
     ``require_signed``: only the signed archive vouches for content, links and
@@ -88,11 +87,11 @@ class PackageManagers:
                  apt_lists: str = "/var/lib/apt/lists",
                  dpkg_log: str = "/var/log/dpkg.log",
                  rpm: str | None = "rpm", rpm_dbpath: str | None = None, *,
-                 apt_etc: str = "/etc/apt", keyring_check: KeyringCheck | None = None,
+                 apt_etc: str = "/etc/apt", baseline_check: BaselineCheck | None = None,
                  require_signed: bool = False) -> None:
         canon = canonicalizer()
-        tools = PinnedTools(keyring_check)
-        lists = AptLists(apt_lists, apt_etc, keyring_check, tools)
+        tools = PinnedTools(baseline_check)
+        lists = AptLists(apt_lists, apt_etc, baseline_check, tools)
         self._backends: list[Backend] = [
             Dpkg(admindir, apt_archives, lists, dpkg_log, canon, require_signed, tools)]
         if rpm is not None:

@@ -5,7 +5,7 @@ in /var/lib/apt/lists afterwards is only root-writable files. Here each InReleas
 Release with its detached Release.gpg) is verified again with gpgv against the keyrings
 apt trusts (Signed-By of the sources, else trusted.gpg and trusted.gpg.d; Signed-By's
 fingerprints restrict which of their keys may sign, checked on gpgv's VALIDSIG), and a
-keyring is used only when the caller's `KeyringCheck` accepts its bytes: approval pins
+keyring is used only when the caller's `BaselineCheck` accepts its bytes: approval pins
 them to the integrity baseline, so a keyring an intruder replaced signs nothing. gpgv
 reads private copies of exactly the bytes judged, and only the signed text gpgv writes
 out is parsed. gpgv itself is believed only as the baseline recorded it, with every
@@ -23,14 +23,9 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from integrity.packages.pinned import PinnedTools, ToolRefused
-
-#: (path, bytes) -> None when these are the bytes the baseline recorded for path, else
-#: why the keyring may not be used.
-KeyringCheck = Callable[[str, bytes], "str | None"]
+from integrity.packages.pinned import BaselineCheck, PinnedTools, ToolRefused
 
 GPGV = "/usr/bin/gpgv"
 _ARMOR = re.compile(rb"-----BEGIN PGP PUBLIC KEY BLOCK-----(.*?)-----END PGP PUBLIC KEY "
@@ -202,7 +197,7 @@ class Verifier:
     Use as a context manager: the private directory is removed on exit.
     """
 
-    def __init__(self, etc: str, check: KeyringCheck | None, gpgv: str = GPGV,
+    def __init__(self, etc: str, check: BaselineCheck | None, gpgv: str = GPGV,
                  tools: PinnedTools | None = None) -> None:
         self._etc = etc
         self._check = check

@@ -43,10 +43,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from integrity.packages.aptsig import (KeyringCheck, KeyringError, Verifier, release_dates,
-                                       sha256_entries)
+from integrity.packages.aptsig import KeyringError, Verifier, release_dates, sha256_entries
 from integrity.packages.common import Canon
-from integrity.packages.pinned import PinnedTools, ToolRefused
+from integrity.packages.pinned import BaselineCheck, PinnedTools, ToolRefused
+from integrity.times import iso_epoch
 
 _CHUNK = 1 << 20
 _STANZA_FIELD = re.compile(rb"^(Package|Version|Architecture|SHA256):[ \t]*(\S+)", re.M)
@@ -94,24 +94,20 @@ class Signed:
         """
         if self.valid_until is None:
             return None
-        expired = f"{self.name} expired {_utc(self.valid_until)}"
+        expired = f"{self.name} expired {iso_epoch(self.valid_until)}"
         if seen is not None and (installed is None or seen > installed):
             if self.valid_until < seen:
                 return (f"{expired}, before the change it would explain: the path was "
-                        f"last seen as recorded at {_utc(seen)}")
+                        f"last seen as recorded at {iso_epoch(seen)}")
             return None
         if installed is not None:
             if self.valid_until < installed:
-                return f"{expired}, before the install of {label} at {_utc(installed)}"
+                return f"{expired}, before the install of {label} at {iso_epoch(installed)}"
             return None
         if self.valid_until < time.time():
             return (f"{expired}, and dpkg's log records no install of {label} to show "
                     f"it came before")
         return None
-
-
-def _utc(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 class AptLists:
@@ -126,7 +122,7 @@ class AptLists:
     """
 
     def __init__(self, lists_dir: str, etc: str = "/etc/apt",
-                 check: KeyringCheck | None = None,
+                 check: BaselineCheck | None = None,
                  tools: PinnedTools | None = None) -> None:
         self._dir = lists_dir
         self._etc = etc

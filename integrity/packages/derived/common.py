@@ -12,7 +12,6 @@ import hashlib
 import os
 import stat
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +23,7 @@ from integrity.packages.common import LiveError, LiveFile, Verdict
 from integrity.packages.derived.sandbox import Sandbox
 from integrity.paths import display
 from integrity.record import FileRecord
+from integrity.times import iso_epoch
 
 if TYPE_CHECKING:
     from integrity.packages import PackageManagers
@@ -168,8 +168,7 @@ class Context:
         since = self.since_of(change)
         if since is None or since == self.since:
             return "the baseline"
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
-        return f"its last sighting as recorded ({stamp})"
+        return f"its last sighting as recorded ({iso_epoch(since)})"
 
     def logged_since(self, *actions: str, of: Change | None = None) -> dict[str, list[str]]:
         """package name -> what dpkg's log says of its `actions` ("install", "upgrade",

@@ -190,7 +190,6 @@ def test_trusted_readers_are_not_recorded(listen: Callable[..., AccessListener],
     assert recorded.of(secrets / "shadow") == []
 
 
-@pytest.mark.skipif(not os.access(APT_COPY, os.X_OK), reason="apt's copy method is needed")
 def test_a_user_copying_a_secret_through_a_trusted_program_is_recorded(
         listen: Callable[..., AccessListener], policy: Callable[..., Policy],
         secrets: Path, recorded: Recorded) -> None:

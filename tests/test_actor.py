@@ -193,7 +193,6 @@ def test_unprivileged_writer(listen: Callable[..., ActorListener],
     assert target.stat().st_uid == NOBODY
 
 
-@pytest.mark.skipif(not os.access(APT_COPY, os.X_OK), reason="apt's copy method is needed")
 def test_an_unprivileged_user_running_a_package_tool_is_no_package_manager(
         listen: Callable[..., ActorListener], world_dir: Path) -> None:
     """Anyone may run a trusted executable: apt's copy method copies whatever it is

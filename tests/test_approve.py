@@ -894,11 +894,6 @@ def test_an_unreadable_package_file_is_left_open_with_the_cause(
     assert DATA not in {a["path"] for a in doc["approved"]}
 
 
-needs_gpg = pytest.mark.skipif(shutil.which("gpg") is None
-                               or not os.access("/usr/bin/gpgv", os.X_OK),
-                               reason="signs apt lists: needs gpg and gpgv")
-
-
 def _signed_archive(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                     require: bool = True) -> tuple[Any, Path]:
     """A signed repository, apt's cache and lists of the test's own for the CLI's
@@ -931,7 +926,6 @@ def _signed_archive(host: Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 @needs_dpkg
-@needs_gpg
 def test_require_signed_approves_only_on_the_signed_archive(
         host: Host, debs: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -991,7 +985,6 @@ def test_require_signed_approves_only_on_the_signed_archive(
 
 
 @needs_dpkg
-@needs_gpg
 def test_a_replayed_expired_inrelease_does_not_approve_a_downgrade(
         host: Host, debs: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1070,7 +1063,6 @@ def _forged(tmp_path: Path, compression: str = "xz") -> Path:
 
 
 @needs_dpkg
-@needs_gpg
 def test_a_gpgv_that_passes_every_signature_vouches_for_nothing(
         host: Host, debs: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1111,7 +1103,6 @@ def test_a_gpgv_that_passes_every_signature_vouches_for_nothing(
 
 
 @needs_dpkg
-@needs_gpg
 def test_a_dpkg_deb_earlier_in_path_does_not_say_what_a_deb_holds(
         host: Host, debs: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

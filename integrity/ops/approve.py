@@ -190,7 +190,7 @@ class Approver:
 
         new, old = self.file_policy, self.policy
         text = sealed_text(new)
-        rekept = self._rekept(new)
+        rekept, deletes = self._recorded_under(new)
         if self.baseline.policy == text and self.baseline.seal_version >= 2 and not rekept:
             return ApprovalOutcome()
         with TreeScan(new) as scan:
@@ -201,8 +201,6 @@ class Approver:
         unread = {w.path for w in result.warnings}
         upserts = [c.new for c in result.changes if c.kind == ADDED and c.new is not None
                    and not old.covers(c.path) and c.path not in unread]
-        deletes = [rec.path for _, rec, _, _ in self.store.baselines.entries(self.baseline.id)
-                   if not new.covers(rec.path)]
         scanned = {u.path for u in upserts}
         upserts += [rec for rec in rekept if rec.path not in scanned]
         events = self.store.events.open_policy_changes()
@@ -213,22 +211,29 @@ class Approver:
                              if not old.covers(w.path)]
         return outcome
 
-    def _rekept(self, policy: Policy) -> list[FileRecord]:
-        """Baseline records (as they are: nothing is approved) whose kept text the
-        policy's `[content]` would not keep as it is: a path it names secret now, a
-        rule without `diff`, a value a new `redact` pattern hides. `[content]` is not
-        sealed (it applies to every output at once); written again by the approval,
+    def _recorded_under(self, policy: Policy) -> tuple[list[FileRecord], list[bytes]]:
+        """What the baseline holds that `policy` would record otherwise, in one pass
+        over its entries: (records to write again, paths it no longer covers).
+
+        The first are baseline records (as they are: nothing is approved) whose kept
+        text the policy's `[content]` would not keep as it is: a path it names secret
+        now, a rule without `diff`, a value a new `redact` pattern hides. `[content]` is
+        not sealed (it applies to every output at once); written again by the approval,
         their text is kept as init would keep it now, from the live file while it is
-        still the baseline's, or not at all (a redacted text is judged by the live
-        file only while that is the baseline's): a credential the operator has just named
+        still the baseline's, or not at all (a redacted text is judged by the live file
+        only while that is the baseline's): a credential the operator has just named
         secret must not stay in the database, nor reach a diff from the baseline side.
         """
         from integrity.content.keep import Kept, read_verified
 
         keeper = ContentKeeper(self.store, policy)
-        found = []
+        found: list[FileRecord] = []
+        uncovered: list[bytes] = []
         for _, rec, _, digest in self.store.baselines.entries(self.baseline.id):
-            if digest is None or not policy.covers(rec.path):
+            if not policy.covers(rec.path):
+                uncovered.append(rec.path)
+                continue
+            if digest is None:
                 continue  # most entries: no text kept
             rule = policy.rule_for(rec.path)
             if keeper.keeper.is_secret_path(rec.path) or not keeper.wants(rec, rule):
@@ -243,7 +248,7 @@ class Approver:
             now = keeper.keeper.keep(rec.path, data)
             if not isinstance(now, Kept) or now.digest != digest:
                 found.append(rec)
-        return found
+        return found, uncovered
 
     def package_updates(self, managers: PackageManagers | None = None,
                         require_signed: bool = False) -> ApprovalOutcome:

@@ -1,6 +1,6 @@
 """Times as the product keeps them: naive UTC in the database, ISO 8601 with a Z outside.
 
-A leaf module: the store, the use cases and the renderers all need the same three
+A leaf module: the store, the use cases and the renderers all need the same
 conversions, and none of them should import another for it.
 """
 
@@ -11,6 +11,8 @@ import re
 
 from integrity.errors import UsageError
 
+#: The form `iso` writes and `from_iso` reads.
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -22,7 +24,12 @@ def utcnow() -> dt.datetime:
 
 def iso(value: dt.datetime | None) -> str | None:
     """ISO 8601 UTC with a Z, from a naive UTC datetime."""
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
+    return value.strftime(ISO_FORMAT) if value is not None else None
+
+
+def from_iso(text: str) -> dt.datetime:
+    """The naive UTC datetime `iso` wrote as `text`; ValueError for any other form."""
+    return dt.datetime.strptime(text, ISO_FORMAT)
 
 
 def iso_epoch(seconds: float) -> str:

@@ -21,7 +21,7 @@ from integrity.policy.severity import SEVERITIES
 from integrity.store import schema as models
 from integrity.store.engine import Database, chunks, inserted_id
 from integrity.store.ledger import forget, journal, journaled
-from integrity.times import iso, utcnow
+from integrity.times import from_iso, iso, utcnow
 
 #: Seconds before retry n (1-based), then the last one for good: a sink that is down
 #: for a day is tried every ten minutes, never given up on.
@@ -33,7 +33,6 @@ LATEST_RETRY = dt.timedelta(seconds=max(BACKOFF))
 DROPPED = "alerts-dropped"
 #: Event ids a dropped-alerts warning names in its text, and keeps in its JSON.
 _EVENTS_NAMED, _EVENTS_KEPT = 20, 1000
-_ISO = "%Y-%m-%dT%H:%M:%SZ"  # times.iso
 
 
 class Route(Protocol):
@@ -233,7 +232,7 @@ class Outbox:
                 state = json.loads(new)
                 result.append(Dropped(str(state["sink"]), int(state["alerts"]),
                                       str(state["severity"]),
-                                      dt.datetime.strptime(state["oldest"], _ISO),
+                                      from_iso(state["oldest"]),
                                       event_id, when))
             except (TypeError, ValueError, KeyError):
                 continue  # an edited row: the chain check reports it

@@ -3,8 +3,6 @@ records, `integrity diff` and `integrity restore`."""
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,7 +13,7 @@ from integrity.content.keep import (SECRET, Keeper, Kept, read_live, read_verifi
 from integrity.content.restore import restore_file
 from integrity.errors import BaselineError, UsageError
 from integrity.ops.seal import check_baseline, effective_policy
-from integrity.ops.who import invoking_user
+from integrity.ops.who import invoking_user, own_actor
 from integrity.paths import display, to_key
 from integrity.policy import Policy, Rule
 from integrity.record import Attr, FileRecord
@@ -202,9 +200,7 @@ def _restore(store: Store, policy: Policy, paths: Sequence[str],
         plans.append((target, rule, rec, text))
     done = []
     user, sudo = invoking_user()
-    actor: Actor = {"pid": os.getpid(), "exe": os.path.realpath(sys.executable),
-                    "cmdline": "integrity restore", "uid": os.geteuid(), "user": user,
-                    "sudo_user": sudo}
+    actor: Actor = own_actor("integrity restore", user, sudo)
     for target, rule, rec, text in plans:
         restore_file(target, rule.path, text, rec)
         done.append(Restored(target, store.events.restored(target, actor, routes=routes)))

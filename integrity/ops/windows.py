@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +72,7 @@ def open_window(store: Store, policy: Policy, paths: Sequence[str | bytes],
 
     from integrity.alerts import build_sinks, routes_of
     from integrity.alerts.dispatch import deliver_after_scan
+    from integrity.ops.who import own_actor
 
     span = parse_duration(duration)
     text = check_reason(reason)
@@ -85,9 +85,7 @@ def open_window(store: Store, policy: Policy, paths: Sequence[str | bytes],
     # of them, nor of the window, which whoever may run `expect` (root) could open to
     # make what it changes next pass unalerted. The opening is alerted at the highest
     # severity it lowers.
-    actor = {"pid": os.getpid(), "exe": os.path.realpath(sys.executable),
-             "cmdline": "integrity expect", "uid": os.geteuid(), "user": user,
-             "sudo_user": sudo_user}
+    actor = own_actor("integrity expect", user, sudo_user)
     try:
         # Named by the policy file, as a policy change is: not an entry's event.
         store.events.window_opened(os.fsencode(policy.source), window.id,

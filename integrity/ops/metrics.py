@@ -255,4 +255,3 @@ def textfile_problem(store: Store, policy: Policy, **kwargs: Any) -> str | None:
         return (f"writing metrics failed for '{path}': {exc.strerror or exc} "
                 "(metrics not updated)")
     return None
-

@@ -34,7 +34,7 @@ def from_iso(text: str) -> dt.datetime:
 
 def iso_epoch(seconds: float) -> str:
     """ISO 8601 UTC with a Z, from seconds since the epoch (dpkg's log, file times)."""
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime(ISO_FORMAT)
 
 
 def parse_since(text: str, now: dt.datetime | None = None) -> dt.datetime:

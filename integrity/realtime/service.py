@@ -211,12 +211,17 @@ class Service:
                                source="realtime", context=context, index=index))
 
     def _handle_scan(self, task: _Task) -> None:
-        from integrity.scan.priority import scan_priority
+        from integrity.scan.priority import Abandoned, abandon_when, scan_priority
 
         # [scan] nice for every scan of this thread, the idle I/O class (by default)
-        # for all but the rescan after an overflow, which events are waiting on.
-        with scan_priority(self.policy.scan, scheduled=task.kind != "overflow"):
-            self._scan_task(task)
+        # for all but the rescan after an overflow, which events are waiting on. A
+        # paced scan ends (recording nothing) when the daemon is asked to stop.
+        try:
+            with scan_priority(self.policy.scan, scheduled=task.kind != "overflow"), \
+                    abandon_when(self.stop.is_set):
+                self._scan_task(task)
+        except Abandoned:
+            log.info("%s scan abandoned: stopping", task.kind)
 
     def _scan_task(self, task: _Task) -> None:
         if task.kind == "full":

@@ -104,25 +104,25 @@ class Dispatcher:
 
         Machine sinks take turns of at most TURN_SECONDS: whoever can create files in
         a protected tree makes events faster than a slow webhook takes them, and the
-        sinks after it must not wait for that webhook to run dry.
+        sinks after it must not wait for that webhook to run dry. Every sink has its
+        turn in every round, one that had nothing due in the last included: alerts
+        keep arriving while the slow one works through its backlog.
         """
         with self._lock:
             sinks = list(self.sinks)
         total = 0
-        busy = sinks
-        while busy:
-            later = []
+        more = True
+        while more:
+            more = False
             for sink in sinks:  # a digest is looked at each round: it times itself
                 if self._stop.is_set() and not flush:
                     return total
                 if sink.digest:
                     total += self._digest(sink, flush)
-                elif sink in busy:
-                    sent, more = self._turn(sink)
+                else:
+                    sent, due = self._turn(sink)
                     total += sent
-                    if more:
-                        later.append(sink)
-            busy = later
+                    more = more or due
         return total
 
     def _turn(self, sink: Sink) -> tuple[int, bool]:

@@ -11,10 +11,12 @@ import ast
 import contextlib
 import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from conftest import REPO, Cli, database_at, one_line, ro, rows
+from conftest import REPO, Cli, database_at, one_line, ro, rows, wait_until
 from integrity.errors import DatabaseError
 from integrity.paths import to_key
 from integrity.store import Store
@@ -118,31 +120,53 @@ def test_interrupted_init_leaves_the_old_baseline_in_force(run: Cli, tree: Path,
 # -- writers and a running init ----------------------------------------------------------
 
 #: Another process doing what init and approve do: the baseline lock (an flock on
-#: `<database>.lock`), then SQLite's write lock, held for argv[2] seconds.
+#: `<database>.lock`), then SQLite's write lock, held until its stdin ends: the test
+#: lets go when it has seen what happens meanwhile, however slow the machine is.
 HOLDER = r"""
-import fcntl, os, sqlite3, sys, time
+import fcntl, os, sqlite3, sys
 lock = os.open(sys.argv[1] + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(lock, fcntl.LOCK_EX)
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
 db.execute("BEGIN IMMEDIATE")
 print("held", flush=True)
-time.sleep(float(sys.argv[2]))
+sys.stdin.read()
 db.execute("COMMIT")
 os.close(lock)
 """
 
 
+class Holder:
+    """The holding process: `held` is the time.monotonic() it held both locks."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.held = time.monotonic()
+
+    def release(self) -> None:
+        """Let go of both locks (the holder commits and exits)."""
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+
+
 @contextlib.contextmanager
-def init_holding(db: Path, seconds: float) -> Iterator[float]:
-    """A process holding both locks as a long init does; yields when it holds them
-    (the time.monotonic() it did) and reaps it after."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(db), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+def init_holding(db: Path) -> Iterator[Holder]:
+    """A process holding both locks as a long init does, until `release()` or the end
+    of the block; yields once it holds them and reaps it after."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(db)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = Holder(proc)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "held\n"
-        yield time.monotonic()
+        holder.held = time.monotonic()
+        yield holder
     finally:
-        assert proc.wait(timeout=seconds + 30) == 0
+        holder.release()
+        assert proc.wait(timeout=30) == 0
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
 
 def _begin_write(store: Store) -> None:
@@ -160,15 +184,32 @@ def test_a_write_waits_for_an_init_past_its_busy_timeout(
     impatient = Store(url, busy_timeout=0.5)
     patient = Store(url, busy_timeout=0.5, baseline_wait=30)
     try:
-        with init_holding(run.db, 3.0) as held:
+        with init_holding(run.db) as holder:
             with pytest.raises(OperationalError, match="database is locked"):
                 _begin_write(impatient)  # the busy timeout alone gives up
-            _begin_write(patient)
-            waited = time.monotonic() - held
-        assert waited >= 2.5, waited
-        [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert warning == (f"{url}: another init or approve is writing the baseline; "
-                           "waiting for it (up to 30 s)")
+            outcome: list[BaseException | None] = []
+
+            def write() -> None:
+                try:
+                    _begin_write(patient)
+                    outcome.append(None)
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    outcome.append(exc)
+            writer = threading.Thread(target=write)
+            writer.start()
+            try:
+                wait_until(lambda: warnings(caplog) or outcome,
+                           "the patient write to say it waits", 30)
+                # Twice its busy timeout later, it is waiting still: the holder holds
+                # both locks until we let go, however long the machine took till now.
+                time.sleep(1.0)
+                assert writer.is_alive() and outcome == [], outcome
+            finally:
+                holder.release()
+                writer.join(timeout=60)
+            assert outcome == [None], outcome  # it wrote once the holder let go
+        assert warnings(caplog) == [(f"{url}: another init or approve is writing the "
+                                     "baseline; waiting for it (up to 30 s)")]
     finally:
         impatient.close()
         patient.close()
@@ -178,10 +219,10 @@ def test_a_write_gives_up_on_an_init_after_its_wait(run: Cli) -> None:
     assert run("init").exit_code == 0
     store = Store(f"sqlite:///{run.db}", busy_timeout=0.2, baseline_wait=1)
     try:
-        with init_holding(run.db, 3.0) as held:
+        with init_holding(run.db) as holder:
             with pytest.raises(DatabaseError) as raised:
-                _begin_write(store)  # before the holder lets go at 3 s
-            assert time.monotonic() - held >= 1.0
+                _begin_write(store)  # the holder holds on till the end of the block
+            assert time.monotonic() - holder.held >= 1.0
         assert str(raised.value) == (f"sqlite:///{run.db}: another init or approve "
                                      "holds the baseline lock (waited 1 s)")
     finally:
@@ -206,13 +247,24 @@ def test_verify_during_an_init_waits_and_records_its_events(run: Cli, tree: Path
     the change is recorded as usual."""
     assert run("init").exit_code == 0
     (tree / "a.conf").write_text("changed during an init\n")
-    with init_holding(run.db, 2.0):
-        verify = subprocess.run(
+    with init_holding(run.db) as holder:
+        verify = subprocess.Popen(
             [sys.executable, "-m", "integrity", "--db", f"sqlite:///{run.db}", "--policy",
-             str(run.policy), "-q", "verify"], capture_output=True, text=True, cwd=REPO,
-            timeout=60)
-    assert verify.returncode == 1, verify.stderr
-    assert one_line(verify.stderr) == (
+             str(run.policy), "-q", "verify"], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            assert verify.stderr is not None
+            # It says it waits, and waits: the holder lets go only after that line.
+            assert select.select([verify.stderr], [], [], 60)[0], "verify said nothing"
+            said = verify.stderr.readline()
+            holder.release()
+            _, rest = verify.communicate(timeout=60)
+        finally:
+            if verify.poll() is None:
+                verify.kill()
+                verify.communicate()
+    assert verify.returncode == 1, said + rest
+    assert one_line(said + rest) == (
         f"sqlite:///{run.db}: another init or approve is writing the baseline; "
         "waiting for it (up to 600 s)")
     assert rows(run.db, "SELECT kind, key FROM event") == [

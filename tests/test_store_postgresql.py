@@ -167,3 +167,38 @@ def test_processes_creating_the_schema_at_once_all_get_it(pg_store_url: str) -> 
         assert store.revision() == engine.HEAD
     finally:
         store.close()
+
+
+def test_a_server_idle_in_transaction_timeout_does_not_cut_our_transactions(
+        pg_cluster: Any, pg_store_url: str, tree: Path, write_policy: Any) -> None:
+    # Our transactions wait between statements while files are hashed: init's one
+    # write transaction between batches, verify's read transaction between fetches
+    # of the baseline. A server (or database) idle_in_transaction_session_timeout,
+    # which managed PostgreSQL services often set, killed them mid-way.
+    database = pg_store_url.rsplit("/", 1)[1]
+    pg_cluster.psql(f"ALTER DATABASE {database} SET idle_in_transaction_session_timeout "
+                    "= '500ms'")
+    Store(pg_store_url).close()
+    store = Store(pg_store_url)
+    try:
+        with store.writer() as conn, conn.begin():
+            conn.execute(sa.text("SELECT 1"))
+            time.sleep(1.5)  # three times the server's limit, idle in the transaction
+            conn.execute(sa.text("SELECT 1"))
+        with store.reader() as conn, conn.begin():
+            conn.execute(sa.text("SELECT 1"))
+            time.sleep(1.5)
+            conn.execute(sa.text("SELECT 1"))
+    finally:
+        store.close()
+    # Through the CLI: an init paced to 1 MiB/s over 3 MiB in one file keeps its
+    # write transaction open for seconds with nothing to write meanwhile.
+    (tree / "big.bin").write_bytes(b"\0" * (3 << 20))
+    policy = write_policy({"path": str(tree), "check": "static", "severity": "high"},
+                          extra='[scan]\nmax_read_rate = "1MiB/s"\n')
+    result = CliRunner().invoke(cli_main, ["--db", pg_store_url, "--policy", str(policy),
+                                           "-q", "init"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    verified = CliRunner().invoke(cli_main, ["--db", pg_store_url, "--policy", str(policy),
+                                             "-q", "verify"], catch_exceptions=False)
+    assert verified.exit_code == 0, verified.output

@@ -144,6 +144,19 @@ def _postgresql_engine(parsed: sa.URL, wait: float) -> sa.Engine:
     """
     engine = _create(parsed)
 
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Our transactions wait between statements while files are hashed (init's
+        # write, verify's read of the baseline): a server's idle-in-transaction
+        # timeout, common on managed services, would end them mid-way. Lifted for our
+        # own sessions only; a wait for a lock is still bounded (lock_timeout).
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        cursor = dbapi_conn.cursor()
+        cursor.execute("SET idle_in_transaction_session_timeout = 0")
+        cursor.close()
+        dbapi_conn.autocommit = autocommit
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         if conn.get_execution_options().get("write", False):

@@ -202,3 +202,26 @@ def test_a_server_idle_in_transaction_timeout_does_not_cut_our_transactions(
     verified = CliRunner().invoke(cli_main, ["--db", pg_store_url, "--policy", str(policy),
                                              "-q", "verify"], catch_exceptions=False)
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_connection_the_server_closed_is_replaced_not_a_failed_write(
+        pg_cluster: Any, pg_store_url: str) -> None:
+    # The watcher keeps one engine for months. A pooled connection the server ended
+    # while it sat idle (its idle_session_timeout, a restart) failed the next write:
+    # a realtime change went unrecorded until the next full scan.
+    database = pg_store_url.rsplit("/", 1)[1]
+    pg_cluster.psql(f"ALTER DATABASE {database} SET idle_session_timeout = '500ms'")
+    Store(pg_store_url).close()
+    store = Store(pg_store_url)
+    try:
+        store.events.warn(b"/srv/before", "seen", source="scan", severity="low")
+        time.sleep(1.5)  # the server ends the idle pooled connection
+        store.events.warn(b"/srv/after-idle", "seen", source="scan", severity="low")
+        pg_cluster.stop()
+        pg_cluster.start()
+        store.events.warn(b"/srv/after-restart", "seen", source="scan", severity="low")
+        assert sorted(e["path"] for e in store.events.list(open_only=True)) == [
+            "/srv/after-idle", "/srv/after-restart", "/srv/before"]
+        assert store.ledger.check().problems == []
+    finally:
+        store.close()

@@ -140,9 +140,12 @@ def _postgresql_engine(parsed: sa.URL, wait: float) -> sa.Engine:
     once would fork the chain, which its check reports as tampering. SQLite's BEGIN
     IMMEDIATE lets one writer in at a time; here a transaction-level advisory lock
     does, waiting up to `wait` seconds (`Database.patience` sets another wait for
-    one connection), then the write fails with one line.
+    one connection), then the write fails with one line. A pooled connection the
+    server has closed meanwhile (a restart, its idle_session_timeout, a dropped
+    network) is replaced when next taken, not reported as a failed write: the
+    watcher keeps its engine for months.
     """
-    engine = _create(parsed)
+    engine = _create(parsed, pool_pre_ping=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:

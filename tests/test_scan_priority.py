@@ -268,3 +268,21 @@ def test_the_watchers_scheduled_scan_runs_at_the_policy_priority(
     assert daemon.terminate() == 0
     assert "full scan abandoned: stopping" in site.stderr()
     json.dumps(site.status())  # the daemon left a readable database behind
+
+
+@pytest.mark.usefixtures("no_leaks")
+def test_sigterm_ends_the_watchers_paced_catch_up_scan(
+        site: Site, start: Callable[..., Daemon]) -> None:
+    """The catch-up scan at start runs on the main thread, paced like any scheduled
+    scan: SIGTERM waited for all of it (24 MiB at 2 MiB/s here, 20 s at 1 MiB/s by
+    hand), and systemd kills a service that outlasts its stop timeout. It ends the
+    scan, recording nothing, and the daemon stops with 0."""
+    (site.tree / "bulk").write_bytes(os.urandom(24 * MIB))
+    site.policy.write_text(site.policy.read_text()
+                           + '\n[scan]\nmax_read_rate = "2MiB/s"\n')
+    daemon = start(wait=False)
+    wait_for_log(site, "watching", 15)  # set up: the catch-up scan is under way
+    assert daemon.terminate() == 0
+    log = site.stderr()
+    assert "catch-up scan abandoned: stopping" in log, log
+    assert "scan: " not in log  # no scan result was recorded or reported

@@ -344,6 +344,10 @@ class Service:
             self.watcher.close()
 
     def _starting(self, progress: Progress) -> None:
+        if self.stop.is_set():  # an unpaced scan has no sleep to ask at
+            from integrity.scan.priority import Abandoned
+
+            raise Abandoned
         self._notify("extend_timeout", 90)
         self._notify("status", f"catch-up scan: {progress.files} entries checked")
 
@@ -454,7 +458,18 @@ class Service:
             self.threads.append(thread)
         self._start_watcher()
         # What changed while we were down; systemd hears that we are alive meanwhile.
-        catch_up = self._full_scan("scan", Progress(tick=self._starting, every=2048))
+        # SIGTERM ends it (recording nothing), paced or not: systemd's stop would
+        # otherwise wait for the whole tree, then kill us.
+        from integrity.scan.priority import Abandoned, abandon_when
+
+        try:
+            with abandon_when(self.stop.is_set):
+                catch_up = self._full_scan("scan", Progress(tick=self._starting,
+                                                            every=2048))
+        except Abandoned:
+            log.info("catch-up scan abandoned: stopping")
+            self._shutdown()
+            return 0
         self._start_scheduler()
         self._beat("running")
         watches = len(self.watcher.wd_path) if self.watcher else 0

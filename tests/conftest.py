@@ -97,6 +97,24 @@ def host_guard() -> HostGuard:
     return HOST_GUARD
 
 
+#: Held shared by every test and exclusively by one marked `inotify_limits`: the
+#: inotify limits in /proc/sys/fs/inotify are the machine's, so a test that lowers one
+#: (or counts every process's watches to leave room for two) would fail the other
+#: xdist worker's watchers, and be failed by them, if they ran meanwhile.
+INOTIFY_LIMITS_LOCK = Path("/tmp/integrity-tests-inotify-limits.lock")
+
+
+@pytest.fixture(autouse=True)
+def inotify_limits(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Run an `inotify_limits` test while no other test runs, anywhere on the machine."""
+    import fcntl
+
+    alone = request.node.get_closest_marker("inotify_limits") is not None
+    with open(INOTIFY_LIMITS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """No test reads or writes the host's policy, database or home (borg's clean_env).

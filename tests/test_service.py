@@ -631,6 +631,7 @@ def watches_in_use() -> int:
     return total
 
 
+@pytest.mark.inotify_limits
 @needs_root
 def test_queue_overflow_is_a_warning_and_every_change_is_reported(
         site: Site, start: Callable[..., Daemon]) -> None:
@@ -666,6 +667,7 @@ def test_queue_overflow_is_a_warning_and_every_change_is_reported(
     assert_no_crash(site)
 
 
+@pytest.mark.inotify_limits
 @needs_root
 def test_watch_limit_is_a_warning_that_names_the_sysctl(
         site: Site, start: Callable[..., Daemon]) -> None:

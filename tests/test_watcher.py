@@ -476,6 +476,7 @@ def test_rm_r_drops_the_watches(root: Path) -> None:
 
 # -- what it must survive ------------------------------------------------------------
 
+@pytest.mark.inotify_limits
 @needs_root
 def test_queue_overflow_calls_on_overflow(root: Path) -> None:
     got = Collector()
@@ -497,6 +498,7 @@ def test_queue_overflow_calls_on_overflow(root: Path) -> None:
         assert w.thread.is_alive()
 
 
+@pytest.mark.inotify_limits
 @needs_root
 def test_overflow_resyncs_the_watch_map(root: Path) -> None:
     # Directories created while events were being lost have no watch yet; after the
@@ -527,6 +529,7 @@ def test_overflow_resyncs_the_watch_map(root: Path) -> None:
         wait_until(lambda: b(made[-1] / "f") in got.paths(),
                    "a hint in a directory created during the overflow")
 
+@pytest.mark.inotify_limits
 @needs_root
 def test_watch_limit_falls_back_and_says_so(root: Path) -> None:
     for i in range(9):
@@ -559,6 +562,7 @@ def test_watch_limit_falls_back_and_says_so(root: Path) -> None:
     assert watcher.unwatched == [*first, *got.unwatched[1]]
 
 
+@pytest.mark.inotify_limits
 @needs_root
 def test_watch_limit_on_a_wide_tree_does_not_stall_start(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

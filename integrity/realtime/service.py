@@ -138,6 +138,9 @@ class Service:
 
     def _full_scan(self, source: str = "scan", progress: Progress | None = None
                    ) -> Verification:
+        """A full scan, which ends (Abandoned) at the next 2,048 entries once we are
+        told to stop, paced or not."""
+        progress = progress or Progress(tick=self._unless_stopping, every=2048)
         verification = verify(lambda: self.store, self.policy, parallel=0, source=source,
                               progress=progress, context=self._context())
         self._alert(verification)
@@ -343,11 +346,15 @@ class Service:
         if self.watcher is not None:
             self.watcher.close()
 
-    def _starting(self, progress: Progress) -> None:
-        if self.stop.is_set():  # an unpaced scan has no sleep to ask at
+    def _unless_stopping(self, _progress: Progress) -> None:
+        """A scan's progress tick: an unpaced scan has no sleep to ask at."""
+        if self.stop.is_set():
             from integrity.scan.priority import Abandoned
 
             raise Abandoned
+
+    def _starting(self, progress: Progress) -> None:
+        self._unless_stopping(progress)
         self._notify("extend_timeout", 90)
         self._notify("status", f"catch-up scan: {progress.files} entries checked")
 

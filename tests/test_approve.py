@@ -736,7 +736,7 @@ def test_bytes_swapped_in_during_the_vouching_are_not_approved(tmp_path: Path) -
     (decoy / "big").write_bytes(good)
     aside = RACE_DIR + ".real"
     attacker = f"""
-import ctypes, os
+import ctypes, os, select, sys
 from inotify_simple import INotify, flags
 libc = ctypes.CDLL(None, use_errno=True)
 def exchange(a, b):
@@ -746,9 +746,13 @@ read = INotify(); read.add_watch({RACE_FILE!r}, flags.CLOSE_NOWRITE)
 opened = INotify(); opened.add_watch({str(decoy / "big")!r}, flags.OPEN)
 os.symlink({str(decoy)!r}, {aside!r})
 print("ready", flush=True)
-read.read(timeout=20000)      # the approval has read the tampered file
+# The approval has read the tampered file (if it ends without reading it: no swap).
+if sys.stdin.fileno() in select.select([read.fileno(), sys.stdin.fileno()], [], [])[0]:
+    sys.exit(3)
 exchange({aside!r}, {RACE_DIR!r})
-opened.read(timeout=3000)     # the package check opens the decoy (or does not)
+# Back once the package check opens the decoy, or (it never does) once the approval
+# is over: the test closes our stdin then. No deadline, so a slow check is still inside.
+select.select([opened.fileno(), sys.stdin.fileno()], [], [])
 exchange({aside!r}, {RACE_DIR!r})
 os.unlink({aside!r})
 """
@@ -758,13 +762,13 @@ os.unlink({aside!r})
         with open(RACE_FILE, "r+b") as handle:  # same inode, same size
             handle.write(b"EVIL")
         assert set(changed_paths(run, expect=1)) == {RACE_FILE}
-        proc = subprocess.Popen([sys.executable, "-c", attacker], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen([sys.executable, "-c", attacker], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         try:
             doc = approve_json(run, "--package-updates")
         finally:
-            proc.communicate(timeout=30)
+            proc.communicate(timeout=30)  # closes its stdin: the approval is over
             if os.path.islink(RACE_DIR) and os.path.isdir(aside):
                 os.unlink(RACE_DIR)
                 os.rename(aside, RACE_DIR)

@@ -218,7 +218,7 @@ class Service:
 
         # [scan] nice for every scan of this thread, the idle I/O class (by default)
         # for all but the rescan after an overflow, which events are waiting on. A
-        # paced scan ends (recording nothing) when the daemon is asked to stop.
+        # full scan ends (recording nothing) when the daemon is asked to stop.
         try:
             with scan_priority(self.policy.scan, scheduled=task.kind != "overflow"), \
                     abandon_when(self.stop.is_set):

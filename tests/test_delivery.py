@@ -375,6 +375,16 @@ def test_a_flood_of_events_through_a_slow_sink_starves_no_other_sink(
         slow.close()
 
 
+def readdress_owed_alerts(db: Path, sink: str, to: str) -> None:
+    """Root's edit behind the product's back: alerts owed to `sink` now name `to`."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE outbox SET sink = ? WHERE sink = ?", (to, sink))
+    conn.close()
+
+
 def test_an_alert_whose_sink_was_edited_is_not_dropped_as_a_removed_sink(
         tmp_path: Path) -> None:
     # The intruder renames the pager's owed critical alert to a sink nobody names
@@ -382,18 +392,13 @@ def test_an_alert_whose_sink_was_edited_is_not_dropped_as_a_removed_sink(
     # deleted the edited row and chained a tombstone over it: the evidence of the
     # edit was gone, and the report named the intruder's sink. An alert not as the
     # chain recorded it is tampering to report, not an alert to drop.
-    import sqlite3
-
     db = tmp_path / "integrity.db"
     store = Store(f"sqlite:///{db}")
     routes = [Route("pager", "high"), Route("log", "low")]
     try:
         store.events.warn(b"/etc/shadow", "changed", source="scan",
-                                  severity="critical", routes=routes)
-        conn = sqlite3.connect(db)
-        with conn:
-            conn.execute("UPDATE outbox SET sink = 'gone' WHERE sink = 'pager'")
-        conn.close()
+                          severity="critical", routes=routes)
+        readdress_owed_alerts(db, "pager", "gone")
         assert any("edited" in p for p in store.ledger.check().problems)
         assert store.outbox.drop_unknown(routes, b"/etc/integrity/policy.toml") == []
         assert any("edited" in p for p in store.ledger.check().problems)
@@ -437,8 +442,6 @@ def test_an_alert_whose_sink_was_edited_is_not_delivered_to_that_sink(
     # The same edit pointed at another sink the policy names: the row was sent there
     # and deleted under a tombstone, so the pager never heard of it and the chain
     # check no longer showed the edit.
-    import sqlite3
-
     db = tmp_path / "integrity.db"
     store = Store(f"sqlite:///{db}")
     routes = [Route("pager", "critical"), Route("log", "critical")]
@@ -447,10 +450,7 @@ def test_an_alert_whose_sink_was_edited_is_not_delivered_to_that_sink(
                           severity="critical", routes=routes)
         [first] = store.outbox.due("log")
         store.outbox.delivered([first.id])
-        conn = sqlite3.connect(db)
-        with conn:
-            conn.execute("UPDATE outbox SET sink = 'log' WHERE sink = 'pager'")
-        conn.close()
+        readdress_owed_alerts(db, "pager", "log")
         assert store.outbox.due("log") == [] and store.outbox.due("pager") == []
         assert any("edited" in p for p in store.ledger.check().problems)
         # Alerts as recorded after it are still sent, past the edited one.

@@ -31,6 +31,7 @@ from integrity.realtime.sdnotify import Notifier
 from integrity.realtime.usage import UsageServices
 from integrity.realtime.watcher import Hints, Unwatched, Watcher
 from integrity.scan import Progress
+from integrity.scan.priority import Abandoned, abandon_when, scan_priority
 from integrity.store import Store
 from integrity.store.engine import as_database_error
 from integrity.trust import TrustError
@@ -214,8 +215,6 @@ class Service:
                                source="realtime", context=context, index=index))
 
     def _handle_scan(self, task: _Task) -> None:
-        from integrity.scan.priority import Abandoned, abandon_when, scan_priority
-
         # [scan] nice for every scan of this thread, the idle I/O class (by default)
         # for all but the rescan after an overflow, which events are waiting on. A
         # full scan ends (recording nothing) when the daemon is asked to stop.
@@ -349,8 +348,6 @@ class Service:
     def _unless_stopping(self, _progress: Progress) -> None:
         """A scan's progress tick: an unpaced scan has no sleep to ask at."""
         if self.stop.is_set():
-            from integrity.scan.priority import Abandoned
-
             raise Abandoned
 
     def _starting(self, progress: Progress) -> None:
@@ -467,8 +464,6 @@ class Service:
         # What changed while we were down; systemd hears that we are alive meanwhile.
         # SIGTERM ends it (recording nothing), paced or not: systemd's stop would
         # otherwise wait for the whole tree, then kill us.
-        from integrity.scan.priority import Abandoned, abandon_when
-
         try:
             with abandon_when(self.stop.is_set):
                 catch_up = self._full_scan("scan", Progress(tick=self._starting,
